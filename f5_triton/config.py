@@ -1,0 +1,112 @@
+"""One source of truth for architectures, audio constants, sampling defaults and serving limits."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# Audio: Vocos mel-24khz features, as every released F5-TTS checkpoint uses.
+SAMPLE_RATE = 24_000
+HOP_LENGTH = 256
+WIN_LENGTH = 1024
+N_FFT = 1024
+N_MELS = 100
+TARGET_RMS = 0.1  # quiet references are raised to this level and the output lowered back
+CROSS_FADE_SECONDS = 0.15
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of the F5-TTS DiT backbone; keyword names are upstream's `DiT(**arch)`."""
+
+    dim: int = 1024
+    depth: int = 22
+    heads: int = 16
+    dim_head: int = 64
+    ff_mult: int = 2
+    mel_dim: int = N_MELS
+    text_num_embeds: int = 2545  # vocab size; the embedding table has one more row (filler token 0)
+    text_dim: int = 512
+    text_mask_padding: bool = True
+    qk_norm: str | None = None
+    conv_layers: int = 4
+    pe_attn_head: int | None = None
+
+    def arch_dict(self) -> dict:
+        """The `model.arch` section of upstream's configs/*.yaml (without vocab or mel size)."""
+        d = dataclasses.asdict(self)
+        d.pop("mel_dim")
+        d.pop("text_num_embeds")
+        return d
+
+    def replace(self, **changes) -> "DiTConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_arch(cls, arch: dict, **overrides) -> "DiTConfig":
+        """Build from upstream's `model.arch` mapping, ignoring training-only keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in arch.items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+ARCHITECTURES: dict[str, DiTConfig] = {
+    "F5TTS_v1_Base": DiTConfig(),
+    "F5TTS_Base": DiTConfig(text_mask_padding=False, pe_attn_head=1),
+    "F5TTS_v1_Small": DiTConfig(dim=768, depth=18, heads=12),
+    "F5TTS_Small": DiTConfig(dim=768, depth=18, heads=12, text_mask_padding=False, pe_attn_head=1),
+    # For tests and demos only: same structure as v1 Base, a few hundred thousand parameters.
+    "tiny": DiTConfig(dim=64, depth=2, heads=2, dim_head=32, text_dim=32, conv_layers=1, text_num_embeds=256),
+}
+
+# Official checkpoint file names in SWivid/F5-TTS, per released architecture.
+OFFICIAL_CHECKPOINTS: dict[str, str] = {
+    "F5TTS_v1_Base": "F5TTS_v1_Base/model_1250000.safetensors",
+    "F5TTS_Base": "F5TTS_Base/model_1200000.safetensors",
+}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Defaults of upstream `infer_process` / `CFM.sample`."""
+
+    nfe_steps: int = 32
+    cfg_strength: float = 2.0
+    sway_sampling_coef: float = -1.0
+    speed: float = 1.0
+    use_epss: bool = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for; the validator, Triton configs, clients and docs read these."""
+
+    max_text_bytes: int = 2000
+    min_reference_seconds: float = 0.3
+    max_reference_seconds: float = 30.0  # hard maximum of what a client may send
+    clip_reference_seconds: float = 12.0  # longer references are clipped at a silence, as upstream
+    min_sample_rate: int = 8_000
+    max_sample_rate: int = 48_000
+    min_nfe_steps: int = 1
+    max_nfe_steps: int = 64
+    min_cfg_strength: float = 0.0
+    max_cfg_strength: float = 10.0
+    min_speed: float = 0.3
+    max_speed: float = 3.0
+    max_mel_frames: int = 4096  # ~43.7 s of 24 kHz audio: the engines' shape profile
+
+
+DEFAULT_LIMITS = Limits()
+DEFAULT_SAMPLING = SamplingConfig()
+
+
+@dataclass
+class ModelPaths:
+    """Where a loaded model comes from: a checkpoint, its vocab and a Vocos folder."""
+
+    ckpt: str
+    vocab: str
+    vocoder: str
+    arch: DiTConfig | None = None  # None: read model.yaml beside the checkpoint or infer from weights
+    extra: dict = field(default_factory=dict)

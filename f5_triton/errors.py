@@ -1,0 +1,20 @@
+"""The one error type for bad user input; Triton adapters map it to INVALID_ARGUMENT / HTTP 400."""
+
+from __future__ import annotations
+
+
+class InvalidInputError(ValueError):
+    """A request (or a file a user pointed us at) is not acceptable.
+
+    `field` names the input ("target_text", "reference_wav", "--ckpt", ...) and the message says
+    the limit that was broken, so that a client can fix its request without reading our code.
+    """
+
+    def __init__(self, field: str, message: str, reason: str = "invalid"):
+        self.field = field
+        self.reason = reason  # short machine-readable label, used for metrics ("too_long", "empty", ...)
+        super().__init__(f"{field}: {message}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint, vocab or vocoder folder could not be loaded as published."""

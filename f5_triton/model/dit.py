@@ -1,0 +1,337 @@
+"""The F5-TTS DiT backbone in plain torch.
+
+Parameter names follow upstream F5-TTS (`f5_tts.model.backbones.dit.DiT`) so that the official
+weights load with `strict=True`. Two things differ from upstream, on purpose:
+
+* The text embedding is a separate call (`embed_text`) so a sampler runs it once per request and
+  only `step` runs at every ODE step (upstream caches it in thread-local state instead).
+* Padding never leaks into a request: attention masks padded keys, and every sequence-wide
+  operation (convolutions, the ConvNeXt GRN norm) sees zeros at padded positions. A request's
+  output is therefore the same alone or in any batch, and equal to upstream's unbatched output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from f5_triton.config import DiTConfig
+
+
+def sinusoidal_embedding(time: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    half_dim = dim // 2
+    exponent = math.log(10000) / (half_dim - 1)
+    freqs = torch.exp(torch.arange(half_dim, device=time.device).float() * -exponent)
+    args = scale * time.float().unsqueeze(1) * freqs.unsqueeze(0)
+    return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+def precompute_text_positions(dim: int, length: int, theta: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal positions added to the text embedding ([cos | sin] halves, as upstream)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    angles = torch.outer(torch.arange(length).float(), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, freq_embed_dim: int = 256):
+        super().__init__()
+        self.freq_embed_dim = freq_embed_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_embed_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, time: torch.Tensor) -> torch.Tensor:
+        hidden = sinusoidal_embedding(time, self.freq_embed_dim).to(time.dtype)
+        return self.time_mlp(hidden)
+
+
+class GRN(nn.Module):
+    """Global response normalisation (ConvNeXt-V2); the norm runs over the sequence axis."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.norm(x, p=2, dim=1, keepdim=True)
+        scaled = norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * scaled) + self.beta + x
+
+
+class ConvNeXtV2Block(nn.Module):
+    def __init__(self, dim: int, intermediate_dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, intermediate_dim)
+        self.act = nn.GELU()
+        self.grn = GRN(intermediate_dim)
+        self.pwconv2 = nn.Linear(intermediate_dim, dim)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        residual = x
+        x = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
+        x = self.act(self.pwconv1(self.norm(x)))
+        x = x * valid  # GRN's norm spans the sequence: padded rows must not count
+        x = self.pwconv2(self.grn(x))
+        return residual + x
+
+
+class TextEmbedding(nn.Module):
+    def __init__(self, text_num_embeds: int, text_dim: int, mask_padding: bool = True, conv_layers: int = 0,
+                 conv_mult: int = 2, max_positions: int = 8192):
+        super().__init__()
+        self.text_embed = nn.Embedding(text_num_embeds + 1, text_dim)  # row 0 is the filler token
+        self.mask_padding = mask_padding
+        self.conv_layers = conv_layers
+        if conv_layers > 0:
+            self.register_buffer("freqs_cis", precompute_text_positions(text_dim, max_positions), persistent=False)
+            self.text_blocks = nn.ModuleList(ConvNeXtV2Block(text_dim, text_dim * conv_mult) for _ in range(conv_layers))
+
+    def forward(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
+        """text: [b, nt] token ids with -1 as batch padding; seq_lens: [b] mel frames of each request."""
+        text = text[:, :max_len] + 1  # filler/padding -1 -> 0; text longer than the audio is cut
+        text = F.pad(text, (0, max_len - text.shape[1]), value=0)
+        positions = torch.arange(max_len, device=text.device)
+        valid = positions.unsqueeze(0) < seq_lens.to(text.device).unsqueeze(1)  # [b, n]
+        text = text.masked_fill(~valid, 0)
+        keep = (text != 0) if self.mask_padding else valid
+        keep = keep.unsqueeze(-1)
+        if drop_text:
+            text = torch.zeros_like(text)
+        hidden = self.text_embed(text) * valid.unsqueeze(-1)
+        if self.conv_layers > 0:
+            hidden = hidden + self.freqs_cis[:max_len].to(hidden.dtype) * valid.unsqueeze(-1)
+            hidden = hidden * keep
+            for block in self.text_blocks:
+                hidden = block(hidden, valid.unsqueeze(-1).to(hidden.dtype)) * keep
+        return hidden
+
+
+class ConvPositionEmbedding(nn.Module):
+    def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16):
+        super().__init__()
+        self.conv1d = nn.Sequential(
+            nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=kernel_size // 2),
+            nn.Mish(),
+            nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=kernel_size // 2),
+            nn.Mish(),
+        )
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """keep: [b, 1, n] float (1 valid, 0 padded) or None."""
+        x = x.transpose(1, 2)
+        for layer in self.conv1d:
+            if keep is not None and isinstance(layer, nn.Conv1d):
+                x = x * keep
+            x = layer(x)
+        if keep is not None:
+            x = x * keep
+        return x.transpose(1, 2)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, mel_dim: int, text_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(mel_dim * 2 + text_dim, out_dim)
+        self.conv_pos_embed = ConvPositionEmbedding(dim=out_dim)
+
+    def forward(self, x, cond, text_embed, keep):
+        x = self.proj(torch.cat((x, cond, text_embed), dim=-1))
+        return self.conv_pos_embed(x, keep) + x
+
+
+class AdaLayerNorm(nn.Module):
+    def __init__(self, dim: int, chunks: int = 6):
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, dim * chunks)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) -> (-x1, x0), the layout x-transformers uses."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+class RotaryEmbedding(nn.Module):
+    """x-transformers' RotaryEmbedding (no xpos), written out so the graph exports to ONNX cleanly."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq)  # persistent: the official checkpoints hold it
+
+    def forward(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(seq_len, device=device).float()
+        freqs = torch.outer(t, self.inv_freq.float())
+        freqs = freqs.repeat_interleave(2, dim=-1)
+        return freqs.cos(), freqs.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: str | None, pe_attn_head: int | None):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.pe_attn_head = pe_attn_head
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        if qk_norm is None:
+            self.q_norm = self.k_norm = None
+        elif qk_norm == "rms_norm":
+            self.q_norm, self.k_norm = RMSNorm(dim_head), RMSNorm(dim_head)
+        else:
+            raise ValueError(f"qk_norm must be None or 'rms_norm', got {qk_norm!r}")
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+
+    def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotated = t * cos + rotate_half(t) * sin
+        if self.pe_attn_head is None:
+            return rotated.to(t.dtype)
+        n = self.pe_attn_head
+        return torch.cat((rotated[:, :n], t[:, n:]), dim=1).to(t.dtype)
+
+    def forward(self, x, rope, key_mask, keep):
+        """key_mask: [b, 1, 1, n] bool or None; keep: [b, n, 1] float or None."""
+        b = x.shape[0]
+        q, k, v = (proj(x).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        out = out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head).to(q.dtype)
+        out = self.to_out[0](out)
+        return out if keep is None else out * keep
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: float):
+        super().__init__()
+        inner = int(dim * mult)
+        self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
+                                nn.Dropout(0.0), nn.Linear(inner, dim))
+
+    def forward(self, x):
+        return self.ff(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim, heads, dim_head, ff_mult, qk_norm, pe_attn_head):
+        super().__init__()
+        self.attn_norm = AdaLayerNorm(dim)
+        self.attn = Attention(dim, heads, dim_head, qk_norm, pe_attn_head)
+        self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, x, t, rope, key_mask, keep):
+        mod = self.attn_norm.linear(self.attn_norm.silu(t)).unsqueeze(1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        norm = self.attn_norm.norm(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * self.attn(norm, rope, key_mask, keep)
+        norm = self.ff_norm(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * self.ff(norm)
+
+
+class DiT(nn.Module):
+    """F5-TTS DiT. Constructor keywords are upstream's; training-only ones are accepted and ignored."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int = 8,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.1,
+        ff_mult: float = 4,
+        mel_dim: int = 100,
+        text_num_embeds: int = 256,
+        text_dim: int | None = None,
+        text_mask_padding: bool = True,
+        text_embedding_average_upsampling: bool = False,
+        qk_norm: str | None = None,
+        conv_layers: int = 0,
+        pe_attn_head: int | None = None,
+        attn_backend: str = "torch",
+        attn_mask_enabled: bool = False,
+        long_skip_connection: bool = False,
+        checkpoint_activations: bool = False,
+    ):
+        super().__init__()
+        if text_embedding_average_upsampling:
+            raise NotImplementedError("text_embedding_average_upsampling is not used by any released F5-TTS model")
+        text_dim = mel_dim if text_dim is None else text_dim
+        self.config = DiTConfig(dim=dim, depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult,
+                                mel_dim=mel_dim, text_num_embeds=text_num_embeds, text_dim=text_dim,
+                                text_mask_padding=text_mask_padding, qk_norm=qk_norm, conv_layers=conv_layers,
+                                pe_attn_head=pe_attn_head)
+        self.dim, self.depth, self.mel_dim = dim, depth, mel_dim
+        self.time_embed = TimestepEmbedding(dim)
+        self.text_embed = TextEmbedding(text_num_embeds, text_dim, mask_padding=text_mask_padding,
+                                        conv_layers=conv_layers)
+        self.input_embed = InputEmbedding(mel_dim, text_dim, dim)
+        self.rotary_embed = RotaryEmbedding(dim_head)
+        self.transformer_blocks = nn.ModuleList(
+            DiTBlock(dim, heads, dim_head, ff_mult, qk_norm, pe_attn_head) for _ in range(depth))
+        self.long_skip_connection = nn.Linear(dim * 2, dim, bias=False) if long_skip_connection else None
+        self.norm_out = AdaLayerNorm(dim, chunks=2)
+        self.proj_out = nn.Linear(dim, mel_dim)
+
+    @classmethod
+    def from_config(cls, config: DiTConfig) -> "DiT":
+        return cls(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+
+    def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
+        """Text embedding for `max_len` frames; runs once per request, not once per ODE step."""
+        return self.text_embed(text, seq_lens, max_len, drop_text=drop_text)
+
+    def step(self, x, cond, text_embed, time, mask=None):
+        """The per-step network: flow prediction for noisy mel `x` given prepared conditions.
+
+        x, cond: [b, n, mel_dim]; text_embed: [b, n, text_dim]; time: [b] or scalar;
+        mask: [b, n] bool (True = valid frame) or None when no request is padded.
+        """
+        b, n = x.shape[0], x.shape[1]
+        if time.ndim == 0:
+            time = time.repeat(b)
+        t = self.time_embed(time)
+        keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)
+        key_mask = None if mask is None else mask[:, None, None, :]
+        h = self.input_embed(x, cond, text_embed, None if keep is None else keep.transpose(1, 2))
+        rope = self.rotary_embed(n, x.device)
+        residual = h
+        for block in self.transformer_blocks:
+            h = block(h, t, rope, key_mask, keep)
+        if self.long_skip_connection is not None:
+            h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
+        scale, shift = self.norm_out.linear(self.norm_out.silu(t)).unsqueeze(1).chunk(2, dim=-1)
+        h = self.norm_out.norm(h) * (1 + scale) + shift
+        return self.proj_out(h)
+
+    def forward(self, x, cond, text, time, mask=None, drop_audio_cond: bool = False, drop_text: bool = False):
+        """Upstream's signature: one network evaluation, text embedding included."""
+        b, n = x.shape[0], x.shape[1]
+        seq_lens = mask.sum(dim=1) if mask is not None else torch.full((b,), n, device=x.device)
+        text_embed = self.embed_text(text, seq_lens, n, drop_text=drop_text)
+        if drop_audio_cond:
+            cond = torch.zeros_like(cond)
+        return self.step(x, cond, text_embed, time, mask)

@@ -1,0 +1,35 @@
+"""Import upstream F5-TTS (pinned f5-tts==1.1.22, installed with --no-deps) for parity tests.
+
+`f5_tts/model/__init__.py` imports the trainer (accelerate, wandb, datasets, ...); we only need the
+model, sampler and tokenizer modules, so the packages are registered without running their
+`__init__` and the modules are imported one by one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+
+
+def _register_package(name: str, path: str) -> None:
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        module.__path__ = [path]
+        sys.modules[name] = module
+
+
+def load(module_name: str):
+    """Import `f5_tts.<module_name>` (e.g. "model.backbones.dit"), skipping the test if absent."""
+    spec = importlib.util.find_spec("f5_tts")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("upstream f5-tts is not installed (pip install --no-deps f5-tts==1.1.22)")
+    root = list(spec.submodule_search_locations)[0]
+    _register_package("f5_tts", root)
+    _register_package("f5_tts.model", f"{root}/model")
+    _register_package("f5_tts.model.backbones", f"{root}/model/backbones")
+    _register_package("f5_tts.infer", f"{root}/infer")
+    return importlib.import_module(f"f5_tts.{module_name}")
