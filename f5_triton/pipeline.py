@@ -1,0 +1,155 @@
+"""In-process F5-TTS: reference audio + texts -> speech, batched across requests.
+
+The same stages run here for the CLI and the offline benchmark, and inside Triton as separate
+models (preprocess -> flow_matching -> vocoder -> postprocess):
+
+  prepare()      validate, resample, level, mel, tokenize, split long text, estimate durations
+  generate()     flow matching for a batch of jobs (one job = one text chunk of one request)
+  vocode()       mel -> waveform for a batch of jobs
+  finish()       restore the reference level, cross-fade the chunks of a request
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from f5_triton import audio, text
+from f5_triton.config import DEFAULT_LIMITS, HOP_LENGTH, SAMPLE_RATE, Limits
+from f5_triton.sampler import sample
+from f5_triton.serving.schema import SynthesisRequest
+
+
+@dataclass
+class Job:
+    """One text chunk of one request: everything flow matching needs, on the CPU."""
+
+    request_index: int
+    chunk_index: int
+    ref_mel: torch.Tensor  # [frames, n_mels] float32
+    ref_frames: int  # reference length that durations and the output cut count in (samples // hop)
+    tokens: list[int]  # reference text + chunk text
+    duration: int  # total frames: reference + generated
+    seed: int
+    nfe_steps: int
+    cfg_strength: float
+    sway_sampling_coef: float
+
+
+@dataclass
+class Prepared:
+    """A request after preprocessing: its jobs and what the output stage needs to finish it."""
+
+    jobs: list[Job]
+    ref_rms: float
+    chunks: list[str] = field(default_factory=list)
+
+
+class TTS:
+    """F5-TTS inference. `model` is the DiT or an engine with the same `embed_text`/`step` methods."""
+
+    def __init__(self, model, tokenizer: text.Tokenizer, vocoder, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, limits: Limits = DEFAULT_LIMITS):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocoder = vocoder  # callable: mel [b, n_mels, frames] -> wave [b, samples]
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.limits = limits
+        self.mel = audio.MelSpectrogram().to(self.device)
+
+    @classmethod
+    def from_paths(cls, ckpt: str | Path, vocab: str | Path, vocoder: str | Path, *, arch=None,
+                   device: str = "cpu", dtype: torch.dtype = torch.float32, engine=None, **kwargs) -> "TTS":
+        """Load a checkpoint, its vocab and a Vocos folder; `engine` (optional) wraps the DiT."""
+        from f5_triton.checkpoints import load_dit
+        from f5_triton.vocoder import VocosDecoder, load_vocos
+
+        tokenizer = text.Tokenizer(vocab)
+        model = load_dit(ckpt, tokenizer.vocab_size, arch=arch, device=device, dtype=dtype)
+        if engine is not None:
+            model = engine(model)
+        decoder = VocosDecoder(load_vocos(vocoder, device=device)).to(device).eval()
+        return cls(model, tokenizer, decoder, device=device, dtype=dtype, **kwargs)
+
+    # -- preprocess -------------------------------------------------------------------------
+    def prepare(self, request: SynthesisRequest) -> Prepared:
+        wave = request.reference_wav
+        wave = audio.clip_reference(wave, request.sample_rate, max_seconds=self.limits.clip_reference_seconds)
+        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).unsqueeze(0)
+        wave, rms = audio.normalize_rms(wave)
+        if request.sample_rate != SAMPLE_RATE:
+            wave = audio.resample(wave, request.sample_rate, SAMPLE_RATE)
+        with torch.inference_mode():
+            ref_mel = self.mel(wave.to(self.device))[0].transpose(0, 1).float().cpu()
+        ref_frames = wave.shape[-1] // HOP_LENGTH
+        ref_text = text.fix_reference_text(request.reference_text)
+        max_bytes = text.max_chunk_bytes(ref_text, wave.shape[-1] / SAMPLE_RATE, request.speed)
+        chunks = text.chunk_text(request.target_text, max_chars=max(1, max_bytes))
+        if not chunks:
+            chunks = [request.target_text.strip()]
+        seed = random.randrange(2**31) if request.seed is None else request.seed
+        jobs = []
+        for i, chunk in enumerate(chunks):
+            duration = audio.estimate_duration(ref_frames, ref_text, chunk, request.speed)
+            jobs.append(Job(
+                request_index=-1, chunk_index=i, ref_mel=ref_mel, ref_frames=ref_frames,
+                tokens=self.tokenizer.encode(ref_text + chunk), duration=min(duration, self.limits.max_mel_frames),
+                seed=(seed + i) % 2**63, nfe_steps=request.nfe_steps, cfg_strength=request.cfg_strength,
+                sway_sampling_coef=request.sway_sampling_coef))
+        return Prepared(jobs=jobs, ref_rms=float(rms), chunks=chunks)
+
+    # -- flow matching ----------------------------------------------------------------------
+    def generate(self, jobs: list[Job], on_step=None) -> list[torch.Tensor]:
+        """Generated mel [frames, n_mels] (reference removed) for each job, batching compatible jobs."""
+        results: list[torch.Tensor | None] = [None] * len(jobs)
+        groups = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[(job.nfe_steps, job.cfg_strength, job.sway_sampling_coef)].append(i)
+        for (steps, cfg, sway), members in groups.items():
+            batch = [jobs[i] for i in members]
+            cond = torch.nn.utils.rnn.pad_sequence([j.ref_mel for j in batch], batch_first=True)
+            tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(j.tokens, dtype=torch.long) for j in batch],
+                                                     batch_first=True, padding_value=-1)
+            mel = sample(
+                self.model, cond.to(self.device, self.dtype), tokens.to(self.device),
+                torch.tensor([j.duration for j in batch]), steps=steps, cfg_strength=cfg,
+                sway_sampling_coef=sway, seed=[j.seed for j in batch],
+                lens=torch.tensor([j.ref_mel.shape[0] for j in batch]), on_step=on_step)
+            # sample() may lengthen a duration (at least reference + text + 1 frames): recompute it
+            for i, job, row in zip(members, batch, mel):
+                total = max(job.duration, max(len(job.tokens), job.ref_mel.shape[0]) + 1)
+                results[i] = row[job.ref_frames:total].float()
+        return results
+
+    # -- vocoder ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def vocode(self, mels: list[torch.Tensor]) -> list[np.ndarray]:
+        from f5_triton.vocoder import decode_batch
+
+        return decode_batch(self.vocoder, [m.transpose(0, 1).to(self.device) for m in mels])
+
+    # -- postprocess ------------------------------------------------------------------------
+    @staticmethod
+    def finish(waves: list[np.ndarray], ref_rms: float) -> np.ndarray:
+        joined = audio.cross_fade(waves) if len(waves) > 1 else waves[0]
+        return np.asarray(audio.restore_rms(joined, ref_rms), dtype=np.float32)
+
+    def synthesize(self, requests: list[SynthesisRequest]) -> list[np.ndarray]:
+        """All stages for a batch of validated requests; returns 24 kHz float32 waveforms."""
+        prepared = [self.prepare(r) for r in requests]
+        jobs = []
+        for index, p in enumerate(prepared):
+            for job in p.jobs:
+                job.request_index = index
+                jobs.append(job)
+        waves = self.vocode(self.generate(jobs))
+        per_request: list[list[np.ndarray]] = [[] for _ in requests]
+        for job, wave in zip(jobs, waves):
+            per_request[job.request_index].append(wave)
+        return [self.finish(w, p.ref_rms) for w, p in zip(per_request, prepared)]

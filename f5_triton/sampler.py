@@ -1,0 +1,141 @@
+"""Euler flow-matching sampler, equivalent to upstream F5-TTS `CFM.sample`.
+
+The network is anything with `embed_text(text, seq_lens, max_len, drop_text)` and
+`step(x, cond, text_embed, time, mask)`: the torch DiT, or an engine wrapper that runs `step` in
+onnxruntime or TensorRT. Text embeddings are computed once per call; classifier-free guidance
+evaluates the conditional and unconditional branches as one batch of 2B.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+# Empirically pruned step sampling (EPSS): upstream's grids, in 1/32 units, for low NFE.
+EPSS_STEPS: dict[int, list[int]] = {
+    5: [0, 2, 4, 8, 16, 32],
+    6: [0, 2, 4, 6, 8, 16, 32],
+    7: [0, 2, 4, 6, 8, 16, 24, 32],
+    10: [0, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32],
+    12: [0, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32],
+    16: [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32],
+}
+
+
+def time_grid(steps: int, sway_sampling_coef: float | None = -1.0, use_epss: bool = True,
+              device=None, dtype=torch.float32) -> torch.Tensor:
+    """The `steps + 1` time points from 0 to 1 at which the flow is evaluated (last one is not)."""
+    if use_epss and steps in EPSS_STEPS:
+        t = torch.tensor(EPSS_STEPS[steps], device=device, dtype=dtype) / 32
+    else:
+        t = torch.linspace(0, 1, steps + 1, device=device, dtype=dtype)
+    if sway_sampling_coef is not None:
+        t = t + sway_sampling_coef * (torch.cos(torch.pi / 2 * t) - 1 + t)
+    return t
+
+
+def lens_to_mask(lens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    length = int(lens.max()) if length is None else length
+    return torch.arange(length, device=lens.device)[None, :] < lens[:, None]
+
+
+def make_noise(durations: Sequence[int], channels: int, seeds: Sequence[int | None], device, dtype) -> torch.Tensor:
+    """Per-request Gaussian noise, zero-padded to the longest request.
+
+    Each request draws from its own generator, so its noise depends only on its seed and length
+    (not on its batch neighbours); with a seed it equals upstream's `torch.manual_seed(seed); randn`.
+    """
+    rows = []
+    for duration, seed in zip(durations, seeds):
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        rows.append(torch.randn(int(duration), channels, generator=generator, device=device, dtype=dtype))
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+def _as_seeds(seed, batch: int) -> list[int | None]:
+    if seed is None or isinstance(seed, int):
+        return [seed] * batch
+    seeds = [None if s is None else int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
+    return seeds
+
+
+@torch.inference_mode()
+def sample(
+    model,
+    cond: torch.Tensor,
+    text: torch.Tensor,
+    duration: int | torch.Tensor,
+    *,
+    steps: int = 32,
+    cfg_strength: float = 2.0,
+    sway_sampling_coef: float | None = -1.0,
+    noise: torch.Tensor | None = None,
+    seed: int | Sequence[int | None] | None = None,
+    lens: torch.Tensor | None = None,
+    use_epss: bool = True,
+    max_duration: int = 65536,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Generate mel frames conditioned on a reference mel and text.
+
+    cond: [b, n_ref, mel_dim] reference mel (padded); text: [b, nt] token ids padded with -1;
+    duration: total frames (reference + generated) per request; lens: reference frames per request.
+    noise: optional [b, max_duration, mel_dim] starting noise, for exact reproduction.
+    seed: one seed for all requests or one per request.
+    on_step(i): called before step i (cancellation and deadlines raise from here).
+    Returns the mel [b, max_duration, mel_dim] with the reference region restored.
+    """
+    batch, cond_len, channels = cond.shape
+    device = cond.device
+    if lens is None:
+        lens = torch.full((batch,), cond_len, device=device, dtype=torch.long)
+    lens = lens.to(device=device, dtype=torch.long)
+    if isinstance(duration, int):
+        duration = torch.full((batch,), duration, device=device, dtype=torch.long)
+    duration = duration.to(device=device, dtype=torch.long)
+    # at least one frame more than the reference and than the text, so something is generated
+    duration = torch.maximum(torch.maximum((text != -1).sum(dim=-1).to(device), lens) + 1, duration)
+    duration = duration.clamp(max=max_duration)
+    max_len = int(duration.max())
+    durations = duration.tolist()
+
+    cond = torch.nn.functional.pad(cond, (0, 0, 0, max(0, max_len - cond_len)))[:, :max_len]
+    cond_mask = lens_to_mask(lens, max_len).unsqueeze(-1)
+    step_cond = torch.where(cond_mask, cond, torch.zeros_like(cond))
+    mask = None if min(durations) == max_len else lens_to_mask(duration, max_len)
+
+    if noise is None:
+        x = make_noise(durations, channels, _as_seeds(seed, batch), device, cond.dtype)
+    else:
+        x = noise.to(device=device, dtype=cond.dtype)[:, :max_len]
+        if x.shape != (batch, max_len, channels):
+            raise ValueError(f"noise must have shape {(batch, max_len, channels)}, got {tuple(x.shape)}")
+
+    text = text.to(device)
+    use_cfg = cfg_strength >= 1e-5
+    text_embed = model.embed_text(text, duration, max_len)
+    if use_cfg:  # conditional and unconditional branches as one 2B batch
+        text_embed = torch.cat((text_embed, model.embed_text(text, duration, max_len, drop_text=True)))
+        step_cond = torch.cat((step_cond, torch.zeros_like(step_cond)))
+        mask = None if mask is None else torch.cat((mask, mask))
+
+    t = time_grid(steps, sway_sampling_coef, use_epss, device=device, dtype=cond.dtype)
+    for i in range(steps):
+        if on_step is not None:
+            on_step(i)
+        time = t[i].expand(step_cond.shape[0])
+        if use_cfg:
+            pred, null_pred = model.step(torch.cat((x, x)), step_cond, text_embed, time, mask).chunk(2)
+            flow = pred + (pred - null_pred) * cfg_strength
+        else:
+            flow = model.step(x, step_cond, text_embed, time, mask)
+        x = x + (t[i + 1] - t[i]) * flow
+
+    return torch.where(cond_mask, cond, x)
