@@ -3,9 +3,9 @@
 The same stages run here for the CLI and the offline benchmark, and inside Triton as separate
 models (preprocess -> flow_matching -> vocoder -> postprocess):
 
-  prepare()      validate, resample, level, mel, tokenize, split long text, estimate durations
-  generate()     flow matching for a batch of jobs (one job = one text chunk of one request)
-  vocode()       mel -> waveform for a batch of jobs
+  Preprocessor   resample, level, mel, tokenize, split long text, estimate durations
+  FlowMatcher    flow matching for a batch of jobs (one job = one text chunk of one request)
+  Vocoder        mel -> waveform for a batch of jobs
   finish()       restore the reference level, cross-fade the chunks of a request
 """
 
@@ -50,37 +50,18 @@ class Prepared:
     chunks: list[str] = field(default_factory=list)
 
 
-class TTS:
-    """F5-TTS inference. `model` is the DiT or an engine with the same `embed_text`/`step` methods."""
+class Preprocessor:
+    """Request -> jobs: reference level and mel, tokens, text chunks, durations. CPU work."""
 
-    def __init__(self, model, tokenizer: text.Tokenizer, vocoder, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, limits: Limits = DEFAULT_LIMITS):
-        self.model = model
+    def __init__(self, tokenizer: text.Tokenizer, limits: Limits = DEFAULT_LIMITS, device: str | torch.device = "cpu"):
         self.tokenizer = tokenizer
-        self.vocoder = vocoder  # callable: mel [b, n_mels, frames] -> wave [b, samples]
-        self.device = torch.device(device)
-        self.dtype = dtype
         self.limits = limits
+        self.device = torch.device(device)
         self.mel = audio.MelSpectrogram().to(self.device)
 
-    @classmethod
-    def from_paths(cls, ckpt: str | Path, vocab: str | Path, vocoder: str | Path, *, arch=None,
-                   device: str = "cpu", dtype: torch.dtype = torch.float32, engine=None, **kwargs) -> "TTS":
-        """Load a checkpoint, its vocab and a Vocos folder; `engine` (optional) wraps the DiT."""
-        from f5_triton.checkpoints import load_dit
-        from f5_triton.vocoder import VocosDecoder, load_vocos
-
-        tokenizer = text.Tokenizer(vocab)
-        model = load_dit(ckpt, tokenizer.vocab_size, arch=arch, device=device, dtype=dtype)
-        if engine is not None:
-            model = engine(model)
-        decoder = VocosDecoder(load_vocos(vocoder, device=device)).to(device).eval()
-        return cls(model, tokenizer, decoder, device=device, dtype=dtype, **kwargs)
-
-    # -- preprocess -------------------------------------------------------------------------
-    def prepare(self, request: SynthesisRequest) -> Prepared:
-        wave = request.reference_wav
-        wave = audio.clip_reference(wave, request.sample_rate, max_seconds=self.limits.clip_reference_seconds)
+    def __call__(self, request: SynthesisRequest) -> Prepared:
+        wave = audio.clip_reference(request.reference_wav, request.sample_rate,
+                                    max_seconds=self.limits.clip_reference_seconds)
         wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).unsqueeze(0)
         wave, rms = audio.normalize_rms(wave)
         if request.sample_rate != SAMPLE_RATE:
@@ -89,10 +70,8 @@ class TTS:
             ref_mel = self.mel(wave.to(self.device))[0].transpose(0, 1).float().cpu()
         ref_frames = wave.shape[-1] // HOP_LENGTH
         ref_text = text.fix_reference_text(request.reference_text)
-        max_bytes = text.max_chunk_bytes(ref_text, wave.shape[-1] / SAMPLE_RATE, request.speed)
-        chunks = text.chunk_text(request.target_text, max_chars=max(1, max_bytes))
-        if not chunks:
-            chunks = [request.target_text.strip()]
+        max_bytes = text.max_chunk_bytes(request.reference_text, wave.shape[-1] / SAMPLE_RATE, request.speed)
+        chunks = text.chunk_text(request.target_text, max_chars=max_bytes) or [request.target_text.strip()]
         seed = random.randrange(2**31) if request.seed is None else request.seed
         jobs = []
         for i, chunk in enumerate(chunks):
@@ -104,9 +83,17 @@ class TTS:
                 sway_sampling_coef=request.sway_sampling_coef))
         return Prepared(jobs=jobs, ref_rms=float(rms), chunks=chunks)
 
-    # -- flow matching ----------------------------------------------------------------------
-    def generate(self, jobs: list[Job], on_step=None) -> list[torch.Tensor]:
-        """Generated mel [frames, n_mels] (reference removed) for each job, batching compatible jobs."""
+
+class FlowMatcher:
+    """Jobs -> generated mels, batching jobs that share sampling settings. The heavy stage."""
+
+    def __init__(self, model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model  # the DiT, or an engine runner with the same embed_text/step methods
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def __call__(self, jobs: list[Job], on_step=None) -> list[torch.Tensor]:
+        """Generated mel [frames, n_mels] (reference removed) for each job, in job order."""
         results: list[torch.Tensor | None] = [None] * len(jobs)
         groups = defaultdict(list)
         for i, job in enumerate(jobs):
@@ -121,35 +108,69 @@ class TTS:
                 torch.tensor([j.duration for j in batch]), steps=steps, cfg_strength=cfg,
                 sway_sampling_coef=sway, seed=[j.seed for j in batch],
                 lens=torch.tensor([j.ref_mel.shape[0] for j in batch]), on_step=on_step)
-            # sample() may lengthen a duration (at least reference + text + 1 frames): recompute it
             for i, job, row in zip(members, batch, mel):
+                # sample() lengthens a duration to at least reference + text + 1 frames, as upstream
                 total = max(job.duration, max(len(job.tokens), job.ref_mel.shape[0]) + 1)
                 results[i] = row[job.ref_frames:total].float()
         return results
 
-    # -- vocoder ----------------------------------------------------------------------------
+
+class Vocoder:
+    """Mels -> waveforms, one padded batch; `decoder` is VocosDecoder or an engine runner."""
+
+    def __init__(self, decoder, device: str | torch.device = "cpu"):
+        self.decoder = decoder
+        self.device = torch.device(device)
+
     @torch.inference_mode()
-    def vocode(self, mels: list[torch.Tensor]) -> list[np.ndarray]:
+    def __call__(self, mels: list[torch.Tensor]) -> list[np.ndarray]:
         from f5_triton.vocoder import decode_batch
 
-        return decode_batch(self.vocoder, [m.transpose(0, 1).to(self.device) for m in mels])
+        return decode_batch(self.decoder, [m.transpose(0, 1).to(self.device) for m in mels])
 
-    # -- postprocess ------------------------------------------------------------------------
-    @staticmethod
-    def finish(waves: list[np.ndarray], ref_rms: float) -> np.ndarray:
-        joined = audio.cross_fade(waves) if len(waves) > 1 else waves[0]
-        return np.asarray(audio.restore_rms(joined, ref_rms), dtype=np.float32)
+
+def finish(waves: list[np.ndarray], ref_rms: float) -> np.ndarray:
+    """A request's chunk waveforms -> one waveform at the reference's level."""
+    joined = audio.cross_fade(waves) if len(waves) > 1 else waves[0]
+    return np.asarray(audio.restore_rms(joined, ref_rms), dtype=np.float32)
+
+
+class TTS:
+    """The four stages in one process, for the CLI and the offline benchmark."""
+
+    def __init__(self, model, tokenizer: text.Tokenizer, decoder, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, limits: Limits = DEFAULT_LIMITS):
+        self.preprocess = Preprocessor(tokenizer, limits)
+        self.flow_matching = FlowMatcher(model, device, dtype)
+        self.vocoder = Vocoder(decoder, device)
+
+    @classmethod
+    def from_paths(cls, ckpt: str | Path, vocab: str | Path, vocoder: str | Path, *, arch=None,
+                   device: str = "cpu", dtype: torch.dtype = torch.float32, engine=None, vocoder_engine=None,
+                   **kwargs) -> "TTS":
+        """Load a checkpoint, its vocab and a Vocos folder; `engine(dit)` / `vocoder_engine(decoder)` wrap them."""
+        from f5_triton.checkpoints import load_dit
+        from f5_triton.vocoder import VocosDecoder, load_vocos
+
+        tokenizer = text.Tokenizer(vocab)
+        model = load_dit(ckpt, tokenizer.vocab_size, arch=arch, device=device, dtype=dtype)
+        if engine is not None:
+            model = engine(model)
+        decoder = VocosDecoder(load_vocos(vocoder, device=device)).to(device).eval()
+        if vocoder_engine is not None:
+            decoder = vocoder_engine(decoder)
+        return cls(model, tokenizer, decoder, device=device, dtype=dtype, **kwargs)
 
     def synthesize(self, requests: list[SynthesisRequest]) -> list[np.ndarray]:
         """All stages for a batch of validated requests; returns 24 kHz float32 waveforms."""
-        prepared = [self.prepare(r) for r in requests]
+        prepared = [self.preprocess(r) for r in requests]
         jobs = []
         for index, p in enumerate(prepared):
             for job in p.jobs:
                 job.request_index = index
                 jobs.append(job)
-        waves = self.vocode(self.generate(jobs))
+        waves = self.vocoder(self.flow_matching(jobs))
         per_request: list[list[np.ndarray]] = [[] for _ in requests]
         for job, wave in zip(jobs, waves):
             per_request[job.request_index].append(wave)
-        return [self.finish(w, p.ref_rms) for w, p in zip(per_request, prepared)]
+        return [finish(w, p.ref_rms) for w, p in zip(per_request, prepared)]

@@ -1,0 +1,148 @@
+"""Render a ready Triton model repository from the templates in model_repo/ for a target.
+
+Targets:
+  cpu   every step on the CPU, torch (or onnxruntime) engines, fp32
+  gpu   flow matching and vocoder on GPU(s), torch engines, fp16 by default
+  trt   flow matching through a TensorRT DiT plan (python model), vocoder as a native
+        `tensorrt_plan` model; engines come from scripts/build_engines.py on the serving GPU
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+from f5_triton.config import DEFAULT_SAMPLING, N_MELS
+from f5_triton.serving.schema import INPUTS, OUTPUTS, WireField
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "model_repo"
+TARGETS = ("cpu", "gpu", "trt")
+STEP_MODELS = ("f5_tts", "preprocess", "flow_matching", "postprocess", "vocoder")
+
+
+@dataclass
+class RepositoryOptions:
+    target: str
+    ckpt: Path
+    vocab: Path
+    vocoder: Path
+    arch: str | None = None
+    nfe_steps: int = DEFAULT_SAMPLING.nfe_steps
+    sway_sampling_coef: float = DEFAULT_SAMPLING.sway_sampling_coef
+    dtype: str | None = None  # fp32 | fp16 | bf16; default fp32 on cpu, fp16 on GPUs
+    max_batch_size: int | None = None  # flow-matching batch (requests); default 4 on cpu, 8 on GPUs
+    preferred_batch_sizes: list[int] | None = None
+    queue_delay_us: int = 20_000
+    vocoder_max_batch_size: int = 8
+    vocoder_queue_delay_us: int = 2_000
+    gpus: list[int] = field(default_factory=lambda: [0])
+    flow_instances_per_device: int = 1
+    vocoder_instances_per_device: int = 1
+    preprocess_instances: int = 2
+    postprocess_instances: int = 2
+    dit_engine: str = "torch"  # torch | onnxruntime | tensorrt
+    dit_engine_path: Path | None = None
+    vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime
+    vocoder_engine_path: Path | None = None
+    vocoder_plan: Path | None = None  # trt target: the Vocos TensorRT plan
+    engine_fallback: bool = True
+    max_queue_size: int = 64
+    queue_timeout_us: int = 60_000_000
+    limits: dict[str, str] = field(default_factory=dict)  # Limits overrides, e.g. {"max_text_bytes": "1000"}
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        on_gpu = self.target != "cpu"
+        self.dtype = self.dtype or ("fp16" if on_gpu else "fp32")
+        self.max_batch_size = self.max_batch_size or (8 if on_gpu else 4)
+        if not self.preferred_batch_sizes:
+            self.preferred_batch_sizes = sorted({max(1, self.max_batch_size // 2), self.max_batch_size})
+        if self.target == "trt":
+            self.dit_engine = "tensorrt"
+            if self.dit_engine_path is None or self.vocoder_plan is None:
+                raise ValueError("the trt target needs --dit-engine-path (DiT .plan) and --vocoder-plan (Vocos .plan)")
+
+
+def _field_block(fields: tuple[WireField, ...], ragged: bool = False) -> str:
+    rows = []
+    for f in fields:
+        dims = ", ".join(str(d) for d in f.dims)
+        extra = " optional: true" if f.optional else ""
+        if ragged and -1 in f.dims:
+            extra += " allow_ragged_batch: true"
+        rows.append(f'  {{ name: "{f.name}" data_type: {f.triton_type} dims: [ {dims} ]{extra} }}')
+    return ",\n".join(rows)
+
+
+def _parameters(values: dict[str, object]) -> str:
+    return ",\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()
+                      if v is not None)
+
+
+def _instances(count: int, kind: str, gpus: list[int]) -> str:
+    if kind == "KIND_CPU":
+        return f"  {{ count: {count} kind: KIND_CPU }}"
+    devices = ", ".join(str(g) for g in gpus)
+    return f"  {{ count: {count} kind: KIND_GPU gpus: [ {devices} ] }}"
+
+
+def render(options: RepositoryOptions, output: str | Path, templates: Path = TEMPLATES) -> Path:
+    """Write a complete model repository to `output` (replaced if it exists)."""
+    output = Path(output)
+    if output.exists():
+        shutil.rmtree(output)
+    kind = "KIND_CPU" if options.target == "cpu" else "KIND_GPU"
+    queue_policy = (f"  default_queue_policy {{\n    timeout_action: REJECT\n"
+                    f"    default_timeout_microseconds: {options.queue_timeout_us}\n"
+                    f"    allow_timeout_override: true\n    max_queue_size: {options.max_queue_size}\n  }}")
+    common = {
+        "ckpt": Path(options.ckpt).resolve(), "vocab": Path(options.vocab).resolve(),
+        "vocoder": Path(options.vocoder).resolve(), "arch": options.arch, "dtype": options.dtype,
+        "engine_fallback": str(options.engine_fallback).lower(),
+        **{f"limit_{k}": v for k, v in options.limits.items()},
+    }
+    values = {
+        "inputs": "input [\n" + _field_block(INPUTS) + "\n]",
+        "outputs": "output [\n" + _field_block(OUTPUTS) + "\n]",
+        "ragged_inputs": "input [\n" + _field_block(INPUTS, ragged=True) + "\n]",
+        "preprocess_input_map": "\n".join(f'      input_map {{ key: "{f.name}" value: "{f.name}" }}' for f in INPUTS),
+        "n_mels": N_MELS,
+        "max_batch_size": options.max_batch_size,
+        "preferred_batch_sizes": ", ".join(str(b) for b in options.preferred_batch_sizes),
+        "queue_delay_us": options.queue_delay_us,
+        "queue_policy": queue_policy,
+        "vocoder_max_batch_size": options.vocoder_max_batch_size,
+        "vocoder_queue_delay_us": options.vocoder_queue_delay_us,
+        "preprocess_instances": options.preprocess_instances,
+        "postprocess_instances": options.postprocess_instances,
+        "flow_matching_instances": _instances(options.flow_instances_per_device, kind, options.gpus),
+        "vocoder_instances": _instances(options.vocoder_instances_per_device, kind, options.gpus),
+    }
+    per_model = {
+        "preprocess": {"vocab": common["vocab"], "nfe_steps": options.nfe_steps,
+                       "sway_sampling_coef": options.sway_sampling_coef,
+                       **{k: v for k, v in common.items() if k.startswith("limit_")}},
+        "flow_matching": {**common, "dit_engine": options.dit_engine,
+                          "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
+        "postprocess": {"vocoder_model": "vocoder"},
+        "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
+                    "vocoder_engine": options.vocoder_engine,
+                    "vocoder_engine_path": options.vocoder_engine_path and Path(options.vocoder_engine_path).resolve()},
+    }
+    for name in STEP_MODELS:
+        source, target = templates / name, output / name
+        (target / "1").mkdir(parents=True)
+        template_name = "config.pbtxt"
+        if name == "vocoder":
+            template_name = "config.pbtxt.trt" if options.target == "trt" else "config.pbtxt.python"
+        text = Template((source / template_name).read_text()).substitute(
+            values, parameters=_parameters(per_model.get(name, {})))
+        (target / "config.pbtxt").write_text(text)
+        if name == "vocoder" and options.target == "trt":
+            shutil.copyfile(options.vocoder_plan, target / "1" / "model.plan")
+        elif (source / "1" / "model.py").exists():
+            shutil.copyfile(source / "1" / "model.py", target / "1" / "model.py")
+    return output

@@ -1,0 +1,36 @@
+"""Triton adapter: vocode a request's chunks through the `vocoder` model, restore level, cross-fade."""
+
+import asyncio
+
+import triton_python_backend_utils as pb_utils
+
+from f5_triton.config import HOP_LENGTH
+from f5_triton.pipeline import finish
+from f5_triton.serving import triton_io, wire
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.vocoder_model = triton_io.parameters(args).get("vocoder_model", "vocoder")
+
+    async def execute(self, requests):
+        return await asyncio.gather(*(self._finish(request) for request in requests))
+
+    async def _finish(self, request):
+        try:
+            arrays = triton_io.inputs(request, ("mel", "mel_frames", "ref_rms"))
+            mels = wire.unpack_mels(arrays["mel"], arrays["mel_frames"])
+            waves = await asyncio.gather(*(self._vocode(mel) for mel in mels))
+            return triton_io.response({"waveform": finish(list(waves), float(arrays["ref_rms"][0]))})
+        except Exception as exc:
+            return triton_io.error_response(exc)
+
+    async def _vocode(self, mel):
+        """One chunk [n_mels, frames] -> waveform, as a request to the vocoder model (so it batches)."""
+        request = pb_utils.InferenceRequest(model_name=self.vocoder_model, requested_output_names=["waveform"],
+                                            inputs=[pb_utils.Tensor("mel", mel[None])])
+        response = await request.async_exec()
+        if response.has_error():
+            raise RuntimeError(f"vocoder: {response.error().message()}")
+        wave = pb_utils.get_output_tensor_by_name(response, "waveform").as_numpy()[0]
+        return wave[: mel.shape[1] * HOP_LENGTH]

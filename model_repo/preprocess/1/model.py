@@ -1,0 +1,30 @@
+"""Triton adapter: validate a request and prepare its flow-matching jobs (f5_triton.pipeline.Preprocessor)."""
+
+import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
+
+from f5_triton.pipeline import Preprocessor
+from f5_triton.serving import stages, triton_io, wire
+from f5_triton.serving.schema import INPUTS, validate_request
+from f5_triton.text import Tokenizer
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = triton_io.parameters(args)
+        self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params))
+        self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
+        self.default_nfe_steps = int(params.get("nfe_steps", 32))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                fields = triton_io.inputs(request, [f.name for f in INPUTS])
+                if fields["nfe_steps"] is None:
+                    fields["nfe_steps"] = self.default_nfe_steps
+                synthesis = validate_request(**fields, limits=self.preprocess.limits)
+                synthesis.sway_sampling_coef = self.sway_sampling_coef
+                responses.append(triton_io.response(wire.pack_prepared(self.preprocess(synthesis))))
+            except Exception as exc:
+                responses.append(triton_io.error_response(exc))
+        return responses
