@@ -1,0 +1,1 @@
+"""Serving side of f5-triton: starting tritonserver and the Triton model repository."""
