@@ -16,8 +16,7 @@ def cmd_serve(args) -> int:
         raise InvalidInputError("--model-repo", f"{repo} is not a folder; render one with scripts/build_model_repo.py")
     server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                           log_verbose=args.log_verbose)
-    run_forever(server, timeout=args.ready_timeout)
-    return 0
+    return run_forever(server, ready_timeout=args.ready_timeout)
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:

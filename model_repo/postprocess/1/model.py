@@ -2,6 +2,8 @@
 
 import asyncio
 
+import numpy as np
+
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.config import HOP_LENGTH
@@ -28,7 +30,8 @@ class TritonPythonModel:
     async def _vocode(self, mel):
         """One chunk [n_mels, frames] -> waveform, as a request to the vocoder model (so it batches)."""
         request = pb_utils.InferenceRequest(model_name=self.vocoder_model, requested_output_names=["waveform"],
-                                            inputs=[pb_utils.Tensor("mel", mel[None])])
+                                            inputs=[pb_utils.Tensor("mel", mel[None]),
+                                                    pb_utils.Tensor("lengths", np.array([[mel.shape[1]]], np.int64))])
         response = await request.async_exec()
         if response.has_error():
             raise RuntimeError(f"vocoder: {response.error().message()}")

@@ -1,0 +1,10 @@
+#!/usr/bin/env python3
+"""Speak a text in the voice of a reference clip, through Triton over gRPC.
+
+    python client_grpc.py --reference-audio ref.wav --reference-text "..." --target-text "..." -h
+"""
+
+from f5_triton.client import run_client
+
+if __name__ == "__main__":
+    run_client("grpc")

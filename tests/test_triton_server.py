@@ -1,0 +1,138 @@
+"""The real tritonserver with the rendered repository (cpu target, tiny random checkpoint)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from f5_triton.serving.repository import RepositoryOptions, render
+from f5_triton.serving.schema import validate_request
+
+pytestmark = pytest.mark.server
+
+REF_TEXT = "Some call me nature, others call me mother nature."
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    from f5_triton.serving.launcher import TritonServer, free_port
+
+    repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
+                                    vocoder=tiny_ckpt / "vocos", nfe_steps=4, max_batch_size=8,
+                                    preferred_batch_sizes=[8], queue_delay_us=300_000, preprocess_instances=1,
+                                    postprocess_instances=1),
+                  tmp_path_factory.mktemp("repo") / "model_repo")
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as srv:
+        srv.wait_ready(240)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_ckpt):
+    from f5_triton.pipeline import TTS
+
+    return TTS.from_paths(tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
+
+
+@pytest.fixture(scope="module")
+def ref_wave(ref_en):
+    wave, _ = sf.read(ref_en, dtype="float32")
+    return wave
+
+
+def infer(module, url, wave, ref_text, target_text, **extra):
+    from f5_triton.client import synthesize
+
+    return synthesize(url, wave, ref_text, target_text, protocol=module.__name__.rsplit(".", 1)[1], **extra)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_result_equals_in_process_pipeline(server, tts, ref_wave, protocol):
+    import tritonclient.grpc
+    import tritonclient.http
+
+    module = tritonclient.http if protocol == "http" else tritonclient.grpc
+    url = server.urls.http_hostport if protocol == "http" else server.urls.grpc
+    text = "I don't really care what you call me."
+    got = infer(module, url, ref_wave, REF_TEXT, text, seed=42, nfe_steps=4, speed=1.1)
+    expected = tts.synthesize([validate_request(ref_wave, REF_TEXT, text, seed=42, nfe_steps=4, speed=1.1)])[0]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_long_text_in_several_chunks(server, tts, ref_wave):
+    import tritonclient.grpc
+
+    text = "This sentence is long enough to need its own chunk of audio, and then some more words. " * 5
+    request = validate_request(ref_wave, REF_TEXT, text, seed=3, nfe_steps=4)
+    assert len(tts.preprocess(request).jobs) > 1
+    got = infer(tritonclient.grpc, server.urls.grpc, ref_wave, REF_TEXT, text, seed=3)  # nfe default 4 (repo)
+    expected = tts.synthesize([request])[0]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_16_concurrent_requests_are_batched(server, ref_wave):
+    import tritonclient.grpc
+    import tritonclient.http
+
+    def stats():
+        with tritonclient.http.InferenceServerClient(server.urls.http_hostport) as client:
+            s = client.get_inference_statistics("flow_matching")["model_stats"][0]
+            return s["inference_count"], s["execution_count"]
+
+    before = stats()
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen".split()
+    texts = [" ".join(words[: i + 1]) + "." for i in range(16)]
+    waves = [ref_wave[: len(ref_wave) - 2400 * i] for i in range(16)]  # ragged references too
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: infer(tritonclient.grpc, server.urls.grpc, waves[i], REF_TEXT, texts[i],
+                                                seed=i), range(16)))
+    assert all(len(r) > 0 and np.isfinite(r).all() for r in results)
+    after = stats()
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 16
+    assert executions < inferences  # dynamic batching really batched requests of different lengths
+
+
+@pytest.mark.parametrize("client", ["client_http.py", "client_grpc.py"])
+def test_upstream_clients_work_unchanged(server, ref_en, tmp_path, client):
+    """Upstream F5-TTS's own Triton clients (pinned f5-tts==1.1.22) against our server."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("f5_tts")
+    if spec is None:
+        pytest.skip("upstream f5-tts not installed")
+    script = Path(list(spec.submodule_search_locations)[0]) / "runtime" / "triton_trtllm" / client
+    args = [sys.executable, str(script), "--reference-audio", str(ref_en), "--reference-text", REF_TEXT,
+            "--target-text", "Upstream clients work without changes."]
+    if client == "client_http.py":
+        out = tmp_path / "out" / "http.wav"
+        args += ["--server-url", server.urls.http_hostport, "--output-audio", str(out)]
+    else:
+        out = tmp_path / "log" / "test.wav"
+        port = server.urls.grpc.rsplit(":", 1)[1]
+        args += ["--server-addr", "127.0.0.1", "--server-port", port, "--log-dir", str(tmp_path / "log")]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wave, rate = sf.read(out)
+    assert rate == 24000 and len(wave) > 24000 * 0.5
+
+
+def test_our_clients(server, ref_en, tmp_path):
+    for script, url in (("client_http.py", server.urls.http_hostport), ("client_grpc.py", server.urls.grpc)):
+        out = tmp_path / f"{script}.wav"
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / script), "--server-url", url, "--reference-audio", str(ref_en),
+             "--reference-text", REF_TEXT, "--target-text", "Our own client.", "--seed", "5", "--nfe-steps", "4",
+             "--output-audio", str(out)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        wave, rate = sf.read(out)
+        assert rate == 24000 and len(wave) > 0
