@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: set up .venv if needed, then run the whole suite (real tritonserver included).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh || exit 1
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+status=$?
+if [ "$status" -eq 5 ]; then  # pytest: no tests collected
+  echo "no tests were collected"; exit 1
+fi
+exit "$status"
