@@ -31,8 +31,25 @@ def load(module_name: str):
         if spec is None or not spec.submodule_search_locations:
             pytest.skip("upstream f5-tts is not installed (pip install --no-deps f5-tts==1.1.22)")
         root = list(spec.submodule_search_locations)[0]
+    _stub_librosa_if_missing()
     _register_package("f5_tts", root)
     _register_package("f5_tts.model", f"{root}/model")
     _register_package("f5_tts.model.backbones", f"{root}/model/backbones")
     _register_package("f5_tts.infer", f"{root}/infer")
     return importlib.import_module(f"f5_tts.{module_name}")
+
+
+def _stub_librosa_if_missing() -> None:
+    """upstream's modules.py imports librosa only for the BigVGAN mel, which we never use; the GPU
+    image has no librosa, so a stand-in that refuses to be called keeps the import working there."""
+    if importlib.util.find_spec("librosa") is not None or "librosa" in sys.modules:
+        return
+
+    def mel(*args, **kwargs):
+        raise RuntimeError("librosa is not installed (only upstream's BigVGAN mel needs it)")
+
+    librosa = types.ModuleType("librosa")
+    filters = types.ModuleType("librosa.filters")
+    filters.mel = mel
+    librosa.filters = filters
+    sys.modules["librosa"], sys.modules["librosa.filters"] = librosa, filters

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Benchmark F5-TTS inference: RTF, latency percentiles, throughput, per-stage time, GPU memory.
+
+Offline (in process, batched):
+    python benchmark.py --mode offline --ckpt-dir ckpts/F5TTS_v1_Base --batch-size 4 --nfe 16 --device cuda
+    python benchmark.py --mode offline --random-weights F5TTS_v1_Base --device cuda --dtype fp16 --nfe 16
+Server (a running Triton, gRPC or HTTP, a concurrency sweep):
+    python benchmark.py --mode server --server-url localhost:8001 --concurrency 1,4,16 --num-requests 64
+
+Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in set
+(~5 s reference, ~10 s of generated speech). Numbers go to stdout as a table, to --output-json,
+and a sweep to --plot (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from f5_triton import bench
+from f5_triton.config import SAMPLE_RATE
+
+
+def parse_args(argv=None):
+    from f5_triton.cli import add_model_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["offline", "server"], default="offline")
+    p.add_argument("--dataset", help="folder or JSONL of (reference audio, reference text, target text)")
+    p.add_argument("--reference-audio", help="built-in set: use this reference clip instead of a synthetic one")
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--enable-warmup", action="store_true", help="run warm-up requests first (not counted)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up batches/requests with --enable-warmup")
+    p.add_argument("--nfe", type=int, default=16)
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="", help="name of this configuration in the report")
+    p.add_argument("--output-json", help="append results as JSON lines")
+    p.add_argument("--plot", help="PNG of the sweep (batch sizes or concurrencies)")
+    off = p.add_argument_group("offline")
+    add_model_args(off)
+    off.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (no files)")
+    off.add_argument("--batch-size", default="1", help="batch size, or a comma list for a sweep")
+    off.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    off.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on GPU")
+    off.add_argument("--backend-type", default="torch", choices=["torch", "pytorch", "onnxruntime", "trt"],
+                     help="DiT engine (upstream's names accepted: pytorch = torch)")
+    off.add_argument("--dit-engine-path", help=".onnx / .plan for --backend-type onnxruntime / trt")
+    off.add_argument("--vocoder-engine-path", help=".onnx / .plan of the vocoder")
+    off.add_argument("--compile", action="store_true", help="torch engine: torch.compile the DiT step")
+    off.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per shape bucket")
+    srv = p.add_argument_group("server")
+    srv.add_argument("--server-url", default="localhost:8001")
+    srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
+    srv.add_argument("--model-name", default="f5_tts")
+    return p.parse_args(argv)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x]
+
+
+def load_items(args) -> list[bench.Item]:
+    items = bench.load_items(args.dataset) if args.dataset else bench.builtin_items(4, args.reference_audio)
+    return [items[i % len(items)] for i in range(args.num_requests)]
+
+
+def build_tts(args):
+    """The in-process pipeline with the engines and precision the arguments ask for."""
+    import tempfile
+
+    import torch
+
+    from f5_triton.engines import EngineConfig, make_dit_runner, make_vocoder_runner
+    from f5_triton.pipeline import TTS
+
+    dtype_name = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    kind = {"pytorch": "torch", "trt": "tensorrt"}.get(args.backend_type, args.backend_type)
+    dit_config = EngineConfig(kind=kind, path=args.dit_engine_path, device=args.device, compile=args.compile,
+                              cuda_graphs=args.cuda_graphs)
+    vocoder_kind = "torch" if not args.vocoder_engine_path else ("tensorrt" if args.vocoder_engine_path.endswith(
+        ".plan") else "onnxruntime")
+    vocoder_config = EngineConfig(kind=vocoder_kind, path=args.vocoder_engine_path, device=args.device)
+    engine = lambda dit: make_dit_runner(dit, dit_config)  # noqa: E731
+    vocoder_engine = lambda decoder: make_vocoder_runner(decoder, vocoder_config)  # noqa: E731
+    if args.random_weights:
+        from f5_triton.checkpoints import make_random_checkpoint
+
+        folder = make_random_checkpoint(tempfile.mkdtemp(prefix="f5-bench-"), args.random_weights, args.vocab,
+                                        vocoder_small=False)
+        ckpt, vocab, vocoder = folder / "model.safetensors", folder / "vocab.txt", folder / "vocos"
+    else:
+        from f5_triton.cli import resolve_model_paths
+
+        ckpt, vocab, vocoder = resolve_model_paths(args)
+    return TTS.from_paths(ckpt, vocab, vocoder, arch=args.arch, device=args.device, dtype=dtype, engine=engine,
+                          vocoder_engine=vocoder_engine), dtype_name
+
+
+def run_offline(args, items, batch_size: int, tts, label: str) -> bench.Result:
+    import torch
+
+    from f5_triton.pipeline import finish
+    from f5_triton.serving.schema import validate_request
+
+    def one_batch(batch_items, timer):
+        with timer("preprocess"):
+            requests = [validate_request(it.wave, it.reference_text, it.target_text, sample_rate=it.sample_rate,
+                                         nfe_steps=args.nfe, cfg_strength=args.cfg, seed=args.seed + i)
+                        for i, it in enumerate(batch_items)]
+            prepared = [tts.preprocess(r) for r in requests]
+            jobs = []
+            for index, p in enumerate(prepared):
+                for job in p.jobs:
+                    job.request_index = index
+                    jobs.append(job)
+        with timer("dit"):
+            mels = tts.flow_matching(jobs)
+        with timer("vocoder"):
+            waves = tts.vocoder(mels)
+        with timer("postprocess"):
+            per_request = [[w for j, w in zip(jobs, waves) if j.request_index == i] for i in range(len(requests))]
+            return [finish(w, p.ref_rms) for w, p in zip(per_request, prepared)]
+
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if args.enable_warmup:
+        for batch in batches[: args.warmup]:
+            one_batch(batch, bench.StageTimer(args.device))
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    timer = bench.StageTimer(args.device)
+    result = bench.Result(mode="offline", label=label, requests=len(items), batch_size=batch_size)
+    start = time.perf_counter()
+    for batch in tqdm(batches, desc=f"offline bs={batch_size}", unit="batch"):
+        t0 = time.perf_counter()
+        outs = one_batch(batch, timer)
+        elapsed = time.perf_counter() - t0
+        result.latencies += [elapsed] * len(batch)
+        result.audio_seconds += sum(len(o) for o in outs) / SAMPLE_RATE
+    result.wall_seconds = time.perf_counter() - start
+    result.stage_seconds = {k: round(v, 4) for k, v in timer.seconds.items()}
+    if args.device.startswith("cuda"):
+        result.gpu_peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def triton_compute_seconds(stats: dict) -> dict[str, float]:
+    return {m["name"]: int(m["inference_stats"]["compute_infer"]["ns"]) / 1e9 for m in stats.get("model_stats", [])}
+
+
+def run_server(args, items, concurrency: int, label: str) -> bench.Result:
+    import concurrent.futures
+    import threading
+
+    from f5_triton.client import protocol_module, synthesize
+
+    module = protocol_module(args.protocol)
+    local = threading.local()
+
+    def client():
+        if not hasattr(local, "client"):
+            local.client = module.InferenceServerClient(args.server_url)
+        return local.client
+
+    def send(i_item):
+        i, item = i_item
+        t0 = time.perf_counter()
+        audio = synthesize(args.server_url, item.wave, item.reference_text, item.target_text,
+                           protocol=args.protocol, model=args.model_name, client=client(),
+                           sample_rate=item.sample_rate, nfe_steps=args.nfe, cfg_strength=args.cfg, seed=args.seed + i)
+        return time.perf_counter() - t0, len(audio) / SAMPLE_RATE
+
+    def stats():
+        with module.InferenceServerClient(args.server_url) as c:
+            s = c.get_inference_statistics()
+            return triton_compute_seconds(s if isinstance(s, dict) else _grpc_stats_to_dict(s))
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        if args.enable_warmup:
+            list(pool.map(send, enumerate(items[: max(args.warmup, concurrency)])))
+        before = stats()
+        result = bench.Result(mode="server", label=label, requests=len(items), concurrency=concurrency)
+        with bench.GpuSampler() as gpus:
+            start = time.perf_counter()
+            for latency, seconds in tqdm(pool.map(send, enumerate(items)), total=len(items),
+                                         desc=f"server c={concurrency}", unit="req"):
+                result.latencies.append(latency)
+                result.audio_seconds += seconds
+            result.wall_seconds = time.perf_counter() - start
+        after = stats()
+    result.stage_seconds = {k: round(after[k] - before.get(k, 0.0), 4) for k in after
+                            if k != args.model_name and after[k] - before.get(k, 0.0) > 0}
+    result.gpu_utilization = gpus.mean_utilization()
+    return result
+
+
+def _grpc_stats_to_dict(message) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    items = load_items(args)
+    results = []
+    if args.mode == "offline":
+        tts, dtype_name = build_tts(args)
+        label = args.label or f"{args.backend_type} {dtype_name} nfe{args.nfe}"
+        for batch_size in _ints(args.batch_size):
+            results.append(run_offline(args, items, batch_size, tts, label))
+    else:
+        label = args.label or f"{args.protocol} nfe{args.nfe}"
+        for concurrency in _ints(args.concurrency):
+            results.append(run_server(args, items, concurrency, label))
+    print(bench.format_table(results))
+    if args.output_json:
+        with open(args.output_json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r.summary()) + "\n")
+    if args.plot:
+        print(f"plot: {bench.plot_sweep(results, args.plot, title=label)}")
+    bad = [r for r in results if not np.isfinite(r.rtf)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Benchmark helpers: input sets, timing, statistics, reports and plots (used by benchmark.py).
+
+RTF = processing seconds / generated audio seconds; throughput = generated audio seconds per
+wall-clock second. Offline mode times each pipeline stage in process; server mode sends requests
+to a running Triton (gRPC or HTTP) at a given concurrency and reads per-model compute time from
+Triton's statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from f5_triton.config import SAMPLE_RATE
+
+BUILTIN_REF_TEXT = "Some call me nature, others call me mother nature."
+BUILTIN_TARGETS = [
+    "I don't really care what you call me. I've been a silent spectator, watching species evolve, empires rise "
+    "and fall.",
+    "But always remember, I am mighty and enduring. Respect me and I'll nurture you; ignore me and you shall "
+    "face the consequences.",
+    "The quick brown fox jumps over the lazy dog, and then it runs all the way back home before the sun goes down.",
+    "Benchmarks should use realistic lengths, so this sentence asks for about ten seconds of speech in total.",
+]
+
+
+@dataclass
+class Item:
+    """One benchmark input: reference audio, its transcript, the text to speak."""
+
+    wave: np.ndarray
+    sample_rate: int
+    reference_text: str
+    target_text: str
+    name: str = ""
+
+
+def synthetic_reference(seconds: float, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
+    """Speech-like noise (syllable-rate amplitude modulation) when no real reference is at hand."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t)) * (t > 0.1) * (t < seconds - 0.1)
+    carrier = np.sin(2 * np.pi * 140 * t) + 0.3 * rng.standard_normal(t.shape)
+    return (0.1 * envelope * carrier).astype(np.float32)
+
+
+def builtin_items(count: int, ref_audio: str | None = None, ref_seconds: float = 5.0,
+                  gen_ratio: float = 2.0) -> list[Item]:
+    """`count` items: a ~5 s reference and texts sized to generate ~gen_ratio x its length."""
+    from f5_triton.audio import read_audio
+
+    if ref_audio:
+        wave, rate = read_audio(ref_audio)
+        ref_text = BUILTIN_REF_TEXT
+    else:
+        wave, rate = synthetic_reference(ref_seconds), SAMPLE_RATE
+        ref_text = BUILTIN_REF_TEXT
+    target_bytes = int(len(ref_text.encode()) * gen_ratio * (ref_seconds * rate / len(wave) if ref_audio else 1.0))
+    items = []
+    for i in range(count):
+        base = " ".join(BUILTIN_TARGETS[(i + k) % len(BUILTIN_TARGETS)] for k in range(4))
+        text = base.encode()[:target_bytes].decode("utf-8", "ignore").rsplit(" ", 1)[0] + "."
+        items.append(Item(wave, rate, ref_text, text, name=f"builtin-{i}"))
+    return items
+
+
+def load_items(path: str | Path) -> list[Item]:
+    """A JSONL file ({"ref_audio", "ref_text", "target_text"} per line; paths relative to it) or a folder of
+    <name>.wav + <name>.txt (reference transcript) + <name>.target.txt (text to speak)."""
+    from f5_triton.audio import read_audio
+
+    path = Path(path)
+    items = []
+    if path.is_dir():
+        for wav in sorted(path.glob("*.wav")):
+            wave, rate = read_audio(wav)
+            items.append(Item(wave, rate, wav.with_suffix(".txt").read_text().strip(),
+                              wav.with_suffix(".target.txt").read_text().strip(), wav.stem))
+    else:
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            audio = Path(row["ref_audio"])
+            wave, rate = read_audio(audio if audio.is_absolute() else path.parent / audio)
+            items.append(Item(wave, rate, row["ref_text"], row["target_text"], row.get("name", f"line-{line_no}")))
+    if not items:
+        raise ValueError(f"no benchmark items in {path}")
+    return items
+
+
+class StageTimer:
+    """Accumulates wall time per stage; synchronizes CUDA so GPU work is counted where it runs."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+
+@dataclass
+class Result:
+    """One run's numbers (a row of the report)."""
+
+    mode: str
+    label: str
+    requests: int
+    batch_size: int | None = None
+    concurrency: int | None = None
+    wall_seconds: float = 0.0
+    audio_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list, repr=False)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    gpu_peak_mib: float | None = None
+    gpu_utilization: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds else float("nan")
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+
+    def summary(self) -> dict:
+        row = {k: v for k, v in asdict(self).items() if k != "latencies"}
+        row.update(rtf=self.rtf, throughput_audio_s_per_s=self.throughput, latency_p50_s=self.percentile(50),
+                   latency_p90_s=self.percentile(90), latency_p99_s=self.percentile(99),
+                   latency_mean_s=statistics.fmean(self.latencies) if self.latencies else float("nan"))
+        return row
+
+
+def format_table(results: list[Result]) -> str:
+    header = ("mode", "label", "bs/conc", "reqs", "RTF", "audio s/s", "p50 s", "p90 s", "p99 s", "stages (s)",
+              "GPU MiB")
+    rows = [header]
+    for r in results:
+        stages = " ".join(f"{k}={v:.3f}" for k, v in r.stage_seconds.items())
+        rows.append((r.mode, r.label, str(r.batch_size or r.concurrency), str(r.requests), f"{r.rtf:.4f}",
+                     f"{r.throughput:.1f}", f"{r.percentile(50):.3f}", f"{r.percentile(90):.3f}",
+                     f"{r.percentile(99):.3f}", stages or "-", f"{r.gpu_peak_mib:.0f}" if r.gpu_peak_mib else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_sweep(results: list[Result], path: str | Path, title: str = "f5-triton") -> Path:
+    """Throughput and p50/p90 latency against concurrency (or batch size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.concurrency or r.batch_size for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(xs, [r.throughput for r in results], "o-")
+    left.set_xlabel("concurrency" if results and results[0].concurrency else "batch size")
+    left.set_ylabel("audio seconds per second")
+    left.set_title("throughput")
+    right.plot(xs, [r.percentile(50) for r in results], "o-", label="p50")
+    right.plot(xs, [r.percentile(90) for r in results], "s--", label="p90")
+    right.set_xlabel(left.get_xlabel())
+    right.set_ylabel("latency (s)")
+    right.set_title("latency")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(xs)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class GpuSampler:
+    """Samples per-GPU utilisation with NVML in a thread while a run is in progress (no-op without NVML)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.samples: dict[int, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVML (CPU machine, missing package): nothing to sample
+            return self
+
+        def run():
+            while not self._stop.wait(self.interval):
+                for i, h in enumerate(handles):
+                    self.samples.setdefault(i, []).append(float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def mean_utilization(self) -> dict[str, float]:
+        return {f"gpu{i}": float(np.mean(v)) for i, v in self.samples.items() if v}

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Side by side, in one run: upstream F5-TTS's PyTorch inference vs f5-triton's, same weights and lengths.
+
+    python scripts/bench_vs_upstream.py --arch F5TTS_v1_Base --nfe 16 --dtype fp16 --ref-seconds 5 --gen-seconds 10
+
+Upstream = pinned f5-tts==1.1.22: `CFM.sample` (its DiT, torchdiffeq Euler, CFG) + `Vocos.decode`, fp16,
+batch 1 (as its infer_process runs). Ours = `f5_triton.pipeline.TTS` with the chosen engine options.
+Both start from the same random weights (F5TTS_v1_Base size) and the same reference and durations.
+Prints a table (median of --repeats timed runs after warm-up), the speed-up, the audio's distance to
+our fp32 output, DiT-step MFU against the measured bf16 matmul peak, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/upstream.py: upstream loader
+
+from f5_triton import bench  # noqa: E402
+from f5_triton.config import ARCHITECTURES, HOP_LENGTH, SAMPLE_RATE  # noqa: E402
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, object]:
+    for _ in range(warmup):
+        out = fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def matmul_peak_tflops(dtype=torch.bfloat16, size: int = 8192) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    seconds, _ = timed(lambda: a @ b, repeats=20)
+    return 2 * size**3 / seconds / 1e12
+
+
+def dit_step_flops(config, tokens: int, frames: int) -> float:
+    """Forward FLOPs of one DiT step over `tokens` = batch x frames rows (matmuls + attention)."""
+    inner = config.heads * config.dim_head
+    ff = int(config.dim * config.ff_mult)
+    per_token_layer = 2 * (config.dim * 3 * inner + inner * config.dim + 2 * config.dim * ff)
+    attention = 2 * 2 * frames * inner  # QK^T and AV, per query token and layer
+    embed = 2 * (2 * config.mel_dim + config.text_dim) * config.dim + 2 * 2 * 31 * config.dim * config.dim // 16
+    return tokens * (config.depth * (per_token_layer + attention) + embed + 2 * config.dim * config.mel_dim)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="F5TTS_v1_Base", choices=sorted(ARCHITECTURES))
+    p.add_argument("--nfe", type=int, default=16)
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--ref-seconds", type=float, default=5.0)
+    p.add_argument("--gen-seconds", type=float, default=10.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default="eager,graphs,compile+graphs",
+                   help="our engine variants: eager, graphs, compile, compile+graphs")
+    p.add_argument("--mfu-batch", type=int, default=8, help="requests per DiT step for the MFU measurement")
+    p.add_argument("--skip-upstream", action="store_true")
+    p.add_argument("--output-json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    from f5_triton.checkpoints import make_random_checkpoint
+    from f5_triton.engines import EngineConfig, make_dit_runner
+    from f5_triton.pipeline import TTS
+    from f5_triton.serving.schema import validate_request
+
+    folder = make_random_checkpoint(tempfile.mkdtemp(prefix="f5-side-"), args.arch, vocoder_small=False)
+    wave = bench.synthetic_reference(args.ref_seconds)
+    ref_text = bench.BUILTIN_REF_TEXT
+    ref_frames = len(wave) // HOP_LENGTH
+    gen_frames = int(args.gen_seconds * SAMPLE_RATE / HOP_LENGTH)
+    # target text sized so that upstream's duration formula asks for gen_frames
+    gen_bytes = int(round(gen_frames * len((ref_text + "  ").encode()) / ref_frames))
+    target = (" ".join(bench.BUILTIN_TARGETS) * 3).encode()[:gen_bytes].decode("utf-8", "ignore")
+    request = validate_request(wave, ref_text, target, nfe_steps=args.nfe, seed=1)
+    rows, results = [], {"arch": args.arch, "nfe": args.nfe, "dtype": args.dtype, "gpu": torch.cuda.get_device_name()}
+
+    def run_ours(tts):
+        return tts.synthesize([request])[0]
+
+    # our fp32 eager output is the reference for the audio tolerance
+    ref_tts = TTS.from_paths(folder / "model.safetensors", folder / "vocab.txt", folder / "vocos", device="cuda",
+                             dtype=torch.float32)
+    reference_audio = run_ours(ref_tts)
+    audio_seconds = len(reference_audio) / SAMPLE_RATE
+    job = ref_tts.preprocess(request).jobs[0]
+    del ref_tts
+    torch.cuda.empty_cache()
+    results.update(audio_seconds=audio_seconds, total_frames=job.duration, ref_frames=job.ref_frames)
+
+    def rel_err(audio):
+        n = min(len(audio), len(reference_audio))
+        return float(np.linalg.norm(audio[:n] - reference_audio[:n]) / np.linalg.norm(reference_audio[:n]))
+
+    if not args.skip_upstream:
+        import upstream
+        from vocos import Vocos
+
+        dit_mod, cfm_mod = upstream.load("model.backbones.dit"), upstream.load("model.cfm")
+        from f5_triton.checkpoints import read_raw_state_dict, resolve_architecture, transformer_state_dict
+        from f5_triton.text import Tokenizer
+
+        tokenizer = Tokenizer(folder / "vocab.txt")
+        config = resolve_architecture(folder / "model.safetensors")
+        kwargs = {k: getattr(config, k) for k in config.__dataclass_fields__}
+        kwargs["text_num_embeds"] = tokenizer.vocab_size
+        model = cfm_mod.CFM(transformer=dit_mod.DiT(**kwargs)).cuda()
+        model.transformer.load_state_dict(transformer_state_dict(read_raw_state_dict(folder / "model.safetensors")))
+        model = model.to(dtype).eval()
+        vocos = Vocos.from_hparams(str(folder / "vocos" / "config.yaml"))
+        vocos.load_state_dict(torch.load(folder / "vocos" / "pytorch_model.bin", map_location="cpu"))
+        vocos = vocos.cuda().eval()
+        from f5_triton.text import fix_reference_text
+
+        tokens = torch.tensor([tokenizer.encode(fix_reference_text(ref_text) + target)], device="cuda")
+        cond = torch.from_numpy(wave)[None].cuda()
+
+        def run_upstream():
+            with torch.inference_mode():
+                mel, _ = model.sample(cond=cond, text=tokens, duration=job.duration, steps=args.nfe,
+                                      cfg_strength=2.0, sway_sampling_coef=-1.0, seed=1)
+                mel = mel.float()[:, ref_frames:].permute(0, 2, 1)
+                return vocos.decode(mel)[0].cpu().numpy()
+
+        seconds, audio = timed(run_upstream, args.repeats)
+        rows.append(("upstream CFM.sample + Vocos", seconds, seconds / audio_seconds, rel_err(audio)))
+        results["upstream_seconds"] = seconds
+        del model, vocos
+        torch.cuda.empty_cache()
+
+    frame_buckets = tuple(range(64, 4097, 64))
+    best = None
+    for variant in args.variants.split(","):
+        engine = EngineConfig(kind="torch", device="cuda", compile="compile" in variant,
+                              cuda_graphs="graphs" in variant, frame_buckets=frame_buckets)
+        torch.cuda.reset_peak_memory_stats()
+        tts = TTS.from_paths(folder / "model.safetensors", folder / "vocab.txt", folder / "vocos", device="cuda",
+                             dtype=dtype, engine=lambda dit: make_dit_runner(dit, engine))
+        seconds, audio = timed(lambda: run_ours(tts), args.repeats)
+        rows.append((f"f5-triton {variant}", seconds, seconds / audio_seconds, rel_err(audio)))
+        results[f"ours_{variant}_seconds"] = seconds
+        results[f"ours_{variant}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if best is None or seconds < best[1]:
+            best = (variant, seconds, tts)
+
+    # DiT-step MFU at a serving batch, with the fastest variant's engine
+    peak = matmul_peak_tflops()
+    variant, _, tts = best
+    runner = tts.flow_matching.model
+    config = runner.model.config if hasattr(runner, "model") else runner.config
+    b, n = 2 * args.mfu_batch, job.duration  # CFG doubles the batch
+    x = torch.randn(b, n, config.mel_dim, device="cuda", dtype=dtype)
+    text_embed = torch.randn(b, n, config.text_dim, device="cuda", dtype=dtype)
+    time_ = torch.rand(b, device="cuda", dtype=dtype)
+    mask = torch.ones(b, n, dtype=torch.bool, device="cuda")
+    step_seconds, _ = timed(lambda: runner.step(x, x, text_embed, time_, mask), repeats=20)
+    achieved = dit_step_flops(config, b * n, n) / step_seconds / 1e12
+    results.update(matmul_peak_tflops=peak, mfu_batch=args.mfu_batch, mfu_variant=variant,
+                   dit_step_seconds=step_seconds, dit_step_tflops=achieved, mfu=achieved / peak)
+
+    print(f"\nGPU {results['gpu']}, {args.arch}, NFE {args.nfe}, {args.dtype}, batch 1, "
+          f"{args.ref_seconds:.1f} s reference + {audio_seconds:.2f} s generated ({job.duration} frames)")
+    print(f"{'pipeline':34s} {'seconds':>9s} {'RTF':>8s} {'audio rel. L2 vs ours fp32':>28s}")
+    for name, seconds, rtf, err in rows:
+        print(f"{name:34s} {seconds:9.4f} {rtf:8.4f} {err:28.4f}")
+    if "upstream_seconds" in results:
+        results["speedup_vs_upstream"] = results["upstream_seconds"] / best[1]
+        print(f"speed-up of f5-triton ({best[0]}) over upstream: {results['speedup_vs_upstream']:.2f}x")
+    print(f"DiT step, {args.mfu_batch} requests (batch {b}) x {n} frames: {step_seconds * 1e3:.2f} ms, "
+          f"{achieved:.0f} TFLOP/s = {100 * achieved / peak:.1f}% of measured bf16 matmul peak {peak:.0f} TFLOP/s")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
