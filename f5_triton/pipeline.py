@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,16 +51,55 @@ class Prepared:
     chunks: list[str] = field(default_factory=list)
 
 
-class Preprocessor:
-    """Request -> jobs: reference level and mel, tokens, text chunks, durations. CPU work."""
+@dataclass(frozen=True)
+class Reference:
+    """What preprocessing makes of a reference prompt; shared (never mutated) when cached."""
 
-    def __init__(self, tokenizer: text.Tokenizer, limits: Limits = DEFAULT_LIMITS, device: str | torch.device = "cpu"):
+    mel: torch.Tensor  # [frames, n_mels] float32, of the clipped, levelled, 24 kHz clip
+    frames: int  # samples // hop of that clip
+    seconds: float  # its length
+    rms: float  # level of the clip before levelling
+    text: str  # the transcript as the model sees it (`text.fix_reference_text`)
+
+    @property
+    def nbytes(self) -> int:
+        return self.mel.numel() * self.mel.element_size() + len(self.text.encode("utf-8")) + 64
+
+
+Chunker = Callable[[str, int], list[str]]  # (target text, max bytes per chunk) -> chunks
+
+
+def sentence_chunks(target_text: str, max_bytes: int) -> list[str]:
+    """The offline chunking, as upstream `infer_process`."""
+    return text.chunk_text(target_text, max_chars=max_bytes)
+
+
+class Preprocessor:
+    """Request -> jobs: reference level and mel, tokens, text chunks, durations. CPU work.
+
+    `cache` (an `f5_triton.cache.LRUCache`) keeps processed references by content hash, so a voice
+    that comes back skips clipping, resampling and the mel. The tokens are not cached: upstream
+    tokenizes reference + chunk as one string, and the boundary can change them ("。" + "Hi").
+    """
+
+    def __init__(self, tokenizer: text.Tokenizer, limits: Limits = DEFAULT_LIMITS, device: str | torch.device = "cpu",
+                 cache=None):
         self.tokenizer = tokenizer
         self.limits = limits
         self.device = torch.device(device)
         self.mel = audio.MelSpectrogram().to(self.device)
+        self.cache = cache
 
-    def __call__(self, request: SynthesisRequest) -> Prepared:
+    def reference(self, request: SynthesisRequest) -> Reference:
+        """The processed reference of `request`, from the cache when it has one."""
+        if self.cache is None:
+            return self._process_reference(request)
+        from f5_triton.cache import reference_key
+
+        key = reference_key(request.reference_wav, request.sample_rate, request.reference_text)
+        return self.cache.get_or_compute(key, lambda: self._process_reference(request), lambda r: r.nbytes)
+
+    def _process_reference(self, request: SynthesisRequest) -> Reference:
         wave = audio.clip_reference(request.reference_wav, request.sample_rate,
                                     max_seconds=self.limits.clip_reference_seconds)
         wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).unsqueeze(0)
@@ -68,20 +108,23 @@ class Preprocessor:
             wave = audio.resample(wave, request.sample_rate, SAMPLE_RATE)
         with torch.inference_mode():
             ref_mel = self.mel(wave.to(self.device))[0].transpose(0, 1).float().cpu()
-        ref_frames = wave.shape[-1] // HOP_LENGTH
-        ref_text = text.fix_reference_text(request.reference_text)
-        max_bytes = text.max_chunk_bytes(request.reference_text, wave.shape[-1] / SAMPLE_RATE, request.speed)
-        chunks = text.chunk_text(request.target_text, max_chars=max_bytes) or [request.target_text.strip()]
+        return Reference(mel=ref_mel, frames=wave.shape[-1] // HOP_LENGTH, seconds=wave.shape[-1] / SAMPLE_RATE,
+                         rms=float(rms), text=text.fix_reference_text(request.reference_text))
+
+    def __call__(self, request: SynthesisRequest, chunker: Chunker = sentence_chunks) -> Prepared:
+        ref = self.reference(request)
+        max_bytes = text.max_chunk_bytes(request.reference_text, ref.seconds, request.speed)
+        chunks = chunker(request.target_text, max_bytes) or [request.target_text.strip()]
         seed = random.randrange(2**31) if request.seed is None else request.seed
         jobs = []
         for i, chunk in enumerate(chunks):
-            duration = audio.estimate_duration(ref_frames, ref_text, chunk, request.speed)
+            duration = audio.estimate_duration(ref.frames, ref.text, chunk, request.speed)
             jobs.append(Job(
-                request_index=-1, chunk_index=i, ref_mel=ref_mel, ref_frames=ref_frames,
-                tokens=self.tokenizer.encode(ref_text + chunk), duration=min(duration, self.limits.max_mel_frames),
+                request_index=-1, chunk_index=i, ref_mel=ref.mel, ref_frames=ref.frames,
+                tokens=self.tokenizer.encode(ref.text + chunk), duration=min(duration, self.limits.max_mel_frames),
                 seed=(seed + i) % 2**63, nfe_steps=request.nfe_steps, cfg_strength=request.cfg_strength,
                 sway_sampling_coef=request.sway_sampling_coef))
-        return Prepared(jobs=jobs, ref_rms=float(rms), chunks=chunks)
+        return Prepared(jobs=jobs, ref_rms=ref.rms, chunks=chunks)
 
 
 class FlowMatcher:

@@ -42,7 +42,7 @@ def load(module_name: str):
 def _stub_librosa_if_missing() -> None:
     """upstream's modules.py imports librosa only for the BigVGAN mel, which we never use; the GPU
     image has no librosa, so a stand-in that refuses to be called keeps the import working there."""
-    if importlib.util.find_spec("librosa") is not None or "librosa" in sys.modules:
+    if "librosa" in sys.modules or importlib.util.find_spec("librosa") is not None:
         return
 
     def mel(*args, **kwargs):
