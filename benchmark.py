@@ -94,7 +94,7 @@ def build_tts(args):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     kind = {"pytorch": "torch", "trt": "tensorrt"}.get(args.backend_type, args.backend_type)
     dit_config = EngineConfig(kind=kind, path=args.dit_engine_path, device=args.device, compile=args.compile,
-                              cuda_graphs=args.cuda_graphs)
+                              cuda_graphs=args.cuda_graphs, frame_buckets=bench.FRAME_BUCKETS)
     vocoder_kind = "torch" if not args.vocoder_engine_path else ("tensorrt" if args.vocoder_engine_path.endswith(
         ".plan") else "onnxruntime")
     vocoder_config = EngineConfig(kind=vocoder_kind, path=args.vocoder_engine_path, device=args.device)

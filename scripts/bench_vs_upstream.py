@@ -133,13 +133,17 @@ def main() -> None:
         from f5_triton.text import fix_reference_text
 
         tokens = torch.tensor([tokenizer.encode(fix_reference_text(ref_text) + target)], device="cuda")
-        cond = torch.from_numpy(wave)[None].cuda()
+        # the reference as upstream's preprocess_ref_audio_text + infer_batch_process leave it
+        from f5_triton.audio import clip_reference, normalize_rms
+
+        cond, _ = normalize_rms(torch.from_numpy(clip_reference(wave, SAMPLE_RATE))[None])
+        cond = cond.cuda()
 
         def run_upstream():
             with torch.inference_mode():
                 mel, _ = model.sample(cond=cond, text=tokens, duration=job.duration, steps=args.nfe,
                                       cfg_strength=2.0, sway_sampling_coef=-1.0, seed=1)
-                mel = mel.float()[:, ref_frames:].permute(0, 2, 1)
+                mel = mel.float()[:, job.ref_frames:].permute(0, 2, 1)
                 return vocos.decode(mel)[0].cpu().numpy()
 
         seconds, audio = timed(run_upstream, args.repeats)
@@ -148,11 +152,10 @@ def main() -> None:
         del model, vocos
         torch.cuda.empty_cache()
 
-    frame_buckets = tuple(range(64, 4097, 64))
     best = None
     for variant in args.variants.split(","):
         engine = EngineConfig(kind="torch", device="cuda", compile="compile" in variant,
-                              cuda_graphs="graphs" in variant, frame_buckets=frame_buckets)
+                              cuda_graphs="graphs" in variant, frame_buckets=bench.FRAME_BUCKETS)
         torch.cuda.reset_peak_memory_stats()
         tts = TTS.from_paths(folder / "model.safetensors", folder / "vocab.txt", folder / "vocos", device="cuda",
                              dtype=dtype, engine=lambda dit: make_dit_runner(dit, engine))

@@ -90,3 +90,15 @@ def test_single_request_equals_upstream_unbatched_even_when_batched():
 def test_rejects_unknown_qk_norm():
     with pytest.raises(ValueError, match="qk_norm"):
         DiT.from_config(ARCHITECTURES["tiny"].replace(qk_norm="layer_norm"))
+
+
+def test_key_bias_attention_equals_masked_sdpa():
+    """The GPU path (mask carried as a key bias) equals SDPA with a boolean key mask."""
+    from f5_triton.model.dit import attention_with_key_bias
+
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(3, 2, 40, 64) for _ in range(3))
+    valid = torch.arange(40)[None] < torch.tensor([40, 25, 3])[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+    got = attention_with_key_bias(q, k, v, valid)
+    assert (got - expected).abs().max() < 1e-5

@@ -183,6 +183,29 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
+def attention_with_key_bias(q, k, v, key_valid: torch.Tensor) -> torch.Tensor:
+    """SDPA that ignores padded keys without an attention mask, so the fast (flash/cuDNN) kernels run.
+
+    A masked SDPA falls back to kernels ~3x slower on Hopper. Instead one extra channel carries the
+    mask into the scores: q gets a 1, k gets 0 (valid) or -30000 (padded), so q.k gains exactly 0 or
+    a large negative bias; channels are padded to a multiple of 8 for the kernels and dropped after.
+    key_valid: [b, n] bool.
+    """
+    head_dim = q.shape[-1]
+    extra = 8
+    bias = (~key_valid).to(q.dtype) * -30000.0  # [b, n]
+    b, h, n, _ = k.shape
+    q_pad = torch.zeros(b, h, n, extra, dtype=q.dtype, device=q.device)
+    q_pad[..., 0] = 1
+    k_pad = torch.zeros(b, h, n, extra, dtype=k.dtype, device=k.device)
+    k_pad[..., 0] = bias[:, None, :]
+    q = torch.cat((q, q_pad), dim=-1)
+    k = torch.cat((k, k_pad), dim=-1)
+    v = torch.cat((v, torch.zeros_like(k_pad)), dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5)
+    return out[..., :head_dim]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: str | None, pe_attn_head: int | None):
         super().__init__()
@@ -209,7 +232,7 @@ class Attention(nn.Module):
         return torch.cat((rotated[:, :n], t[:, n:]), dim=1).to(t.dtype)
 
     def forward(self, x, rope, key_mask, keep):
-        """key_mask: [b, 1, 1, n] bool or None; keep: [b, n, 1] float or None."""
+        """key_mask: [b, 1, 1, n] bool (True = valid key) or None; keep: [b, n, 1] float or None."""
         b = x.shape[0]
         q, k, v = (proj(x).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
                    for proj in (self.to_q, self.to_k, self.to_v))
@@ -217,7 +240,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        if key_mask is not None and q.is_cuda:
+            out = attention_with_key_bias(q, k, v, key_mask[:, 0, 0, :])
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head).to(q.dtype)
         out = self.to_out[0](out)
         return out if keep is None else out * keep
