@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from f5_triton.config import CUDA_GRAPH_FRAME_BUCKETS as FRAME_BUCKETS  # noqa: F401  (re-exported)
 from f5_triton.config import SAMPLE_RATE
-
-# CUDA-graph buckets for benchmarks: padding a request to the next multiple of 64 frames wastes < 5%
-FRAME_BUCKETS = tuple(range(64, 4097, 64))
 
 BUILTIN_REF_TEXT = "Some call me nature, others call me mother nature."
 BUILTIN_TARGETS = [

@@ -98,6 +98,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+# CUDA graphs need fixed shapes: a call's frames are padded up to the next of these (< 5% waste).
+CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))
 DEFAULT_SAMPLING = SamplingConfig()
 
 
