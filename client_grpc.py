@@ -2,6 +2,7 @@
 """Speak a text in the voice of a reference clip, through Triton over gRPC.
 
     python client_grpc.py --reference-audio ref.wav --reference-text "..." --target-text "..." -h
+    python client_grpc.py --streaming ...   # f5_tts_streaming: pieces as they come, time to first audio
 """
 
 from f5_triton.client import run_client

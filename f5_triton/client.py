@@ -1,22 +1,32 @@
 """Client side: build KServe v2 requests for the `f5_tts` model and send them with tritonclient.
 
-`client_http.py`, `client_grpc.py`, `benchmark.py` and the tests all go through here, so the wire
-format (names and dtypes from f5_triton.serving.schema) is written once.
+`client_http.py`, `client_grpc.py`, `benchmark.py`, the gateway and the tests all go through here,
+so the wire format (names and dtypes from f5_triton.serving.schema) is written once.
+`stream_synthesize` talks to the decoupled `f5_tts_streaming` model over a gRPC stream.
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
+import time
+from collections.abc import Iterator
 from types import ModuleType
 
 import numpy as np
 
 from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
-from f5_triton.serving.schema import INPUTS
+from f5_triton.serving.schema import INPUTS, OUTPUTS, WireField
 
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_STRING": object}
 WIRE_TYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_STRING": "BYTES"}
 FIELDS = {f.name: f for f in INPUTS}
+
+STREAMING_MODEL = "f5_tts_streaming"
+# The streaming model's outputs: every response carries the next piece of `waveform`; the last one
+# (sent with Triton's final flag) has is_final = true.
+STREAM_OUTPUTS: tuple[WireField, ...] = OUTPUTS + (
+    WireField("is_final", "TYPE_BOOL", (1,), False, "true on the last response of a stream"),)
 
 
 def protocol_module(protocol: str) -> ModuleType:
@@ -61,9 +71,41 @@ def synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str
         return own.infer(model, inputs, outputs=outputs, **kwargs).as_numpy("waveform").reshape(-1)
 
 
+def stream_synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str,
+                      model: str = STREAMING_MODEL, timeout: float | None = None, **optional) -> Iterator[np.ndarray]:
+    """Pieces of the 24 kHz waveform from the streaming model, as they arrive (gRPC).
+
+    Joined, they are the request's audio. `timeout` bounds the wait for each piece. Closing the
+    generator early cancels the request on the server.
+    """
+    import tritonclient.grpc as grpcclient
+
+    inputs = build_inputs(grpcclient, wave, reference_text, target_text, **optional)
+    outputs = [grpcclient.InferRequestedOutput(f.name) for f in STREAM_OUTPUTS]
+    results: queue.Queue = queue.Queue()
+    finished = False
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(model, inputs, outputs=outputs)
+        while not finished:
+            try:
+                result, error = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no audio from {model} within {timeout} s") from None
+            if error is not None:
+                finished = True  # the server ended the request
+                raise error
+            finished = bool(result.as_numpy("is_final").reshape(-1)[0])
+            yield result.as_numpy("waveform").reshape(-1)
+    finally:
+        client.stop_stream(cancel_requests=not finished)
+        client.close()
+
+
 def add_request_args(parser: argparse.ArgumentParser, default_url: str) -> None:
     parser.add_argument("--server-url", default=default_url, help="host:port of tritonserver")
-    parser.add_argument("--model-name", default="f5_tts")
+    parser.add_argument("--model-name", help=f"default f5_tts, or {STREAMING_MODEL} with --streaming")
     parser.add_argument("--reference-audio", required=True, help="reference clip (any common sample rate)")
     parser.add_argument("--reference-text", required=True, help="transcript of the reference clip")
     parser.add_argument("--target-text", required=True, help="text to speak")
@@ -83,10 +125,27 @@ def run_client(protocol: str, argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=f"F5-TTS over Triton {protocol.upper()}")
     add_request_args(parser, "localhost:8000" if protocol == "http" else "localhost:8001")
+    if protocol == "grpc":
+        parser.add_argument("--streaming", action="store_true",
+                            help=f"stream from {STREAMING_MODEL}; reports the time to first audio")
     args = parser.parse_args(argv)
     wave, rate = read_audio(args.reference_audio)
-    audio = synthesize(args.server_url, wave, args.reference_text, args.target_text, protocol=protocol,
-                       model=args.model_name, timeout=args.timeout, sample_rate=rate, nfe_steps=args.nfe_steps,
-                       cfg_strength=args.cfg_strength, speed=args.speed, seed=args.seed)
+    optional = dict(sample_rate=rate, nfe_steps=args.nfe_steps, cfg_strength=args.cfg_strength, speed=args.speed,
+                    seed=args.seed)
+    if getattr(args, "streaming", False):
+        start = time.perf_counter()
+        pieces, first = [], None
+        for piece in stream_synthesize(args.server_url, wave, args.reference_text, args.target_text,
+                                       model=args.model_name or STREAMING_MODEL, timeout=args.timeout, **optional):
+            if first is None and len(piece):
+                first = time.perf_counter() - start
+            pieces.append(piece)
+        total = time.perf_counter() - start
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        print(f"time to first audio: {1000 * (total if first is None else first):.0f} ms, "
+              f"{len(pieces)} pieces, total {1000 * total:.0f} ms")
+    else:
+        audio = synthesize(args.server_url, wave, args.reference_text, args.target_text, protocol=protocol,
+                           model=args.model_name or "f5_tts", timeout=args.timeout, **optional)
     sf.write(args.output_audio, audio, SAMPLE_RATE)
     print(f"wrote {args.output_audio}: {len(audio) / SAMPLE_RATE:.2f} s")

@@ -26,7 +26,7 @@ for what in $WHAT; do
         --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 20000 --max-queue-size 256 > /dev/null
       python3 -m f5_triton.cli serve --model-repo "$OUT/repo" > "$OUT/server.log" 2>&1 &
       server=$!
-      for _ in $(seq 300); do curl -sf localhost:8000/v2/health/ready && break; sleep 1; done
+      for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done
       python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${CONCURRENCY:-1,4,16,32}" \
         --num-requests 64 --enable-warmup --warmup 16 --output-json "$OUT/server.jsonl" --plot "$OUT/server.png" 2>&1 \
         | grep -v -E "req/s|s/req|[Ww]arn" | tee "$OUT/server.log.txt"

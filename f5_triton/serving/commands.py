@@ -15,7 +15,7 @@ def cmd_serve(args) -> int:
     if not repo.is_dir():
         raise InvalidInputError("--model-repo", f"{repo} is not a folder; render one with scripts/build_model_repo.py")
     server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                          log_verbose=args.log_verbose)
+                          log_verbose=args.log_verbose, log_path=args.log_file)
     return run_forever(server, ready_timeout=args.ready_timeout)
 
 
@@ -26,5 +26,6 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("--log-file", help="tritonserver log, appended to (default: a new temporary file)")
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for all models")
     serve.set_defaults(func=cmd_serve)

@@ -5,6 +5,9 @@ Targets:
   gpu   flow matching and vocoder on GPU(s), torch engines, fp16 by default
   trt   flow matching through a TensorRT DiT plan (python model), vocoder as a native
         `tensorrt_plan` model; engines come from scripts/build_engines.py on the serving GPU
+
+Besides the `f5_tts` ensemble and its steps, `f5_tts_streaming` (decoupled, one response per text
+chunk) is rendered unless `streaming=False`. Cache sizes of 0 turn the reference / output caches off.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
+from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
+from f5_triton.client import STREAM_OUTPUTS, STREAMING_MODEL
 from f5_triton.config import DEFAULT_SAMPLING, N_MELS
 from f5_triton.serving.schema import INPUTS, OUTPUTS, WireField
 
@@ -44,6 +49,8 @@ class RepositoryOptions:
     postprocess_instances: int = 2
     dit_engine: str = "torch"  # torch | onnxruntime | tensorrt
     dit_engine_path: Path | None = None
+    dit_compile: bool | None = None  # torch engine on GPU: torch.compile the DiT step (default on for gpu)
+    dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
     vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime
     vocoder_engine_path: Path | None = None
     vocoder_plan: Path | None = None  # trt target: the Vocos TensorRT plan
@@ -51,6 +58,13 @@ class RepositoryOptions:
     max_queue_size: int = 64
     queue_timeout_us: int = 60_000_000
     limits: dict[str, str] = field(default_factory=dict)  # Limits overrides, e.g. {"max_text_bytes": "1000"}
+    streaming: bool = True  # render f5_tts_streaming
+    streaming_instances_per_device: int = 1  # each runs one stream at a time, with its own DiT + vocoder
+    first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (sentence boundaries)
+    reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
+    reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
+    output_cache_entries: int = int(OUTPUT_CACHE_DEFAULTS["entries"])  # streaming, seeded requests only; 0 = off
+    output_cache_mb: float = OUTPUT_CACHE_DEFAULTS["mb"]
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -107,6 +121,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
     values = {
         "inputs": "input [\n" + _field_block(INPUTS) + "\n]",
         "outputs": "output [\n" + _field_block(OUTPUTS) + "\n]",
+        "stream_outputs": "output [\n" + _field_block(STREAM_OUTPUTS) + "\n]",
         "ragged_inputs": "input [\n" + _field_block(INPUTS, ragged=True) + "\n]",
         "preprocess_input_map": "\n".join(f'      input_map {{ key: "{f.name}" value: "{f.name}" }}' for f in INPUTS),
         "n_mels": N_MELS,
@@ -120,19 +135,35 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "postprocess_instances": options.postprocess_instances,
         "flow_matching_instances": _instances(options.flow_instances_per_device, kind, options.gpus),
         "vocoder_instances": _instances(options.vocoder_instances_per_device, kind, options.gpus),
+        "streaming_instances": _instances(options.streaming_instances_per_device, kind, options.gpus),
     }
+    reference_cache = {"reference_cache_entries": options.reference_cache_entries,
+                       "reference_cache_mb": options.reference_cache_mb}
     per_model = {
         "preprocess": {"vocab": common["vocab"], "nfe_steps": options.nfe_steps,
-                       "sway_sampling_coef": options.sway_sampling_coef,
+                       "sway_sampling_coef": options.sway_sampling_coef, **reference_cache,
                        **{k: v for k, v in common.items() if k.startswith("limit_")}},
         "flow_matching": {**common, "dit_engine": options.dit_engine,
+                          "dit_compile": str(options.target == "gpu" if options.dit_compile is None
+                                             else options.dit_compile).lower(),
+                          "dit_cuda_graphs": str(options.target == "gpu" if options.dit_cuda_graphs is None
+                                                 else options.dit_cuda_graphs).lower(),
                           "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
         "postprocess": {"vocoder_model": "vocoder"},
         "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
                     "vocoder_engine": options.vocoder_engine,
                     "vocoder_engine_path": options.vocoder_engine_path and Path(options.vocoder_engine_path).resolve()},
     }
-    for name in STEP_MODELS:
+    per_model[STREAMING_MODEL] = {
+        **per_model["flow_matching"], "nfe_steps": options.nfe_steps, "sway_sampling_coef": options.sway_sampling_coef,
+        # the trt target's Vocos plan runs in process through the tensorrt engine
+        **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
+           if options.target == "trt" else
+           {k: v for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine")}),
+        "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
+        "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
+    }
+    for name in STEP_MODELS + ((STREAMING_MODEL,) if options.streaming else ()):
         source, target = templates / name, output / name
         (target / "1").mkdir(parents=True)
         template_name = "config.pbtxt"

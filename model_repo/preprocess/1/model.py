@@ -2,6 +2,7 @@
 
 import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
 
+from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params
 from f5_triton.pipeline import Preprocessor
 from f5_triton.serving import stages, triton_io, wire
 from f5_triton.serving.schema import INPUTS, validate_request
@@ -11,7 +12,8 @@ from f5_triton.text import Tokenizer
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
-        self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params))
+        self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params),
+                                       cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS))
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
         self.default_nfe_steps = int(params.get("nfe_steps", 32))
 
