@@ -110,7 +110,10 @@ def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | st
         model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {ckpt_path} does not match architecture {config}: {exc}") from exc
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if torch.device(device).type == "cuda":
+        model.fuse_projections()
+    return model
 
 
 def find_checkpoint(folder: str | os.PathLike) -> Path:

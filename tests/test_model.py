@@ -102,3 +102,15 @@ def test_key_bias_attention_equals_masked_sdpa():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
     got = attention_with_key_bias(q, k, v, valid)
     assert (got - expected).abs().max() < 1e-5
+
+
+def test_fused_projections_are_exact():
+    model = random_dit(ARCHITECTURES["tiny"], seed=8)
+    torch.manual_seed(9)
+    x, cond, text, time = torch.randn(2, 30, 100), torch.randn(2, 30, 100), torch.randint(0, 256, (2, 20)), torch.rand(2)
+    with torch.no_grad():
+        before = model(x, cond, text, time)
+        keys = list(model.state_dict())
+        after = model.fuse_projections()(x, cond, text, time)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert list(model.state_dict()) == keys  # checkpoints still save and load with upstream's names

@@ -231,11 +231,22 @@ class Attention(nn.Module):
         n = self.pe_attn_head
         return torch.cat((rotated[:, :n], t[:, n:]), dim=1).to(t.dtype)
 
+    def fuse_projections(self) -> None:
+        """One [3*inner, dim] matmul instead of three (faster on GPUs); the state dict keeps upstream's names."""
+        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        self.register_buffer("qkv_weight", weight.detach(), persistent=False)
+        self.register_buffer("qkv_bias", bias.detach(), persistent=False)
+
     def forward(self, x, rope, key_mask, keep):
         """key_mask: [b, 1, 1, n] bool (True = valid key) or None; keep: [b, n, 1] float or None."""
         b = x.shape[0]
-        q, k, v = (proj(x).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
-                   for proj in (self.to_q, self.to_k, self.to_v))
+        if hasattr(self, "qkv_weight"):
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, self.dim_head)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (proj(x).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
+                       for proj in (self.to_q, self.to_k, self.to_v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -325,6 +336,12 @@ class DiT(nn.Module):
     @classmethod
     def from_config(cls, config: DiTConfig) -> "DiT":
         return cls(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+
+    def fuse_projections(self) -> "DiT":
+        """Inference speed-up: fused q/k/v projections. Call after loading weights (and after .to())."""
+        for block in self.transformer_blocks:
+            block.attn.fuse_projections()
+        return self
 
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
         """Text embedding for `max_len` frames; runs once per request, not once per ODE step."""
