@@ -1,0 +1,188 @@
+"""Streaming synthesis: a request's audio as a sequence of pieces, the first one as early as possible.
+
+The target text is split by `text.split_for_streaming` (sentence-sized chunks, a short first one);
+each chunk is generated (flow matching, then the vocoder) on its own and handed out at once. The
+chunks are joined with upstream's linear cross-fade: the fade-out tail of each chunk is held back
+until the next chunk arrives (`CrossFadeStream`), so that the concatenated pieces are exactly
+`pipeline.finish(chunk_waves, ref_rms)` of the same chunks. The last piece carries `is_final`.
+
+`StreamingSynthesizer` is what the Triton model `f5_tts_streaming` runs, and what tests and
+`time_to_first_audio` run in process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from f5_triton import audio, text
+from f5_triton.cache import LRUCache, output_key, reference_key
+from f5_triton.config import CROSS_FADE_SECONDS, SAMPLE_RATE
+from f5_triton.pipeline import FlowMatcher, Prepared, Preprocessor, Vocoder
+from f5_triton.serving.schema import SynthesisRequest
+from f5_triton.serving.stages import check_finite
+
+DEFAULT_FIRST_CHUNK_BYTES = 50  # as upstream's socket server: about one short sentence
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One streamed piece of a request's audio."""
+
+    audio: np.ndarray  # float32, 24 kHz, at the reference's level; may be empty
+    chunk_index: int  # the text chunk whose generation released this piece
+    chunks: int  # text chunks (and pieces) of the request
+
+    @property
+    def is_final(self) -> bool:
+        """The request's audio ends with this piece."""
+        return self.chunk_index == self.chunks - 1
+
+
+class CrossFadeStream:
+    """`audio.cross_fade` of chunks that arrive one at a time: `push` returns the audio that is
+    final now, keeping the last `seconds` back to fade into the next chunk; `flush` returns the rest.
+
+    The arithmetic is `cross_fade`'s (float64 fades, float32 out), so the pieces join to its result
+    bit for bit.
+    """
+
+    def __init__(self, seconds: float = CROSS_FADE_SECONDS, sample_rate: int = SAMPLE_RATE):
+        self.fade = int(seconds * sample_rate) if seconds > 0 else 0
+        self._tail = np.zeros(0, dtype=np.float64)  # held back: min(fade, samples joined so far)
+
+    def push(self, wave: np.ndarray) -> np.ndarray:
+        wave = np.asarray(wave)
+        if self.fade == 0:
+            return wave.astype(np.float32, copy=False)
+        tail = self._tail
+        # cross_fade's overlap is min(fade, len(joined), len(next)); len(tail) == min(fade, len(joined))
+        n = min(len(tail), len(wave))
+        if n > 0:
+            overlap = tail[-n:] * np.linspace(1, 0, n) + wave[:n] * np.linspace(0, 1, n)
+            segment = np.concatenate([tail[:-n], overlap, wave[n:]])
+        else:
+            segment = np.concatenate([tail, wave])
+        # Once anything was emitted the tail is `fade` long and the segment no shorter, so holding
+        # back min(fade, len(segment)) holds back min(fade, len(joined)).
+        cut = len(segment) - min(self.fade, len(segment))
+        self._tail = segment[cut:].astype(np.float64, copy=False)
+        return segment[:cut].astype(np.float32)
+
+    def flush(self) -> np.ndarray:
+        rest, self._tail = self._tail.astype(np.float32), np.zeros(0, dtype=np.float64)
+        return rest
+
+
+def _level(wave: np.ndarray, ref_rms: float) -> np.ndarray:
+    """`pipeline.finish`'s level restore, on one piece (a per-sample scale, so piecewise is exact)."""
+    return np.asarray(audio.restore_rms(wave, ref_rms), dtype=np.float32)
+
+
+class StreamingSynthesizer:
+    """Request -> `Piece`s, one per text chunk, each as soon as its chunk is generated.
+
+    `output_cache` (an `LRUCache`) replays the pieces of an earlier request with the same
+    reference, text, parameters and explicit seed; requests without a seed are never cached.
+    """
+
+    def __init__(self, preprocess: Preprocessor, flow_matching: FlowMatcher, vocoder: Vocoder, *,
+                 first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES, cross_fade_seconds: float = CROSS_FADE_SECONDS,
+                 output_cache: LRUCache | None = None):
+        if first_chunk_bytes < 1:
+            raise ValueError(f"first_chunk_bytes must be >= 1, got {first_chunk_bytes}")
+        self.preprocess = preprocess
+        self.flow_matching = flow_matching
+        self.vocoder = vocoder
+        self.first_chunk_bytes = first_chunk_bytes
+        self.cross_fade_seconds = cross_fade_seconds
+        self.output_cache = output_cache
+
+    def chunks(self, target_text: str, max_bytes: int) -> list[str]:
+        """Streaming chunking: the offline chunks with the first one re-split short."""
+        return text.split_for_streaming(target_text, self.first_chunk_bytes, max_chars=max_bytes)
+
+    def prepare(self, request: SynthesisRequest) -> Prepared:
+        return self.preprocess(request, chunker=self.chunks)
+
+    def _output_key(self, request: SynthesisRequest) -> str | None:
+        if self.output_cache is None or not self.output_cache.enabled:
+            return None
+        return output_key(
+            reference_key(request.reference_wav, request.sample_rate, request.reference_text),
+            request.target_text, request.seed, nfe_steps=request.nfe_steps, cfg_strength=request.cfg_strength,
+            speed=request.speed, sway_sampling_coef=request.sway_sampling_coef,
+            first_chunk_bytes=self.first_chunk_bytes, cross_fade_seconds=self.cross_fade_seconds)
+
+    def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None) -> Iterator[Piece]:
+        """Pieces of `request`'s audio; the last has `is_final`. `on_step(i)` may raise to cancel."""
+        key = self._output_key(request)
+        if key is not None:
+            cached = self.output_cache.get(key)
+            if cached is not None:
+                yield from cached
+                return
+        prepared = self.prepare(request)
+        fader = CrossFadeStream(self.cross_fade_seconds)
+        pieces = []
+        chunks = len(prepared.jobs)
+        for job in prepared.jobs:
+            mel = check_finite(self.flow_matching([job], on_step=on_step))
+            wave = fader.push(self.vocoder(mel)[0])
+            if job.chunk_index == chunks - 1:
+                wave = np.concatenate([wave, fader.flush()])
+            piece = Piece(_level(wave, prepared.ref_rms), job.chunk_index, chunks)
+            pieces.append(piece)
+            yield piece
+        if key is not None:
+            self.output_cache.put(key, tuple(pieces), sum(p.audio.nbytes for p in pieces) + 64 * len(pieces))
+
+    def synthesize(self, request: SynthesisRequest) -> np.ndarray:
+        """The whole streamed audio, joined."""
+        return np.concatenate([piece.audio for piece in self.stream(request)])
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Timings of one streamed request, in seconds."""
+
+    first_audio: float  # request start -> first non-empty piece
+    total: float  # request start -> final piece
+    audio_seconds: float
+    pieces: int
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.total / self.audio_seconds if self.audio_seconds else float("inf")
+
+
+def measure(streamer: StreamingSynthesizer, request: SynthesisRequest,
+            synchronize: Callable[[], None] = lambda: None) -> Latency:
+    """Stream `request` once and time it. Pass `torch.cuda.synchronize` on a GPU (pieces are already
+    on the host, so this only matters for work the caller queued before)."""
+    synchronize()
+    start = time.perf_counter()
+    first = None
+    samples = count = 0
+    for piece in streamer.stream(request):
+        count += 1
+        samples += len(piece.audio)
+        if first is None and len(piece.audio):
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return Latency(first_audio=total if first is None else first, total=total,
+                   audio_seconds=samples / SAMPLE_RATE, pieces=count)
+
+
+def time_to_first_audio(streamer: StreamingSynthesizer, request: SynthesisRequest, repeats: int = 5,
+                        warmup: int = 2, synchronize: Callable[[], None] = lambda: None) -> list[Latency]:
+    """`repeats` timed runs of `request` after `warmup` untimed ones (kernels, allocator, caches).
+
+    Give the request a seed only if the output cache is off: a cached repeat measures the cache.
+    """
+    for _ in range(warmup):
+        measure(streamer, request, synchronize)
+    return [measure(streamer, request, synchronize) for _ in range(repeats)]
