@@ -162,7 +162,9 @@ def run_offline(args, items, batch_size: int, tts, label: str) -> bench.Result:
 
 
 def triton_compute_seconds(stats: dict) -> dict[str, float]:
-    return {m["name"]: int(m["inference_stats"]["compute_infer"]["ns"]) / 1e9 for m in stats.get("model_stats", [])}
+    """Seconds each model spent computing (protobuf-to-JSON drops zero counters, hence the defaults)."""
+    return {m["name"]: int(m.get("inference_stats", {}).get("compute_infer", {}).get("ns", 0)) / 1e9
+            for m in stats.get("model_stats", [])}
 
 
 def run_server(args, items, concurrency: int, label: str) -> bench.Result:
@@ -189,8 +191,8 @@ def run_server(args, items, concurrency: int, label: str) -> bench.Result:
 
     def stats():
         with module.InferenceServerClient(args.server_url) as c:
-            s = c.get_inference_statistics()
-            return triton_compute_seconds(s if isinstance(s, dict) else _grpc_stats_to_dict(s))
+            s = c.get_inference_statistics() if args.protocol == "http" else c.get_inference_statistics(as_json=True)
+            return triton_compute_seconds(s)
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         if args.enable_warmup:
@@ -209,12 +211,6 @@ def run_server(args, items, concurrency: int, label: str) -> bench.Result:
                             if k != args.model_name and after[k] - before.get(k, 0.0) > 0}
     result.gpu_utilization = gpus.mean_utilization()
     return result
-
-
-def _grpc_stats_to_dict(message) -> dict:
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(message, preserving_proto_field_name=True)
 
 
 def main(argv=None) -> int:

@@ -136,3 +136,19 @@ def test_our_clients(server, ref_en, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         wave, rate = sf.read(out)
         assert rate == 24000 and len(wave) > 0
+
+
+def test_benchmark_server_mode(server, tmp_path):
+    import json
+
+    out_json = tmp_path / "server.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "server", "--server-url", server.urls.grpc,
+         "--concurrency", "1,2", "--num-requests", "4", "--nfe", "2", "--output-json", str(out_json),
+         "--plot", str(tmp_path / "sweep.png")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["rtf"] > 0 and r["audio_seconds"] > 0 for r in rows)
+    assert "flow_matching" in rows[0]["stage_seconds"]  # per-model compute time from Triton's statistics
+    assert (tmp_path / "sweep.png").stat().st_size > 1000

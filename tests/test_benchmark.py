@@ -1,0 +1,62 @@
+"""benchmark.py produces its numbers (on CPU with a tiny model; their size is not checked here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from f5_triton import bench
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_offline_mode_reports_json_table_and_plot(tmp_path, tiny_ckpt):
+    out_json, plot = tmp_path / "offline.jsonl", tmp_path / "offline.png"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "offline", "--ckpt-dir", str(tiny_ckpt),
+         "--batch-size", "1,2", "--num-requests", "2", "--nfe", "2", "--enable-warmup", "--warmup", "1",
+         "--device", "cpu", "--output-json", str(out_json), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["rtf"] > 0 and row["throughput_audio_s_per_s"] > 0 and row["audio_seconds"] > 0
+        assert row["latency_p50_s"] <= row["latency_p99_s"]
+        assert set(row["stage_seconds"]) == {"preprocess", "dit", "vocoder", "postprocess"}
+    assert "RTF" in result.stdout and plot.stat().st_size > 1000
+
+
+def test_dataset_loading(tmp_path, ref_en):
+    import shutil
+
+    shutil.copy(ref_en, tmp_path / "a.wav")
+    (tmp_path / "a.txt").write_text("Some call me nature.")
+    (tmp_path / "a.target.txt").write_text("Hello world.")
+    items = bench.load_items(tmp_path)
+    assert len(items) == 1 and items[0].target_text == "Hello world." and items[0].sample_rate == 24000
+    jsonl = tmp_path / "set.jsonl"
+    jsonl.write_text(json.dumps({"ref_audio": "a.wav", "ref_text": "x y", "target_text": "z"}) + "\n")
+    assert bench.load_items(jsonl)[0].reference_text == "x y"
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no benchmark items"):
+        bench.load_items(tmp_path / "empty.jsonl")
+
+
+def test_builtin_items_ask_for_about_twice_the_reference():
+    items = bench.builtin_items(3)
+    assert len(items) == 3
+    ratio = len(items[0].target_text.encode()) / len(items[0].reference_text.encode())
+    assert 1.6 < ratio < 2.2
+    assert np.abs(items[0].wave).max() > 0.01
+
+
+def test_result_statistics():
+    r = bench.Result(mode="offline", label="x", requests=4, batch_size=2, wall_seconds=2.0, audio_seconds=8.0,
+                     latencies=[1.0, 2.0, 3.0, 4.0])
+    assert r.rtf == 0.25 and r.throughput == 4.0
+    assert r.percentile(50) == 2.5
+    assert "0.2500" in bench.format_table([r])
