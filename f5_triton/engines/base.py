@@ -1,0 +1,235 @@
+"""The engine interface: what each network takes and returns, how an engine is chosen, its errors.
+
+An engine runs one network (the DiT step or the vocoder) on torch tensors, whatever executes it:
+eager or compiled torch, onnxruntime, or TensorRT. Tensor names, dtypes and axes are declared once
+here (`DIT_STEP`, `VOCODER`) and read by the torch wrappers, the ONNX exporter, the TensorRT
+builder and every engine, so a name cannot drift between the exported graph and its callers.
+
+Axes named "batch", "frames" and "samples" are dynamic; any other axis name is a fixed size of the
+model ("mel", "text") taken from the model or from the ONNX graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from f5_triton.config import HOP_LENGTH
+
+ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
+DYNAMIC_AXES = ("batch", "frames", "samples")
+
+
+class EngineUnavailable(RuntimeError):
+    """The configured engine cannot run here: missing package, file or GPU, or an unusable model file."""
+
+
+class EngineFallbackWarning(RuntimeWarning):
+    """A configured engine could not be loaded and the (slower) torch engine runs instead."""
+
+
+class ShapeOutOfRange(ValueError):
+    """Inputs fall outside the shapes an engine was built for (a TensorRT optimization profile)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a network: name, dtype as the torch module sees it, and named axes."""
+
+    name: str
+    dtype: torch.dtype
+    axes: tuple[str, ...]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """{axis index: axis name} of the dynamic axes, the layout torch.onnx.export expects."""
+        return {i: axis for i, axis in enumerate(self.axes) if axis in DYNAMIC_AXES}
+
+    def axis(self, name: str) -> int | None:
+        return self.axes.index(name) if name in self.axes else None
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """The signature of one network, shared by its torch module, its ONNX graph and its engines."""
+
+    name: str  # also the file stem: dit_step.onnx, dit_step.plan
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    samples_per_frame: int = 1  # length of a "samples" axis per frame
+    batch_per_request: int = 1  # batch rows one request takes (2 for the DiT step: classifier-free guidance)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    @property
+    def onnx_file(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def plan_file(self) -> str:
+        return f"{self.name}.plan"
+
+    def check(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Raise TypeError/ValueError unless `inputs` are this network's tensors, in order, with the right ranks."""
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"{self.name} takes {len(self.inputs)} tensors {self.input_names}, got {len(inputs)}")
+        for spec, tensor in zip(self.inputs, inputs):
+            if not torch.is_tensor(tensor):
+                raise TypeError(f"{self.name}: input {spec.name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+            if tensor.ndim != len(spec.axes):
+                raise ValueError(f"{self.name}: input {spec.name!r} must be {list(spec.axes)}, "
+                                 f"got shape {tuple(tensor.shape)}")
+
+    def sizes(self, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+        """The dynamic sizes ("batch", "frames", "samples") of a call, read from its inputs."""
+        sizes: dict[str, int] = {}
+        for spec, tensor in zip(self.inputs, inputs):
+            for axis, name in spec.dynamic_axes().items():
+                sizes.setdefault(name, int(tensor.shape[axis]))
+        if "frames" in sizes:
+            sizes.setdefault("samples", sizes["frames"] * self.samples_per_frame)
+        return sizes
+
+    def pad_frames(self, inputs: Sequence[torch.Tensor], frames: int) -> list[torch.Tensor]:
+        """Zero-pad (False for masks) every input's frames axis to `frames`.
+
+        The networks keep padded frames out of valid ones (the DiT through its mask, the vocoder
+        through its lengths), so the valid part of the output does not change.
+        """
+        padded = []
+        for spec, tensor in zip(self.inputs, inputs):
+            axis = spec.axis("frames")
+            extra = 0 if axis is None else frames - tensor.shape[axis]
+            if extra < 0:
+                raise ValueError(f"{self.name}: cannot pad {spec.name!r} of {tensor.shape[axis]} frames to {frames}")
+            if extra:
+                pad = [0, 0] * (tensor.ndim - 1 - axis) + [0, extra]
+                tensor = F.pad(tensor, pad, value=False if tensor.dtype == torch.bool else 0)
+            padded.append(tensor)
+        return padded
+
+    def trim_frames(self, output: torch.Tensor, frames: int, index: int = 0) -> torch.Tensor:
+        """Cut a padded output back to `frames` frames (the inverse of `pad_frames`)."""
+        spec = self.outputs[index]
+        for name, length in (("frames", frames), ("samples", frames * self.samples_per_frame)):
+            axis = spec.axis(name)
+            if axis is not None:
+                output = output.narrow(axis, 0, length)
+        return output
+
+
+DIT_STEP = NetworkSpec(
+    name="dit_step",
+    inputs=(
+        TensorSpec("x", torch.float32, ("batch", "frames", "mel")),  # noisy mel at time t
+        TensorSpec("cond", torch.float32, ("batch", "frames", "mel")),  # reference mel, zero elsewhere
+        TensorSpec("text_embed", torch.float32, ("batch", "frames", "text")),  # DiT.embed_text output
+        TensorSpec("time", torch.float32, ("batch",)),  # flow time in [0, 1]
+        TensorSpec("mask", torch.bool, ("batch", "frames")),  # True = valid frame
+    ),
+    outputs=(TensorSpec("flow", torch.float32, ("batch", "frames", "mel")),),
+    batch_per_request=2,
+)
+
+VOCODER = NetworkSpec(
+    name="vocoder",
+    inputs=(
+        TensorSpec("mel", torch.float32, ("batch", "mel", "frames")),
+        # Frames of each item: a padded batch then decodes every item exactly as if it were alone.
+        TensorSpec("lengths", torch.int64, ("batch",)),
+    ),
+    outputs=(TensorSpec("waveform", torch.float32, ("batch", "samples")),),
+    samples_per_frame=HOP_LENGTH,
+)
+
+NETWORKS: dict[str, NetworkSpec] = {spec.name: spec for spec in (DIT_STEP, VOCODER)}
+DIT_INPUTS, DIT_OUTPUTS = DIT_STEP.input_names, DIT_STEP.output_names
+VOCODER_INPUTS, VOCODER_OUTPUTS = VOCODER.input_names, VOCODER.output_names
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return bool(value)
+
+
+@dataclass
+class EngineConfig:
+    """Which engine runs a network, and its options.
+
+    kind: "torch" (eager, optionally compiled / CUDA graphs), "onnxruntime" (path to a .onnx file)
+    or "tensorrt" (path to a .plan file). With `fallback` an engine that cannot be loaded is replaced
+    by the torch engine with a loud warning; without it loading raises `EngineUnavailable`.
+    """
+
+    kind: str = "torch"
+    path: str | Path | None = None
+    device: str = "cpu"
+    fallback: bool = True
+    # torch engine (GPU only; ignored on the CPU)
+    compile: bool = False
+    cuda_graphs: bool = False
+    frame_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)  # CUDA graphs pad frames up to these
+    # onnxruntime engine: execution providers, default CUDA (+CPU) on a GPU device, else CPU
+    providers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINE_KINDS:
+            raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
+        self.frame_buckets = tuple(sorted(int(b) for b in self.frame_buckets))
+        if self.providers is not None:
+            self.providers = tuple(self.providers)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "EngineConfig":
+        """Build from string values (Triton model parameters, environment, CLI): "true", "256,512", ..."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - fields
+        if unknown:
+            raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(fields)}")
+        kwargs: dict[str, Any] = dict(values)
+        for name in ("fallback", "compile", "cuda_graphs"):
+            if name in kwargs:
+                kwargs[name] = _as_bool(kwargs[name])
+        for name in ("frame_buckets", "providers"):
+            if isinstance(kwargs.get(name), str):
+                kwargs[name] = tuple(p.strip() for p in kwargs[name].split(",") if p.strip())
+        if "path" in kwargs and kwargs["path"] in ("", None):
+            kwargs["path"] = None
+        return cls(**kwargs)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Runs one network: `engine(*inputs)` with `spec.input_names` in order -> the output tensor."""
+
+    kind: str
+    spec: NetworkSpec
+    device: torch.device
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor: ...
+
+
+def require_file(config: EngineConfig, spec: NetworkSpec, suffix: str) -> Path:
+    """The engine file named by `config.path`, or EngineUnavailable saying what to run to make it."""
+    if config.path is None:
+        raise EngineUnavailable(f"{config.kind} engine for {spec.name} needs a path to its {suffix} file")
+    path = Path(config.path)
+    if not path.is_file():
+        maker = "scripts/export_onnx.py" if suffix == ".onnx" else "scripts/build_engines.py"
+        raise EngineUnavailable(f"{path} does not exist (make it with {maker})")
+    return path

@@ -1,0 +1,1 @@
+"""Exporting the networks: ONNX files (`onnx_export`) and TensorRT plans built from them (`tensorrt_build`)."""

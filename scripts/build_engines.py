@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Build TensorRT FP16 engines (.plan) from the ONNX files of scripts/export_onnx.py.
+
+    python scripts/build_engines.py --onnx-dir onnx --output-dir plans
+    python scripts/build_engines.py --onnx-dir onnx --output-dir plans --max-requests 8 --max-frames 4096 --workspace-gib 4
+
+Shape limits are in *requests* and mel frames (1 frame = 256 samples at 24 kHz, 4096 frames ~ 43.7 s).
+The DiT step evaluates the conditional and the unconditional branch of each request as one batch
+(classifier-free guidance), so its engine's batch axis is built for 2 x the requests; its minimum
+stays 1 (guidance off). Defaults fit a Jetson Orin 8 GB: up to 4 requests of up to 4096 frames,
+1 GiB builder workspace. Plans only run with the TensorRT version and GPU model they were built on:
+build them on the serving machine. Needs the TensorRT Python package (10.x) and a CUDA GPU.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from f5_triton.engines.base import NETWORKS, EngineUnavailable
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx-dir", required=True, help="folder with dit_step.onnx / vocoder.onnx")
+    parser.add_argument("--output-dir", required=True, help="folder for the .plan files")
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--onnx-suffix", default="", help="build from NAME<suffix>.onnx, e.g. '.fp16' (default: fp32 files)")
+    limits = parser.add_argument_group("optimization profile (requests, not DiT batch rows)")
+    limits.add_argument("--min-requests", type=int, default=1)
+    limits.add_argument("--opt-requests", type=int, default=1)
+    limits.add_argument("--max-requests", type=int, default=4)
+    limits.add_argument("--min-frames", type=int, default=1)
+    limits.add_argument("--opt-frames", type=int, default=1024)
+    limits.add_argument("--max-frames", type=int, default=4096)
+    parser.add_argument("--workspace-gib", type=float, default=1.0, help="builder workspace limit (GiB)")
+    parser.add_argument("--timing-cache", type=Path, help="timing cache file, loaded if present and saved after "
+                        "(default: OUTPUT_DIR/timing.cache)")
+    parser.add_argument("--fp32", action="store_true", help="build FP32 engines (no FP16)")
+    parser.add_argument("--fp16-softmax", action="store_true",
+                        help="let softmax run in FP16 (allows fused attention: far less memory at long inputs)")
+    parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    args = parser.parse_args()
+
+    from f5_triton.engines.tensorrt_engine import import_tensorrt
+
+    try:
+        import_tensorrt()  # first: without TensorRT nothing below can succeed
+    except EngineUnavailable as exc:
+        print(f"build_engines: error: cannot build TensorRT engines: {exc}", file=sys.stderr)
+        return 3
+
+    from f5_triton.export.tensorrt_build import BuildOptions, ShapeRange, build_engine
+
+    try:
+        options = BuildOptions(
+            requests=ShapeRange(args.min_requests, args.opt_requests, args.max_requests),
+            frames=ShapeRange(args.min_frames, args.opt_frames, args.max_frames),
+            fp16=not args.fp32, workspace_gib=args.workspace_gib,
+            timing_cache=args.timing_cache or Path(args.output_dir) / "timing.cache",
+            fp32_softmax=not args.fp16_softmax, verbose=args.verbose)
+        for name in args.networks:
+            spec = NETWORKS[name]
+            onnx_path = Path(args.onnx_dir) / f"{name}{args.onnx_suffix}.onnx"
+            build_engine(onnx_path, Path(args.output_dir) / spec.plan_file, spec, options)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"build_engines: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Engines behind one interface: torch and onnxruntime agree, sampling and the pipeline run unchanged
+through them, and an engine that cannot load falls back loudly to torch (or raises when told to).
+
+Tolerances vs torch fp32 (max abs error over valid frames):
+  one DiT step 1e-4, one vocoder call 1e-5;
+  full sampling (8 Euler steps with CFG, errors compound) 1e-3 on the mel;
+  the whole TTS pipeline 1e-3 on the waveform.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from f5_triton.checkpoints import load_dit
+from f5_triton.engines import (
+    DIT_INPUTS,
+    DIT_OUTPUTS,
+    DIT_STEP,
+    VOCODER,
+    VOCODER_INPUTS,
+    VOCODER_OUTPUTS,
+    DiTRunner,
+    DiTStep,
+    Engine,
+    EngineConfig,
+    EngineFallbackWarning,
+    EngineUnavailable,
+    ShapeOutOfRange,
+    TorchEngine,
+    VocoderNetwork,
+    VocoderRunner,
+    load_engine,
+    make_dit_runner,
+    make_vocoder_runner,
+)
+from f5_triton.engines.networks import output_valid_mask, random_inputs
+from f5_triton.engines.tensorrt_engine import check_profile
+from f5_triton.export.onnx_export import export_models
+from f5_triton.sampler import sample
+from f5_triton.text import Tokenizer
+from f5_triton.vocoder import VocosDecoder, decode_batch, load_vocos
+
+STEP_TOL, VOCODER_TOL, SAMPLE_TOL, PIPELINE_TOL = 1e-4, 1e-5, 1e-3, 1e-3
+
+
+@pytest.fixture(scope="module")
+def dit(tiny_ckpt):
+    return load_dit(tiny_ckpt / "model.safetensors", Tokenizer(tiny_ckpt / "vocab.txt").vocab_size)
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_ckpt):
+    return VocosDecoder(load_vocos(tiny_ckpt / "vocos")).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory, dit, decoder):
+    out = tmp_path_factory.mktemp("onnx")
+    export_models([dit, decoder], out, cases=((7,),), log=lambda line: None)
+    return out
+
+
+def ort_config(onnx_dir, spec, **kwargs) -> EngineConfig:
+    return EngineConfig(kind="onnxruntime", path=onnx_dir / spec.onnx_file, fallback=False, **kwargs)
+
+
+def max_valid_error(spec, got, expected, lengths) -> float:
+    keep = output_valid_mask(spec, expected, lengths).expand_as(expected)
+    return float((got - expected).abs()[keep].max())
+
+
+def tensorrt_importable() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt
+
+        return hasattr(tensorrt, "Builder")
+    except Exception:
+        return False
+
+
+# -- the interface --------------------------------------------------------------------------------
+
+
+def test_names_are_declared_once():
+    assert DIT_INPUTS == ("x", "cond", "text_embed", "time", "mask") and DIT_OUTPUTS == ("flow",)
+    assert VOCODER_INPUTS == ("mel", "lengths") and VOCODER_OUTPUTS == ("waveform",)
+    assert DiTStep.spec is DIT_STEP and VocoderNetwork.spec is VOCODER
+
+
+def test_engine_config_validates_and_reads_strings():
+    with pytest.raises(ValueError, match="engine kind"):
+        EngineConfig(kind="tflite")
+    config = EngineConfig.from_mapping({"kind": "onnxruntime", "path": "a.onnx", "fallback": "false",
+                                        "cuda_graphs": "1", "frame_buckets": "512,256", "providers": "CPUExecutionProvider"})
+    assert (config.fallback, config.cuda_graphs, config.frame_buckets) == (False, True, (256, 512))
+    assert config.providers == ("CPUExecutionProvider",)
+    with pytest.raises(ValueError, match="unknown engine options"):
+        EngineConfig.from_mapping({"kind": "torch", "precision": "fp16"})
+
+
+@pytest.mark.parametrize("spec", [DIT_STEP, VOCODER])
+def test_onnxruntime_engine_matches_torch(onnx_dir, dit, decoder, spec):
+    network = DiTStep(dit) if spec is DIT_STEP else VocoderNetwork(decoder)
+    engine = load_engine(ort_config(onnx_dir, spec), network)
+    reference = load_engine(EngineConfig(), network)
+    assert isinstance(engine, Engine) and engine.kind == "onnxruntime" and reference.kind == "torch"
+    for lengths in [(5,), (40, 17, 3), (128, 128)]:
+        inputs = random_inputs(spec, lengths, network.static_sizes, seed=sum(lengths))
+        got, expected = engine(*inputs), reference(*inputs)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert max_valid_error(spec, got, expected, lengths) <= (STEP_TOL if spec is DIT_STEP else VOCODER_TOL)
+
+
+def test_engines_check_their_inputs(onnx_dir, dit):
+    engine = load_engine(ort_config(onnx_dir, DIT_STEP), dit)
+    x = torch.zeros(1, 4, 100)
+    with pytest.raises(TypeError, match="takes 5 tensors"):
+        engine(x, x)
+    with pytest.raises(ValueError, match="'time'"):
+        engine(x, x, torch.zeros(1, 4, 32), torch.zeros(1, 1), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_torch_engine_on_cpu_ignores_gpu_options(dit):
+    network = DiTStep(dit)
+    inputs = random_inputs(DIT_STEP, (30, 20), network.static_sizes)
+    eager = TorchEngine(network, DIT_STEP)(*inputs)
+    fancy = load_engine(EngineConfig(compile=True, cuda_graphs=True), network)
+    assert torch.equal(fancy(*inputs), eager)
+
+
+@pytest.mark.parametrize("spec", [DIT_STEP, VOCODER])
+def test_padding_frames_to_a_bucket_is_exact(dit, decoder, spec):
+    """What the CUDA-graph buckets rely on: padded frames do not change the valid output."""
+    network = DiTStep(dit) if spec is DIT_STEP else VocoderNetwork(decoder)
+    lengths = (45, 30)
+    inputs = random_inputs(spec, lengths, network.static_sizes)
+    with torch.inference_mode():
+        expected = network(*inputs)
+        padded = network(*spec.pad_frames(inputs, 64))
+    got = spec.trim_frames(padded, 45)
+    assert got.shape == expected.shape
+    assert max_valid_error(spec, got, expected, lengths) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("options", [{"cuda_graphs": True}, {"compile": True}, {"compile": True, "cuda_graphs": True}])
+def test_torch_gpu_paths_match_eager(dit, decoder, options):
+    for network in (DiTStep(copy.deepcopy(dit)).cuda(), VocoderNetwork(copy.deepcopy(decoder)).cuda()):
+        spec = network.spec
+        eager = TorchEngine(network, spec)
+        engine = load_engine(EngineConfig(device="cuda", frame_buckets=(64, 128), **options), network)
+        for lengths in [(50, 20), (100,), (50, 33), (200, 7)]:  # (200, 7) is past the largest bucket
+            inputs = [t.cuda() for t in random_inputs(spec, lengths, network.static_sizes, seed=len(lengths))]
+            got, expected = engine(*inputs), eager(*inputs)
+            assert got.shape == expected.shape
+            assert max_valid_error(spec, got.cpu(), expected.cpu(), lengths) <= 1e-3
+
+
+# -- DiTRunner / VocoderRunner: sampling and the pipeline, unchanged ------------------------------
+
+
+def test_dit_runner_accepts_no_mask_and_scalar_time(onnx_dir, dit):
+    runner = make_dit_runner(dit, ort_config(onnx_dir, DIT_STEP))
+    x, cond, text_embed, _, _ = random_inputs(DIT_STEP, (33, 33), {"mel": 100, "text": 32})
+    time = torch.tensor(0.3)
+    with torch.inference_mode():
+        expected = dit.step(x, cond, text_embed, time, None)
+    assert (runner.step(x, cond, text_embed, time, None) - expected).abs().max() <= STEP_TOL
+    text = torch.randint(0, 100, (2, 10))
+    assert torch.equal(runner.embed_text(text, torch.tensor([33, 20]), 33), dit.embed_text(text, torch.tensor([33, 20]), 33))
+
+
+@pytest.mark.parametrize("cfg", [2.0, 0.0])
+def test_sampling_through_onnxruntime_equals_torch(onnx_dir, dit, cfg):
+    runner = DiTRunner(dit, load_engine(ort_config(onnx_dir, DIT_STEP), dit))
+    torch.manual_seed(0)
+    cond = torch.randn(2, 40, 100)
+    text = torch.randint(0, 256, (2, 30))
+    text[1, 20:] = -1
+    kwargs = dict(steps=8, cfg_strength=cfg, seed=[1, 2], lens=torch.tensor([40, 25]))
+    duration = torch.tensor([100, 80])  # padded batch: the second request is 20 frames shorter
+    expected = sample(dit, cond, text, duration, **kwargs)
+    got = sample(runner, cond, text, duration, **kwargs)
+    assert got.shape == expected.shape == (2, 100, 100)
+    assert (got[0] - expected[0]).abs().max() <= SAMPLE_TOL
+    assert (got[1, :80] - expected[1, :80]).abs().max() <= SAMPLE_TOL
+
+
+def test_vocoder_runner_works_with_decode_batch(onnx_dir, decoder):
+    runner = make_vocoder_runner(decoder, ort_config(onnx_dir, VOCODER))
+    assert isinstance(runner, VocoderRunner) and runner.kind == "onnxruntime"
+    mels = [torch.randn(100, 50), torch.randn(100, 13)]
+    for got, expected in zip(decode_batch(runner, mels), decode_batch(decoder, mels)):
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= VOCODER_TOL
+    mel = torch.randn(1, 100, 20)
+    with torch.inference_mode():
+        assert (runner(mel) - decoder(mel)).abs().max() <= VOCODER_TOL  # no lengths: the whole input
+
+
+def test_tts_pipeline_with_onnxruntime_engines(tiny_ckpt, onnx_dir):
+    from f5_triton.pipeline import TTS
+    from f5_triton.serving.schema import validate_request
+
+    paths = (tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
+    reference = TTS.from_paths(*paths)
+    tts = TTS.from_paths(*paths, engine=lambda model: make_dit_runner(model, ort_config(onnx_dir, DIT_STEP)),
+                         vocoder_engine=lambda decoder: make_vocoder_runner(decoder, ort_config(onnx_dir, VOCODER)))
+    assert tts.flow_matching.model.kind == tts.vocoder.decoder.kind == "onnxruntime"
+    t = np.arange(24_000) / 24_000
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
+    requests = [validate_request(wave, "a reference.", "hello there, engines.", nfe_steps=8, seed=5),
+                validate_request(wave[:18_000], "short one.", "a longer text for the second request.",
+                                 nfe_steps=8, seed=6)]
+    for got, expected in zip(tts.synthesize(requests), reference.synthesize(requests)):
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= PIPELINE_TOL
+
+
+# -- fallback ---------------------------------------------------------------------------------
+
+
+def test_missing_file_falls_back_to_torch_loudly(dit, tmp_path, caplog):
+    config = EngineConfig(kind="onnxruntime", path=tmp_path / "missing.onnx")
+    with caplog.at_level(logging.ERROR), pytest.warns(EngineFallbackWarning, match="missing.onnx"):
+        engine = load_engine(config, dit)
+    assert engine.kind == "torch"
+    assert any("FALLING BACK" in r.message and "missing.onnx" in r.message for r in caplog.records)
+    inputs = random_inputs(DIT_STEP, (9,), {"mel": 100, "text": 32})
+    with torch.inference_mode():
+        assert torch.equal(engine(*inputs), dit.step(*inputs))
+
+
+def test_missing_file_raises_without_fallback(dit, tmp_path):
+    with pytest.raises(EngineUnavailable, match="does not exist.*export_onnx.py"):
+        load_engine(EngineConfig(kind="onnxruntime", path=tmp_path / "missing.onnx", fallback=False), dit)
+    with pytest.raises(EngineUnavailable, match="needs a path"):
+        load_engine(EngineConfig(kind="onnxruntime", fallback=False), dit)
+
+
+def test_corrupt_or_wrong_file_is_refused(onnx_dir, dit, tmp_path):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx model")
+    with pytest.warns(EngineFallbackWarning, match="cannot load"):
+        assert load_engine(EngineConfig(kind="onnxruntime", path=corrupt), dit).kind == "torch"
+    with pytest.raises(EngineUnavailable, match="not a dit_step network"):
+        load_engine(EngineConfig(kind="onnxruntime", path=onnx_dir / VOCODER.onnx_file, fallback=False), dit)
+
+
+@pytest.mark.skipif(tensorrt_importable(), reason="TensorRT is installed: its absence cannot be tested")
+def test_tensorrt_without_the_package_falls_back_or_raises(dit, tmp_path):
+    plan = tmp_path / "dit_step.plan"
+    plan.write_bytes(b"\0" * 16)
+    with pytest.warns(EngineFallbackWarning, match="pip install tensorrt"):
+        assert load_engine(EngineConfig(kind="tensorrt", path=plan, device="cuda"), dit).kind == "torch"
+    with pytest.raises(EngineUnavailable, match="pip install tensorrt"):
+        load_engine(EngineConfig(kind="tensorrt", path=plan, fallback=False), dit)
+
+
+def test_onnxruntime_cuda_without_the_gpu_provider_is_refused(onnx_dir, dit):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    with pytest.raises(EngineUnavailable, match="onnxruntime-gpu"):
+        load_engine(ort_config(onnx_dir, DIT_STEP, device="cuda"), dit)
+
+
+def test_profile_check_names_the_input_and_the_range():
+    profile = {"mel": ((1, 100, 1), (1, 100, 512), (4, 100, 4096)), "lengths": ((1,), (1,), (4,))}
+    check_profile({"mel": (2, 100, 4096), "lengths": (2,)}, profile)
+    with pytest.raises(ShapeOutOfRange, match=r"'mel'.*\(2, 100, 5000\).*max-frames"):
+        check_profile({"mel": (2, 100, 5000), "lengths": (2,)}, profile, "vocoder")
+    with pytest.raises(ShapeOutOfRange, match="'lengths'"):
+        check_profile({"mel": (1, 100, 10), "lengths": (5,)}, profile)

@@ -1,0 +1,240 @@
+"""ONNX export of the DiT step and Vocos, verified with onnxruntime; the TensorRT build's CLI and profile.
+
+Tolerances (max abs error over valid frames, vs the torch fp32 module):
+  fp32 files: 1e-4 (DiT step, outputs ~1) and 1e-5 (vocoder, waveform ~0.1)
+  fp16 files: 2e-2 (DiT step) and 1e-3 (vocoder)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from f5_triton.checkpoints import load_dit, random_dit
+from f5_triton.config import ARCHITECTURES
+from f5_triton.engines import DIT_STEP, VOCODER, DiTStep, VocoderNetwork
+from f5_triton.engines.networks import output_valid_mask, random_inputs
+from f5_triton.export.onnx_export import (
+    MANIFEST_FILE,
+    export_models,
+    export_network,
+    half_with_fp32_islands,
+)
+from f5_triton.export.tensorrt_build import BuildOptions, ShapeRange, batch_range, profile_shapes
+from f5_triton.text import Tokenizer
+from f5_triton.vocoder import VocosDecoder, load_vocos
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = {("dit_step", "fp32"): 1e-4, ("vocoder", "fp32"): 1e-5, ("dit_step", "fp16"): 2e-2,
+             ("vocoder", "fp16"): 1e-3}
+
+
+def tensorrt_importable() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt
+
+        return hasattr(tensorrt, "Builder")
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def dit(tiny_ckpt):
+    return load_dit(tiny_ckpt / "model.safetensors", Tokenizer(tiny_ckpt / "vocab.txt").vocab_size)
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_ckpt):
+    return VocosDecoder(load_vocos(tiny_ckpt / "vocos")).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, dit, decoder):
+    out = tmp_path_factory.mktemp("onnx")
+    manifest = export_models([dit, decoder], out, fp16=True, log=lambda line: None)
+    return out, manifest
+
+
+def run_onnx(path: Path, inputs) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def test_files_manifest_and_measured_errors(exported):
+    out, manifest = exported
+    on_disk = json.loads((out / MANIFEST_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    files = manifest["files"]
+    assert set(files) == {"dit_step.onnx", "dit_step.fp16.onnx", "vocoder.onnx", "vocoder.fp16.onnx"}
+    for name, entry in files.items():
+        spec = DIT_STEP if entry["network"] == "dit_step" else VOCODER
+        assert (out / name).is_file()
+        assert [t["name"] for t in entry["inputs"]] == list(spec.input_names)
+        assert [t["name"] for t in entry["outputs"]] == list(spec.output_names)
+        assert entry["exporter"] == "legacy" and entry["opset"] >= 17
+        assert len(entry["errors"]) >= 3 and {row["batch"] for row in entry["errors"]} >= {1, 2, 4}
+        assert entry["max_abs_err"] <= TOLERANCE[(entry["network"], entry["precision"])], entry
+    assert files["dit_step.onnx"]["inputs"][2]["shape"] == [-1, -1, 32]  # tiny text_dim
+    assert files["dit_step.onnx"]["batch_per_request"] == 2
+
+
+def test_graphs_have_opset_17_and_symbolic_batch_and_frames(exported):
+    out, _ = exported
+    for spec in (DIT_STEP, VOCODER):
+        model = onnx.load(str(out / spec.onnx_file))
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        for tensor_spec, node in zip(spec.inputs, model.graph.input):
+            dims = node.type.tensor_type.shape.dim
+            for axis in tensor_spec.dynamic_axes():
+                assert dims[axis].dim_param and not dims[axis].HasField("dim_value")
+        types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+        if spec is DIT_STEP:
+            assert types["mask"] == onnx.TensorProto.BOOL and types["time"] == onnx.TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("lengths", [(1,), (2, 1), (300,), (257, 3, 100, 200, 5)])
+def test_any_length_and_batch_runs_with_padding_masks(exported, dit, decoder, lengths):
+    """Lengths unlike the trace's (64, 48): a length baked into the graph would fail or differ here."""
+    out, _ = exported
+    for network in (DiTStep(dit), VocoderNetwork(decoder)):
+        spec = network.spec
+        inputs = random_inputs(spec, lengths, network.static_sizes, seed=len(lengths))
+        with torch.inference_mode():
+            expected = network(*inputs)
+        got = run_onnx(out / spec.onnx_file, inputs)
+        keep = output_valid_mask(spec, expected, lengths).expand_as(expected)
+        assert got.shape == expected.shape
+        assert (got - expected).abs()[keep].max() <= TOLERANCE[(spec.name, "fp32")]
+
+
+def test_fp16_files_keep_fp32_inputs_and_outputs(exported):
+    out, _ = exported
+    for spec in (DIT_STEP, VOCODER):
+        model = onnx.load(str(out / f"{spec.name}.fp16.onnx"))
+        float_io = [t for t in (*model.graph.input, *model.graph.output)
+                    if t.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+        assert all(t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for t in float_io)
+        weights = {init.data_type for init in model.graph.initializer if init.dims and max(init.dims) > 8}
+        assert onnx.TensorProto.FLOAT16 in weights
+
+
+def test_fp16_copy_keeps_islands_and_buffers_in_fp32(dit):
+    half = half_with_fp32_islands(DiTStep(dit))
+    block = half.network.model.transformer_blocks[0]
+    assert block.attn.to_q.weight.dtype == torch.float16
+    assert block.ff_norm.inner.__class__.__name__ == "LayerNorm"  # inside a Float32Island
+    assert half.network.model.rotary_embed.inv_freq.dtype == torch.float32
+    assert dit.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32  # the original is untouched
+
+
+@pytest.mark.parametrize("variant,exporter", [
+    ({"text_mask_padding": False, "pe_attn_head": 1}, "legacy"),  # F5TTS_Base / F5TTS_Small (v0) structure
+    ({"conv_layers": 0}, "legacy"),
+    # in no released model; the legacy exporter has no aten::rms_norm below opset 23, "auto" falls back
+    ({"qk_norm": "rms_norm"}, "dynamo"),
+])
+def test_every_architecture_variant_exports(tmp_path, variant, exporter):
+    model = random_dit(ARCHITECTURES["tiny"].replace(**variant), seed=2)
+    result = export_network(model, tmp_path, cases=((9,), (40, 21)))
+    assert result.exporter == exporter
+    assert result.max_abs_err <= TOLERANCE[("dit_step", "fp32")]
+
+
+def test_dynamo_exporter_works_as_the_fallback(tmp_path, dit):
+    result = export_network(dit, tmp_path, exporter="dynamo", cases=((17,), (30, 12)))
+    assert result.exporter == "dynamo"
+    assert result.max_abs_err <= TOLERANCE[("dit_step", "fp32")]
+
+
+def test_f5tts_v1_small_architecture_exports_and_runs(tmp_path):
+    """The released F5TTS_v1_Small architecture at full depth (18 blocks), random weights: ~20 s, 600 MB file."""
+    model = random_dit(ARCHITECTURES["F5TTS_v1_Small"], seed=0)
+    result = export_network(model, tmp_path, cases=((50,), (64, 31)))
+    try:
+        assert result.path.stat().st_size > 500e6
+        assert result.max_abs_err <= 1e-3, result.errors
+    finally:
+        result.path.unlink()  # pytest keeps the last runs' temporary folders
+
+
+def test_export_script(tiny_ckpt, tmp_path):
+    out = tmp_path / "onnx"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_onnx.py"), "--ckpt-dir", str(tiny_ckpt),
+                           "--output-dir", str(out), "--opset", "17"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "dit_step.onnx").is_file() and (out / "vocoder.onnx").is_file()
+    assert "max|err|" in proc.stdout
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["architecture"]["dim"] == ARCHITECTURES["tiny"].dim
+
+
+def test_export_script_rejects_missing_model(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_onnx.py"), "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--ckpt-dir" in proc.stderr
+
+
+# -- TensorRT build ---------------------------------------------------------------------------
+
+
+def test_profile_doubles_dit_batch_for_cfg_and_reads_static_dims():
+    options = BuildOptions(requests=ShapeRange(1, 2, 4), frames=ShapeRange(16, 1024, 4096))
+    assert batch_range(DIT_STEP, options.requests) == ShapeRange(1, 4, 8)
+    assert batch_range(VOCODER, options.requests) == ShapeRange(1, 2, 4)
+    static = {"x": (-1, -1, 100), "cond": (-1, -1, 100), "text_embed": (-1, -1, 512), "time": (-1,), "mask": (-1, -1)}
+    shapes = profile_shapes(DIT_STEP, static, options)
+    assert shapes["x"] == ((1, 16, 100), (4, 1024, 100), (8, 4096, 100))
+    assert shapes["text_embed"][2] == (8, 4096, 512)
+    assert shapes["time"] == ((1,), (4,), (8,))
+    voc = profile_shapes(VOCODER, {"mel": (-1, 100, -1), "lengths": (-1,)}, options)
+    assert voc["mel"] == ((1, 100, 16), (2, 100, 1024), (4, 100, 4096))
+    with pytest.raises(ValueError):
+        ShapeRange(4, 2, 8)
+
+
+@pytest.mark.skipif(tensorrt_importable(), reason="TensorRT is installed: the missing-package message cannot show")
+def test_build_engines_without_tensorrt_says_what_to_install(exported, tmp_path):
+    out, _ = exported
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build_engines.py"), "--onnx-dir", str(out),
+                           "--output-dir", str(tmp_path / "plans")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "pip install tensorrt" in proc.stderr and "nvcr.io/nvidia" in proc.stderr
+    assert not (tmp_path / "plans").exists()
+
+
+def test_build_and_run_tensorrt_engines(exported, dit, decoder, tmp_path):
+    """Builds FP16 plans of the tiny networks and compares them with torch (needs TensorRT and a GPU)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt / NGC image)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from f5_triton.engines import EngineConfig, ShapeOutOfRange, load_engine
+    from f5_triton.export.tensorrt_build import build_engine
+
+    out, _ = exported
+    options = BuildOptions(requests=ShapeRange(1, 2, 2), frames=ShapeRange(1, 128, 256),
+                           timing_cache=tmp_path / "timing.cache")
+    for module, spec, tolerance in ((DiTStep(dit), DIT_STEP, 2e-2), (VocoderNetwork(decoder), VOCODER, 1e-3)):
+        plan = build_engine(out / spec.onnx_file, tmp_path / spec.plan_file, spec, options, log=lambda line: None)
+        engine = load_engine(EngineConfig(kind="tensorrt", path=plan, device="cuda", fallback=False), module)
+        lengths = (100, 37)
+        inputs = random_inputs(spec, lengths, module.static_sizes)
+        with torch.inference_mode():
+            expected = module(*inputs)
+        got = engine(*[t.cuda() for t in inputs]).cpu()
+        keep = output_valid_mask(spec, expected, lengths).expand_as(expected)
+        assert (got - expected).abs()[keep].max() <= tolerance
+        with pytest.raises(ShapeOutOfRange, match="optimization profile"):
+            engine(*random_inputs(spec, (300,), module.static_sizes))
+    assert (tmp_path / "timing.cache").is_file()
