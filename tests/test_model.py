@@ -114,3 +114,16 @@ def test_fused_projections_are_exact():
         after = model.fuse_projections()(x, cond, text, time)
     assert torch.allclose(before, after, atol=1e-5)
     assert list(model.state_dict()) == keys  # checkpoints still save and load with upstream's names
+
+
+def test_conv_position_embedding_as_matmul_equals_conv():
+    """The GPU formulation (grouped conv as one GEMM over unfolded windows) equals nn.Conv1d, masks included."""
+    from f5_triton.model.dit import ConvPositionEmbedding
+
+    torch.manual_seed(10)
+    module = ConvPositionEmbedding(64, groups=16).eval()
+    x = torch.randn(3, 50, 64)
+    keep = (torch.arange(50)[None] < torch.tensor([50, 31, 7])[:, None]).unsqueeze(-1).float()
+    with torch.no_grad():
+        for k in (None, keep):
+            assert (module.forward_as_matmul(x, k) - module(x, k)).abs().max() < 1e-5
