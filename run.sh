@@ -40,7 +40,7 @@
 #   MAX_FRAMES TRT_WORKSPACE_GIB                             engine settings (stages 1-2)
 #   REF_AUDIO REF_TEXT TARGET_TEXT                           client tests (stages 5-6)
 #   BENCH_BATCH_SIZE BENCH_ARGS                              benchmarks (stages 7-8)
-#   PYTHON        interpreter (.venv/bin/python if present, else python3)
+#   PYTHON        interpreter (default: .venv/bin/python, made by scripts/setup_env.sh if missing)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -99,10 +99,6 @@ MODEL=${MODEL:-${F5_MODEL:-F5TTS_v1_Base}}
 case "$BACKEND" in auto|torch|trt) ;; pytorch) BACKEND=torch ;; *) die "--backend must be torch or trt, got '$BACKEND'" ;; esac
 case "$TARGET" in ""|cpu|gpu) ;; *) die "--target must be cpu or gpu, got '$TARGET'" ;; esac
 case "$RANDOM_WEIGHTS" in 1|true|yes) RANDOM_WEIGHTS=1 ;; *) RANDOM_WEIGHTS=0 ;; esac
-
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
-fi
 
 # ---------------------------------------------------------------------------------------------
 # Paths and settings
@@ -283,6 +279,18 @@ stop_server() {
 }
 
 if [ "$COMMAND" = stop ]; then stop_server; exit 0; fi
+
+# The interpreter: PYTHON, else this checkout's .venv, else a python3 that has the package (as in the
+# container image); on a fresh checkout, create .venv first (scripts/setup_env.sh: needs PyPI).
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python
+  elif python3 -c "import torch, tritonclient, f5_triton.serving.repository" >/dev/null 2>&1; then PYTHON=python3
+  else
+    say "no Python environment with f5-triton yet: creating .venv (bash scripts/setup_env.sh, a few minutes)"
+    bash "$ROOT/scripts/setup_env.sh" || die "could not create .venv; install the package yourself (pip install -e '.[serve,onnx]') and set PYTHON"
+    PYTHON=$ROOT/.venv/bin/python
+  fi
+fi
 
 have_gpu() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then return 0; fi
