@@ -136,9 +136,13 @@ class ConvPositionEmbedding(nn.Module):
             nn.Mish(),
         )
 
+    # Above this many rows the unfolded windows (31x the input) cost more memory traffic than cuDNN's
+    # kernels (H200: 4x faster at 2.7k rows, 2.5x slower at 22k rows).
+    max_matmul_rows = 8192
+
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """x: [b, n, d]; keep: [b, n, 1] float (1 valid, 0 padded) or None."""
-        if x.is_cuda:
+        if x.is_cuda and x.shape[0] * x.shape[1] <= self.max_matmul_rows:
             return self.forward_as_matmul(x, keep)
         x = x.transpose(1, 2)
         keep_t = None if keep is None else keep.transpose(1, 2)
