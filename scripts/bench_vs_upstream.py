@@ -40,6 +40,7 @@ def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, object]:
         out = fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    print("  runs (s): " + " ".join(f"{t:.4f}" for t in times))
     return statistics.median(times), out
 
 
@@ -161,6 +162,9 @@ def main() -> None:
                              dtype=dtype, engine=lambda dit: make_dit_runner(dit, engine))
         seconds, audio = timed(lambda: run_ours(tts), args.repeats)
         rows.append((f"f5-triton {variant}", seconds, seconds / audio_seconds, rel_err(audio)))
+        from torch._dynamo.utils import counters
+
+        print(f"{variant}: dynamo {dict(counters['stats'])}, recompiles {dict(counters['recompiles'])}")
         results[f"ours_{variant}_seconds"] = seconds
         results[f"ours_{variant}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         if best is None or seconds < best[1]:
