@@ -96,6 +96,15 @@ class Limits:
     max_speed: float = 3.0
     max_mel_frames: int = 4096  # ~43.7 s of 24 kHz audio: the engines' shape profile
 
+    def max_request_bytes(self, encoding: str = "binary") -> int:
+        """Largest request body a valid request needs: the longest reference at the highest rate,
+        both texts and 1 MiB of headers and small fields. `encoding` is "binary" (gRPC, or HTTP with
+        binary tensors: 4 bytes a sample) or "json" (HTTP JSON tensors, as upstream's client_http.py:
+        up to 24 characters a sample, 6 a text byte once escaped)."""
+        per_sample, per_text_byte = {"binary": (4, 1), "json": (24, 6)}[encoding]
+        samples = int(self.max_reference_seconds * self.max_sample_rate)
+        return samples * per_sample + 2 * self.max_text_bytes * per_text_byte + (1 << 20)
+
 
 DEFAULT_LIMITS = Limits()
 

@@ -22,6 +22,7 @@ import torch
 
 from f5_triton import audio, text
 from f5_triton.config import DEFAULT_LIMITS, HOP_LENGTH, SAMPLE_RATE, Limits
+from f5_triton.errors import InvalidInputError
 from f5_triton.sampler import sample
 from f5_triton.serving.schema import SynthesisRequest
 
@@ -40,6 +41,12 @@ class Job:
     nfe_steps: int
     cfg_strength: float
     sway_sampling_coef: float
+
+    @property
+    def total_frames(self) -> int:
+        """Frames flow matching really runs on: sample() lengthens a duration to at least
+        reference + 1 and text + 1 frames, as upstream."""
+        return max(self.duration, max(len(self.tokens), self.ref_mel.shape[0]) + 1)
 
 
 @dataclass
@@ -121,10 +128,26 @@ class Preprocessor:
             duration = audio.estimate_duration(ref.frames, ref.text, chunk, request.speed)
             jobs.append(Job(
                 request_index=-1, chunk_index=i, ref_mel=ref.mel, ref_frames=ref.frames,
-                tokens=self.tokenizer.encode(ref.text + chunk), duration=min(duration, self.limits.max_mel_frames),
+                tokens=self.tokenizer.encode(ref.text + chunk), duration=duration,
                 seed=(seed + i) % 2**63, nfe_steps=request.nfe_steps, cfg_strength=request.cfg_strength,
                 sway_sampling_coef=request.sway_sampling_coef))
+            self._check_frames(jobs[-1], chunk, len(chunks), ref.seconds, request.speed)
         return Prepared(jobs=jobs, ref_rms=ref.rms, chunks=chunks)
+
+    def _check_frames(self, job: Job, chunk: str, chunks: int, ref_seconds: float, speed: float) -> None:
+        """A job longer than the engines' shape profile is refused, never truncated.
+
+        Chunks end at sentence marks only, so one long sentence (or a very slow speed) can still
+        need more frames than `Limits.max_mel_frames`.
+        """
+        limit = self.limits.max_mel_frames
+        if job.total_frames > limit:
+            raise InvalidInputError(
+                "target_text", f"text chunk {job.chunk_index + 1} of {chunks} ({len(chunk.encode('utf-8'))} bytes, "
+                f"{chunk[:40]!r}...) needs {job.total_frames} mel frames together with the {ref_seconds:.1f} s "
+                f"reference at speed {speed:g}; the limit is {limit} frames "
+                f"({limit * HOP_LENGTH / SAMPLE_RATE:.1f} s): split long sentences with . ! ? or ;, use a shorter "
+                "reference or a higher speed", "too_many_frames")
 
 
 class FlowMatcher:
@@ -135,27 +158,60 @@ class FlowMatcher:
         self.device = torch.device(device)
         self.dtype = dtype
 
-    def __call__(self, jobs: list[Job], on_step=None) -> list[torch.Tensor]:
-        """Generated mel [frames, n_mels] (reference removed) for each job, in job order."""
+    def __call__(self, jobs: list[Job], on_step=None, keep: Callable[[Job], bool] | None = None
+                 ) -> list[torch.Tensor | None]:
+        """Generated mel [frames, n_mels] (reference removed) for each job, in job order.
+
+        on_step(i): called before every ODE step; an exception it raises ends the whole call.
+        keep(job): asked before every ODE step for each job still running (cancellation, deadlines);
+        a job it declines gets None instead of a mel, and a batch whose jobs are all declined stops
+        at once. The other jobs of the batch go on and get the same mels as without the declined ones
+        (per-job noise and masks).
+        """
         results: list[torch.Tensor | None] = [None] * len(jobs)
         groups = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[(job.nfe_steps, job.cfg_strength, job.sway_sampling_coef)].append(i)
         for (steps, cfg, sway), members in groups.items():
             batch = [jobs[i] for i in members]
+            declined: set[int] = set()
+            hook = on_step if keep is None else _KeepHook(batch, keep, declined, on_step)
             cond = torch.nn.utils.rnn.pad_sequence([j.ref_mel for j in batch], batch_first=True)
             tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(j.tokens, dtype=torch.long) for j in batch],
                                                      batch_first=True, padding_value=-1)
-            mel = sample(
-                self.model, cond.to(self.device, self.dtype), tokens.to(self.device),
-                torch.tensor([j.duration for j in batch]), steps=steps, cfg_strength=cfg,
-                sway_sampling_coef=sway, seed=[j.seed for j in batch],
-                lens=torch.tensor([j.ref_mel.shape[0] for j in batch]), on_step=on_step)
-            for i, job, row in zip(members, batch, mel):
-                # sample() lengthens a duration to at least reference + text + 1 frames, as upstream
-                total = max(job.duration, max(len(job.tokens), job.ref_mel.shape[0]) + 1)
-                results[i] = row[job.ref_frames:total].float()
+            try:
+                mel = sample(
+                    self.model, cond.to(self.device, self.dtype), tokens.to(self.device),
+                    torch.tensor([j.duration for j in batch]), steps=steps, cfg_strength=cfg,
+                    sway_sampling_coef=sway, seed=[j.seed for j in batch],
+                    lens=torch.tensor([j.ref_mel.shape[0] for j in batch]), on_step=hook)
+            except _AllDeclined:
+                continue
+            for i, (job, row) in enumerate(zip(batch, mel)):
+                if i not in declined:
+                    results[members[i]] = row[job.ref_frames:job.total_frames].float()
         return results
+
+
+class _AllDeclined(Exception):
+    """Every job of a batch was declined by `keep`: the batch stops."""
+
+
+class _KeepHook:
+    """FlowMatcher's step hook when a `keep` callback is given: records declined jobs (by position
+    in the batch) and stops the batch once none is left."""
+
+    def __init__(self, batch: list[Job], keep: Callable[[Job], bool], declined: set[int], on_step=None):
+        self.batch, self.keep, self.declined, self.on_step = batch, keep, declined, on_step
+
+    def __call__(self, step: int) -> None:
+        for i, job in enumerate(self.batch):
+            if i not in self.declined and not self.keep(job):
+                self.declined.add(i)
+        if len(self.declined) == len(self.batch):
+            raise _AllDeclined
+        if self.on_step is not None:
+            self.on_step(step)
 
 
 class Vocoder:

@@ -40,3 +40,45 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from f5_triton.checkpoints import make_random_checkpoint
 
     return make_random_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_ckpt, tmp_path_factory):
+    """Factory of real tritonservers on cpu repositories: `with tiny_server(**options) as server:`.
+
+    `options` go to RepositoryOptions; ckpt, vocab and vocoder default to the tiny checkpoint's, and
+    the streaming model is left out unless `streaming=True` (faster start). `exit_timeout_secs`
+    goes to TritonServer. Every python-backend stub runs torch on one thread: the tiny model gains
+    nothing from more, and several stubs with a thread per core each slow down by orders of
+    magnitude on a busy 2-core machine (OpenMP threads spinning against each other).
+    """
+    import contextlib
+    import os
+
+    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.serving.repository import RepositoryOptions, render
+
+    @contextlib.contextmanager
+    def serve(exit_timeout_secs: int = 30, **options):
+        options = {"ckpt": tiny_ckpt / "model.safetensors", "vocab": tiny_ckpt / "vocab.txt",
+                   "vocoder": tiny_ckpt / "vocos", "streaming": False, **options}
+        repo = render(RepositoryOptions(target="cpu", **options), tmp_path_factory.mktemp("repo") / "model_repo")
+        with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, ready_timeout=240,
+                          exit_timeout_secs=exit_timeout_secs) as server:
+            yield server
+
+    return serve
+
+
+@pytest.fixture(scope="module")
+def tiny_tts(tiny_ckpt):
+    """The in-process pipeline of the tiny checkpoint, on one torch thread like `tiny_server`'s stubs."""
+    import torch
+
+    from f5_triton.pipeline import TTS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield TTS.from_paths(tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
+    torch.set_num_threads(threads)

@@ -18,16 +18,26 @@ from what it finds (``pyvenv.cfg`` included). Putting the running interpreter's
 site-packages, ``.pth`` files and editable installs included -- the same trick
 PyTriton uses.
 
-:class:`TritonServer` starts the server with locked-down defaults (no model
-control API, strict readiness, admin-key protected repository / shared-memory /
-logging / trace APIs), waits for readiness and stops it again.
+:class:`TritonServer` starts the server with locked-down defaults (strict
+readiness, admin-key protected repository / shared-memory / logging / trace APIs,
+a request-size cap where the binary has one), waits for readiness and stops it again.
+
+Python-backend stubs that die (kill -9, the OOM killer, a segfault in an extension)
+are not restarted by tritonserver 2.51: the python backend dropped its restart in
+24.06, and the model keeps answering "Stub process '<instance>' is not healthy"
+(INTERNAL) to every request while the health endpoints still say ready. Unless
+``recover_stubs=False``, :class:`TritonServer` therefore runs Triton with explicit
+model control (the repository API stays behind the admin key) and a watchdog
+thread that reloads the model of a dead stub (:meth:`TritonServer.reload_model`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -57,12 +67,15 @@ __all__ = [
     "DEFAULT_RESTRICTED_APIS",
     "GRPC_ADMIN_KEY_HEADER",
     "ServerUrls",
+    "StubReload",
+    "StubWatchdog",
     "TritonInstall",
     "TritonNotFoundError",
     "TritonServer",
     "TritonServerError",
     "find_tritonserver",
     "free_port",
+    "python_stubs",
     "run_forever",
 ]
 
@@ -80,6 +93,9 @@ ADMIN_KEY_ENV = "F5_TRITON_ADMIN_KEY"
 DEFAULT_RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory", "logging", "trace")
 
 _NGC_BINARY = Path("/opt/tritonserver/bin/tritonserver")
+#: Request-size flags of newer tritonserver releases (2.51 has neither): flag -> body encoding
+#: whose worst case sizes the default (:meth:`f5_triton.config.Limits.max_request_bytes`).
+_INPUT_SIZE_FLAGS = {"--http-max-input-size": "json", "--grpc-max-input-size": "binary"}
 _PATH_LIST_VARS = frozenset({"PATH", "LD_LIBRARY_PATH", "PYTHONPATH"})
 _NOT_FOUND_HINT = "pip install nvidia-pytriton or run inside an NGC tritonserver container"
 
@@ -113,6 +129,10 @@ class TritonInstall:
     cache_directory: Path | None = None
     bundled: bool = False
 
+    def supported_flags(self) -> frozenset[str]:
+        """The ``--flags`` that ``tritonserver --help`` lists (run once per binary)."""
+        return _help_flags(str(self.binary), self.environ().get("LD_LIBRARY_PATH", ""))
+
     def environ(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Return ``base`` (default: ``os.environ``) with :attr:`env` applied."""
         merged = dict(os.environ if base is None else base)
@@ -122,6 +142,17 @@ class TritonInstall:
             else:
                 merged[key] = value
         return merged
+
+
+@functools.lru_cache(maxsize=8)
+def _help_flags(binary: str, ld_library_path: str) -> frozenset[str]:
+    env = {**os.environ, "LD_LIBRARY_PATH": ld_library_path}
+    try:
+        result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        LOGGER.warning("could not run %s --help: %s", binary, exc)
+        return frozenset()
+    return frozenset(re.findall(r"^\s+(--[a-z0-9-]+)", result.stdout + result.stderr, flags=re.MULTILINE))
 
 
 def find_tritonserver(
@@ -401,6 +432,13 @@ class TritonServer:
         ready_timeout: seconds :meth:`__enter__` waits for readiness.
         exit_timeout_secs: ``--exit-timeout-secs``: how long a graceful shutdown waits for
             in-flight requests *and for idle HTTP keep-alive connections* to go away.
+        recover_stubs: reload a model whose python-backend stub died (see the module docstring).
+            Needs explicit model control, used only while ``model-repository`` is among
+            ``restricted_apis``; otherwise the server runs with ``--model-control-mode=none``.
+        max_request_bytes: request-size caps, ``{"json": n, "binary": n}`` (default: from
+            :data:`f5_triton.config.DEFAULT_LIMITS`), passed as ``--http-max-input-size`` /
+            ``--grpc-max-input-size`` when the binary knows these flags (2.51 does not: put a
+            proxy with a body limit in front of it). ``None`` leaves the server defaults.
 
     Attributes:
         log_path: the server log, set by :meth:`start`.
@@ -424,6 +462,8 @@ class TritonServer:
         log_path: str | os.PathLike[str] | None = None,
         ready_timeout: float = 300.0,
         exit_timeout_secs: int = 30,
+        recover_stubs: bool = True,
+        max_request_bytes: Mapping[str, int] | None | Literal["default"] = "default",
     ) -> None:
         self.model_repo = Path(model_repo).absolute()
         self.http_port = http_port
@@ -445,6 +485,16 @@ class TritonServer:
         self._group_killed = False
         self.shm_region_prefix = f"f5triton{os.getpid()}_{secrets.token_hex(4)}_"
         self._lock = threading.Lock()
+        self.recover_stubs = recover_stubs and "model-repository" in self.restricted_apis
+        if recover_stubs and not self.recover_stubs:
+            LOGGER.warning("stub recovery needs explicit model control, which is only safe with the "
+                           "model-repository API restricted; running with --model-control-mode=none")
+        if max_request_bytes == "default":
+            from f5_triton.config import DEFAULT_LIMITS
+
+            max_request_bytes = {e: DEFAULT_LIMITS.max_request_bytes(e) for e in ("json", "binary")}
+        self.max_request_bytes = dict(max_request_bytes) if max_request_bytes is not None else None
+        self._watchdog: StubWatchdog | None = None
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -483,7 +533,8 @@ class TritonServer:
         cmd = [
             str(install.binary),
             f"--model-repository={self.model_repo}",
-            "--model-control-mode=none",
+            *(["--model-control-mode=explicit", "--load-model=*"] if self.recover_stubs
+              else ["--model-control-mode=none"]),
             "--strict-readiness=true",
             "--exit-on-error=true",
             f"--http-port={self.http_port}",
@@ -502,6 +553,11 @@ class TritonServer:
         if self.restricted_apis:
             rule = f"{','.join(self.restricted_apis)}:{ADMIN_KEY_HEADER}={self.admin_key}"
             cmd += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+        if self.max_request_bytes:
+            known = install.supported_flags()
+            for flag, encoding in _INPUT_SIZE_FLAGS.items():
+                if flag in known and encoding in self.max_request_bytes:
+                    cmd.append(f"{flag}={self.max_request_bytes[encoding]}")
         if install.backend_directory is not None:
             cmd.append(f"--backend-directory={install.backend_directory}")
         if install.cache_directory is not None:
@@ -587,6 +643,9 @@ class TritonServer:
                     f"(log: {self.log_path}):\n{self.log_tail()}"
                 )
             if _http_ok(url):
+                if self.recover_stubs and self._watchdog is None:
+                    self._watchdog = StubWatchdog(self)
+                    self._watchdog.start()
                 return
             if time.monotonic() >= deadline:
                 raise TritonServerError(
@@ -605,6 +664,8 @@ class TritonServer:
         """
         if grace is None:
             grace = self.exit_timeout_secs + 5.0
+        if self._watchdog is not None:  # stubs exit on shutdown: that is no reason to reload
+            self._watchdog.stop()
         with self._lock:
             process = self._process
             if process is not None and process.poll() is None:
@@ -633,6 +694,36 @@ class TritonServer:
                 self._log_file.close()
                 self._log_file = None
             return process.returncode if process is not None else None
+
+    @property
+    def stub_reloads(self) -> list[StubReload]:
+        """Models reloaded because a python-backend stub died, oldest first."""
+        return list(self._watchdog.reloads) if self._watchdog is not None else []
+
+    def reload_model(self, name: str, timeout: float = 600.0) -> None:
+        """Load model ``name`` again (explicit model control; uses the admin key).
+
+        Triton ignores a load request for a loaded model whose files did not change, so the
+        model's current configuration is passed as an override: that makes a real reload, with
+        new python-backend stubs. The old instances serve until the new ones are ready.
+
+        Raises:
+            TritonServerError: the server refused or failed the load.
+        """
+        base = f"{self.urls.http}/v2"
+        try:
+            with _NO_PROXY_OPENER.open(f"{base}/models/{name}/config", timeout=30) as response:
+                config = response.read().decode()
+            body = json.dumps({"parameters": {"config": config}}).encode()
+            request = urllib.request.Request(f"{base}/repository/models/{name}/load", data=body, method="POST",
+                                             headers={"Content-Type": "application/json", **self.admin_headers})
+            with _NO_PROXY_OPENER.open(request, timeout=timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise TritonServerError(f"reloading {name} failed: HTTP {exc.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise TritonServerError(f"reloading {name} failed: {exc}") from exc
 
     def kill(self) -> int | None:
         """Stop the server at once (SIGKILL to its whole process group); idempotent."""
@@ -665,6 +756,96 @@ class TritonServer:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else ("stopped" if self._process else "not started")
         return f"TritonServer({str(self.model_repo)!r}, http={self.http_port}, grpc={self.grpc_port}, {state})"
+
+
+@dataclass(frozen=True)
+class StubReload:
+    """One recovery by :class:`StubWatchdog`."""
+
+    model: str
+    dead_pid: int
+    at: float  #: time.time() of the reload's start
+    seconds: float  #: how long the reload took
+    error: str | None = None  #: why it failed, or None
+
+
+class StubWatchdog(threading.Thread):
+    """Reloads the model of any python-backend stub of ``server`` that died.
+
+    Every ``interval`` seconds the server's child processes are read from /proc. A stub's
+    command line names its model file (``<repo>/<model>/<version>/model.py``). tritonserver
+    reaps the stubs it ends itself (unloads, the short-lived auto-complete stubs) but not one
+    that died under it, which stays a zombie: a known stub turned zombie has its model reloaded
+    through :meth:`TritonServer.reload_model`; a failed reload is retried after ``retry_after``
+    seconds. Recoveries are recorded in ``reloads``.
+    """
+
+    def __init__(self, server: TritonServer, interval: float = 1.0, retry_after: float = 10.0):
+        super().__init__(name=f"stub-watchdog-{server.pid}", daemon=True)
+        self.server = server
+        self.interval = interval
+        self.retry_after = retry_after
+        self.reloads: list[StubReload] = []
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+    def run(self) -> None:
+        live: dict[int, str] = {}  # stub pid -> model
+        failed: dict[str, tuple[int, float]] = {}  # model -> (dead pid, when its reload failed)
+        while not self._stopped.wait(self.interval):
+            pid = self.server.pid
+            if pid is None or not self.server.is_running():
+                return
+            stubs = python_stubs(pid)
+            for stub, (state, model) in stubs.items():
+                if state != "Z" and model:
+                    live[stub] = model
+            for stub in [stub for stub in live if stub not in stubs]:  # ended and reaped by tritonserver
+                del live[stub]
+            dead = {stub: live.pop(stub) for stub in list(live) if stubs[stub][0] == "Z"}
+            due = {model: stub for stub, model in dead.items()}
+            due.update({m: p for m, (p, when) in failed.items() if time.time() - when >= self.retry_after})
+            for model, stub in due.items():
+                if self._stopped.is_set():
+                    return
+                failed.pop(model, None)
+                LOGGER.warning("python backend stub %d of model %s died; reloading the model", stub, model)
+                start = time.time()
+                try:
+                    self.server.reload_model(model)
+                    error = None
+                except TritonServerError as exc:
+                    error = str(exc)
+                    failed[model] = (stub, time.time())
+                    LOGGER.error("%s", error)
+                self.reloads.append(StubReload(model, stub, start, time.time() - start, error))
+
+
+def python_stubs(server_pid: int) -> dict[int, tuple[str, str | None]]:
+    """Child processes of ``server_pid`` that are python-backend stubs: pid -> (state, model name).
+
+    The model name is None for zombies, whose command line is gone.
+    """
+    stubs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split at the last ')'
+            head, tail = stat.read_text().rsplit(")", 1)
+            state, ppid = tail.split()[:2]
+            if int(ppid) != server_pid or not head.split("(", 1)[1].startswith("triton_python"):
+                continue
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        model = None
+        if len(argv) > 1 and argv[1].endswith(b".py"):
+            model = Path(os.fsdecode(argv[1])).parents[1].name
+        stubs[int(stat.parent.name)] = (state, model)
+    return stubs
 
 
 def _remove_shm_regions(prefix: str) -> None:

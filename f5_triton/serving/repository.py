@@ -80,11 +80,11 @@ class RepositoryOptions:
                 raise ValueError("the trt target needs --dit-engine-path (DiT .plan) and --vocoder-plan (Vocos .plan)")
 
 
-def _field_block(fields: tuple[WireField, ...], ragged: bool = False) -> str:
+def _field_block(fields: tuple[WireField, ...], ragged: bool = False, all_optional: bool = False) -> str:
     rows = []
     for f in fields:
         dims = ", ".join(str(d) for d in f.dims)
-        extra = " optional: true" if f.optional else ""
+        extra = " optional: true" if f.optional or all_optional else ""
         if ragged and -1 in f.dims:
             extra += " allow_ragged_batch: true"
         rows.append(f'  {{ name: "{f.name}" data_type: {f.triton_type} dims: [ {dims} ]{extra} }}')
@@ -119,10 +119,12 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         **{f"limit_{k}": v for k, v in options.limits.items()},
     }
     values = {
-        "inputs": "input [\n" + _field_block(INPUTS) + "\n]",
+        # Request inputs are all optional for Triton, so that a missing one reaches validate_request
+        # ("target_text: is required") instead of the ensemble's "unexpected deadlock" error.
+        "inputs": "input [\n" + _field_block(INPUTS, all_optional=True) + "\n]",
         "outputs": "output [\n" + _field_block(OUTPUTS) + "\n]",
         "stream_outputs": "output [\n" + _field_block(STREAM_OUTPUTS) + "\n]",
-        "ragged_inputs": "input [\n" + _field_block(INPUTS, ragged=True) + "\n]",
+        "ragged_inputs": "input [\n" + _field_block(INPUTS, ragged=True, all_optional=True) + "\n]",
         "preprocess_input_map": "\n".join(f'      input_map {{ key: "{f.name}" value: "{f.name}" }}' for f in INPUTS),
         "n_mels": N_MELS,
         "max_batch_size": options.max_batch_size,
@@ -151,6 +153,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                           "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
         "postprocess": {"vocoder_model": "vocoder"},
         "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
+                    **{k: v for k, v in common.items() if k.startswith("limit_")},
                     "vocoder_engine": options.vocoder_engine,
                     "vocoder_engine_path": options.vocoder_engine_path and Path(options.vocoder_engine_path).resolve()},
     }

@@ -104,6 +104,10 @@ def validate_request(reference_wav, reference_text, target_text, *, reference_wa
                      nfe_steps=None, cfg_strength=None, speed=None, seed=None,
                      limits: Limits = DEFAULT_LIMITS) -> SynthesisRequest:
     """Check every field of one request; raise InvalidInputError(field, limit) on the first problem."""
+    for name, value in (("reference_wav", reference_wav), ("reference_text", reference_text),
+                        ("target_text", target_text)):
+        if value is None:
+            raise InvalidInputError(name, "is required but was not sent", "missing")
     wav = np.asarray(reference_wav)
     if wav.dtype != np.float32:
         raise InvalidInputError("reference_wav", f"must be FP32, got {wav.dtype}", "bad_type")

@@ -12,7 +12,7 @@ import torch
 
 from f5_triton.config import DEFAULT_LIMITS, Limits
 from f5_triton.errors import InvalidInputError
-from f5_triton.pipeline import FlowMatcher, Vocoder
+from f5_triton.pipeline import FlowMatcher, Job, Vocoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -73,3 +73,69 @@ def check_finite(mels: list[torch.Tensor]) -> list[torch.Tensor]:
             raise GenerationError(f"generated mel of chunk {i} contains NaN/Inf; not returned as audio "
                                   f"(try fp32, or report the input)")
     return mels
+
+
+def check_finite_audio(wave: np.ndarray) -> np.ndarray:
+    """The last guard before audio leaves the server: NaN/Inf samples are an error, never audio."""
+    if not np.isfinite(wave).all():
+        raise GenerationError("generated waveform contains NaN/Inf; not returned as audio (try fp32, or report "
+                              "the input)")
+    return wave
+
+
+def validate_jobs(jobs: list[Job], limits: Limits, vocab_size: int) -> list[Job]:
+    """Check jobs that arrive over the wire before they reach an engine.
+
+    `preprocess` only makes valid jobs, but `flow_matching` is a Triton model of its own that a
+    client can call directly: anything outside the engines' shape profile or the vocabulary is
+    refused with InvalidInputError instead of failing the whole batch (or an engine) later.
+    """
+    if not jobs:
+        raise InvalidInputError("durations", "holds no job", "empty")
+    for job in jobs:
+        mel_frames = job.ref_mel.shape[0]
+        if job.ref_mel.ndim != 2 or not 1 <= mel_frames <= limits.max_mel_frames:
+            raise InvalidInputError("ref_mel", f"has shape {tuple(job.ref_mel.shape)}; expected [1..."
+                                    f"{limits.max_mel_frames}, n_mels] frames", "bad_shape")
+        if not torch.isfinite(job.ref_mel).all():
+            raise InvalidInputError("ref_mel", "contains NaN or Inf", "not_finite")
+        if not 0 < job.ref_frames <= mel_frames:
+            raise InvalidInputError("ref_frames", f"is {job.ref_frames}; allowed range is [1, {mel_frames}]",
+                                    "out_of_range")
+        if any(not 0 <= t < vocab_size for t in job.tokens):
+            raise InvalidInputError("tokens", f"holds ids outside the vocabulary [0, {vocab_size})", "out_of_range")
+        if job.duration < 0 or job.total_frames > limits.max_mel_frames:
+            raise InvalidInputError("durations", f"job of {job.total_frames} frames; the limit is "
+                                    f"{limits.max_mel_frames}", "too_many_frames")
+        if not limits.min_nfe_steps <= job.nfe_steps <= limits.max_nfe_steps:
+            raise InvalidInputError("sampling", f"nfe_steps {job.nfe_steps} outside [{limits.min_nfe_steps}, "
+                                    f"{limits.max_nfe_steps}]", "out_of_range")
+        if not limits.min_cfg_strength <= job.cfg_strength <= limits.max_cfg_strength:
+            raise InvalidInputError("sampling", f"cfg_strength {job.cfg_strength} outside "
+                                    f"[{limits.min_cfg_strength}, {limits.max_cfg_strength}]", "out_of_range")
+        if not -10.0 <= job.sway_sampling_coef <= 10.0:  # NaN fails too
+            raise InvalidInputError("sampling", f"sway_sampling_coef {job.sway_sampling_coef} outside [-10, 10]",
+                                    "out_of_range")
+        if job.seed < 0:
+            raise InvalidInputError("seeds", f"is {job.seed}; seeds are >= 0", "out_of_range")
+    return jobs
+
+
+def vocoder_items(mel: np.ndarray, frames: np.ndarray | None, limits: Limits) -> list[torch.Tensor]:
+    """One vocoder request ([batch, n_mels, frames] + valid frames per item) -> mels [frames_i, n_mels].
+
+    Raises InvalidInputError for lengths outside the mel or the vocoder's profile, or NaN/Inf, so
+    that one bad request (the `vocoder` model can be called directly) fails alone.
+    """
+    frames = [mel.shape[-1]] * len(mel) if frames is None else [int(n) for n in np.asarray(frames).reshape(-1)]
+    if len(frames) != len(mel):
+        raise InvalidInputError("lengths", f"has {len(frames)} values for {len(mel)} mels", "bad_shape")
+    longest = min(mel.shape[-1], limits.max_mel_frames)
+    for n in frames:
+        if not 1 <= n <= longest:
+            raise InvalidInputError("lengths", f"is {n}; allowed range is [1, {longest}] (the mel's frames and the "
+                                    "vocoder's limit)", "out_of_range")
+    items = [torch.from_numpy(np.ascontiguousarray(m[:, :n])).transpose(0, 1) for m, n in zip(mel, frames)]
+    if not all(torch.isfinite(m).all() for m in items):
+        raise InvalidInputError("mel", "contains NaN or Inf", "not_finite")
+    return items

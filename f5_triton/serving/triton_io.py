@@ -1,4 +1,5 @@
-"""Glue shared by the python-backend adapters in model_repo/: parameters, inputs, errors.
+"""Glue shared by the python-backend adapters in model_repo/: parameters, inputs, errors, and
+whether a request is still wanted (cancellation, deadline).
 
 Imported only inside tritonserver's python backend (it needs `triton_python_backend_utils`).
 """
@@ -7,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.errors import InvalidInputError
+from f5_triton.serving import metrics as metric_names
 
 log = logging.getLogger("f5_triton.serving")
 
@@ -43,10 +47,69 @@ def response(arrays: dict[str, np.ndarray]):
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, np.expand_dims(v, 0)) for k, v in arrays.items()])
 
 
-def error_response(exc: Exception):
-    """Bad input -> INVALID_ARG (HTTP 400); anything else -> INTERNAL, logged with its traceback."""
+def error_response(exc: Exception, metrics=None):
+    """Bad input -> INVALID_ARG (HTTP 400); anything else -> INTERNAL, logged with its traceback.
+
+    `metrics` (a `metrics.Metrics`) counts the failure under its reason.
+    """
+    if metrics is not None:
+        metrics.rejected(metric_names.reason_of(exc))
     if isinstance(exc, InvalidInputError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
     log.exception("request failed")
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}",
                                                                  pb_utils.TritonError.INTERNAL))
+
+
+# Ensemble tensor from preprocess to the later steps: time.time() when preprocess took the request.
+RECEIVED_AT = "received_at"
+
+
+def received_at(value: np.ndarray | None) -> float | None:
+    """The `received_at` input of one request (batch dimension removed), None when not sent."""
+    return None if value is None else float(value.reshape(-1)[0])
+
+
+class RequestWatch:
+    """Whether each request of a batch is still wanted, asked between ODE steps.
+
+    A request is dropped when its client cancelled it (`request.is_cancelled()`) or when its
+    deadline passed. The deadline is Triton's own per-request `timeout` parameter (microseconds;
+    tritonclient `infer(..., timeout=...)`), which Triton applies to queueing (queue policy,
+    `allow_timeout_override`) and the ensemble passes on to every step; here it also bounds the
+    work, counted from `received_at` (when preprocess took the request) or else from now.
+
+    Cancellation reaches a running step only when the model was called directly: tritonserver
+    2.51's ensemble passes a client's cancellation on when it schedules its next step, so a
+    cancelled `f5_tts` request finishes flow matching and is then dropped before postprocess.
+    """
+
+    def __init__(self, requests, starts: list[float | None] | None = None):
+        now = time.time()
+        self.requests = requests
+        self.deadlines = []
+        for request, start in zip(requests, starts or [None] * len(requests)):
+            timeout_us = request.timeout()
+            self.deadlines.append((now if start is None else start) + timeout_us / 1e6 if timeout_us > 0 else math.inf)
+        self.dropped: dict[int, str] = {}  # request index -> metrics reason
+
+    def alive(self, index: int) -> bool:
+        if index not in self.dropped:
+            if time.time() > self.deadlines[index]:
+                self.dropped[index] = metric_names.DEADLINE_EXCEEDED
+            elif self.requests[index].is_cancelled():
+                self.dropped[index] = metric_names.CANCELLED
+        return index not in self.dropped
+
+    def error_response(self, index: int, metrics=None):
+        """The answer to a dropped request: CANCELLED, or UNAVAILABLE as Triton's own queue timeout."""
+        reason = self.dropped[index]
+        if metrics is not None:
+            metrics.rejected(reason)
+        if reason == metric_names.CANCELLED:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled",
+                                                                         pb_utils.TritonError.CANCELLED))
+        timeout = self.requests[index].timeout() / 1e6
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+            f"deadline exceeded: the request's timeout of {timeout:g} s passed before its audio was generated",
+            pb_utils.TritonError.UNAVAILABLE))

@@ -1,37 +1,59 @@
-"""Triton adapter: flow matching for a dynamic batch of requests (f5_triton.pipeline.FlowMatcher)."""
+"""Triton adapter: flow matching for a dynamic batch of requests (f5_triton.pipeline.FlowMatcher).
+
+Requests whose client cancelled them, or whose Triton `timeout` passed, are dropped between ODE
+steps (the rest of the batch goes on); jobs are validated first, as this model can be called directly.
+"""
 
 import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
 
-from f5_triton.serving import triton_io, wire
-from f5_triton.serving.stages import check_finite, load_flow_matcher
+from f5_triton.errors import InvalidInputError
+from f5_triton.serving import stages, triton_io, wire
+from f5_triton.serving.metrics import Metrics
+from f5_triton.text import Tokenizer
 
-INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "sampling")
+INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "sampling", triton_io.RECEIVED_AT)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.flow_matching = load_flow_matcher(triton_io.parameters(args), triton_io.device(args))
+        params = triton_io.parameters(args)
+        self.flow_matching = stages.load_flow_matcher(params, triton_io.device(args))
+        self.limits = stages.limits_from_params(params)
+        self.vocab_size = Tokenizer(params["vocab"]).vocab_size
+        self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests):
-        jobs, owners = [], []
+        jobs, owners, starts = [], [], []
         responses = [None] * len(requests)
         for index, request in enumerate(requests):
+            starts.append(None)
             try:
-                request_jobs = wire.unpack_jobs(triton_io.inputs(request, INPUT_NAMES), index)
+                arrays = triton_io.inputs(request, INPUT_NAMES)
+                starts[index] = triton_io.received_at(arrays.pop(triton_io.RECEIVED_AT))
+                try:
+                    request_jobs = wire.unpack_jobs(arrays, index)
+                except (TypeError, ValueError, IndexError) as exc:
+                    raise InvalidInputError("flow_matching inputs", f"do not form jobs: {exc}", "bad_shape") from None
+                stages.validate_jobs(request_jobs, self.limits, self.vocab_size)
             except Exception as exc:
-                responses[index] = triton_io.error_response(exc)
+                responses[index] = triton_io.error_response(exc, self.metrics)
                 continue
             jobs.extend(request_jobs)
             owners.extend([index] * len(request_jobs))
-        if jobs:
+        if not jobs:
+            return responses
+        watch = triton_io.RequestWatch(requests, starts)
+        try:
+            mels = self.flow_matching(jobs, keep=lambda job: watch.alive(job.request_index))
+        except Exception as exc:
+            return [r or triton_io.error_response(exc, self.metrics) for r in responses]
+        for index in sorted(set(owners)):
+            own = [m for m, o in zip(mels, owners) if o == index]
             try:
-                mels = self.flow_matching(jobs)
+                if any(m is None for m in own) or not watch.alive(index):
+                    responses[index] = watch.error_response(index, self.metrics)
+                else:
+                    responses[index] = triton_io.response(wire.pack_mels(stages.check_finite(own)))
             except Exception as exc:
-                return [r or triton_io.error_response(exc) for r in responses]
-            for index in sorted(set(owners)):
-                own = [m for m, o in zip(mels, owners) if o == index]
-                try:
-                    responses[index] = triton_io.response(wire.pack_mels(check_finite(own)))
-                except Exception as exc:
-                    responses[index] = triton_io.error_response(exc)
+                responses[index] = triton_io.error_response(exc, self.metrics)
         return responses

@@ -1,31 +1,41 @@
-"""Triton adapter: vocode a request's chunks through the `vocoder` model, restore level, cross-fade."""
+"""Triton adapter: vocode a request's chunks through the `vocoder` model, restore level, cross-fade.
+
+Reports the generated audio and the real-time factor (`f5_triton.serving.metrics`); NaN/Inf audio
+is an error, never a response.
+"""
 
 import asyncio
+import time
 
 import numpy as np
 
 import triton_python_backend_utils as pb_utils
 
-from f5_triton.config import HOP_LENGTH
+from f5_triton.config import HOP_LENGTH, SAMPLE_RATE
 from f5_triton.pipeline import finish
-from f5_triton.serving import triton_io, wire
+from f5_triton.serving import stages, triton_io, wire
+from f5_triton.serving.metrics import Metrics
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.vocoder_model = triton_io.parameters(args).get("vocoder_model", "vocoder")
+        self.metrics = Metrics(args["model_name"])
 
     async def execute(self, requests):
         return await asyncio.gather(*(self._finish(request) for request in requests))
 
     async def _finish(self, request):
         try:
-            arrays = triton_io.inputs(request, ("mel", "mel_frames", "ref_rms"))
+            arrays = triton_io.inputs(request, ("mel", "mel_frames", "ref_rms", triton_io.RECEIVED_AT))
             mels = wire.unpack_mels(arrays["mel"], arrays["mel_frames"])
             waves = await asyncio.gather(*(self._vocode(mel) for mel in mels))
-            return triton_io.response({"waveform": finish(list(waves), float(arrays["ref_rms"][0]))})
+            wave = stages.check_finite_audio(finish(list(waves), float(arrays["ref_rms"][0])))
+            start = triton_io.received_at(arrays[triton_io.RECEIVED_AT])
+            self.metrics.generated(len(wave) / SAMPLE_RATE, None if start is None else time.time() - start)
+            return triton_io.response({"waveform": wave})
         except Exception as exc:
-            return triton_io.error_response(exc)
+            return triton_io.error_response(exc, self.metrics)
 
     async def _vocode(self, mel):
         """One chunk [n_mels, frames] -> waveform, as a request to the vocoder model (so it batches)."""

@@ -1,10 +1,14 @@
 """Triton adapter: validate a request and prepare its flow-matching jobs (f5_triton.pipeline.Preprocessor)."""
 
+import time
+
+import numpy as np
 import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
 
 from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params
 from f5_triton.pipeline import Preprocessor
 from f5_triton.serving import stages, triton_io, wire
+from f5_triton.serving.metrics import Metrics
 from f5_triton.serving.schema import INPUTS, validate_request
 from f5_triton.text import Tokenizer
 
@@ -16,8 +20,10 @@ class TritonPythonModel:
                                        cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS))
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
         self.default_nfe_steps = int(params.get("nfe_steps", 32))
+        self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests):
+        received_at = np.array([time.time()], dtype=np.float64)  # deadlines and the RTF count from here
         responses = []
         for request in requests:
             try:
@@ -26,7 +32,8 @@ class TritonPythonModel:
                     fields["nfe_steps"] = self.default_nfe_steps
                 synthesis = validate_request(**fields, limits=self.preprocess.limits)
                 synthesis.sway_sampling_coef = self.sway_sampling_coef
-                responses.append(triton_io.response(wire.pack_prepared(self.preprocess(synthesis))))
+                arrays = wire.pack_prepared(self.preprocess(synthesis))
+                responses.append(triton_io.response({**arrays, triton_io.RECEIVED_AT: received_at}))
             except Exception as exc:
-                responses.append(triton_io.error_response(exc))
+                responses.append(triton_io.error_response(exc, self.metrics))
         return responses
