@@ -11,6 +11,7 @@ models (preprocess -> flow_matching -> vocoder -> postprocess):
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import defaultdict
 from collections.abc import Callable
@@ -260,16 +261,25 @@ class TTS:
             decoder = vocoder_engine(decoder)
         return cls(model, tokenizer, decoder, device=device, dtype=dtype, **kwargs)
 
-    def synthesize(self, requests: list[SynthesisRequest]) -> list[np.ndarray]:
-        """All stages for a batch of validated requests; returns 24 kHz float32 waveforms."""
-        prepared = [self.preprocess(r) for r in requests]
-        jobs = []
-        for index, p in enumerate(prepared):
-            for job in p.jobs:
-                job.request_index = index
-                jobs.append(job)
-        waves = self.vocoder(self.flow_matching(jobs))
-        per_request: list[list[np.ndarray]] = [[] for _ in requests]
-        for job, wave in zip(jobs, waves):
-            per_request[job.request_index].append(wave)
-        return [finish(w, p.ref_rms) for w, p in zip(per_request, prepared)]
+    def synthesize(self, requests: list[SynthesisRequest], stage=None) -> list[np.ndarray]:
+        """All stages for a batch of validated requests; returns 24 kHz float32 waveforms.
+
+        `stage(name)`, if given, is a context manager wrapped around each stage (the benchmark times them).
+        """
+        stage = stage or (lambda name: contextlib.nullcontext())
+        with stage("preprocess"):
+            prepared = [self.preprocess(r) for r in requests]
+            jobs = []
+            for index, p in enumerate(prepared):
+                for job in p.jobs:
+                    job.request_index = index
+                    jobs.append(job)
+        with stage("dit"):
+            mels = self.flow_matching(jobs)
+        with stage("vocoder"):
+            waves = self.vocoder(mels)
+        with stage("postprocess"):
+            per_request: list[list[np.ndarray]] = [[] for _ in requests]
+            for job, wave in zip(jobs, waves):
+                per_request[job.request_index].append(wave)
+            return [finish(w, p.ref_rms) for w, p in zip(per_request, prepared)]
