@@ -43,6 +43,22 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def streaming_server(tiny_ckpt, tmp_path_factory):
+    """tritonserver with `f5_tts` and `f5_tts_streaming` (cpu target, tiny checkpoint, nfe 4 unless a
+    request says otherwise, small caches), shared by the streaming, cache and gateway tests."""
+    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.serving.repository import RepositoryOptions, render
+
+    repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
+                                    vocoder=tiny_ckpt / "vocos", nfe_steps=4, queue_delay_us=1000,
+                                    preprocess_instances=1, postprocess_instances=1, reference_cache_entries=8,
+                                    output_cache_entries=8, output_cache_mb=64),
+                  tmp_path_factory.mktemp("streaming_repo") / "model_repo")
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def tiny_server(tiny_ckpt, tmp_path_factory):
     """Factory of real tritonservers on cpu repositories: `with tiny_server(**options) as server:`.
 

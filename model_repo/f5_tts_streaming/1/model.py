@@ -3,12 +3,18 @@
 Flow matching and the vocoder run in this model, loaded once: a chunk goes out as soon as it is
 generated, without the queue delays of the batching `flow_matching` / `vocoder` models. A
 cancelled request (client gone, or `stop_stream(cancel_requests=True)`) stops at the next ODE step.
+
+The instances are KIND_CPU and take their device from the `devices` parameter ("cuda:0,cuda:1",
+instance k on device k mod n). On an H200 (Triton 2.51) a KIND_GPU instance of this decoupled
+model crashed its stub on its first request, in `deserialize_bytes_tensor` of a BYTES input (a
+garbage length prefix); the ensemble's only other model with BYTES inputs, preprocess, is
+KIND_CPU. Whether KIND_CPU avoids that crash on the GPU machine is not verified yet.
 """
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
+from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params, triton_metric_observer
 from f5_triton.pipeline import Preprocessor
 from f5_triton.serving import stages, triton_io
 from f5_triton.serving.schema import INPUTS, validate_request
@@ -20,16 +26,28 @@ class _Cancelled(Exception):
     pass
 
 
+def _device(params, args) -> str:
+    """This instance's device: its index (the end of "f5_tts_streaming_0_<k>") into `devices`."""
+    devices = [d.strip() for d in params.get("devices", "").split(",") if d.strip()]
+    if not devices:
+        return triton_io.device(args)
+    return devices[int(args["model_instance_name"].rsplit("_", 1)[1]) % len(devices)]
+
+
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
-        device = triton_io.device(args)
-        preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params),
-                                  cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS))
+        device = _device(params, args)
+        model = args["model_name"]
+        reference_cache = cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
+                                            triton_metric_observer(pb_utils, model, "reference"))
+        output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
+                                         triton_metric_observer(pb_utils, model, "output"))
+        preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params), cache=reference_cache)
         self.streamer = StreamingSynthesizer(
             preprocess, stages.load_flow_matcher(params, device), stages.load_vocoder(params, device),
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
-            output_cache=cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS))
+            output_cache=output_cache)
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
         self.default_nfe_steps = int(params.get("nfe_steps", 32))
 

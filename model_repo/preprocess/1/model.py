@@ -3,9 +3,9 @@
 import time
 
 import numpy as np
-import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
+import triton_python_backend_utils as pb_utils  # provided by the python backend
 
-from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params
+from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params, triton_metric_observer
 from f5_triton.pipeline import Preprocessor
 from f5_triton.serving import stages, triton_io, wire
 from f5_triton.serving.metrics import Metrics
@@ -17,7 +17,9 @@ class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
         self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params),
-                                       cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS))
+                                       cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
+                                                               triton_metric_observer(pb_utils, args["model_name"],
+                                                                                      "reference")))
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
         self.default_nfe_steps = int(params.get("nfe_steps", 32))
         self.metrics = Metrics(args["model_name"])

@@ -1,0 +1,103 @@
+"""The gateway's way to Triton: gRPC through `f5_triton.client`, errors turned into `APIError`s."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from f5_triton.client import STREAMING_MODEL, stream_synthesize, synthesize
+from f5_triton.gateway.errors import SERVER, UNAVAILABLE, APIError
+from f5_triton.gateway.voices import Voice
+
+# Triton input names -> the request fields of the speech endpoint.
+API_FIELDS = {"target_text": "input", "reference_wav": "voice", "reference_wav_len": "voice",
+              "reference_text": "voice", "sample_rate": "voice", "speed": "speed", "seed": "seed"}
+_FIELD_IN_MESSAGE = re.compile(r"\b(" + "|".join(API_FIELDS) + r"): ")
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+
+
+def api_error(exc: Exception) -> APIError:
+    """A tritonclient error (or a lost connection) as the HTTP error the client should see."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, TimeoutError):
+        return APIError(504, f"Triton did not answer in time: {exc}", type=UNAVAILABLE, code="timeout")
+    if not isinstance(exc, InferenceServerException):
+        return APIError(502, f"Triton request failed: {type(exc).__name__}: {exc}", type=SERVER)
+    status = str(exc.status() or "")
+    message = _ENSEMBLE_PREFIX.sub("", exc.message() or str(exc))
+    # Errors inside a gRPC stream come without a status code; bad input still starts with its field.
+    stream_invalid = not status and _FIELD_IN_MESSAGE.match(message)
+    if "INVALID_ARGUMENT" in status or status == "400" or stream_invalid:
+        match = _FIELD_IN_MESSAGE.search(message)
+        param = API_FIELDS[match.group(1)] if match else None
+        if match:  # "speed: is 5.0; ..." keeps its wording, named as the API names it
+            message = message[:match.start()] + f"{param}: " + message[match.end():]
+        return APIError(400, message, param=param, code="invalid_value")
+    if "UNAVAILABLE" in status or "RESOURCE_EXHAUSTED" in status:
+        return APIError(503, f"Triton is unavailable or busy: {message}", type=UNAVAILABLE, code="unavailable")
+    if "DEADLINE_EXCEEDED" in status:
+        return APIError(504, f"Triton did not answer in time: {message}", type=UNAVAILABLE, code="timeout")
+    return APIError(502, f"Triton failed: {message}", type=SERVER)
+
+
+class TritonBackend:
+    """Speech from a voice and a text, whole (`f5_tts`, batched) or streamed (`f5_tts_streaming`)."""
+
+    def __init__(self, url: str, model: str = "f5_tts", streaming_model: str = STREAMING_MODEL,
+                 timeout: float | None = 300.0):
+        self.url = url
+        self.model = model
+        self.streaming_model = streaming_model
+        self.timeout = timeout
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _shared_client(self):
+        """One gRPC channel for all non-streaming calls (tritonclient's gRPC client is thread-safe)."""
+        with self._lock:
+            if self._client is None:
+                import tritonclient.grpc
+
+                self._client = tritonclient.grpc.InferenceServerClient(self.url)
+            return self._client
+
+    def synthesize(self, voice: Voice, text: str, **optional) -> np.ndarray:
+        try:
+            return synthesize(self.url, voice.wave, voice.transcript, text, protocol="grpc", model=self.model,
+                              timeout=self.timeout, client=self._shared_client(), sample_rate=voice.sample_rate,
+                              **optional)
+        except Exception as exc:
+            raise api_error(exc) from exc
+
+    def stream(self, voice: Voice, text: str, **optional) -> Iterator[np.ndarray]:
+        """Waveform pieces as Triton sends them; errors raise `APIError`. Close it to cancel."""
+        pieces = stream_synthesize(self.url, voice.wave, voice.transcript, text, model=self.streaming_model,
+                                   timeout=self.timeout, sample_rate=voice.sample_rate, **optional)
+        try:
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    raise api_error(exc) from exc
+                yield piece
+        finally:
+            pieces.close()
+
+    def ready(self) -> bool:
+        try:
+            client = self._shared_client()
+            return bool(client.is_model_ready(self.model) and client.is_model_ready(self.streaming_model))
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None

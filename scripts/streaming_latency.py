@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Time to first audio of streaming synthesis, in process (what `f5_tts_streaming` runs per request).
+
+    python scripts/streaming_latency.py --ckpt-dir ckpts/F5TTS_v1_Base --device cuda --dtype fp16 --nfe 16
+    python scripts/streaming_latency.py --random-weights F5TTS_v1_Base --device cuda --nfe 32 --json out.json
+
+The default text makes about 30 s of audio; the reference defaults to ../shared/data/basic_ref_en.wav.
+Prints the median / min / max time to first audio and the total time and real-time factor. Against a
+running server use `client_grpc.py --streaming` instead (it reports the same first-audio time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = REPO.parent / "shared" / "data" / "basic_ref_en.wav"
+DEFAULT_REFERENCE_TEXT = "Some call me nature, others call me mother nature."
+# 300 bytes: about 30 s of audio with the default reference (durations follow the reference's pace).
+THIRTY_SECONDS = (
+    "Streaming speech should start quickly. The first sentence is short, so the listener hears it almost at "
+    "once, while the rest is still being generated. Each following chunk is cross-faded into the one before "
+    "it, so that the joins cannot be heard, and the whole passage is finished faster than it plays.")
+
+
+def build(args):
+    import torch
+
+    from f5_triton.engines import EngineConfig, make_dit_runner, make_vocoder_runner
+    from f5_triton.pipeline import TTS
+    from f5_triton.streaming import StreamingSynthesizer
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dit = EngineConfig(kind=args.dit_engine, path=args.dit_engine_path, device=args.device, compile=args.compile,
+                       cuda_graphs=args.cuda_graphs)
+    vocoder = EngineConfig(kind=args.vocoder_engine, path=args.vocoder_engine_path, device=args.device)
+    if args.random_weights:
+        from f5_triton.checkpoints import make_random_checkpoint
+
+        folder = make_random_checkpoint(tempfile.mkdtemp(prefix="f5-latency-"), args.random_weights, args.vocab,
+                                        vocoder_small=False)
+        ckpt, vocab, vocos = folder / "model.safetensors", folder / "vocab.txt", folder / "vocos"
+    else:
+        from f5_triton.cli import resolve_model_paths
+
+        ckpt, vocab, vocos = resolve_model_paths(args)
+    tts = TTS.from_paths(ckpt, vocab, vocos, arch=args.arch, device=args.device, dtype=dtype,
+                         engine=lambda model: make_dit_runner(model, dit),
+                         vocoder_engine=lambda decoder: make_vocoder_runner(decoder, vocoder))
+    return StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder,
+                                first_chunk_bytes=args.first_chunk_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from f5_triton.cli import add_model_args
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (timing only)")
+    parser.add_argument("--reference-audio", default=str(DEFAULT_REFERENCE))
+    parser.add_argument("--reference-text", default=DEFAULT_REFERENCE_TEXT)
+    parser.add_argument("--text", default=THIRTY_SECONDS, help="text to speak (default: ~30 s of speech)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--nfe", type=int, default=32)
+    parser.add_argument("--first-chunk-bytes", type=int, default=50)
+    parser.add_argument("--dit-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    parser.add_argument("--dit-engine-path")
+    parser.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    parser.add_argument("--vocoder-engine-path")
+    parser.add_argument("--compile", action="store_true", help="torch engine: torch.compile the DiT step")
+    parser.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per frame bucket")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="write the runs here")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and args.dtype != "fp32":
+        args.dtype = "fp32"
+
+    from f5_triton.audio import read_audio
+    from f5_triton.serving.schema import validate_request
+    from f5_triton.streaming import time_to_first_audio
+
+    streamer = build(args)
+    wave, rate = read_audio(args.reference_audio)
+    # no seed: the output cache (off here anyway) must never turn a repeat into a replay
+    request = validate_request(wave, args.reference_text, args.text, sample_rate=rate, nfe_steps=args.nfe)
+    chunks = streamer.prepare(request).chunks
+    synchronize = lambda: None  # noqa: E731
+    if args.device.startswith("cuda"):
+        import torch
+
+        synchronize = torch.cuda.synchronize
+    runs = time_to_first_audio(streamer, request, repeats=args.repeats, warmup=args.warmup, synchronize=synchronize)
+    first = [1000 * r.first_audio for r in runs]
+    print(f"{len(chunks)} chunks, first: {chunks[0]!r}")
+    print(f"time to first audio: median {statistics.median(first):.1f} ms (min {min(first):.1f}, "
+          f"max {max(first):.1f}) over {len(runs)} runs, nfe {args.nfe}, {args.device} {args.dtype}")
+    total = statistics.median(r.total for r in runs)
+    print(f"whole text: {total:.2f} s for {runs[0].audio_seconds:.1f} s of audio (RTF {total / runs[0].audio_seconds:.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "nfe": args.nfe, "device": args.device, "dtype": args.dtype, "chunks": chunks,
+            "runs": [{"first_audio_s": r.first_audio, "total_s": r.total, "audio_s": r.audio_seconds,
+                      "pieces": r.pieces} for r in runs]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
