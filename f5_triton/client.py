@@ -87,7 +87,18 @@ def stream_synthesize(url: str, wave: np.ndarray, reference_text: str, target_te
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, inputs, outputs=outputs)
+        try:
+            client.async_stream_infer(model, inputs, outputs=outputs)
+        except Exception:
+            # a stream that failed at once (server unreachable) reports why through the callback
+            try:
+                error = results.get(timeout=1.0)[1]
+            except queue.Empty:
+                error = None
+            if error is None:
+                raise
+            finished = True
+            raise error from None
         while not finished:
             try:
                 result, error = results.get(timeout=timeout)

@@ -98,3 +98,20 @@ def tiny_tts(tiny_ckpt):
     torch.set_num_threads(1)
     yield TTS.from_paths(tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def metric_samples():
+    """`metric_samples(server, prefix)` -> {(name, sorted label items): value} from Triton's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read(server, prefix: str) -> dict[tuple, float]:
+        with urllib.request.urlopen(server.urls.metrics, timeout=10) as response:
+            exposition = response.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(exposition) for s in family.samples
+                if s.name.startswith(prefix)}
+
+    return read

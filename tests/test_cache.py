@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import numpy as np
 import pytest
 import soundfile as sf
@@ -200,15 +198,15 @@ def test_triton_metric_observer_counts_by_cache_and_event():
 # --------------------------------------------------------------------------- Triton
 
 
-def cache_events(server) -> dict[tuple[str, str, str], float]:
+@pytest.fixture
+def cache_events(metric_samples):
     """(model, cache, event) -> count, from Triton's Prometheus endpoint."""
-    from prometheus_client.parser import text_string_to_metric_families
+    def read(server) -> dict[tuple[str, str, str], float]:
+        return {(labels["model"], labels["cache"], labels["event"]): value
+                for (_, items), value in metric_samples(server, "f5_tts_cache_events").items()
+                for labels in [dict(items)]}
 
-    with urllib.request.urlopen(server.urls.metrics, timeout=10) as response:
-        exposition = response.read().decode()
-    return {(s.labels["model"], s.labels["cache"], s.labels["event"]): s.value
-            for family in text_string_to_metric_families(exposition) for s in family.samples
-            if s.name.startswith("f5_tts_cache_events")}
+    return read
 
 
 def delta(before, after, *key) -> float:
@@ -216,7 +214,7 @@ def delta(before, after, *key) -> float:
 
 
 @pytest.mark.server
-def test_server_output_cache_repeats_seeded_streams(streaming_server, ref_wave):
+def test_server_output_cache_repeats_seeded_streams(streaming_server, ref_wave, cache_events):
     from f5_triton.client import stream_synthesize
 
     def run(**optional):
@@ -240,7 +238,7 @@ def test_server_output_cache_repeats_seeded_streams(streaming_server, ref_wave):
 
 
 @pytest.mark.server
-def test_server_reference_cache_hits_keep_ensemble_results(streaming_server, tts, ref_wave):
+def test_server_reference_cache_hits_keep_ensemble_results(streaming_server, tts, ref_wave, cache_events):
     """`f5_tts` with the reference cache: the second use of a voice is a hit and still equals the
     uncached in-process pipeline."""
     from f5_triton.client import synthesize

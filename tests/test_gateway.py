@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import shutil
@@ -206,7 +207,34 @@ def silent_wav() -> bytes:
     return out.getvalue()
 
 
-def test_models_and_health(gateway):
+def test_models_health_and_unknown_routes(gateway):
     status, models = call(gateway, "GET", "/v1/models")
     assert status == 200 and "tts-1" in {m["id"] for m in models["data"]}
-    assert call(gateway, "GET", "/health") == (200, {"status": "ok"})
+    with urllib.request.urlopen(f"{gateway}/health", timeout=10) as response:  # no API key needed
+        assert json.load(response) == {"status": "ok"}
+    status, answer = call(gateway, "GET", "/v1/nothing")
+    assert status == 404 and answer["error"]["type"] == "not_found_error"
+    # an oversized body is refused from its Content-Length, before it is read (none is sent here)
+    connection = http.client.HTTPConnection(gateway.removeprefix("http://"), timeout=10)
+    connection.putrequest("POST", "/v1/audio/speech")
+    for header, value in (("Authorization", f"Bearer {API_KEY}"), ("Content-Type", "application/json"),
+                          ("Content-Length", str(10**9))):
+        connection.putheader(header, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and json.load(response)["error"]["code"] == "too_large"
+    connection.close()
+
+
+def test_unreachable_triton_is_503(ref_wave):
+    from f5_triton.gateway.backend import TritonBackend
+    from f5_triton.gateway.errors import APIError
+    from f5_triton.gateway.voices import Voice
+
+    backend = TritonBackend("127.0.0.1:1", timeout=10)
+    voice = Voice("v", ref_wave, 24000, REF_TEXT)
+    for call_backend in (lambda: backend.synthesize(voice, "Hi."), lambda: next(backend.stream(voice, "Hi."))):
+        with pytest.raises(APIError) as caught:
+            call_backend()
+        assert caught.value.status == 503 and caught.value.type == "service_unavailable_error"
+    assert not backend.ready()

@@ -149,8 +149,10 @@ def stream_with_times(server, wave, target_text, **optional):
 
 
 @pytest.mark.server
-def test_server_stream_equals_in_process(streaming_server, tts, streamer, ref_wave):
+def test_server_stream_equals_in_process(streaming_server, tts, streamer, ref_wave, metric_samples):
     stream_with_times(streaming_server, ref_wave, "Warm up.", nfe_steps=2)  # first-call costs out of the timing
+    audio_seconds = ("f5_tts_generated_audio_seconds_total", (("model", "f5_tts_streaming"),))
+    before = metric_samples(streaming_server, "f5_tts_generated_audio_seconds").get(audio_seconds, 0)
     pieces, arrivals = stream_with_times(streaming_server, ref_wave, LONG_TEXT, seed=21, nfe_steps=8, speed=1.1)
     request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=21, nfe_steps=8, speed=1.1)
     prepared = streamer.prepare(request)
@@ -161,14 +163,18 @@ def test_server_stream_equals_in_process(streaming_server, tts, streamer, ref_wa
     assert np.abs(joined - expected).max() < 1e-4  # another process, same code: float noise at most
     # one response per chunk, spread over the generation: the first arrives long before the final one
     assert arrivals[-1] - arrivals[0] > 0.3 * arrivals[-1], arrivals
+    after = metric_samples(streaming_server, "f5_tts_generated_audio_seconds")[audio_seconds]
+    assert after - before == pytest.approx(len(joined) / 24000, rel=1e-3)
 
 
 @pytest.mark.server
-def test_cancelling_stops_generation_before_the_last_chunk(streaming_server, ref_wave):
+def test_cancelling_stops_generation_before_the_last_chunk(streaming_server, ref_wave, metric_samples):
     """The client cancels as soon as it holds the first piece; the server then stops early, which it
     could not if it generated every chunk before sending the first (deterministic, unlike timings)."""
     from f5_triton.client import stream_synthesize
 
+    cancelled = ("f5_tts_rejected_requests_total", (("model", "f5_tts_streaming"), ("reason", "cancelled")))
+    before = metric_samples(streaming_server, "f5_tts_rejected").get(cancelled, 0)
     pieces = stream_synthesize(streaming_server.urls.grpc, ref_wave, REF_TEXT, LONG_TEXT * 2, nfe_steps=16, timeout=120)
     assert len(next(pieces)) > 0
     pieces.close()  # stop_stream(cancel_requests=True)
@@ -179,6 +185,7 @@ def test_cancelling_stops_generation_before_the_last_chunk(streaming_server, ref
     assert found, streaming_server.log_tail()
     sent, chunks = (int(v) for v in found[-1])
     assert 1 <= sent < chunks
+    assert metric_samples(streaming_server, "f5_tts_rejected")[cancelled] == before + 1
 
 
 @pytest.mark.server

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -122,12 +122,21 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
             raise APIError(403, "voice upload is disabled on this gateway", type=errors.INVALID_REQUEST,
                            code="forbidden")
 
-    app = FastAPI(title="f5-triton gateway", description="OpenAI-compatible speech API over Triton",
-                  dependencies=[Depends(authorize)])
+    app = FastAPI(title="f5-triton gateway", description="OpenAI-compatible speech API over Triton")
     errors.install(app)
     app.state.config, app.state.backend, app.state.voices = config, backend, voices
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    max_body = config.max_upload_bytes + 2**16  # an upload and its form fields
 
-    @app.post("/v1/audio/speech")
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        # uvicorn reads bodies of any size; refuse declared oversize ones before they are read
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body:
+            return APIError(413, f"request body is larger than {max_body} bytes", code="too_large").response()
+        return await call_next(request)
+
+    @api.post("/audio/speech")
     def speech(body: SpeechRequest) -> Response:
         _check_request(body, config)
         voice = find_voice(body.voice_name)
@@ -142,16 +151,16 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
         encoder = formats.encoder(body.response_format, body.volume)
         return StreamingResponse(_audio_stream(pieces, first, encoder), media_type=media_type)
 
-    @app.get("/v1/models")
+    @api.get("/models")
     def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "f5-triton"}
                                            for name in config.model_names]}
 
-    @app.get("/v1/voices")
+    @api.get("/voices")
     def list_voices() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "voice"} for name in voices.names()]}
 
-    @app.post("/v1/voices", status_code=201)
+    @api.post("/voices", status_code=201)
     def upload_voice(name: Annotated[str, Form()], transcript: Annotated[str, Form()],
                      audio: Annotated[UploadFile, File()]) -> dict:
         check_uploads_allowed()
@@ -168,7 +177,7 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
         return {"id": voice.name, "object": "voice", "seconds": round(voice.seconds, 3),
                 "sample_rate": voice.sample_rate, "transcript": voice.transcript}
 
-    @app.delete("/v1/voices/{name}")
+    @api.delete("/voices/{name}")
     def delete_voice(name: str) -> dict:
         check_uploads_allowed()
         try:
@@ -179,9 +188,10 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
             raise errors.from_invalid_input(exc, {"voice": "name"}) from None
         return {"id": name, "object": "voice", "deleted": True}
 
-    @app.get("/health")
+    @app.get("/health")  # no API key: for load balancers
     def health() -> JSONResponse:
         ready = backend.ready()
         return JSONResponse({"status": "ok" if ready else "triton not ready"}, status_code=200 if ready else 503)
 
+    app.include_router(api)
     return app

@@ -2,7 +2,8 @@
 
 Flow matching and the vocoder run in this model, loaded once: a chunk goes out as soon as it is
 generated, without the queue delays of the batching `flow_matching` / `vocoder` models. A
-cancelled request (client gone, or `stop_stream(cancel_requests=True)`) stops at the next ODE step.
+cancelled request (client gone, or `stop_stream(cancel_requests=True)`) or one past its Triton
+timeout stops at the next ODE step. Audio seconds, RTF and rejections go to `serving.metrics`.
 
 The instances are KIND_CPU and take their device from the `devices` parameter ("cuda:0,cuda:1",
 instance k on device k mod n). On an H200 (Triton 2.51) a KIND_GPU instance of this decoupled
@@ -11,19 +12,24 @@ garbage length prefix); the ensemble's only other model with BYTES inputs, prepr
 KIND_CPU. Whether KIND_CPU avoids that crash on the GPU machine is not verified yet.
 """
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params, triton_metric_observer
+from f5_triton.config import SAMPLE_RATE
 from f5_triton.pipeline import Preprocessor
-from f5_triton.serving import stages, triton_io
+from f5_triton.serving import metrics, stages, triton_io
 from f5_triton.serving.schema import INPUTS, validate_request
 from f5_triton.streaming import DEFAULT_FIRST_CHUNK_BYTES, StreamingSynthesizer
 from f5_triton.text import Tokenizer
 
+DROPPED = {metrics.CANCELLED: "cancelled by the client", metrics.DEADLINE_EXCEEDED: "past its deadline"}
 
-class _Cancelled(Exception):
-    pass
+
+class _Dropped(Exception):
+    """The request was cancelled or its Triton timeout passed: stop generating."""
 
 
 def _device(params, args) -> str:
@@ -48,6 +54,7 @@ class TritonPythonModel:
             preprocess, stages.load_flow_matcher(params, device), stages.load_vocoder(params, device),
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
+        self.metrics = metrics.Metrics(model)
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
         self.default_nfe_steps = int(params.get("nfe_steps", 32))
 
@@ -57,29 +64,34 @@ class TritonPythonModel:
         return None
 
     def _stream(self, request, sender):
-        def check_cancelled(_step=None):
-            if sender.is_cancelled():
-                raise _Cancelled()
+        watch = triton_io.RequestWatch([request])
+        start = time.time()
+
+        def check_wanted(_step=None):
+            if not watch.alive(0):
+                raise _Dropped()
 
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        sent, chunks = 0, "?"
+        sent, chunks, audio_seconds = 0, "?", 0.0
         try:
             fields = triton_io.inputs(request, [f.name for f in INPUTS])
             if fields["nfe_steps"] is None:
                 fields["nfe_steps"] = self.default_nfe_steps
             synthesis = validate_request(**fields, limits=self.streamer.preprocess.limits)
             synthesis.sway_sampling_coef = self.sway_sampling_coef
-            for piece in self.streamer.stream(synthesis, on_step=check_cancelled):
+            for piece in self.streamer.stream(synthesis, on_step=check_wanted):
                 chunks = piece.chunks
-                check_cancelled()
-                sender.send(triton_io.response({"waveform": piece.audio, "is_final": np.array([piece.is_final])}),
+                check_wanted()
+                audio = stages.check_finite_audio(piece.audio)
+                sender.send(triton_io.response({"waveform": audio, "is_final": np.array([piece.is_final])}),
                             flags=final if piece.is_final else 0)
                 sent += 1
-        except _Cancelled:
-            pb_utils.Logger.log_info(f"f5_tts_streaming: request cancelled by the client after {sent} of {chunks} "
-                                     f"pieces; generation stopped")
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled",
-                                                                              pb_utils.TritonError.CANCELLED)),
-                        flags=final)
+                audio_seconds += len(audio) / SAMPLE_RATE
+            self.metrics.generated(audio_seconds, time.time() - start)
+        except _Dropped:
+            response = watch.error_response(0, self.metrics)  # counted before the log line tests wait for
+            pb_utils.Logger.log_info(f"f5_tts_streaming: request {DROPPED[watch.dropped[0]]} after {sent} of "
+                                     f"{chunks} pieces; generation stopped")
+            sender.send(response, flags=final)
         except Exception as exc:
-            sender.send(triton_io.error_response(exc), flags=final)
+            sender.send(triton_io.error_response(exc, self.metrics), flags=final)
