@@ -236,3 +236,30 @@ class GpuSampler:
 
     def mean_utilization(self) -> dict[str, float]:
         return {f"gpu{i}": float(np.mean(v)) for i, v in self.samples.items() if v}
+
+
+def plot_side_by_side(results: dict, path: str | Path) -> Path:
+    """Bar chart of scripts/bench_vs_upstream.py's JSON: seconds per request, upstream vs ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("upstream\nCFM.sample + Vocos", results["upstream_seconds"])] if "upstream_seconds" in results else []
+    bars += [(f"f5-triton\n{key[len('ours_'):-len('_seconds')]}", value) for key, value in results.items()
+             if key.startswith("ours_") and key.endswith("_seconds")]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    names, seconds = zip(*bars)
+    rects = ax.bar(names, [s * 1000 for s in seconds], color=["#999999"] + ["#2a7ab9"] * (len(bars) - 1))
+    for rect, s in zip(rects, seconds):
+        ax.annotate(f"{s * 1000:.0f} ms\nRTF {s / results['audio_seconds']:.4f}", (rect.get_x() + rect.get_width() / 2,
+                    rect.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("ms per request")
+    ax.set_ylim(0, max(seconds) * 1300)
+    ax.set_title(f"{results['gpu']}, {results['arch']}, NFE {results['nfe']}, {results['dtype']}, batch 1\n"
+                 f"{results['audio_seconds']:.1f} s generated", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--mfu-batch", type=int, default=8, help="requests per DiT step for the MFU measurement")
     p.add_argument("--skip-upstream", action="store_true")
     p.add_argument("--output-json")
+    p.add_argument("--plot", help="PNG bar chart of the side-by-side times")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -197,6 +198,8 @@ def main() -> None:
           f"{achieved:.0f} TFLOP/s = {100 * achieved / peak:.1f}% of measured bf16 matmul peak {peak:.0f} TFLOP/s")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
+    if args.plot:
+        print(f"plot: {bench.plot_side_by_side(results, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ for what in $WHAT; do
   case $what in
     side)
       python3 scripts/bench_vs_upstream.py --arch "$ARCH" --nfe "$NFE" --dtype fp16 --variants "${VARIANTS:-graphs,compile+graphs}" \
-        --output-json "$OUT/side.json" 2>&1 | grep -v -i warn | tee "$OUT/side.log" ;;
+        --output-json "$OUT/side.json" --plot "$OUT/side.png" 2>&1 | grep -v -i warn | tee "$OUT/side.log" ;;
     offline)
       python3 benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" --batch-size ${BATCH_SIZES:-1,4,8,16} --num-requests 32 \
         --compile --cuda-graphs --enable-warmup --output-json "$OUT/offline.jsonl" --plot "$OUT/offline.png" 2>&1 \

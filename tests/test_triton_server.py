@@ -105,12 +105,9 @@ def test_16_concurrent_requests_are_batched(server, ref_wave):
 @pytest.mark.parametrize("client", ["client_http.py", "client_grpc.py"])
 def test_upstream_clients_work_unchanged(server, ref_en, tmp_path, client):
     """Upstream F5-TTS's own Triton clients (pinned f5-tts==1.1.22) against our server."""
-    import importlib.util
+    import upstream
 
-    spec = importlib.util.find_spec("f5_tts")
-    if spec is None:
-        pytest.skip("upstream f5-tts not installed")
-    script = Path(list(spec.submodule_search_locations)[0]) / "runtime" / "triton_trtllm" / client
+    script = Path(upstream.package_root()) / "runtime" / "triton_trtllm" / client
     args = [sys.executable, str(script), "--reference-audio", str(ref_en), "--reference-text", REF_TEXT,
             "--target-text", "Upstream clients work without changes."]
     if client == "client_http.py":

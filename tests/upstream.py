@@ -22,15 +22,19 @@ def _register_package(name: str, path: str) -> None:
         sys.modules[name] = module
 
 
+def package_root() -> str:
+    """Folder of the installed upstream `f5_tts` package (the test is skipped if it is absent)."""
+    if "f5_tts" in sys.modules:
+        return sys.modules["f5_tts"].__path__[0]
+    spec = importlib.util.find_spec("f5_tts")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("upstream f5-tts is not installed (pip install --no-deps f5-tts==1.1.22)")
+    return list(spec.submodule_search_locations)[0]
+
+
 def load(module_name: str):
     """Import `f5_tts.<module_name>` (e.g. "model.backbones.dit"), skipping the test if absent."""
-    if "f5_tts" in sys.modules:
-        root = sys.modules["f5_tts"].__path__[0]
-    else:
-        spec = importlib.util.find_spec("f5_tts")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("upstream f5-tts is not installed (pip install --no-deps f5-tts==1.1.22)")
-        root = list(spec.submodule_search_locations)[0]
+    root = package_root()
     _stub_librosa_if_missing()
     _register_package("f5_tts", root)
     _register_package("f5_tts.model", f"{root}/model")
