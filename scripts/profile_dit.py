@@ -58,7 +58,6 @@ def main():
         te = torch.randn(b, n, config.text_dim, device="cuda", dtype=dtype)
         t = torch.rand(b, device="cuda", dtype=dtype)
         mask = torch.ones(b, n, dtype=torch.bool, device="cuda")
-        flops = None
         with torch.inference_mode():
             h = torch.randn(b, config.dim, n, device="cuda", dtype=dtype)
             conv = model.input_embed.conv_pos_embed.conv1d[0]

@@ -35,6 +35,16 @@ def ref_zh() -> Path:
 
 
 @pytest.fixture(scope="session")
+def ref_wave(ref_en):
+    """basic_ref_en.wav as float32 samples (24 kHz)."""
+    import soundfile as sf
+
+    wave, rate = sf.read(ref_en, dtype="float32")
+    assert rate == 24000
+    return wave
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random checkpoint folder in the official layout (model.safetensors, vocab, vocos/)."""
     from f5_triton.checkpoints import make_random_checkpoint
@@ -115,3 +125,20 @@ def metric_samples():
                 if s.name.startswith(prefix)}
 
     return read
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tiny_ckpt):
+    """The tiny checkpoint's DiT, loaded by the real loader (CPU, fp32)."""
+    from f5_triton.checkpoints import load_dit
+    from f5_triton.text import Tokenizer
+
+    return load_dit(tiny_ckpt / "model.safetensors", Tokenizer(tiny_ckpt / "vocab.txt").vocab_size)
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tiny_ckpt):
+    """The tiny checkpoint's Vocos as the exportable decoder."""
+    from f5_triton.vocoder import VocosDecoder, load_vocos
+
+    return VocosDecoder(load_vocos(tiny_ckpt / "vocos")).eval()

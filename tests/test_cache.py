@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from f5_triton.cache import (
     OUTPUT_CACHE_DEFAULTS,
@@ -26,12 +25,6 @@ TEXT = "A cached voice sounds the same. And so does a cached answer."
 @pytest.fixture(scope="module")
 def tts(tiny_ckpt):
     return TTS.from_paths(tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
-
-
-@pytest.fixture(scope="module")
-def ref_wave(ref_en):
-    wave, _ = sf.read(ref_en, dtype="float32")
-    return wave
 
 
 # --------------------------------------------------------------------------- LRUCache

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from f5_triton.checkpoints import (
-    find_checkpoint, load_dit, make_random_checkpoint, random_dit, read_raw_state_dict, resolve_architecture,
+    find_checkpoint, load_dit, random_dit, read_raw_state_dict, resolve_architecture,
     transformer_state_dict, write_checkpoint)
 from f5_triton.config import ARCHITECTURES
 from f5_triton.errors import CheckpointError

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from f5_triton.checkpoints import load_dit
 from f5_triton.engines import (
     DIT_INPUTS,
     DIT_OUTPUTS,
@@ -43,20 +42,19 @@ from f5_triton.engines.networks import output_valid_mask, random_inputs
 from f5_triton.engines.tensorrt_engine import check_profile
 from f5_triton.export.onnx_export import export_models
 from f5_triton.sampler import sample
-from f5_triton.text import Tokenizer
-from f5_triton.vocoder import VocosDecoder, decode_batch, load_vocos
+from f5_triton.vocoder import decode_batch
 
 STEP_TOL, VOCODER_TOL, SAMPLE_TOL, PIPELINE_TOL = 1e-4, 1e-5, 1e-3, 1e-3
 
 
 @pytest.fixture(scope="module")
-def dit(tiny_ckpt):
-    return load_dit(tiny_ckpt / "model.safetensors", Tokenizer(tiny_ckpt / "vocab.txt").vocab_size)
+def dit(tiny_dit):
+    return tiny_dit
 
 
 @pytest.fixture(scope="module")
-def decoder(tiny_ckpt):
-    return VocosDecoder(load_vocos(tiny_ckpt / "vocos")).eval()
+def decoder(tiny_decoder):
+    return tiny_decoder
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from f5_triton.checkpoints import load_dit, random_dit
+from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 from f5_triton.engines import DIT_STEP, VOCODER, DiTStep, VocoderNetwork
 from f5_triton.engines.networks import output_valid_mask, random_inputs
@@ -29,8 +29,6 @@ from f5_triton.export.onnx_export import (
     half_with_fp32_islands,
 )
 from f5_triton.export.tensorrt_build import BuildOptions, ShapeRange, batch_range, profile_shapes
-from f5_triton.text import Tokenizer
-from f5_triton.vocoder import VocosDecoder, load_vocos
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {("dit_step", "fp32"): 1e-4, ("vocoder", "fp32"): 1e-5, ("dit_step", "fp16"): 2e-2,
@@ -49,13 +47,13 @@ def tensorrt_importable() -> bool:
 
 
 @pytest.fixture(scope="module")
-def dit(tiny_ckpt):
-    return load_dit(tiny_ckpt / "model.safetensors", Tokenizer(tiny_ckpt / "vocab.txt").vocab_size)
+def dit(tiny_dit):
+    return tiny_dit
 
 
 @pytest.fixture(scope="module")
-def decoder(tiny_ckpt):
-    return VocosDecoder(load_vocos(tiny_ckpt / "vocos")).eval()
+def decoder(tiny_decoder):
+    return tiny_decoder
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from f5_triton.client import build_inputs, protocol_module
 from f5_triton.config import HOP_LENGTH, SAMPLE_RATE
@@ -23,13 +22,6 @@ REF_TEXT = "Some call me nature, others call me mother nature."
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
 REQUESTS, CONCURRENCY = 300, 24
 MAX_QUEUE_SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def ref_wave(ref_en) -> np.ndarray:
-    wave, rate = sf.read(ref_en, dtype="float32")
-    assert rate == SAMPLE_RATE
-    return wave
 
 
 @pytest.fixture(scope="module")

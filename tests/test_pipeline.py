@@ -17,13 +17,6 @@ def tts(tiny_ckpt):
     return TTS.from_paths(tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
 
 
-@pytest.fixture(scope="module")
-def ref_wave(ref_en):
-    wave, rate = sf.read(ref_en, dtype="float32")
-    assert rate == SAMPLE_RATE
-    return wave
-
-
 def expected_samples(wave, ref_text, gen_text, speed=1.0):
     """Upstream infer_batch_process: duration = ref + ref/ref_bytes*gen_bytes/speed; output = the generated part."""
     clipped = audio.clip_reference(wave, SAMPLE_RATE)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from f5_triton.config import DEFAULT_LIMITS, SAMPLE_RATE
@@ -137,13 +136,6 @@ def flow_stats(server) -> tuple[int, int]:
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ref_wave(ref_en) -> np.ndarray:
-    wave, rate = sf.read(ref_en, dtype="float32")
-    assert rate == SAMPLE_RATE
-    return wave
-
 
 @pytest.fixture(scope="module")
 def server(tiny_server):

@@ -41,12 +41,6 @@ def tts(tiny_ckpt):
     return TTS.from_paths(tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
 
 
-@pytest.fixture(scope="module")
-def ref_wave(ref_en):
-    wave, _ = sf.read(ref_en, dtype="float32")
-    return wave
-
-
 def infer(module, url, wave, ref_text, target_text, **extra):
     from f5_triton.client import synthesize
 
