@@ -44,31 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--plot", help="PNG of the sweep (batch sizes or concurrencies)")
     off = p.add_argument_group("offline")
     add_model_args(off)
-    off.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (no files)")
     off.add_argument("--batch-size", default="1", help="batch size, or a comma list for a sweep")
-    off.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    off.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on GPU")
-    off.add_argument("--backend-type", default="torch", choices=["torch", "pytorch", "onnxruntime", "trt"],
-                     help="DiT engine (upstream's names accepted: pytorch = torch)")
-    off.add_argument("--dit-engine-path", help=".onnx / .plan for --backend-type onnxruntime / trt")
-    off.add_argument("--vocoder-engine-path", help=".onnx / .plan of the vocoder")
-    off.add_argument("--compile", action="store_true", help="torch engine: torch.compile the DiT step")
-    off.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per shape bucket")
+    bench.add_engine_args(p)
     srv = p.add_argument_group("server")
     srv.add_argument("--server-url", default="localhost:8001")
     srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
     srv.add_argument("--model-name", default="f5_tts")
     return p.parse_args(argv)
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def _ints(text: str) -> list[int]:
@@ -78,39 +61,6 @@ def _ints(text: str) -> list[int]:
 def load_items(args) -> list[bench.Item]:
     items = bench.load_items(args.dataset) if args.dataset else bench.builtin_items(4, args.reference_audio)
     return [items[i % len(items)] for i in range(args.num_requests)]
-
-
-def build_tts(args):
-    """The in-process pipeline with the engines and precision the arguments ask for."""
-    import tempfile
-
-    import torch
-
-    from f5_triton.engines import EngineConfig, make_dit_runner, make_vocoder_runner
-    from f5_triton.pipeline import TTS
-
-    dtype_name = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    kind = {"pytorch": "torch", "trt": "tensorrt"}.get(args.backend_type, args.backend_type)
-    dit_config = EngineConfig(kind=kind, path=args.dit_engine_path, device=args.device, compile=args.compile,
-                              cuda_graphs=args.cuda_graphs, frame_buckets=bench.FRAME_BUCKETS)
-    vocoder_kind = "torch" if not args.vocoder_engine_path else ("tensorrt" if args.vocoder_engine_path.endswith(
-        ".plan") else "onnxruntime")
-    vocoder_config = EngineConfig(kind=vocoder_kind, path=args.vocoder_engine_path, device=args.device)
-    engine = lambda dit: make_dit_runner(dit, dit_config)  # noqa: E731
-    vocoder_engine = lambda decoder: make_vocoder_runner(decoder, vocoder_config)  # noqa: E731
-    if args.random_weights:
-        from f5_triton.checkpoints import make_random_checkpoint
-
-        folder = make_random_checkpoint(tempfile.mkdtemp(prefix="f5-bench-"), args.random_weights, args.vocab,
-                                        vocoder_small=False)
-        ckpt, vocab, vocoder = folder / "model.safetensors", folder / "vocab.txt", folder / "vocos"
-    else:
-        from f5_triton.cli import resolve_model_paths
-
-        ckpt, vocab, vocoder = resolve_model_paths(args)
-    return TTS.from_paths(ckpt, vocab, vocoder, arch=args.arch, device=args.device, dtype=dtype, engine=engine,
-                          vocoder_engine=vocoder_engine), dtype_name
 
 
 def run_offline(args, items, batch_size: int, tts, label: str) -> bench.Result:
@@ -204,8 +154,9 @@ def main(argv=None) -> int:
     items = load_items(args)
     results = []
     if args.mode == "offline":
-        tts, dtype_name = build_tts(args)
-        label = args.label or f"{args.backend_type} {dtype_name} nfe{args.nfe}"
+        tts, dtype_name = bench.tts_from_args(args)
+        args.device = str(tts.flow_matching.device)
+        label = args.label or f"{args.dit_engine} {dtype_name} nfe{args.nfe}"
         for batch_size in _ints(args.batch_size):
             results.append(run_offline(args, items, batch_size, tts, label))
     else:

@@ -485,7 +485,7 @@ if run_stage 7; then
   [ -f "$ENGINE_DIR/dit_step.plan" ] && [ -f "$ENGINE_DIR/vocoder.plan" ] \
     || die "no engines in $ENGINE_DIR; run stages 1-2 (--backend trt)"
   benchmark trt "${BENCH_BATCH_SIZE:-2}" --backend-type trt --dit-engine-path "$ENGINE_DIR/dit_step.plan" \
-    --vocoder-engine-path "$ENGINE_DIR/vocoder.plan"
+    --vocoder-engine tensorrt --vocoder-engine-path "$ENGINE_DIR/vocoder.plan"
 fi
 
 if run_stage 8; then

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from f5_triton.config import CUDA_GRAPH_FRAME_BUCKETS as FRAME_BUCKETS  # noqa: F401  (re-exported)
 from f5_triton.config import SAMPLE_RATE
 
 BUILTIN_REF_TEXT = "Some call me nature, others call me mother nature."
@@ -30,6 +29,56 @@ BUILTIN_TARGETS = [
     "The quick brown fox jumps over the lazy dog, and then it runs all the way back home before the sun goes down.",
     "Benchmarks should use realistic lengths, so this sentence asks for about ten seconds of speech in total.",
 ]
+
+
+ENGINE_ALIASES = {"pytorch": "torch", "trt": "tensorrt"}  # upstream benchmark.py's --backend-type names
+
+
+def add_engine_args(parser) -> None:
+    """Options that pick the weights, device, precision and engines of an in-process pipeline."""
+    group = parser.add_argument_group("engines")
+    group.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (timing only)")
+    group.add_argument("--device", default=None, help="cuda when a GPU is visible, else cpu")
+    group.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on GPU")
+    group.add_argument("--dit-engine", "--backend-type", dest="dit_engine", default="torch",
+                       choices=["torch", "onnxruntime", "tensorrt", *ENGINE_ALIASES],
+                       help="engine of the DiT step (upstream's names accepted: pytorch, trt)")
+    group.add_argument("--dit-engine-path", help=".onnx / .plan of the DiT step")
+    group.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    group.add_argument("--vocoder-engine-path", help=".onnx / .plan of the vocoder")
+    group.add_argument("--compile", action="store_true", help="torch engine: torch.compile the DiT step")
+    group.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per frame bucket")
+
+
+def tts_from_args(args):
+    """(TTS, dtype name) for `add_engine_args` + `cli.add_model_args` options."""
+    import tempfile
+
+    import torch
+
+    from f5_triton.engines import EngineConfig, make_dit_runner, make_vocoder_runner
+    from f5_triton.pipeline import TTS
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    dit = EngineConfig(kind=ENGINE_ALIASES.get(args.dit_engine, args.dit_engine), path=args.dit_engine_path,
+                       device=device, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    vocoder = EngineConfig(kind=args.vocoder_engine, path=args.vocoder_engine_path, device=device)
+    if args.random_weights:
+        from f5_triton.checkpoints import make_random_checkpoint
+
+        folder = make_random_checkpoint(tempfile.mkdtemp(prefix="f5-bench-"), args.random_weights, args.vocab,
+                                        vocoder_small=False)
+        ckpt, vocab, vocoder_dir = folder / "model.safetensors", folder / "vocab.txt", folder / "vocos"
+    else:
+        from f5_triton.cli import resolve_model_paths
+
+        ckpt, vocab, vocoder_dir = resolve_model_paths(args)
+    tts = TTS.from_paths(ckpt, vocab, vocoder_dir, arch=args.arch, device=device, dtype=dtype,
+                         engine=lambda model: make_dit_runner(model, dit),
+                         vocoder_engine=lambda decoder: make_vocoder_runner(decoder, vocoder))
+    return tts, dtype_name
 
 
 @dataclass

@@ -157,7 +157,7 @@ def main() -> None:
     best = None
     for variant in args.variants.split(","):
         engine = EngineConfig(kind="torch", device="cuda", compile="compile" in variant,
-                              cuda_graphs="graphs" in variant, frame_buckets=bench.FRAME_BUCKETS)
+                              cuda_graphs="graphs" in variant)
         torch.cuda.reset_peak_memory_stats()
         tts = TTS.from_paths(folder / "model.safetensors", folder / "vocab.txt", folder / "vocos", device="cuda",
                              dtype=dtype, engine=lambda dit: make_dit_runner(dit, engine))

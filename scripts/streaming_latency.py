@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,58 +28,34 @@ THIRTY_SECONDS = (
 
 
 def build(args):
-    import torch
-
-    from f5_triton.engines import EngineConfig, make_dit_runner, make_vocoder_runner
-    from f5_triton.pipeline import TTS
+    from f5_triton.bench import tts_from_args
     from f5_triton.streaming import StreamingSynthesizer
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    dit = EngineConfig(kind=args.dit_engine, path=args.dit_engine_path, device=args.device, compile=args.compile,
-                       cuda_graphs=args.cuda_graphs)
-    vocoder = EngineConfig(kind=args.vocoder_engine, path=args.vocoder_engine_path, device=args.device)
-    if args.random_weights:
-        from f5_triton.checkpoints import make_random_checkpoint
-
-        folder = make_random_checkpoint(tempfile.mkdtemp(prefix="f5-latency-"), args.random_weights, args.vocab,
-                                        vocoder_small=False)
-        ckpt, vocab, vocos = folder / "model.safetensors", folder / "vocab.txt", folder / "vocos"
-    else:
-        from f5_triton.cli import resolve_model_paths
-
-        ckpt, vocab, vocos = resolve_model_paths(args)
-    tts = TTS.from_paths(ckpt, vocab, vocos, arch=args.arch, device=args.device, dtype=dtype,
-                         engine=lambda model: make_dit_runner(model, dit),
-                         vocoder_engine=lambda decoder: make_vocoder_runner(decoder, vocoder))
+    tts, _ = tts_from_args(args)
     return StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder,
                                 first_chunk_bytes=args.first_chunk_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from f5_triton.bench import add_engine_args
     from f5_triton.cli import add_model_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (timing only)")
+    add_engine_args(parser)
     parser.add_argument("--reference-audio", default=str(DEFAULT_REFERENCE))
     parser.add_argument("--reference-text", default=DEFAULT_REFERENCE_TEXT)
     parser.add_argument("--text", default=THIRTY_SECONDS, help="text to speak (default: ~30 s of speech)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--nfe", type=int, default=32)
     parser.add_argument("--first-chunk-bytes", type=int, default=50)
-    parser.add_argument("--dit-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    parser.add_argument("--dit-engine-path")
-    parser.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    parser.add_argument("--vocoder-engine-path")
-    parser.add_argument("--compile", action="store_true", help="torch engine: torch.compile the DiT step")
-    parser.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per frame bucket")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write the runs here")
     args = parser.parse_args(argv)
-    if args.device == "cpu" and args.dtype != "fp32":
-        args.dtype = "fp32"
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = "fp32" if args.device == "cpu" else (args.dtype or "fp16")
 
     from f5_triton.audio import read_audio
     from f5_triton.serving.schema import validate_request
@@ -93,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     chunks = streamer.prepare(request).chunks
     synchronize = lambda: None  # noqa: E731
     if args.device.startswith("cuda"):
-        import torch
-
         synchronize = torch.cuda.synchronize
     runs = time_to_first_audio(streamer, request, repeats=args.repeats, warmup=args.warmup, synchronize=synchronize)
     first = [1000 * r.first_audio for r in runs]

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from f5_triton.config import CUDA_GRAPH_FRAME_BUCKETS
 import torch.nn.functional as F
 
 from f5_triton.config import HOP_LENGTH
@@ -183,7 +185,7 @@ class EngineConfig:
     # torch engine (GPU only; ignored on the CPU)
     compile: bool = False
     cuda_graphs: bool = False
-    frame_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)  # CUDA graphs pad frames up to these
+    frame_buckets: tuple[int, ...] = CUDA_GRAPH_FRAME_BUCKETS  # CUDA graphs pad frames up to these
     # onnxruntime engine: execution providers, default CUDA (+CPU) on a GPU device, else CPU
     providers: tuple[str, ...] | None = None
 

@@ -38,13 +38,10 @@ def _bool(value: str | None, default: bool) -> bool:
 def engine_config(params: dict[str, str], prefix: str, device: str):
     from f5_triton.engines import EngineConfig
 
-    from f5_triton.config import CUDA_GRAPH_FRAME_BUCKETS
-
     return EngineConfig(kind=params.get(f"{prefix}_engine", "torch"), path=params.get(f"{prefix}_engine_path") or None,
                         device=device, fallback=_bool(params.get("engine_fallback"), True),
                         compile=_bool(params.get(f"{prefix}_compile"), False),
-                        cuda_graphs=_bool(params.get(f"{prefix}_cuda_graphs"), False),
-                        frame_buckets=CUDA_GRAPH_FRAME_BUCKETS)
+                        cuda_graphs=_bool(params.get(f"{prefix}_cuda_graphs"), False))
 
 
 def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
