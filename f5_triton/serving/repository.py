@@ -118,7 +118,6 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "engine_fallback": str(options.engine_fallback).lower(),
         **{f"limit_{k}": v for k, v in options.limits.items()},
     }
-    streaming_devices = ["cpu"] if options.target == "cpu" else [f"cuda:{g}" for g in options.gpus]
     values = {
         # Request inputs are all optional for Triton, so that a missing one reaches validate_request
         # ("target_text: is required") instead of the ensemble's "unexpected deadlock" error.
@@ -138,10 +137,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "postprocess_instances": options.postprocess_instances,
         "flow_matching_instances": _instances(options.flow_instances_per_device, kind, options.gpus),
         "vocoder_instances": _instances(options.vocoder_instances_per_device, kind, options.gpus),
-        # KIND_CPU even on GPUs, the device passed as the `devices` parameter: a KIND_GPU instance
-        # crashed reading its BYTES inputs on an H200 (model_repo/f5_tts_streaming/1/model.py)
-        "streaming_instances": _instances(options.streaming_instances_per_device * len(streaming_devices),
-                                          "KIND_CPU", options.gpus),
+        "streaming_instances": _instances(options.streaming_instances_per_device, kind, options.gpus),
     }
     reference_cache = {"reference_cache_entries": options.reference_cache_entries,
                        "reference_cache_mb": options.reference_cache_mb}
@@ -167,7 +163,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
            if options.target == "trt" else
            {k: v for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine")}),
-        "devices": ",".join(streaming_devices), "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
+        "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
         "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
     for name in STEP_MODELS + ((STREAMING_MODEL,) if options.streaming else ()):

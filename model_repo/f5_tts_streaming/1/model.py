@@ -4,12 +4,6 @@ Flow matching and the vocoder run in this model, loaded once: a chunk goes out a
 generated, without the queue delays of the batching `flow_matching` / `vocoder` models. A
 cancelled request (client gone, or `stop_stream(cancel_requests=True)`) or one past its Triton
 timeout stops at the next ODE step. Audio seconds, RTF and rejections go to `serving.metrics`.
-
-The instances are KIND_CPU and take their device from the `devices` parameter ("cuda:0,cuda:1",
-instance k on device k mod n). On an H200 (Triton 2.51) a KIND_GPU instance of this decoupled
-model crashed its stub on its first request, in `deserialize_bytes_tensor` of a BYTES input (a
-garbage length prefix); the ensemble's only other model with BYTES inputs, preprocess, is
-KIND_CPU. Whether KIND_CPU avoids that crash on the GPU machine is not verified yet.
 """
 
 import time
@@ -32,18 +26,10 @@ class _Dropped(Exception):
     """The request was cancelled or its Triton timeout passed: stop generating."""
 
 
-def _device(params, args) -> str:
-    """This instance's device: its index (the end of "f5_tts_streaming_0_<k>") into `devices`."""
-    devices = [d.strip() for d in params.get("devices", "").split(",") if d.strip()]
-    if not devices:
-        return triton_io.device(args)
-    return devices[int(args["model_instance_name"].rsplit("_", 1)[1]) % len(devices)]
-
-
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
-        device = _device(params, args)
+        device = triton_io.device(args)
         model = args["model_name"]
         reference_cache = cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
                                             triton_metric_observer(pb_utils, model, "reference"))
