@@ -28,10 +28,11 @@ THIRTY_SECONDS = (
 
 
 def build(args):
+    """The streaming synthesizer over the pipeline the engine options describe."""
     from f5_triton.bench import tts_from_args
     from f5_triton.streaming import StreamingSynthesizer
 
-    tts, _ = tts_from_args(args)
+    tts, args.dtype = tts_from_args(args)
     return StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder,
                                 first_chunk_bytes=args.first_chunk_bytes)
 
@@ -73,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     first = [1000 * r.first_audio for r in runs]
     print(f"{len(chunks)} chunks, first: {chunks[0]!r}")
     print(f"time to first audio: median {statistics.median(first):.1f} ms (min {min(first):.1f}, "
-          f"max {max(first):.1f}) over {len(runs)} runs, nfe {args.nfe}, {args.device} {args.dtype}")
+          f"max {max(first):.1f}) over {len(runs)} runs, nfe {args.nfe}, {args.dtype}")
     total = statistics.median(r.total for r in runs)
     print(f"whole text: {total:.2f} s for {runs[0].audio_seconds:.1f} s of audio (RTF {total / runs[0].audio_seconds:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "nfe": args.nfe, "device": args.device, "dtype": args.dtype, "chunks": chunks,
+            "nfe": args.nfe, "dtype": args.dtype, "chunks": chunks,
             "runs": [{"first_audio_s": r.first_audio, "total_s": r.total, "audio_s": r.audio_seconds,
                       "pieces": r.pieces} for r in runs]}, indent=2))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -104,6 +105,18 @@ def test_time_to_first_audio_in_process(streamer, ref_wave):
     run = runs[0]
     assert 0 < run.first_audio < run.total and run.pieces >= 4 and run.audio_seconds > 1
     assert run.real_time_factor > 0
+
+
+def test_streaming_latency_script(tiny_ckpt, ref_en, tmp_path):
+    out = tmp_path / "runs.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "streaming_latency.py"), "--ckpt-dir", str(tiny_ckpt),
+         "--device", "cpu", "--nfe", "2", "--repeats", "2", "--warmup", "0", "--reference-audio", str(ref_en),
+         "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"time to first audio: median [\d.]+ ms", result.stdout), result.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2 and all(0 < r["first_audio_s"] < r["total_s"] and r["audio_s"] > 20 for r in runs)
 
 
 # --------------------------------------------------------------------------- Triton
