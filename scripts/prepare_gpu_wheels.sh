@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Wheels the lent H200 machine lacks, for scripts/gpu_bench.sh: run here (with network), then carry the
+# folder to the GPU machine and `source DEST/setup-on-gpu.sh` there.
+#   bash scripts/prepare_gpu_wheels.sh [DEST=.whl-gpu]     (add DEST to .git/info/exclude)
+# On top of ../shared/device/prepare-wheels.sh (tritonserver, tritonclient, vocos, text frontend): cffi for
+# soundfile, numpy<2 (Triton 2.51's python-backend stub crashes on BYTES inputs under numpy 2, which the GPU
+# image has), and upstream f5-tts with the modules its model imports (for scripts/bench_vs_upstream.py).
+# The carried tree must stay under 64 MiB: python-rapidjson (HTTP client only) is dropped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=${1:-.whl-gpu}
+bash ../shared/device/prepare-wheels.sh "$DEST" > /dev/null
+dl() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --abi cp312 --abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$DEST" "$@"
+}
+dl cffi pycparser "numpy==1.26.4" f5-tts==1.1.22 x-transformers==2.31.10 einx==0.4.3 loguru==0.7.3 \
+  torch-einops-utils frozendict
+rm -f "$DEST"/python_rapidjson-*.whl
+du -sh "$DEST"
