@@ -128,7 +128,7 @@ def metric_samples():
 
 
 @pytest.fixture(scope="module")
-def tiny_dit(tiny_ckpt):
+def dit(tiny_ckpt):
     """The tiny checkpoint's DiT, loaded by the real loader (CPU, fp32)."""
     from f5_triton.checkpoints import load_dit
     from f5_triton.text import Tokenizer
@@ -137,7 +137,7 @@ def tiny_dit(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def tiny_decoder(tiny_ckpt):
+def decoder(tiny_ckpt):
     """The tiny checkpoint's Vocos as the exportable decoder."""
     from f5_triton.vocoder import VocosDecoder, load_vocos
 

@@ -10,7 +10,6 @@ Tolerances vs torch fp32 (max abs error over valid frames):
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 
 import numpy as np
@@ -39,22 +38,12 @@ from f5_triton.engines import (
     make_vocoder_runner,
 )
 from f5_triton.engines.networks import output_valid_mask, random_inputs
-from f5_triton.engines.tensorrt_engine import check_profile
+from f5_triton.engines.tensorrt_engine import check_profile, tensorrt_available
 from f5_triton.export.onnx_export import export_models
 from f5_triton.sampler import sample
 from f5_triton.vocoder import decode_batch
 
 STEP_TOL, VOCODER_TOL, SAMPLE_TOL, PIPELINE_TOL = 1e-4, 1e-5, 1e-3, 1e-3
-
-
-@pytest.fixture(scope="module")
-def dit(tiny_dit):
-    return tiny_dit
-
-
-@pytest.fixture(scope="module")
-def decoder(tiny_decoder):
-    return tiny_decoder
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +60,6 @@ def ort_config(onnx_dir, spec, **kwargs) -> EngineConfig:
 def max_valid_error(spec, got, expected, lengths) -> float:
     keep = output_valid_mask(spec, expected, lengths).expand_as(expected)
     return float((got - expected).abs()[keep].max())
-
-
-def tensorrt_importable() -> bool:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    try:
-        import tensorrt
-
-        return hasattr(tensorrt, "Builder")
-    except Exception:
-        return False
 
 
 # -- the interface --------------------------------------------------------------------------------
@@ -252,7 +230,7 @@ def test_corrupt_or_wrong_file_is_refused(onnx_dir, dit, tmp_path):
         load_engine(EngineConfig(kind="onnxruntime", path=onnx_dir / VOCODER.onnx_file, fallback=False), dit)
 
 
-@pytest.mark.skipif(tensorrt_importable(), reason="TensorRT is installed: its absence cannot be tested")
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed: its absence cannot be tested")
 def test_tensorrt_without_the_package_falls_back_or_raises(dit, tmp_path):
     plan = tmp_path / "dit_step.plan"
     plan.write_bytes(b"\0" * 16)

@@ -7,7 +7,6 @@ Tolerances (max abs error over valid frames, vs the torch fp32 module):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,38 +21,23 @@ from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 from f5_triton.engines import DIT_STEP, VOCODER, DiTStep, VocoderNetwork
 from f5_triton.engines.networks import output_valid_mask, random_inputs
+from f5_triton.engines.tensorrt_engine import tensorrt_available
 from f5_triton.export.onnx_export import (
     MANIFEST_FILE,
     export_models,
     export_network,
     half_with_fp32_islands,
 )
-from f5_triton.export.tensorrt_build import BuildOptions, ShapeRange, batch_range, profile_shapes
+from f5_triton.export.tensorrt_build import (
+    BuildOptions,
+    ShapeRange,
+    batch_range,
+    profile_shapes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {("dit_step", "fp32"): 1e-4, ("vocoder", "fp32"): 1e-5, ("dit_step", "fp16"): 2e-2,
              ("vocoder", "fp16"): 1e-3}
-
-
-def tensorrt_importable() -> bool:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    try:
-        import tensorrt
-
-        return hasattr(tensorrt, "Builder")
-    except Exception:
-        return False
-
-
-@pytest.fixture(scope="module")
-def dit(tiny_dit):
-    return tiny_dit
-
-
-@pytest.fixture(scope="module")
-def decoder(tiny_decoder):
-    return tiny_decoder
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +186,7 @@ def test_profile_doubles_dit_batch_for_cfg_and_reads_static_dims():
         ShapeRange(4, 2, 8)
 
 
-@pytest.mark.skipif(tensorrt_importable(), reason="TensorRT is installed: the missing-package message cannot show")
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed: the missing-package message cannot show")
 def test_build_engines_without_tensorrt_says_what_to_install(exported, tmp_path):
     out, _ = exported
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build_engines.py"), "--onnx-dir", str(out),

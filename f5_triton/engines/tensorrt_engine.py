@@ -46,6 +46,15 @@ def import_tensorrt():
     return trt
 
 
+def tensorrt_available() -> bool:
+    """Whether a usable TensorRT (10.x with its Python API) is installed."""
+    try:
+        import_tensorrt()
+    except EngineUnavailable:
+        return False
+    return True
+
+
 def check_profile(shapes: Mapping[str, Sequence[int]], profile: ProfileShapes, network: str = "engine") -> None:
     """Raise ShapeOutOfRange naming the first input whose shape lies outside the profile's [min, max]."""
     for name, shape in shapes.items():
