@@ -9,7 +9,6 @@ import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the p
 from f5_triton.errors import InvalidInputError
 from f5_triton.serving import stages, triton_io, wire
 from f5_triton.serving.metrics import Metrics
-from f5_triton.text import Tokenizer
 
 INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "sampling", triton_io.RECEIVED_AT)
 
@@ -19,7 +18,8 @@ class TritonPythonModel:
         params = triton_io.parameters(args)
         self.flow_matching = stages.load_flow_matcher(params, triton_io.device(args))
         self.limits = stages.limits_from_params(params)
-        self.vocab_size = Tokenizer(params["vocab"]).vocab_size
+        dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
+        self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
         self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests):
