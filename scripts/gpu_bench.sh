@@ -11,6 +11,9 @@ mkdir -p "$OUT"
 WHAT=${*:-side offline server streaming}
 export PYTHONUNBUFFERED=1
 ARCH=${ARCH:-F5TTS_v1_Base}
+# Triton 2.51's python-backend stubs crash on BYTES inputs under numpy 2: the server may get numpy 1.26
+# (NUMPY1_SITE, see scripts/prepare_gpu_wheels.sh) while everything else keeps the image's numpy.
+SERVER_PYTHONPATH=${NUMPY1_SITE:+$NUMPY1_SITE:}${PYTHONPATH:-}
 NFE=${NFE:-16}
 for what in $WHAT; do
   case $what in
@@ -26,7 +29,7 @@ for what in $WHAT; do
       python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
       python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo" --nfe "$NFE" \
         --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 20000 --max-queue-size 256 > /dev/null
-      python3 -m f5_triton.cli serve --model-repo "$OUT/repo" --log-file "$OUT/tritonserver.log" > "$OUT/server.log" 2>&1 &
+      PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo" --log-file "$OUT/tritonserver.log" > "$OUT/server.log" 2>&1 &
       server=$!
       for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done
       python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${CONCURRENCY:-1,4,16,32}" \
@@ -43,7 +46,7 @@ for what in $WHAT; do
         python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-$gpus" --nfe "$NFE" \
           --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 20000 \
           --max-queue-size 512 --preprocess-instances 4 --postprocess-instances 4 > /dev/null
-        python3 -m f5_triton.cli serve --model-repo "$OUT/repo-$gpus" --log-file "$OUT/tritonserver-$gpus.log" \
+        PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo-$gpus" --log-file "$OUT/tritonserver-$gpus.log" \
           > "$OUT/server-$gpus.log" 2>&1 &
         server=$!
         for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done

@@ -18,4 +18,15 @@ dl() {
 dl cffi pycparser "numpy==1.26.4" f5-tts==1.1.22 x-transformers==2.31.10 einx==0.4.3 loguru==0.7.3 \
   torch-einops-utils frozendict
 rm -f "$DEST"/python_rapidjson-*.whl
+# Our own setup script: numpy 1.26 goes to a folder of its own that only the server gets (gpu_bench.sh puts
+# $NUMPY1_SITE first on the server's PYTHONPATH); everything else keeps the image's numpy 2 (its scipy needs it).
+cat > "$DEST/setup-on-gpu.sh" <<'SETUP'
+# source DEST/setup-on-gpu.sh   (on the GPU machine, repo root; written by scripts/prepare_gpu_wheels.sh)
+_wheels=$(dirname "${BASH_SOURCE[0]}")
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  $(ls "$_wheels"/*.whl | grep -v /numpy-) || return 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-numpy1 \
+  "$_wheels"/numpy-*.whl || return 1
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH NUMPY1_SITE=/tmp/site-numpy1
+SETUP
 du -sh "$DEST"

@@ -143,3 +143,42 @@ def test_benchmark_server_mode(server, tmp_path):
     assert all(r["rtf"] > 0 and r["audio_seconds"] > 0 for r in rows)
     assert "flow_matching" in rows[0]["stage_seconds"]  # per-model compute time from Triton's statistics
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+SHADOW_SOUNDFILE = '''
+import os, sys, importlib
+# a probe: record which stub imported us, then hand over to the real soundfile
+open(os.path.join(os.environ["F5_PROBE_DIR"], str(os.getpid())), "w").close()
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+del sys.modules["soundfile"]
+sys.modules["soundfile"] = importlib.import_module("soundfile")
+'''
+
+
+def test_stubs_see_packages_that_are_only_on_pythonpath(tiny_ckpt, tmp_path):
+    """The python-backend stub runs an isolated interpreter that ignores PYTHONPATH; the adapters restore it.
+
+    Found on the GPU machine, where wheels are installed with `pip --target` onto PYTHONPATH: every model
+    failed to load with "No module named 'soundfile'". A shadow soundfile on PYTHONPATH proves the stubs
+    import from there (and, by the same order, take PYTHONPATH's numpy over the image's).
+    """
+    import os
+
+    from f5_triton.serving.launcher import TritonServer, free_port
+
+    shadow, probes = tmp_path / "shadow", tmp_path / "probes"
+    shadow.mkdir()
+    probes.mkdir()
+    (shadow / "soundfile.py").write_text(SHADOW_SOUNDFILE)
+    repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
+                                    vocoder=tiny_ckpt / "vocos", nfe_steps=1, streaming=False,
+                                    preprocess_instances=1, postprocess_instances=1), tmp_path / "model_repo")
+    pythonpath = os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "F5_PROBE_DIR": str(probes), "OMP_NUM_THREADS": "1"}
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), env=env,
+                      ready_timeout=240) as srv:
+        srv.wait_ready(240)
+        stubs = len(list(probes.iterdir()))
+    # preprocess, flow_matching, postprocess and vocoder each import f5_triton.audio (a stub per instance)
+    assert stubs >= 4, f"only {stubs} stub(s) imported soundfile from PYTHONPATH"

@@ -6,6 +6,13 @@ cancelled request (client gone, or `stop_stream(cancel_requests=True)`) or one p
 timeout stops at the next ODE step. Audio seconds, RTF and rejections go to `serving.metrics`.
 """
 
+import os
+import sys
+
+# The python backend stub starts its interpreter in isolated mode, which ignores PYTHONPATH: restore it
+# before any import, so packages installed only on PYTHONPATH (and their versions) are the ones used.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import time
 
 import numpy as np

@@ -4,6 +4,13 @@ Requests whose client cancelled them, or whose Triton `timeout` passed, are drop
 steps (the rest of the batch goes on); jobs are validated first, as this model can be called directly.
 """
 
+import os
+import sys
+
+# The python backend stub starts its interpreter in isolated mode, which ignores PYTHONPATH: restore it
+# before any import, so packages installed only on PYTHONPATH (and their versions) are the ones used.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
 
 from f5_triton.errors import InvalidInputError

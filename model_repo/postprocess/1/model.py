@@ -4,6 +4,13 @@ Reports the generated audio and the real-time factor (`f5_triton.serving.metrics
 is an error, never a response.
 """
 
+import os
+import sys
+
+# The python backend stub starts its interpreter in isolated mode, which ignores PYTHONPATH: restore it
+# before any import, so packages installed only on PYTHONPATH (and their versions) are the ones used.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import asyncio
 import time
 

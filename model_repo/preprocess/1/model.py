@@ -1,5 +1,12 @@
 """Triton adapter: validate a request and prepare its flow-matching jobs (f5_triton.pipeline.Preprocessor)."""
 
+import os
+import sys
+
+# The python backend stub starts its interpreter in isolated mode, which ignores PYTHONPATH: restore it
+# before any import, so packages installed only on PYTHONPATH (and their versions) are the ones used.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import time
 
 import numpy as np

@@ -1,5 +1,12 @@
 """Triton adapter: Vocos mel -> waveform for a dynamic batch of requests (f5_triton.pipeline.Vocoder)."""
 
+import os
+import sys
+
+# The python backend stub starts its interpreter in isolated mode, which ignores PYTHONPATH: restore it
+# before any import, so packages installed only on PYTHONPATH (and their versions) are the ones used.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
