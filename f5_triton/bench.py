@@ -48,6 +48,8 @@ def add_engine_args(parser) -> None:
     group.add_argument("--vocoder-engine-path", help=".onnx / .plan of the vocoder")
     group.add_argument("--compile", action="store_true", help="torch engine: torch.compile the DiT step")
     group.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per frame bucket")
+    group.add_argument("--graph-steps", type=int, default=8,
+                       help="with --cuda-graphs: ODE steps per graph replay (0 = a graph per DiT call)")
 
 
 def tts_from_args(args):
@@ -63,7 +65,8 @@ def tts_from_args(args):
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     dit = EngineConfig(kind=ENGINE_ALIASES.get(args.dit_engine, args.dit_engine), path=args.dit_engine_path,
-                       device=device, compile=args.compile, cuda_graphs=args.cuda_graphs)
+                       device=device, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                       graph_steps=args.graph_steps)
     vocoder = EngineConfig(kind=args.vocoder_engine, path=args.vocoder_engine_path, device=device)
     if args.random_weights:
         from f5_triton.checkpoints import make_random_checkpoint

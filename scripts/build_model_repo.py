@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("--vocoder-engine-path", help=".onnx of Vocos for --vocoder-engine onnxruntime")
     parser.add_argument("--vocoder-plan", help="trt target: Vocos TensorRT plan")
+    parser.add_argument("--graph-steps", type=int, default=8,
+                        help="gpu target: ODE steps per CUDA-graph replay (requests cancel between replays); 0 = per step")
     parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
     args = parser.parse_args()
     try:
@@ -50,7 +52,7 @@ def main() -> None:
             postprocess_instances=args.postprocess_instances, dit_engine=args.dit_engine,
             dit_engine_path=args.dit_engine_path, vocoder_engine=args.vocoder_engine,
             vocoder_engine_path=args.vocoder_engine_path, vocoder_plan=args.vocoder_plan,
-            engine_fallback=not args.no_fallback)
+            dit_graph_steps=args.graph_steps, engine_fallback=not args.no_fallback)
         out = render(options, args.output)
     except (ValueError, InvalidInputError, CheckpointError) as exc:
         sys.exit(f"error: {exc}")

@@ -18,7 +18,7 @@ NFE=${NFE:-16}
 for what in $WHAT; do
   case $what in
     side)
-      python3 scripts/bench_vs_upstream.py --arch "$ARCH" --nfe "$NFE" --dtype fp16 --variants "${VARIANTS:-graphs,compile+graphs}" \
+      python3 scripts/bench_vs_upstream.py --arch "$ARCH" --nfe "$NFE" --dtype fp16 --variants "${VARIANTS:-compile+stepgraphs,compile+graphs}" \
         --output-json "$OUT/side.json" --plot "$OUT/side.png" 2>&1 | grep -v -i warn | tee "$OUT/side.log" ;;
     offline)
       python3 benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" --batch-size "${BATCH_SIZES:-1,4,8,16}" --num-requests 32 \

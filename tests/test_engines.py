@@ -140,6 +140,66 @@ def test_torch_gpu_paths_match_eager(dit, decoder, options):
             assert max_valid_error(spec, got.cpu(), expected.cpu(), lengths) <= 1e-3
 
 
+# -- the graphed sampler: the whole Euler loop as CUDA graphs of a few steps ---------------------------
+
+SOLVER_CASES = [  # (durations, cfg, steps): padded batch, no guidance, a remainder graph, past the largest bucket
+    ((100, 80), 2.0, 8), ((90,), 0.0, 8), ((60, 60), 2.0, 7), ((150, 20), 2.0, 4)]
+
+
+def sample_case(model, durations, cfg, steps, on_step=None):
+    torch.manual_seed(0)
+    batch = len(durations)
+    cond = torch.randn(batch, 40, 100)
+    text = torch.randint(0, 256, (batch, 30))
+    text[-1, 20:] = -1
+    device = next(model.model.parameters()).device if isinstance(model, DiTRunner) else next(model.parameters()).device
+    return sample(model, cond.to(device), text.to(device), torch.tensor(durations), steps=steps, cfg_strength=cfg,
+                  seed=list(range(batch)), lens=torch.tensor([40, 25][:batch]), on_step=on_step).cpu()
+
+
+def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
+    """The solver's own logic on the CPU: graphs of `graph_steps` steps (the CUDA capture replaced by a plain
+    call), frames padded to buckets, `on_step` before each replay, calls past the largest bucket unpadded."""
+    from f5_triton.engines import torch_engine
+
+    class Replay:  # what a captured graph does, without CUDA
+        def __init__(self, forward, example, pool):
+            self.forward = forward
+
+        def replay(self, inputs):
+            return self.forward(*inputs)
+
+    monkeypatch.setattr(torch_engine, "_CapturedGraph", Replay)
+    engine = TorchEngine(DiTStep(dit), DIT_STEP)
+    engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128), 3, pool=None, lock=__import__("threading").Lock())
+    runner = DiTRunner(dit, engine)
+    assert runner.solve is engine.solver
+    for durations, cfg, steps in SOLVER_CASES:
+        seen = []
+        got = sample_case(runner, durations, cfg, steps, on_step=seen.append)
+        expected = sample_case(dit, durations, cfg, steps)
+        assert seen == list(range(0, steps, 3)) if max(durations) <= 128 else seen == list(range(steps))
+        for row, n in enumerate(durations):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4, (durations, cfg, steps)
+    # keys: (rows = 2 per request with guidance, bucket, steps per graph, guidance); 8 = 3+3+2, 7 = 3+3+1
+    assert set(engine.solver.graphs) == {(4, 128, 3, True), (4, 128, 2, True), (1, 128, 3, False),
+                                         (1, 128, 2, False), (4, 64, 3, True), (4, 64, 1, True)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_graphed_solver_matches_eager_sampling_on_gpu(dit, compile_):
+    model = copy.deepcopy(dit).cuda()
+    runner = make_dit_runner(model, EngineConfig(device="cuda", cuda_graphs=True, compile=compile_,
+                                                 frame_buckets=(64, 128), graph_steps=3))
+    assert runner.solve is not None
+    for durations, cfg, steps in SOLVER_CASES:
+        got = sample_case(runner, durations, cfg, steps)
+        expected = sample_case(model, durations, cfg, steps)
+        for row, n in enumerate(durations):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= SAMPLE_TOL, (durations, cfg, steps)
+
+
 # -- DiTRunner / VocoderRunner: sampling and the pipeline, unchanged ------------------------------
 
 

@@ -97,6 +97,11 @@ class DiTRunner:
     def kind(self) -> str:
         return self.engine.kind
 
+    @property
+    def solve(self):
+        """The engine's own ODE loop (`sampler.euler_solve`'s contract), or None: the sampler loops over `step`."""
+        return getattr(self.engine, "solver", None)
+
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
         return self.model.embed_text(text, seq_lens, max_len, drop_text=drop_text)
 

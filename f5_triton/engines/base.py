@@ -186,6 +186,7 @@ class EngineConfig:
     compile: bool = False
     cuda_graphs: bool = False
     frame_buckets: tuple[int, ...] = CUDA_GRAPH_FRAME_BUCKETS  # CUDA graphs pad frames up to these
+    graph_steps: int = 8  # with cuda_graphs: ODE steps per graph replay of the sampler (0: a graph per DiT call)
     # onnxruntime engine: execution providers, default CUDA (+CPU) on a GPU device, else CPU
     providers: tuple[str, ...] | None = None
 
@@ -193,6 +194,8 @@ class EngineConfig:
         if self.kind not in ENGINE_KINDS:
             raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
         self.frame_buckets = tuple(sorted(int(b) for b in self.frame_buckets))
+        if self.graph_steps < 0:
+            raise ValueError(f"graph_steps must be >= 0, got {self.graph_steps}")
         if self.providers is not None:
             self.providers = tuple(self.providers)
 
@@ -207,6 +210,8 @@ class EngineConfig:
         for name in ("fallback", "compile", "cuda_graphs"):
             if name in kwargs:
                 kwargs[name] = _as_bool(kwargs[name])
+        if "graph_steps" in kwargs:
+            kwargs["graph_steps"] = int(kwargs["graph_steps"])
         for name in ("frame_buckets", "providers"):
             if isinstance(kwargs.get(name), str):
                 kwargs[name] = tuple(p.strip() for p in kwargs[name].split(",") if p.strip())

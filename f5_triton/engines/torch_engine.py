@@ -5,6 +5,10 @@ CUDA graphs need fixed shapes, so each call's frames are zero-padded up to the n
 approximation: both networks keep padded frames out of valid ones (the DiT through its mask, the
 vocoder through its lengths), and the output is cut back to the call's frames. Calls longer than
 the largest bucket run without a graph.
+
+For the DiT the engine also offers `solver`: the sampler's whole Euler loop (CFG and updates
+included) captured `graph_steps` ODE steps per graph, so a 16-step request is two replays instead
+of 16 DiT calls with their padding, copies and Python in between.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from f5_triton.engines.base import EngineConfig, NetworkSpec
@@ -25,6 +30,7 @@ class TorchEngine:
     """Runs `module(*inputs)` in torch; inputs are moved to the module's device and float dtype."""
 
     kind = "torch"
+    solver: "GraphedSolver | None" = None
 
     def __init__(self, module: nn.Module, spec: NetworkSpec, config: EngineConfig | None = None):
         config = config or EngineConfig()
@@ -44,6 +50,9 @@ class TorchEngine:
             self._forward = torch.compile(self.module)
         if config.cuda_graphs:
             self._graphs = _CudaGraphs(self._forward, spec, config.frame_buckets)
+            if spec.batch_per_request == 2 and config.graph_steps > 0:  # the DiT step
+                self.solver = GraphedSolver(self._forward, config.frame_buckets, config.graph_steps,
+                                            self._graphs.pool, self._graphs.lock)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.spec.check(inputs)
@@ -105,3 +114,57 @@ class _CudaGraphs:
             output = graph.replay(padded)
             # the static output is overwritten by the next replay: hand out a copy
             return self.spec.trim_frames(output, frames).clone()
+
+
+class GraphedSolver:
+    """`sampler.euler_solve` replayed as CUDA graphs of `graph_steps` ODE steps each.
+
+    Same contract as `euler_solve`. Frames are padded to a bucket as for the step graphs (exact: the
+    mask keeps padding out); one graph per (rows, bucket, steps in the graph, guidance or not), the
+    time grid and the guidance strength being graph inputs. `on_step` runs before each replay, with
+    the index of its first step: cancellation takes effect every `graph_steps` steps.
+    """
+
+    def __init__(self, forward: Callable[..., torch.Tensor], buckets: Sequence[int], graph_steps: int, pool, lock):
+        self.forward = forward
+        self.buckets = tuple(sorted(buckets))
+        self.graph_steps = graph_steps
+        self.pool, self.lock = pool, lock
+        self.graphs: dict[tuple, _CapturedGraph] = {}
+
+    def _solve(self, x, cond, text_embed, mask, t, cfg_strength=None):
+        from f5_triton.sampler import euler_solve
+
+        return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
+
+    def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
+        frames = x.shape[1]
+        bucket = next((b for b in self.buckets if b >= frames), None)
+        if bucket is None:
+            from f5_triton.sampler import euler_solve
+
+            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
+        if mask is None:
+            mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)
+        extra = bucket - frames
+        x, cond, text_embed = (F.pad(v, (0, 0, 0, extra)) for v in (x, cond, text_embed))
+        mask = F.pad(mask, (0, extra), value=False)
+        guided = cfg_strength is not None
+        cfg = torch.tensor(float(cfg_strength) if guided else 0.0, dtype=x.dtype, device=x.device)
+        total = t.shape[0] - 1
+        first = 0
+        while first < total:
+            steps = min(self.graph_steps, total - first)
+            if on_step is not None:
+                on_step(first)
+            key = (cond.shape[0], bucket, steps, guided)
+            inputs = [x, cond, text_embed, mask, t[first:first + steps + 1]] + ([cfg] if guided else [])
+            with self.lock:
+                graph = self.graphs.get(key)
+                if graph is None:
+                    logger.info("dit_step: capturing a CUDA graph of %d ODE steps for %d rows, %d frames%s",
+                                steps, key[0], bucket, " with guidance" if guided else "")
+                    graph = self.graphs[key] = _CapturedGraph(self._solve, inputs, self.pool)
+                x = graph.replay(inputs).clone()  # the static output is overwritten by the next replay
+            first += steps
+        return x[:, :frames]

@@ -51,6 +51,7 @@ class RepositoryOptions:
     dit_engine_path: Path | None = None
     dit_compile: bool | None = None  # torch engine on GPU: torch.compile the DiT step (default on for gpu)
     dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
+    dit_graph_steps: int = 8  # with CUDA graphs: ODE steps per graph replay (cancellation granularity); 0 = per step
     vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime
     vocoder_engine_path: Path | None = None
     vocoder_plan: Path | None = None  # trt target: the Vocos TensorRT plan
@@ -150,6 +151,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                                              else options.dit_compile).lower(),
                           "dit_cuda_graphs": str(options.target == "gpu" if options.dit_cuda_graphs is None
                                                  else options.dit_cuda_graphs).lower(),
+                          "dit_graph_steps": options.dit_graph_steps,
                           "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
         "postprocess": {"vocoder_model": "vocoder"},
         "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],

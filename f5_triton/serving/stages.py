@@ -41,7 +41,8 @@ def engine_config(params: dict[str, str], prefix: str, device: str):
     return EngineConfig(kind=params.get(f"{prefix}_engine", "torch"), path=params.get(f"{prefix}_engine_path") or None,
                         device=device, fallback=_bool(params.get("engine_fallback"), True),
                         compile=_bool(params.get(f"{prefix}_compile"), False),
-                        cuda_graphs=_bool(params.get(f"{prefix}_cuda_graphs"), False))
+                        cuda_graphs=_bool(params.get(f"{prefix}_cuda_graphs"), False),
+                        graph_steps=int(params.get(f"{prefix}_graph_steps", 8)))
 
 
 def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
