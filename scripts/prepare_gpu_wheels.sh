@@ -5,7 +5,7 @@
 # On top of ../shared/device/prepare-wheels.sh (tritonserver, tritonclient, vocos, text frontend): cffi for
 # soundfile, numpy<2 (Triton 2.51's python-backend stub crashes on BYTES inputs under numpy 2, which the GPU
 # image has), and upstream f5-tts with the modules its model imports (for scripts/bench_vs_upstream.py).
-# The carried tree must stay under 64 MiB: python-rapidjson (HTTP client only) is dropped.
+# The carried tree must stay under 64 MiB: numpy is stripped of its tests (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.whl-gpu}
@@ -17,7 +17,17 @@ dl() {
 }
 dl cffi pycparser "numpy==1.26.4" f5-tts==1.1.22 x-transformers==2.31.10 einx==0.4.3 loguru==0.7.3 \
   torch-einops-utils frozendict
-rm -f "$DEST"/python_rapidjson-*.whl
+# Fit the 64 MiB carry limit: numpy's own tests, f2py and stubs are not needed to run (saves ~2 MB).
+python3 - "$DEST"/numpy-*.whl <<'PY'
+import os, sys, zipfile
+path = sys.argv[1]
+skip = ("/tests/", "numpy/f2py/", "numpy/distutils/", "numpy/_pyinstaller/", "numpy/doc/")
+with zipfile.ZipFile(path) as src, zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+    for item in src.infolist():
+        if not any(s in item.filename for s in skip) and not item.filename.endswith(".pyi"):
+            dst.writestr(item, src.read(item.filename))
+os.replace(path + ".tmp", path)
+PY
 # Our own setup script: numpy 1.26 goes to a folder of its own that only the server gets (gpu_bench.sh puts
 # $NUMPY1_SITE first on the server's PYTHONPATH); everything else keeps the image's numpy 2 (its scipy needs it).
 cat > "$DEST/setup-on-gpu.sh" <<'SETUP'

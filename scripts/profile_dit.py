@@ -49,7 +49,7 @@ def main():
     args = p.parse_args()
     dtype = torch.float16
     config = ARCHITECTURES[args.arch]
-    model = random_dit(config).to("cuda", dtype).eval().fuse_projections()
+    model = random_dit(config).to("cuda", dtype).eval().fuse_projections().select_attention_kernels()
     n = args.frames
     torch.backends.cudnn.benchmark = True
     for requests in [int(r) for r in args.requests.split(",")]:

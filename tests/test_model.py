@@ -127,3 +127,22 @@ def test_conv_position_embedding_as_matmul_equals_conv():
     with torch.no_grad():
         for k in (None, keep):
             assert (module.forward_as_matmul(x, k) - module(x, k)).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudnn_masked_attention_equals_the_key_bias_channel_on_gpu(dit):
+    """select_attention_kernels swaps the key-bias channel for cuDNN's masked attention: same padded-batch output."""
+    import copy
+
+    from f5_triton.engines import DIT_STEP
+    from f5_triton.engines.networks import random_inputs
+
+    model = copy.deepcopy(dit).to("cuda", torch.float16).eval()
+    inputs = [t.cuda() for t in random_inputs(DIT_STEP, (64, 40), {"mel": 100, "text": model.config.text_dim})]
+    inputs = [t.half() if t.is_floating_point() else t for t in inputs]
+    with torch.inference_mode():
+        key_bias = model.step(*inputs)
+        assert model.select_attention_kernels().transformer_blocks[0].attn.cudnn_masked
+        cudnn = model.step(*inputs)
+    assert (cudnn[0] - key_bias[0]).abs().max() <= 2e-2
+    assert (cudnn[1, :40] - key_bias[1, :40]).abs().max() <= 2e-2

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from f5_triton.config import DiTConfig
 
@@ -215,10 +216,22 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
+def cudnn_masked_attention_works(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
+    """Whether cuDNN's fused attention takes an additive key mask here (cuDNN 9 on Ampere/Hopper, fp16/bf16)."""
+    try:
+        q = torch.randn(1, 1, 64, head_dim, device=device, dtype=dtype)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 1, 1, 64, device=device, dtype=dtype))
+        return True
+    except RuntimeError:
+        return False
+
+
 def attention_with_key_bias(q, k, v, key_valid: torch.Tensor) -> torch.Tensor:
     """SDPA that ignores padded keys without an attention mask, so the fast (flash/cuDNN) kernels run.
 
-    A masked SDPA falls back to kernels ~3x slower on Hopper. Instead one extra channel carries the
+    Used on GPUs where cuDNN's attention cannot take the mask (`cudnn_masked_attention_works`): SDPA
+    then picks the memory-efficient kernel for a masked call, ~3x slower on Hopper. Instead one extra channel carries the
     mask into the scores: q gets a 1, k gets 0 (valid) or -30000 (padded), so q.k gains exactly 0 or
     a large negative bias; channels are padded to a multiple of 8 for the kernels and dropped after.
     key_valid: [b, n] bool.
@@ -255,6 +268,7 @@ class Attention(nn.Module):
         else:
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {qk_norm!r}")
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.cudnn_masked = False  # set by DiT.select_attention_kernels: key_mask is then an additive bias
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rotated = t * cos + rotate_half(t) * sin
@@ -271,7 +285,8 @@ class Attention(nn.Module):
         self.register_buffer("qkv_bias", bias.detach(), persistent=False)
 
     def forward(self, x, rope, key_mask, keep):
-        """key_mask: [b, 1, 1, n] bool (True = valid key) or None; keep: [b, n, 1] float or None."""
+        """key_mask: [b, 1, 1, n] bool (True = valid key), or additive float bias when `cudnn_masked`, or None;
+        keep: [b, n, 1] float or None."""
         b = x.shape[0]
         if hasattr(self, "qkv_weight"):
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, self.dim_head)
@@ -283,7 +298,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        if key_mask is not None and q.is_cuda:
+        if key_mask is not None and self.cudnn_masked:
+            # SDPA's default order would pick the memory-efficient kernel for a masked call (~2x slower)
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        elif key_mask is not None and q.is_cuda:
             out = attention_with_key_bias(q, k, v, key_mask[:, 0, 0, :])
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
@@ -375,6 +394,15 @@ class DiT(nn.Module):
             block.attn.fuse_projections()
         return self
 
+    def select_attention_kernels(self) -> "DiT":
+        """On a GPU whose cuDNN attention takes a key mask, masked steps run it (faster than the key-bias
+        channel, `scripts/attention_bench.py`). Call after .to(device, dtype)."""
+        param = next(self.parameters())
+        use = param.is_cuda and cudnn_masked_attention_works(param.device, param.dtype, self.config.dim_head)
+        for block in self.transformer_blocks:
+            block.attn.cudnn_masked = use
+        return self
+
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
         """Text embedding for `max_len` frames; runs once per request, not once per ODE step."""
         return self.text_embed(text, seq_lens, max_len, drop_text=drop_text)
@@ -391,6 +419,8 @@ class DiT(nn.Module):
         t = self.time_embed(time)
         keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)
         key_mask = None if mask is None else mask[:, None, None, :]
+        if key_mask is not None and self.transformer_blocks[0].attn.cudnn_masked:
+            key_mask = torch.zeros(key_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~key_mask, float("-inf"))
         h = self.input_embed(x, cond, text_embed, keep)
         rope = self.rotary_embed(n, x.device)
         residual = h
