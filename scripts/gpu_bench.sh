@@ -28,7 +28,7 @@ for what in $WHAT; do
       ckpt=$(mktemp -d)/ckpt
       python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
       python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo" --nfe "$NFE" \
-        --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 20000 --max-queue-size 256 > /dev/null
+        --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 2000 --max-queue-size 256 > /dev/null
       PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo" --log-file "$OUT/tritonserver.log" > "$OUT/server.log" 2>&1 &
       server=$!
       for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done
@@ -44,13 +44,19 @@ for what in $WHAT; do
       all=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
       for gpus in 0 "$all"; do
         python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-$gpus" --nfe "$NFE" \
-          --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 20000 \
-          --max-queue-size 512 --preprocess-instances 4 --postprocess-instances 4 > /dev/null
+          --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 2000 \
+          --max-queue-size 512 --preprocess-instances 4 --postprocess-instances 4 \
+          --flow-instances "${FLOW_INSTANCES:-1}" > /dev/null
         PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo-$gpus" --log-file "$OUT/tritonserver-$gpus.log" \
           > "$OUT/server-$gpus.log" 2>&1 &
         server=$!
         for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done
-        python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${MULTI_CONCURRENCY:-64}" \
+        if [ "$gpus" = 0 ]; then  # latency at concurrency 1 on the same server, for the offline comparison
+          python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency 1 --num-requests 32 \
+            --enable-warmup --warmup 4 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
+            | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/multigpu.log"
+        fi
+        python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${MULTI_CONCURRENCY:-16,64}" \
           --num-requests 256 --enable-warmup --warmup 64 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
           | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/multigpu.log"
         kill -INT $server; wait $server

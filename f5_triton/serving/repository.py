@@ -39,7 +39,8 @@ class RepositoryOptions:
     dtype: str | None = None  # fp32 | fp16 | bf16; default fp32 on cpu, fp16 on GPUs
     max_batch_size: int | None = None  # flow-matching batch (requests); default 4 on cpu, 8 on GPUs
     preferred_batch_sizes: list[int] | None = None
-    queue_delay_us: int = 20_000
+    # A lone request waits this long for company; under load batches fill while the instance is busy anyway.
+    queue_delay_us: int = 2_000
     vocoder_max_batch_size: int = 8
     vocoder_queue_delay_us: int = 2_000
     gpus: list[int] = field(default_factory=lambda: [0])
