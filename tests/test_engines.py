@@ -316,3 +316,18 @@ def test_profile_check_names_the_input_and_the_range():
         check_profile({"mel": (2, 100, 5000), "lengths": (2,)}, profile, "vocoder")
     with pytest.raises(ShapeOutOfRange, match="'lengths'"):
         check_profile({"mel": (1, 100, 10), "lengths": (5,)}, profile)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_graphed_sampling_on_the_second_gpu(dit):
+    """A Triton instance on cuda:1 runs with cuda:0 current unless told otherwise; graphs must still capture there
+    (seen on a 2-GPU H200: 'beginAllocateToPool: already recording to mempool_id')."""
+    model = copy.deepcopy(dit).to("cuda:1")
+    runner = make_dit_runner(model, EngineConfig(device="cuda:1", cuda_graphs=True, frame_buckets=(64, 128),
+                                                 graph_steps=3))
+    assert torch.cuda.current_device() == 0
+    for durations, cfg, steps in SOLVER_CASES:
+        got = sample_case(runner, durations, cfg, steps)
+        expected = sample_case(model, durations, cfg, steps)
+        for row, n in enumerate(durations):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= SAMPLE_TOL

@@ -13,6 +13,7 @@ of 16 DiT calls with their padding, copies and Python in between.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Callable, Sequence
@@ -57,10 +58,16 @@ class TorchEngine:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.spec.check(inputs)
         inputs = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in inputs]
-        with torch.inference_mode():
+        with torch.inference_mode(), _on(self.device):
             if self._graphs is not None:
                 return self._graphs(inputs)
             return self._forward(*inputs)
+
+
+def _on(device: torch.device):
+    """Make `device` current: streams and graph captures belong to the current device, which is cuda:0
+    by default even in a process whose model lives on cuda:1 (a Triton instance on the second GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class _CapturedGraph:
@@ -138,6 +145,10 @@ class GraphedSolver:
         return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
 
     def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
+        with _on(x.device):
+            return self._call(x, cond, text_embed, mask, t, cfg_strength, on_step)
+
+    def _call(self, x, cond, text_embed, mask, t, cfg_strength, on_step) -> torch.Tensor:
         frames = x.shape[1]
         bucket = next((b for b in self.buckets if b >= frames), None)
         if bucket is None:

@@ -27,9 +27,13 @@ def parameters(args: dict) -> dict[str, str]:
 
 
 def device(args: dict) -> str:
-    """'cuda:N' for a KIND_GPU instance, else 'cpu'."""
+    """'cuda:N' for a KIND_GPU instance (made the stub's current device too), else 'cpu'."""
     if args.get("model_instance_kind") == "GPU":
-        return f"cuda:{args['model_instance_device_id']}"
+        import torch
+
+        index = int(args["model_instance_device_id"])
+        torch.cuda.set_device(index)  # else streams, graphs and libraries default to cuda:0 (seen: graph capture errors)
+        return f"cuda:{index}"
     return "cpu"
 
 
