@@ -254,6 +254,22 @@ def plot_sweep(results: list[Result], path: str | Path, title: str = "f5-triton"
     return path
 
 
+def gpu_time_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds of `fn()` on the current CUDA stream, timed with CUDA events after `warmup` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 class GpuSampler:
     """Samples per-GPU utilisation with NVML in a thread while a run is in progress (no-op without NVML)."""
 

@@ -15,20 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from f5_triton.bench import gpu_time_ms
 from f5_triton.model.dit import attention_with_key_bias
-
-
-def bench(fn, repeats=30):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def varlen_padded(q, k, v, lengths):
@@ -78,7 +66,7 @@ def main():
         for name, fn in cases.items():
             try:
                 out = fn()
-                ms = bench(fn)
+                ms = gpu_time_ms(fn)
                 err = (out.float() - reference.float())[valid[:, None, :, None].expand_as(out)].abs().max().item()
                 print(f"  {name:42s} {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  max err (valid) {err:.4f}")
             except Exception as exc:  # a backend that refuses these inputs

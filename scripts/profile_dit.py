@@ -9,21 +9,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from f5_triton.bench import gpu_time_ms
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
-
-
-def bench(fn, repeats=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def graphed(fn, *args):
@@ -62,13 +50,13 @@ def main():
             h = torch.randn(b, config.dim, n, device="cuda", dtype=dtype)
             conv = model.input_embed.conv_pos_embed.conv1d[0]
             print(f"\n== {requests} requests (batch {b}) x {n} frames: grouped conv (cudnn.benchmark) "
-                  f"{bench(lambda: conv(h)):.3f} ms each, 2 per step")
+                  f"{gpu_time_ms(lambda: conv(h)):.3f} ms each, 2 per step")
             for mode in args.modes.split(","):
                 torch._dynamo.reset()
                 step = torch.compile(model.step, mode=None if mode == "default" else mode, dynamic=False)
                 for label, m in (("no mask", None), ("mask", mask)):
                     replay = graphed(step, x, x, te, t, m)
-                    ms = bench(replay)
+                    ms = gpu_time_ms(replay)
                     print(f"  compile[{mode}] + graph, {label}: {ms:.2f} ms per step")
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
