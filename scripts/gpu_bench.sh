@@ -56,7 +56,7 @@ for what in $WHAT; do
             --enable-warmup --warmup 4 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
             | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/multigpu.log"
         fi
-        python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${MULTI_CONCURRENCY:-16,64}" \
+        python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${MULTI_CONCURRENCY:-64}" \
           --num-requests 256 --enable-warmup --warmup 64 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
           | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/multigpu.log"
         kill -INT $server; wait $server
