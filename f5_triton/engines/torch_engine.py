@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from f5_triton.engines.base import EngineConfig, NetworkSpec
+from f5_triton.sampler import euler_solve
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,6 @@ class GraphedSolver:
         self.graphs: dict[tuple, _CapturedGraph] = {}
 
     def _solve(self, x, cond, text_embed, mask, t, cfg_strength=None):
-        from f5_triton.sampler import euler_solve
-
         return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
 
     def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
@@ -152,8 +151,6 @@ class GraphedSolver:
         frames = x.shape[1]
         bucket = next((b for b in self.buckets if b >= frames), None)
         if bucket is None:
-            from f5_triton.sampler import euler_solve
-
             return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
         if mask is None:
             mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)
