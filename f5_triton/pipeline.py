@@ -1,7 +1,8 @@
 """In-process F5-TTS: reference audio + texts -> speech, batched across requests.
 
 The same stages run here for the CLI and the offline benchmark, and inside Triton as separate
-models (preprocess -> flow_matching -> vocoder -> postprocess):
+models (preprocess -> flow_matching -> vocoder -> postprocess; on GPUs the Vocoder runs inside the
+flow_matching model's process, right after it):
 
   Preprocessor   resample, level, mel, tokenize, split long text, estimate durations
   FlowMatcher    flow matching for a batch of jobs (one job = one text chunk of one request)

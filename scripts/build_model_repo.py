@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("--vocoder-engine-path", help=".onnx of Vocos for --vocoder-engine onnxruntime")
     parser.add_argument("--vocoder-plan", help="trt target: Vocos TensorRT plan")
+    parser.add_argument("--vocoder-in-flow", action=argparse.BooleanOptionalAction, default=None,
+                        help="flow_matching vocodes its batch in its own process and sends postprocess waveforms "
+                             "(default: on for gpu, off for cpu; trt: off, its vocoder is a tensorrt_plan model)")
     parser.add_argument("--graph-steps", type=int, default=8,
                         help="gpu target: ODE steps per CUDA-graph replay (requests cancel between replays); 0 = per step")
     parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
@@ -52,6 +55,7 @@ def main() -> None:
             postprocess_instances=args.postprocess_instances, dit_engine=args.dit_engine,
             dit_engine_path=args.dit_engine_path, vocoder_engine=args.vocoder_engine,
             vocoder_engine_path=args.vocoder_engine_path, vocoder_plan=args.vocoder_plan,
+            vocoder_in_flow=args.vocoder_in_flow,
             dit_graph_steps=args.graph_steps, engine_fallback=not args.no_fallback)
         out = render(options, args.output)
     except (ValueError, InvalidInputError, CheckpointError) as exc:

@@ -368,6 +368,49 @@ def test_bad_jobs_sent_to_flow_matching_fail_alone(server, preprocessor, ref_wav
             np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
 
 
+# -- real server: the vocoder in flow_matching's process -------------------------------------------------------
+
+@pytest.mark.server
+def test_vocoder_in_flow_gives_the_same_audio_and_bad_requests_fail_alone(tiny_server, server, preprocessor,
+                                                                           ref_wave, baseline):
+    """vocoder_in_flow: flow_matching vocodes its whole batch itself and postprocess gets waveforms. Same audio
+    as through the `vocoder` model (this module's server); bad requests sharing the batch fail alone."""
+    long_text = "This sentence is long enough to need its own chunk of audio, and then some more words. " * 3
+    goods = [good_fields(ref_wave), good_fields(ref_wave[:-8000], long_text, seed=i64(11)),
+             good_fields(ref_wave[:-4000], "Good request number two is here.", seed=i64(12))]
+    assert len(preprocessor(validate_request(ref_wave[:-8000], REF_TEXT, long_text, seed=11)).jobs) > 1
+    expected = [baseline] + [synthesize(server, g) for g in goods[1:]]
+    base = flow_inputs(preprocessor, ref_wave, "A bad one.", seed=9)
+    bad_jobs = [({**base, "ref_frames": np.array([[0]], np.int32)}, "ref_frames"),
+                ({**base, "sampling": np.array([[0, 2.0, -1.0]], np.float32)}, "sampling")]
+    with tiny_server(vocoder_in_flow=True, nfe_steps=NFE, max_batch_size=4, preferred_batch_sizes=[4],
+                     queue_delay_us=200_000, preprocess_instances=1, postprocess_instances=1) as srv:
+        import tritonclient.grpc
+
+        with tritonclient.grpc.InferenceServerClient(srv.urls.grpc) as client:
+            outputs = client.get_model_metadata("flow_matching", as_json=True)["outputs"]
+        assert [o["name"] for o in outputs] == ["waves", "wave_samples"]
+        before = flow_stats(srv)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            good_futures = [pool.submit(synthesize, srv, g) for g in goods]
+            bad_futures = [pool.submit(error_of, lambda b=b: infer(srv, b, model="flow_matching")) for b, _ in bad_jobs]
+            bad_futures.append(pool.submit(error_of, lambda: infer(srv, good_fields(ref_wave, target_text=text("")))))
+            together = [f.result() for f in good_futures]
+            errors = [f.result() for f in bad_futures]
+        executions = flow_stats(srv)[1] - before[1]
+        # postprocess is a model of its own too: exactly one of the two chunk forms
+        postprocess_errors = [error_of(lambda a=a: infer(srv, {"ref_rms": f32(0.1), **a}, model="postprocess"))
+                              for a in ({}, {"waves": np.zeros((1, 2, 5), np.float32)})]
+    assert executions < len(goods) + len(bad_jobs)  # good and bad shared flow_matching batches
+    for (status, message), field in zip(errors, [f for _, f in bad_jobs] + ["target_text"]):
+        assert status == INVALID["grpc"] and f"{field}: " in message, (status, message)
+    for status, message in postprocess_errors:
+        assert status == INVALID["grpc"] and "send either mel + mel_frames or waves + wave_samples" in message
+    for got, want in zip(together, expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
 # -- real server: cancellation and deadlines ---------------------------------------------------------------
 
 # One chunk (no sentence mark) of ~2500 frames: a few seconds of work at 16 ODE steps on one CPU thread.

@@ -8,10 +8,14 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from f5_triton.errors import InvalidInputError
+from f5_triton.serving import wire
 from f5_triton.serving.repository import STEP_MODELS, RepositoryOptions, render
 from f5_triton.serving.schema import INPUTS
 
@@ -38,6 +42,8 @@ def test_script_renders_every_target(tmp_path, tiny_ckpt, plans, target):
             "--queue-delay-us", "1234"]
     if target == "trt":
         args += ["--dit-engine-path", str(plans[0]), "--vocoder-plan", str(plans[1])]
+    if target == "cpu":
+        args += ["--vocoder-in-flow"]  # not the cpu default: the flag reaches the repository
     subprocess.run(args, check=True, capture_output=True)
     configs = {name: parse(out / name / "config.pbtxt") for name in STEP_MODELS}
     ensemble = configs["f5_tts"]
@@ -52,6 +58,8 @@ def test_script_renders_every_target(tmp_path, tiny_ckpt, plans, target):
     assert Path(params["ckpt"]).is_file() and Path(params["vocab"]).is_file()
     assert params["dit_engine"] == ("tensorrt" if target == "trt" else "torch")
     assert configs["preprocess"].parameters["nfe_steps"].string_value == "16"
+    fields = wire.MEL_FIELDS if target == "trt" else wire.WAVE_FIELDS  # cpu: --vocoder-in-flow, gpu: default
+    assert [o.name for o in flow.output] == [f.name for f in fields]
     kind = model_config_pb2.ModelInstanceGroup.KIND_CPU if target == "cpu" else model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert flow.instance_group[0].kind == kind
     vocoder = configs["vocoder"]
@@ -59,6 +67,66 @@ def test_script_renders_every_target(tmp_path, tiny_ckpt, plans, target):
         assert vocoder.backend == "tensorrt" and (out / "vocoder" / "1" / "model.plan").is_file()
     else:
         assert vocoder.backend == "python" and (out / "vocoder" / "1" / "model.py").is_file()
+
+
+def chunk_wiring(out: Path) -> dict[str, list[str]]:
+    """What flow_matching sends postprocess, as each config of a rendered repository sees it."""
+    configs = {name: parse(out / name / "config.pbtxt") for name in ("f5_tts", "flow_matching", "postprocess")}
+    flow_step, post_step = (next(s for s in configs["f5_tts"].ensemble_scheduling.step if s.model_name == name)
+                            for name in ("flow_matching", "postprocess"))
+    return {"flow outputs": [o.name for o in configs["flow_matching"].output],
+            "flow output_map": sorted(f"{k}->{v}" for k, v in flow_step.output_map.items()),
+            "postprocess input_map": sorted(f"{k}<-{v}" for k, v in post_step.input_map.items()
+                                            if k not in ("ref_rms", "received_at")),
+            "vocode": [configs["flow_matching"].parameters["vocode"].string_value],
+            "postprocess optional": [i.name for i in configs["postprocess"].input if i.optional]}
+
+
+@pytest.mark.parametrize("target, vocoder_in_flow, fields", [
+    ("cpu", None, wire.MEL_FIELDS), ("gpu", None, wire.WAVE_FIELDS),
+    ("cpu", True, wire.WAVE_FIELDS), ("gpu", False, wire.MEL_FIELDS)])
+def test_vocoder_in_flow_wires_waves_or_mels(tmp_path, tiny_ckpt, target, vocoder_in_flow, fields):
+    """Default: the vocoder runs in flow_matching's process on gpu, as its own model (BLS) on cpu."""
+    out = render(RepositoryOptions(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
+                                   vocoder=tiny_ckpt / "vocos", vocoder_in_flow=vocoder_in_flow), tmp_path / "repo")
+    names = [f.name for f in fields]
+    assert chunk_wiring(out) == {
+        "flow outputs": names, "flow output_map": sorted(f"{n}->{n}" for n in names),
+        "postprocess input_map": sorted(f"{n}<-{n}" for n in names),
+        "vocode": [str(fields is wire.WAVE_FIELDS).lower()],
+        "postprocess optional": ["mel", "mel_frames", "waves", "wave_samples", "received_at"]}
+    params = {k: v.string_value for k, v in parse(out / "flow_matching" / "config.pbtxt").parameters.items()}
+    assert ("vocoder_engine" in params) == (fields is wire.WAVE_FIELDS) and Path(params["vocoder"]).is_dir()
+    assert (out / "vocoder" / "config.pbtxt").is_file()  # the vocoder model stays for direct clients
+
+
+def test_trt_target_keeps_its_vocoder_plan_model(tiny_ckpt, plans):
+    common = dict(target="trt", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
+                  vocoder=tiny_ckpt / "vocos", dit_engine_path=plans[0], vocoder_plan=plans[1])
+    assert RepositoryOptions(**common).vocoder_in_flow is False
+    with pytest.raises(ValueError, match="cpu and gpu targets"):
+        RepositoryOptions(**common, vocoder_in_flow=True)
+
+
+def test_chunk_wire_round_trips_and_names_the_fields():
+    mels = [np.random.rand(7, 100).astype(np.float32), np.random.rand(3, 100).astype(np.float32)]
+    kind, chunks = wire.unpack_chunks(wire.pack_mels([torch.from_numpy(m) for m in mels]))
+    assert kind == "mel" and all(np.array_equal(c, m.T) for c, m in zip(chunks, mels))
+    waves = [np.random.rand(5).astype(np.float32), np.random.rand(9).astype(np.float32)]
+    packed = wire.pack_waves(waves)
+    assert packed["waves"].shape == (2, 9) and packed["wave_samples"].tolist() == [5, 9]
+    kind, chunks = wire.unpack_chunks(packed)
+    assert kind == "waves" and all(np.array_equal(c, w) for c, w in zip(chunks, waves))
+    for arrays, message in [
+        ({}, "mel/mel_frames/waves/wave_samples: send either mel + mel_frames or waves + wave_samples; got none"),
+        ({**packed, "mel": np.zeros((1, 100, 4), np.float32)}, "got mel, waves, wave_samples"),
+        ({"waves": packed["waves"]}, "got waves"),
+        ({**packed, "wave_samples": np.array([5], np.int32)}, "wave_samples: has 1 values for waves of shape (2, 9)"),
+        ({**packed, "wave_samples": np.array([5, 10], np.int32)}, "wave_samples: holds [5, 10]; each must lie in"),
+    ]:
+        with pytest.raises(InvalidInputError) as info:
+            wire.unpack_chunks(arrays)
+        assert message in str(info.value)
 
 
 def test_gpus_place_instances(tmp_path, tiny_ckpt):

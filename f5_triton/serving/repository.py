@@ -6,6 +6,11 @@ Targets:
   trt   flow matching through a TensorRT DiT plan (python model), vocoder as a native
         `tensorrt_plan` model; engines come from scripts/build_engines.py on the serving GPU
 
+`vocoder_in_flow` (default: on for gpu, off for cpu and trt) decodes each dynamic batch's mels in
+the flow_matching model's own process, on its device, so postprocess gets waveforms and only
+restores level and cross-fades; off, postprocess calls the `vocoder` model per chunk (BLS). The
+`vocoder` model is rendered either way (clients may call it directly).
+
 Besides the `f5_tts` ensemble and its steps, `f5_tts_streaming` (decoupled, one response per text
 chunk) is rendered unless `streaming=False`. Cache sizes of 0 turn the reference / output caches off.
 """
@@ -21,6 +26,7 @@ from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
 from f5_triton.client import STREAM_OUTPUTS, STREAMING_MODEL
 from f5_triton.config import DEFAULT_SAMPLING, N_MELS
 from f5_triton.serving.schema import INPUTS, OUTPUTS, WireField
+from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_repo"
 TARGETS = ("cpu", "gpu", "trt")
@@ -56,6 +62,9 @@ class RepositoryOptions:
     vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime
     vocoder_engine_path: Path | None = None
     vocoder_plan: Path | None = None  # trt target: the Vocos TensorRT plan
+    # flow_matching vocodes its batch in its own process (no second CUDA context time-slicing the GPU);
+    # default on for gpu, off for cpu and trt (whose vocoder is the native tensorrt_plan model)
+    vocoder_in_flow: bool | None = None
     engine_fallback: bool = True
     max_queue_size: int = 64
     queue_timeout_us: int = 60_000_000
@@ -80,6 +89,11 @@ class RepositoryOptions:
             self.dit_engine = "tensorrt"
             if self.dit_engine_path is None or self.vocoder_plan is None:
                 raise ValueError("the trt target needs --dit-engine-path (DiT .plan) and --vocoder-plan (Vocos .plan)")
+            if self.vocoder_in_flow:
+                raise ValueError("--vocoder-in-flow is for the cpu and gpu targets: the trt target's vocoder is "
+                                 "its own tensorrt_plan model")
+        if self.vocoder_in_flow is None:
+            self.vocoder_in_flow = self.target == "gpu"
 
 
 def _field_block(fields: tuple[WireField, ...], ragged: bool = False, all_optional: bool = False) -> str:
@@ -91,6 +105,11 @@ def _field_block(fields: tuple[WireField, ...], ragged: bool = False, all_option
             extra += " allow_ragged_batch: true"
         rows.append(f'  {{ name: "{f.name}" data_type: {f.triton_type} dims: [ {dims} ]{extra} }}')
     return ",\n".join(rows)
+
+
+def _tensor_map(kind: str, fields: tuple[WireField, ...]) -> str:
+    """Ensemble step lines mapping each field to the ensemble tensor of the same name."""
+    return "\n".join(f'      {kind} {{ key: "{f.name}" value: "{f.name}" }}' for f in fields)
 
 
 def _parameters(values: dict[str, object]) -> str:
@@ -120,6 +139,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "engine_fallback": str(options.engine_fallback).lower(),
         **{f"limit_{k}": v for k, v in options.limits.items()},
     }
+    chunk_fields = WAVE_FIELDS if options.vocoder_in_flow else MEL_FIELDS  # flow_matching -> postprocess
     values = {
         # Request inputs are all optional for Triton, so that a missing one reaches validate_request
         # ("target_text: is required") instead of the ensemble's "unexpected deadlock" error.
@@ -127,8 +147,12 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "outputs": "output [\n" + _field_block(OUTPUTS) + "\n]",
         "stream_outputs": "output [\n" + _field_block(STREAM_OUTPUTS) + "\n]",
         "ragged_inputs": "input [\n" + _field_block(INPUTS, ragged=True, all_optional=True) + "\n]",
-        "preprocess_input_map": "\n".join(f'      input_map {{ key: "{f.name}" value: "{f.name}" }}' for f in INPUTS),
+        "preprocess_input_map": _tensor_map("input_map", INPUTS),
         "n_mels": N_MELS,
+        "flow_matching_outputs": "output [\n" + _field_block(chunk_fields) + "\n]",
+        "flow_matching_output_map": _tensor_map("output_map", chunk_fields),
+        "postprocess_chunk_inputs": _field_block(MEL_FIELDS + WAVE_FIELDS, ragged=True, all_optional=True),
+        "postprocess_chunk_map": _tensor_map("input_map", chunk_fields),
         "max_batch_size": options.max_batch_size,
         "preferred_batch_sizes": ", ".join(str(b) for b in options.preferred_batch_sizes),
         "queue_delay_us": options.queue_delay_us,
@@ -169,6 +193,11 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
         "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
+    # vocode: flow_matching loads its own Vocoder (stages.load_flow_vocoder), with the vocoder model's engine settings
+    per_model["flow_matching"]["vocode"] = str(options.vocoder_in_flow).lower()
+    if options.vocoder_in_flow:
+        per_model["flow_matching"].update(
+            (k, v) for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine"))
     for name in STEP_MODELS + ((STREAMING_MODEL,) if options.streaming else ()):
         source, target = templates / name, output / name
         (target / "1").mkdir(parents=True)

@@ -65,6 +65,21 @@ def load_vocoder(params: dict[str, str], device: str) -> Vocoder:
     return Vocoder(make_vocoder_runner(decoder, engine_config(params, "vocoder", device)), device=device)
 
 
+def load_flow_vocoder(params: dict[str, str], device: str) -> Vocoder | None:
+    """flow_matching's own Vocoder on its device when its `vocode` parameter is true, else None.
+
+    With it, flow_matching sends waveforms (wire.WAVE_FIELDS) and the `vocoder` model is not called:
+    no second process whose kernels time-slice the GPU with flow matching.
+    """
+    return load_vocoder(params, device) if _bool(params.get("vocode"), False) else None
+
+
+def vocode_together(vocoder: Vocoder, mels: dict[int, list[torch.Tensor]]) -> dict[int, list[np.ndarray]]:
+    """Each request's chunk mels [frames, n_mels] -> waveforms, all requests in one batched vocoder call."""
+    waves = iter(vocoder([m for chunks in mels.values() for m in chunks]))
+    return {index: [next(waves) for _ in chunks] for index, chunks in mels.items()}
+
+
 def check_finite(mels: list[torch.Tensor]) -> list[torch.Tensor]:
     for i, mel in enumerate(mels):
         if not torch.isfinite(mel).all():

@@ -2,14 +2,39 @@
 
 Each function works on one request's arrays, without Triton's batch dimension; the adapters in
 model_repo/*/1/model.py add and strip it.
+
+flow_matching hands a request's chunks to postprocess in one of two forms, chosen when the
+repository is rendered (`RepositoryOptions.vocoder_in_flow`):
+
+  MEL_FIELDS   mel + mel_frames       postprocess vocodes them through the `vocoder` model (BLS)
+  WAVE_FIELDS  waves + wave_samples   flow_matching vocoded them in its own process already
+
+Light to import (numpy only): the repository renderer reads the field declarations.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from f5_triton.pipeline import Job, Prepared
+import numpy as np
+
+from f5_triton.config import N_MELS
+from f5_triton.errors import InvalidInputError
+from f5_triton.serving.schema import WireField
+
+if TYPE_CHECKING:
+    import torch
+
+    from f5_triton.pipeline import Job, Prepared
+
+MEL_FIELDS: tuple[WireField, ...] = (
+    WireField("mel", "TYPE_FP32", (-1, N_MELS, -1), False, "a request's chunk mels, padded to the longest"),
+    WireField("mel_frames", "TYPE_INT32", (-1,), False, "valid frames of each chunk's mel"),
+)
+WAVE_FIELDS: tuple[WireField, ...] = (
+    WireField("waves", "TYPE_FP32", (-1, -1), False, "a request's chunk waveforms, padded to the longest"),
+    WireField("wave_samples", "TYPE_INT32", (-1,), False, "valid samples of each chunk's waveform"),
+)
 
 
 def pack_prepared(prepared: Prepared) -> dict[str, np.ndarray]:
@@ -33,6 +58,10 @@ def pack_prepared(prepared: Prepared) -> dict[str, np.ndarray]:
 
 def unpack_jobs(arrays: dict[str, np.ndarray], request_index: int = 0) -> list[Job]:
     """flow_matching's inputs for one request -> its jobs (one per text chunk)."""
+    import torch
+
+    from f5_triton.pipeline import Job
+
     ref_mel = torch.from_numpy(np.ascontiguousarray(arrays["ref_mel"], dtype=np.float32))
     nfe_steps, cfg_strength, sway = (float(v) for v in arrays["sampling"].reshape(-1)[:3])
     tokens = arrays["tokens"].reshape(len(arrays["durations"].reshape(-1)), -1)
@@ -58,3 +87,44 @@ def pack_mels(mels: list[torch.Tensor]) -> dict[str, np.ndarray]:
 def unpack_mels(mel: np.ndarray, mel_frames: np.ndarray) -> list[np.ndarray]:
     """[chunks, n_mels, max] + frames -> one [n_mels, frames_i] array per chunk."""
     return [np.ascontiguousarray(m[:, :int(n)]) for m, n in zip(mel, mel_frames.reshape(-1))]
+
+
+def pack_waves(waves: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """flow_matching (vocoding in process) -> postprocess: a request's chunk waveforms, padded to [chunks, max]."""
+    longest = max(len(w) for w in waves)
+    packed = np.zeros((len(waves), longest), dtype=np.float32)
+    for out, wave in zip(packed, waves):
+        out[:len(wave)] = wave
+    return {"waves": packed, "wave_samples": np.array([len(w) for w in waves], dtype=np.int32)}
+
+
+def unpack_waves(waves: np.ndarray, wave_samples: np.ndarray) -> list[np.ndarray]:
+    """[chunks, max] + samples -> one waveform per chunk."""
+    return [np.ascontiguousarray(w[:int(n)]) for w, n in zip(waves, wave_samples.reshape(-1))]
+
+
+def unpack_chunks(arrays: dict[str, np.ndarray | None]) -> tuple[str, list[np.ndarray]]:
+    """postprocess's chunk inputs -> ("mel", one [n_mels, frames_i] per chunk) or ("waves", one waveform per chunk).
+
+    Both pairs are optional in postprocess's config (the repository decides which one flow_matching
+    sends): exactly one complete pair must be present, with one count per chunk inside the padded
+    tensor; anything else is an InvalidInputError naming the fields.
+    """
+    pairs = [tuple(f.name for f in MEL_FIELDS), tuple(f.name for f in WAVE_FIELDS)]
+    present = {name for pair in pairs for name in pair if arrays.get(name) is not None}
+    pair = next((p for p in pairs if present == set(p)), None)
+    if pair is None:
+        names = [name for p in pairs for name in p]
+        raise InvalidInputError(
+            "/".join(names), f"send either {' + '.join(pairs[0])} or {' + '.join(pairs[1])}; got "
+            f"{', '.join(n for n in names if n in present) or 'none of them'}", "bad_shape")
+    data_name, counts_name = pair
+    data, counts = arrays[data_name], np.asarray(arrays[counts_name]).reshape(-1)
+    ndim = len(next(f.dims for f in MEL_FIELDS + WAVE_FIELDS if f.name == data_name))
+    if data.ndim != ndim or len(data) == 0 or len(counts) != len(data):
+        raise InvalidInputError(counts_name, f"has {len(counts)} values for {data_name} of shape {tuple(data.shape)}; "
+                                "expected one per chunk", "bad_shape")
+    if any(not 1 <= int(n) <= data.shape[-1] for n in counts):
+        raise InvalidInputError(counts_name, f"holds {counts.tolist()}; each must lie in [1, {data.shape[-1]}] "
+                                f"(the padded {data_name})", "out_of_range")
+    return (data_name, unpack_mels(data, counts) if data_name == "mel" else unpack_waves(data, counts))

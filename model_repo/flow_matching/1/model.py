@@ -1,5 +1,9 @@
 """Triton adapter: flow matching for a dynamic batch of requests (f5_triton.pipeline.FlowMatcher).
 
+Sends each request's chunk mels to postprocess (wire.MEL_FIELDS) or, when the repository puts the
+vocoder here (parameter `vocode`), their waveforms (wire.WAVE_FIELDS): the whole batch's mels are
+decoded in one vocoder call on this model's device, right after sampling.
+
 Requests whose client cancelled them, or whose Triton `timeout` passed, are dropped between ODE
 steps (the rest of the batch goes on); jobs are validated first, as this model can be called directly.
 """
@@ -23,7 +27,9 @@ INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "samplin
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
-        self.flow_matching = stages.load_flow_matcher(params, triton_io.device(args))
+        device = triton_io.device(args)
+        self.flow_matching = stages.load_flow_matcher(params, device)
+        self.vocoder = stages.load_flow_vocoder(params, device)  # None: postprocess calls the `vocoder` model
         self.limits = stages.limits_from_params(params)
         dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
         self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
@@ -54,13 +60,25 @@ class TritonPythonModel:
             mels = self.flow_matching(jobs, keep=lambda job: watch.alive(job.request_index))
         except Exception as exc:
             return [r or triton_io.error_response(exc, self.metrics) for r in responses]
+        finished = {}  # request index -> its chunk mels
         for index in sorted(set(owners)):
             own = [m for m, o in zip(mels, owners) if o == index]
             try:
                 if any(m is None for m in own) or not watch.alive(index):
                     responses[index] = watch.error_response(index, self.metrics)
                 else:
-                    responses[index] = triton_io.response(wire.pack_mels(stages.check_finite(own)))
+                    finished[index] = stages.check_finite(own)
+            except Exception as exc:
+                responses[index] = triton_io.error_response(exc, self.metrics)
+        if self.vocoder is not None and finished:
+            try:
+                finished = stages.vocode_together(self.vocoder, finished)  # one call for the whole batch
+            except Exception as exc:
+                return [r or triton_io.error_response(exc, self.metrics) for r in responses]
+        pack = wire.pack_mels if self.vocoder is None else wire.pack_waves
+        for index, own in finished.items():
+            try:
+                responses[index] = triton_io.response(pack(own))
             except Exception as exc:
                 responses[index] = triton_io.error_response(exc, self.metrics)
         return responses

@@ -1,4 +1,7 @@
-"""Triton adapter: vocode a request's chunks through the `vocoder` model, restore level, cross-fade.
+"""Triton adapter: a request's chunks -> restore level, cross-fade.
+
+The chunks come as waveforms (waves + wave_samples) when flow_matching vocoded them itself, or as
+mels (mel + mel_frames), which are vocoded here through the `vocoder` model (BLS) first.
 
 Reports the generated audio and the real-time factor (`f5_triton.serving.metrics`); NaN/Inf audio
 is an error, never a response.
@@ -23,6 +26,8 @@ from f5_triton.pipeline import finish
 from f5_triton.serving import stages, triton_io, wire
 from f5_triton.serving.metrics import Metrics
 
+INPUT_NAMES = tuple(f.name for f in wire.MEL_FIELDS + wire.WAVE_FIELDS) + ("ref_rms", triton_io.RECEIVED_AT)
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -34,9 +39,9 @@ class TritonPythonModel:
 
     async def _finish(self, request):
         try:
-            arrays = triton_io.inputs(request, ("mel", "mel_frames", "ref_rms", triton_io.RECEIVED_AT))
-            mels = wire.unpack_mels(arrays["mel"], arrays["mel_frames"])
-            waves = await asyncio.gather(*(self._vocode(mel) for mel in mels))
+            arrays = triton_io.inputs(request, INPUT_NAMES)
+            kind, chunks = wire.unpack_chunks(arrays)
+            waves = chunks if kind == "waves" else await asyncio.gather(*(self._vocode(mel) for mel in chunks))
             wave = stages.check_finite_audio(finish(list(waves), float(arrays["ref_rms"][0])))
             start = triton_io.received_at(arrays[triton_io.RECEIVED_AT])
             self.metrics.generated(len(wave) / SAMPLE_RATE, None if start is None else time.time() - start)
