@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from f5_triton import audio, text
-from f5_triton.config import DEFAULT_LIMITS, HOP_LENGTH, SAMPLE_RATE, Limits
+from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, HOP_LENGTH, N_MELS, SAMPLE_RATE, Limits
 from f5_triton.errors import InvalidInputError
 from f5_triton.sampler import sample
 from f5_triton.serving.schema import SynthesisRequest
@@ -192,6 +192,27 @@ class FlowMatcher:
             for i, (job, row) in enumerate(zip(batch, mel)):
                 if i not in declined:
                     results[members[i]] = row[job.ref_frames:job.total_frames].float()
+        return results
+
+    def warm_up(self, max_requests: int, nfe_steps: int = DEFAULT_SAMPLING.nfe_steps, longest: int = 1200,
+                mel_dim: int = N_MELS) -> list[torch.Tensor | None]:
+        """Run synthetic batches once, so that `torch.compile` (a static then a dynamic-shape compile) and
+        the first CUDA-graph captures happen before a server reports ready, not during its first requests.
+
+        Batches of 1, 2 (ragged: the masked path) and `max_requests` jobs, of different lengths up to `longest`
+        frames. Returns their mels (only for tests to look at).
+        """
+        def job(frames: int, seed: int) -> Job:
+            return Job(request_index=0, chunk_index=0, ref_mel=torch.zeros(frames // 3, mel_dim), ref_frames=frames // 3,
+                       tokens=[1] * (frames // 8), duration=frames, seed=seed, nfe_steps=nfe_steps,
+                       cfg_strength=DEFAULT_SAMPLING.cfg_strength,
+                       sway_sampling_coef=DEFAULT_SAMPLING.sway_sampling_coef)
+
+        results = []
+        many = max(max_requests, 3)
+        for lengths in ([longest], [longest * 3 // 4, longest * 5 // 6],
+                        [longest // 2 + i * longest // (2 * many) for i in range(many)]):
+            results += self([job(frames, seed) for seed, frames in enumerate(lengths)])
         return results
 
 

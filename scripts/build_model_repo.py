@@ -42,6 +42,10 @@ def main() -> None:
                              "(default: on for gpu, off for cpu; trt: off, its vocoder is a tensorrt_plan model)")
     parser.add_argument("--graph-steps", type=int, default=8,
                         help="gpu target: ODE steps per CUDA-graph replay (requests cancel between replays); 0 = per step")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
+                             "targets)")
+    parser.add_argument("--no-streaming", action="store_true", help="leave out the f5_tts_streaming model")
     parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
     args = parser.parse_args()
     try:
@@ -56,7 +60,8 @@ def main() -> None:
             dit_engine_path=args.dit_engine_path, vocoder_engine=args.vocoder_engine,
             vocoder_engine_path=args.vocoder_engine_path, vocoder_plan=args.vocoder_plan,
             vocoder_in_flow=args.vocoder_in_flow,
-            dit_graph_steps=args.graph_steps, engine_fallback=not args.no_fallback)
+            dit_graph_steps=args.graph_steps, warmup=args.warmup, streaming=not args.no_streaming,
+            engine_fallback=not args.no_fallback)
         out = render(options, args.output)
     except (ValueError, InvalidInputError, CheckpointError) as exc:
         sys.exit(f"error: {exc}")

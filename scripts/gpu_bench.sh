@@ -15,6 +15,14 @@ ARCH=${ARCH:-F5TTS_v1_Base}
 # (NUMPY1_SITE, see scripts/prepare_gpu_wheels.sh) while everything else keeps the image's numpy.
 SERVER_PYTHONPATH=${NUMPY1_SITE:+$NUMPY1_SITE:}${PYTHONPATH:-}
 NFE=${NFE:-16}
+wait_ready() {  # until the server is ready (models loaded and warmed up: compile, CUDA graphs); prints how long
+  local start=$SECONDS
+  for _ in $(seq 400); do
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break
+    sleep 1
+  done
+  echo "$1: server ready after $((SECONDS - start)) s"
+}
 for what in $WHAT; do
   case $what in
     side)
@@ -31,36 +39,38 @@ for what in $WHAT; do
         --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 2000 --max-queue-size 256 > /dev/null
       PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo" --log-file "$OUT/tritonserver.log" > "$OUT/server.log" 2>&1 &
       server=$!
-      for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done
+      wait_ready server | tee -a "$OUT/server.log.txt"
       python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${CONCURRENCY:-1,4,16,32}" \
         --num-requests 64 --enable-warmup --warmup 16 --output-json "$OUT/server.jsonl" --plot "$OUT/server.png" 2>&1 \
         | grep -v -E "req/s|s/req|[Ww]arn" | tee "$OUT/server.log.txt"
-      kill -INT $server; wait $server
+      kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
       tail -5 "$OUT/server.log" ;;
     multigpu)
       # issue 9: aggregate throughput at high concurrency, one GPU vs all visible GPUs, same machine and run
       ckpt=$(mktemp -d)/ckpt
       python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
       all=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
-      for gpus in 0 "$all"; do
+      for gpus in ${MULTI_GPUS:-0 all}; do  # e.g. MULTI_GPUS=all: only the server on every GPU
+        [ "$gpus" = all ] && gpus=$all
         python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-$gpus" --nfe "$NFE" \
           --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 2000 \
           --max-queue-size 512 --preprocess-instances 4 --postprocess-instances 4 \
-          --flow-instances "${FLOW_INSTANCES:-1}" > /dev/null
+          --flow-instances "${FLOW_INSTANCES:-1}" --no-streaming > /dev/null
         PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo-$gpus" --log-file "$OUT/tritonserver-$gpus.log" \
           > "$OUT/server-$gpus.log" 2>&1 &
         server=$!
-        for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break; sleep 1; done
-        if [ "$gpus" = 0 ]; then  # latency at concurrency 1 on the same server, for the offline comparison
-          python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency 1 --num-requests 32 \
-            --enable-warmup --warmup 4 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
+        wait_ready "gpus=$gpus" | tee -a "$OUT/multigpu.log"
+        if [ "$gpus" = 0 ]; then  # latency at concurrency 1 and throughput at 16 on the same server (issue 5)
+          python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency 1,16 --num-requests 64 \
+            --enable-warmup --warmup 16 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
             | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/multigpu.log"
         fi
         python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency "${MULTI_CONCURRENCY:-64}" \
-          --num-requests 256 --enable-warmup --warmup 64 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
+          --num-requests 256 --enable-warmup --warmup 32 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
           | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/multigpu.log"
-        kill -INT $server; wait $server
-      done ;;
+        kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
+      done
+      python3 scripts/plot_results.py "$OUT/multigpu.jsonl" --output "$OUT/multigpu.png" --title "Triton gRPC, $ARCH, NFE $NFE" ;;
     streaming)
       python3 scripts/streaming_latency.py --random-weights "$ARCH" --device cuda --dtype fp16 --nfe "$NFE" \
         --compile --cuda-graphs ${REF_AUDIO:+--reference-audio "$REF_AUDIO"} --json "$OUT/streaming.json" 2>&1 \

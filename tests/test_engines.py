@@ -185,6 +185,19 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
     assert set(engine.solver.graphs) == {(4, 128, 3, True), (4, 128, 2, True), (1, 128, 3, False),
                                          (1, 128, 2, False), (4, 64, 3, True), (4, 64, 1, True)}
 
+    # batches of more than `max_rows` network rows run the same loop without graphs (nor their stalls)
+    engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128), 3, pool=None,
+                                               lock=__import__("threading").Lock(), max_rows=2)
+    runner = DiTRunner(dit, engine)
+    for durations, cfg, steps in SOLVER_CASES[:2]:
+        seen = []
+        got = sample_case(runner, durations, cfg, steps, on_step=seen.append)
+        expected = sample_case(dit, durations, cfg, steps)
+        assert seen == (list(range(steps)) if cfg else list(range(0, steps, 3)))
+        for row, n in enumerate(durations):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4, (durations, cfg, steps)
+    assert set(engine.solver.graphs) == {(1, 128, 3, False), (1, 128, 2, False)}
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile_", [False, True])

@@ -1,6 +1,7 @@
 """The in-process pipeline: lengths as upstream computes them, batching, chunking, level restore."""
 
 import numpy as np
+import torch
 import pytest
 import soundfile as sf
 
@@ -91,3 +92,11 @@ def test_resampled_reference(tts, ref_wave):
                                nfe_steps=2)
     out = tts.synthesize([request])[0]
     assert len(out) > 0 and np.isfinite(out).all()
+
+
+def test_warm_up_runs_single_ragged_and_full_batches(tts):
+    """What a server runs before it reports ready: compiles and graph captures happen here, not on requests."""
+    mels = tts.flow_matching.warm_up(4, nfe_steps=2, longest=96)
+    lengths = [m.shape[0] for m in mels]
+    assert len(mels) == 1 + 2 + 4 and len(set(lengths[3:])) == 4  # the full batch is ragged too
+    assert all(m is not None and m.shape[1] == 100 and torch.isfinite(m).all() for m in mels)

@@ -168,3 +168,38 @@ def test_trt_repository_passes_tritonserver_config_parsing(tmp_path, tiny_ckpt, 
     assert index["vocoder"]["state"] == "UNAVAILABLE"
     assert "tensorrt" in index["vocoder"]["reason"].lower()
     assert "falling back" in log.lower() or "fallback" in log.lower()  # the DiT plan is not a plan: loud warning
+
+
+@pytest.mark.parametrize("target, warmup, flow_requests, streaming_requests", [
+    ("cpu", None, "0", "0"), ("gpu", None, "8", "1"), ("gpu", False, "0", "0"), ("cpu", True, "4", "1")])
+def test_warmup_is_on_for_gpus_and_sized_by_the_batch(tmp_path, tiny_ckpt, target, warmup, flow_requests,
+                                                      streaming_requests):
+    out = render(RepositoryOptions(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
+                                   vocoder=tiny_ckpt / "vocos", warmup=warmup, nfe_steps=16), tmp_path / "repo")
+    flow = parse(out / "flow_matching" / "config.pbtxt").parameters
+    streaming = parse(out / "f5_tts_streaming" / "config.pbtxt").parameters
+    assert flow["warmup_requests"].string_value == flow_requests and flow["warmup_nfe_steps"].string_value == "16"
+    assert streaming["warmup_requests"].string_value == streaming_requests
+
+
+def test_stage_warm_up_runs_flow_matching_and_vocoder(tiny_ckpt):
+    from f5_triton.serving import stages
+
+    params = {"ckpt": str(tiny_ckpt / "model.safetensors"), "vocab": str(tiny_ckpt / "vocab.txt"),
+              "vocoder": str(tiny_ckpt / "vocos"), "warmup_nfe_steps": "2"}
+    flow_matcher, vocoder = stages.load_flow_matcher(params, "cpu"), stages.load_vocoder(params, "cpu")
+    decoded = []
+    spy = lambda mels: decoded.append(len(mels)) or vocoder(mels)  # noqa: E731
+    assert stages.warm_up(params, flow_matcher, spy) is None and not decoded
+    assert stages.warm_up({**params, "warmup_requests": "3"}, flow_matcher, spy) > 0 and decoded == [1 + 2 + 3]
+
+
+@pytest.mark.parametrize("target, gpu_stage_threads", [("cpu", "0"), ("gpu", "2")])
+def test_torch_threads_are_capped_except_where_the_networks_run_on_the_cpu(tmp_path, tiny_ckpt, target,
+                                                                            gpu_stage_threads):
+    out = render(RepositoryOptions(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
+                                   vocoder=tiny_ckpt / "vocos"), tmp_path / "repo")
+    threads = {name: parse(out / name / "config.pbtxt").parameters["torch_threads"].string_value
+               for name in ("preprocess", "postprocess", "flow_matching", "vocoder", "f5_tts_streaming")}
+    assert threads == {"preprocess": "2", "postprocess": "2", "flow_matching": gpu_stage_threads,
+                       "vocoder": gpu_stage_threads, "f5_tts_streaming": gpu_stage_threads}

@@ -51,10 +51,10 @@ class TorchEngine:
             # dynamic=None: the first new shape recompiles with symbolic sizes, so frames do not recompile forever
             self._forward = torch.compile(self.module)
         if config.cuda_graphs:
-            self._graphs = _CudaGraphs(self._forward, spec, config.frame_buckets)
+            self._graphs = _CudaGraphs(self._forward, spec, config.frame_buckets, config.graph_max_rows)
             if spec.batch_per_request == 2 and config.graph_steps > 0:  # the DiT step
                 self.solver = GraphedSolver(self._forward, config.frame_buckets, config.graph_steps,
-                                            self._graphs.pool, self._graphs.lock)
+                                            self._graphs.pool, self._graphs.lock, config.graph_max_rows)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.spec.check(inputs)
@@ -94,12 +94,16 @@ class _CapturedGraph:
 
 
 class _CudaGraphs:
-    """Per-(batch, frames bucket) CUDA graphs of one network; calls pad frames to their bucket."""
+    """Per-(batch, frames bucket) CUDA graphs of one network; calls pad frames to their bucket.
 
-    def __init__(self, forward: Callable[..., torch.Tensor], spec: NetworkSpec, buckets: Sequence[int]):
+    Batches above `max_rows` run without a graph."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], spec: NetworkSpec, buckets: Sequence[int],
+                 max_rows: int = 8):
         self.forward = forward
         self.spec = spec
         self.buckets = tuple(sorted(buckets))
+        self.max_rows = max_rows
         self.graphs: dict[tuple[int, int], _CapturedGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time, so they share memory
         self.lock = threading.Lock()  # static buffers are shared state
@@ -108,6 +112,8 @@ class _CudaGraphs:
         sizes = self.spec.sizes(inputs)
         frames = sizes["frames"]
         bucket = next((b for b in self.buckets if b >= frames), None)
+        if sizes["batch"] > self.max_rows:
+            return self.forward(*inputs)
         if bucket is None:
             logger.debug("%s: %d frames exceed the largest CUDA graph bucket %d; running without a graph",
                          self.spec.name, frames, self.buckets[-1] if self.buckets else 0)
@@ -130,14 +136,17 @@ class GraphedSolver:
     Same contract as `euler_solve`. Frames are padded to a bucket as for the step graphs (exact: the
     mask keeps padding out); one graph per (rows, bucket, steps in the graph, guidance or not), the
     time grid and the guidance strength being graph inputs. `on_step` runs before each replay, with
-    the index of its first step: cancellation takes effect every `graph_steps` steps.
+    the index of its first step: cancellation takes effect every `graph_steps` steps. Calls of more
+    than `max_rows` network rows (2 per request with guidance) run the same loop without graphs.
     """
 
-    def __init__(self, forward: Callable[..., torch.Tensor], buckets: Sequence[int], graph_steps: int, pool, lock):
+    def __init__(self, forward: Callable[..., torch.Tensor], buckets: Sequence[int], graph_steps: int, pool, lock,
+                 max_rows: int = 8):
         self.forward = forward
         self.buckets = tuple(sorted(buckets))
         self.graph_steps = graph_steps
         self.pool, self.lock = pool, lock
+        self.max_rows = max_rows
         self.graphs: dict[tuple, _CapturedGraph] = {}
 
     def _solve(self, x, cond, text_embed, mask, t, cfg_strength=None):
@@ -149,11 +158,11 @@ class GraphedSolver:
 
     def _call(self, x, cond, text_embed, mask, t, cfg_strength, on_step) -> torch.Tensor:
         frames = x.shape[1]
-        bucket = next((b for b in self.buckets if b >= frames), None)
-        if bucket is None:
-            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
-        if mask is None:
+        if mask is None:  # one kind of call for the compiled step, graphed or not
             mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)
+        bucket = next((b for b in self.buckets if b >= frames), None)
+        if bucket is None or cond.shape[0] > self.max_rows:
+            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
         extra = bucket - frames
         x, cond, text_embed = (F.pad(v, (0, 0, 0, extra)) for v in (x, cond, text_embed))
         mask = F.pad(mask, (0, extra), value=False)

@@ -59,6 +59,12 @@ class RepositoryOptions:
     dit_compile: bool | None = None  # torch engine on GPU: torch.compile the DiT step (default on for gpu)
     dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
     dit_graph_steps: int = 8  # with CUDA graphs: ODE steps per graph replay (cancellation granularity); 0 = per step
+    # flow matching runs synthetic batches at load (compile, graph captures) before the server reports ready;
+    # default on for GPU targets, where otherwise the first requests wait minutes for torch.compile
+    warmup: bool | None = None
+    # torch CPU threads per python-backend instance: CPU stages, and GPU instances (0 = one per core, torch's
+    # default, kept for flow matching and the vocoder on the cpu target, where the DiT itself runs on them)
+    torch_threads: int = 2
     vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime
     vocoder_engine_path: Path | None = None
     vocoder_plan: Path | None = None  # trt target: the Vocos TensorRT plan
@@ -83,6 +89,7 @@ class RepositoryOptions:
         on_gpu = self.target != "cpu"
         self.dtype = self.dtype or ("fp16" if on_gpu else "fp32")
         self.max_batch_size = self.max_batch_size or (8 if on_gpu else 4)
+        self.warmup = on_gpu if self.warmup is None else self.warmup
         if not self.preferred_batch_sizes:
             self.preferred_batch_sizes = sorted({max(1, self.max_batch_size // 2), self.max_batch_size})
         if self.target == "trt":
@@ -177,6 +184,8 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                           "dit_cuda_graphs": str(options.target == "gpu" if options.dit_cuda_graphs is None
                                                  else options.dit_cuda_graphs).lower(),
                           "dit_graph_steps": options.dit_graph_steps,
+                          "warmup_requests": options.max_batch_size if options.warmup else 0,
+                          "warmup_nfe_steps": options.nfe_steps,
                           "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
         "postprocess": {"vocoder_model": "vocoder"},
         "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
@@ -190,6 +199,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
            if options.target == "trt" else
            {k: v for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine")}),
+        "warmup_requests": 1 if options.warmup else 0,  # one stream at a time
         "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
         "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
@@ -198,6 +208,9 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
     if options.vocoder_in_flow:
         per_model["flow_matching"].update(
             (k, v) for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine"))
+    for name, params in per_model.items():  # the DiT and Vocos keep every core where they run on the CPU
+        params["torch_threads"] = (0 if kind == "KIND_CPU" and name in ("flow_matching", "vocoder", STREAMING_MODEL)
+                                   else options.torch_threads)
     for name in STEP_MODELS + ((STREAMING_MODEL,) if options.streaming else ()):
         source, target = templates / name, output / name
         (target / "1").mkdir(parents=True)

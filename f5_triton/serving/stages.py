@@ -6,11 +6,12 @@ Kept apart from the adapters so the same construction is tested without a server
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import torch
 
-from f5_triton.config import DEFAULT_LIMITS, Limits
+from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, Limits
 from f5_triton.errors import InvalidInputError
 from f5_triton.pipeline import FlowMatcher, Job, Vocoder
 
@@ -55,6 +56,19 @@ def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
                      device=device, dtype=dtype)
     runner = make_dit_runner(model, engine_config(params, "dit", device))
     return FlowMatcher(runner, device=device, dtype=dtype)
+
+
+def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder | None = None) -> float | None:
+    """Run the `warmup_requests` parameter's synthetic batches through flow matching (and `vocoder`), so compiles
+    and graph captures happen while the model loads; returns the seconds it took, None when off."""
+    requests = int(params.get("warmup_requests", 0))
+    if requests <= 0:
+        return None
+    start = time.perf_counter()
+    mels = flow_matcher.warm_up(requests, nfe_steps=int(params.get("warmup_nfe_steps", DEFAULT_SAMPLING.nfe_steps)))
+    if vocoder is not None:
+        vocoder(mels)
+    return time.perf_counter() - start
 
 
 def load_vocoder(params: dict[str, str], device: str) -> Vocoder:

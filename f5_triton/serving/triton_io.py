@@ -26,6 +26,19 @@ def parameters(args: dict) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
+def set_torch_threads(params: dict[str, str]) -> None:
+    """Apply the `torch_threads` parameter (0 or absent: torch's default, one thread per core).
+
+    Every python-backend instance is its own process; with the default each one starts a thread per
+    core, and a dozen of them oversubscribe the host and starve the GPU instances' launch threads.
+    """
+    threads = int(params.get("torch_threads", 0))
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def device(args: dict) -> str:
     """'cuda:N' for a KIND_GPU instance (made the stub's current device too), else 'cpu'."""
     if args.get("model_instance_kind") == "GPU":

@@ -36,6 +36,7 @@ class _Dropped(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
+        triton_io.set_torch_threads(params)
         device = triton_io.device(args)
         model = args["model_name"]
         reference_cache = cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
@@ -43,8 +44,12 @@ class TritonPythonModel:
         output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
                                          triton_metric_observer(pb_utils, model, "output"))
         preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params), cache=reference_cache)
+        flow_matcher, vocoder = stages.load_flow_matcher(params, device), stages.load_vocoder(params, device)
+        seconds = stages.warm_up(params, flow_matcher, vocoder)
+        if seconds is not None:
+            pb_utils.Logger.log_info(f"{model}: warmed up in {seconds:.1f} s (compile, CUDA graphs)")
         self.streamer = StreamingSynthesizer(
-            preprocess, stages.load_flow_matcher(params, device), stages.load_vocoder(params, device),
+            preprocess, flow_matcher, vocoder,
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
         self.metrics = metrics.Metrics(model)

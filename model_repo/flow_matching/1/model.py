@@ -27,9 +27,13 @@ INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "samplin
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
+        triton_io.set_torch_threads(params)
         device = triton_io.device(args)
         self.flow_matching = stages.load_flow_matcher(params, device)
         self.vocoder = stages.load_flow_vocoder(params, device)  # None: postprocess calls the `vocoder` model
+        seconds = stages.warm_up(params, self.flow_matching, self.vocoder)
+        if seconds is not None:
+            pb_utils.Logger.log_info(f"{args['model_name']}: warmed up in {seconds:.1f} s (compile, CUDA graphs)")
         self.limits = stages.limits_from_params(params)
         dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
         self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again

@@ -31,7 +31,9 @@ INPUT_NAMES = tuple(f.name for f in wire.MEL_FIELDS + wire.WAVE_FIELDS) + ("ref_
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.vocoder_model = triton_io.parameters(args).get("vocoder_model", "vocoder")
+        params = triton_io.parameters(args)
+        triton_io.set_torch_threads(params)
+        self.vocoder_model = params.get("vocoder_model", "vocoder")
         self.metrics = Metrics(args["model_name"])
 
     async def execute(self, requests):

@@ -23,6 +23,7 @@ from f5_triton.text import Tokenizer
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
+        triton_io.set_torch_threads(params)
         self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params),
                                        cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
                                                                triton_metric_observer(pb_utils, args["model_name"],

@@ -17,6 +17,7 @@ from f5_triton.serving.metrics import Metrics
 class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
+        triton_io.set_torch_threads(params)
         self.vocoder = stages.load_vocoder(params, triton_io.device(args))
         self.limits = stages.limits_from_params(params)
         self.metrics = Metrics(args["model_name"])
