@@ -224,6 +224,16 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(results: list[Result], path: str | Path, title: str = "f5-triton") -> Path:
     """Throughput and p50/p90 latency against concurrency (or batch size)."""
     import matplotlib
@@ -247,11 +257,33 @@ def plot_sweep(results: list[Result], path: str | Path, title: str = "f5-triton"
         ax.grid(alpha=0.3)
         ax.set_xticks(xs)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_runs(rows: list[dict], path: str | Path, title: str = "f5-triton") -> Path:
+    """Bars of throughput per run (benchmark.py JSON rows: label, concurrency or batch size), each annotated
+    with its p50 latency and mean GPU utilisation: for runs that differ in setup rather than in load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['label']}\n{'c' if r.get('concurrency') else 'bs'}{r.get('concurrency') or r.get('batch_size')}"
+             for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(rows)), 4))
+    bars = ax.bar(range(len(rows)), [r["throughput_audio_s_per_s"] for r in rows], color="tab:blue")
+    for bar, r in zip(bars, rows):
+        util = r.get("gpu_utilization") or {}
+        busy = [v for v in util.values() if v > 1.0]  # GPUs the run did not use read 0
+        note = f"p50 {r['latency_p50_s']:.2f} s" + (f"\nGPU {np.mean(busy):.0f} %" if busy else "")
+        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylabel("audio seconds per second")
+    ax.set_ylim(0, 1.2 * max(r["throughput_audio_s_per_s"] for r in rows))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title)
+    return _save(fig, path)
 
 
 def gpu_time_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
@@ -268,6 +300,24 @@ def gpu_time_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats
+
+
+def matmul_peak_tflops(size: int = 8192) -> float:
+    """The GPU's measured bf16 matmul throughput (size^3 GEMMs), the denominator of MFU."""
+    import torch
+
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * size**3 / (gpu_time_ms(lambda: a @ b) / 1e3) / 1e12
+
+
+def dit_step_flops(config, tokens: int, frames: int) -> float:
+    """Forward FLOPs of one DiT step over `tokens` = batch x frames rows (matmuls + attention)."""
+    inner = config.heads * config.dim_head
+    ff = int(config.dim * config.ff_mult)
+    per_token_layer = 2 * (config.dim * 3 * inner + inner * config.dim + 2 * config.dim * ff)
+    attention = 2 * 2 * frames * inner  # QK^T and AV, per query token and layer
+    embed = 2 * (2 * config.mel_dim + config.text_dim) * config.dim + 2 * 2 * 31 * config.dim * config.dim // 16
+    return tokens * (config.depth * (per_token_layer + attention) + embed + 2 * config.dim * config.mel_dim)
 
 
 class GpuSampler:
@@ -326,8 +376,4 @@ def plot_side_by_side(results: dict, path: str | Path) -> Path:
     ax.set_ylim(0, max(seconds) * 1300)
     ax.set_title(f"{results['gpu']}, {results['arch']}, NFE {results['nfe']}, {results['dtype']}, batch 1\n"
                  f"{results['audio_seconds']:.1f} s generated", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

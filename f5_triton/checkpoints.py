@@ -112,7 +112,7 @@ def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | st
         raise CheckpointError(f"checkpoint {ckpt_path} does not match architecture {config}: {exc}") from exc
     model = model.to(device=device, dtype=dtype).eval()
     if torch.device(device).type == "cuda":
-        model.fuse_projections().select_attention_kernels()
+        model.fuse_projections().select_attention_kernels().use_gemm_epilogues()
     return model
 
 

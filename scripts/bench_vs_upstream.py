@@ -44,23 +44,6 @@ def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def matmul_peak_tflops(dtype=torch.bfloat16, size: int = 8192) -> float:
-    a = torch.randn(size, size, device="cuda", dtype=dtype)
-    b = torch.randn(size, size, device="cuda", dtype=dtype)
-    seconds, _ = timed(lambda: a @ b, repeats=20)
-    return 2 * size**3 / seconds / 1e12
-
-
-def dit_step_flops(config, tokens: int, frames: int) -> float:
-    """Forward FLOPs of one DiT step over `tokens` = batch x frames rows (matmuls + attention)."""
-    inner = config.heads * config.dim_head
-    ff = int(config.dim * config.ff_mult)
-    per_token_layer = 2 * (config.dim * 3 * inner + inner * config.dim + 2 * config.dim * ff)
-    attention = 2 * 2 * frames * inner  # QK^T and AV, per query token and layer
-    embed = 2 * (2 * config.mel_dim + config.text_dim) * config.dim + 2 * 2 * 31 * config.dim * config.dim // 16
-    return tokens * (config.depth * (per_token_layer + attention) + embed + 2 * config.dim * config.mel_dim)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="F5TTS_v1_Base", choices=sorted(ARCHITECTURES))
@@ -173,7 +156,7 @@ def main() -> None:
             best = (variant, seconds, tts)
 
     # DiT-step MFU at a serving batch, with the fastest variant's engine
-    peak = matmul_peak_tflops()
+    peak = bench.matmul_peak_tflops()
     variant, _, tts = best
     runner = tts.flow_matching.model
     config = runner.model.config if hasattr(runner, "model") else runner.config
@@ -183,7 +166,7 @@ def main() -> None:
     time_ = torch.rand(b, device="cuda", dtype=dtype)
     mask = torch.ones(b, n, dtype=torch.bool, device="cuda")
     step_seconds, _ = timed(lambda: runner.step(x, x, text_embed, time_, mask), repeats=20)
-    achieved = dit_step_flops(config, b * n, n) / step_seconds / 1e12
+    achieved = bench.dit_step_flops(config, b * n, n) / step_seconds / 1e12
     results.update(matmul_peak_tflops=peak, mfu_batch=args.mfu_batch, mfu_variant=variant,
                    dit_step_seconds=step_seconds, dit_step_tflops=achieved, mfu=achieved / peak)
 

@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
-"""Where a DiT step's GPU time goes: compiled step timings, top kernels, and the pieces that matter.
+"""Where a DiT step's GPU time goes: compiled + graphed step times, MFU, kernel A/B, and the top kernels.
 
-    python scripts/profile_dit.py --arch F5TTS_v1_Base --frames 1361 --requests 1,8
+    python scripts/profile_dit.py --arch F5TTS_v1_Base --frames 1361 --requests 1,8,16 [--json out.json]
+
+Variants (each on the same random weights): `base` = fused q/k/v + cuDNN masked attention (what load_dit
+did before GEMM epilogues), `epilogue` = + GELU in the feed-forward GEMM's epilogue (what load_dit does now).
 """
 
 import argparse
+import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from f5_triton.bench import gpu_time_ms
+from f5_triton.bench import dit_step_flops, gpu_time_ms, matmul_peak_tflops
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 
+VARIANTS = {"base": lambda m: m.use_gemm_epilogues(False), "epilogue": lambda m: m.use_gemm_epilogues(True)}
+
 
 def graphed(fn, *args):
-    """fn(*args) captured as a CUDA graph; returns a replay function."""
+    """fn(*args) captured as a CUDA graph; returns a replay function and the graph's output."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -24,45 +30,61 @@ def graphed(fn, *args):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn(*args)
-    return g.replay
+        out = fn(*args)
+    return g.replay, out
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="F5TTS_v1_Base")
     p.add_argument("--frames", type=int, default=1361)
-    p.add_argument("--requests", default="1,8")
-    p.add_argument("--modes", default="default,max-autotune-no-cudagraphs")
+    p.add_argument("--requests", default="1,8,16")
+    p.add_argument("--variants", default="base,epilogue")
+    p.add_argument("--mode", default="default", help="torch.compile mode (max-autotune-no-cudagraphs compiles for minutes)")
+    p.add_argument("--table", action="store_true", help="print the top kernels of the last variant per batch")
+    p.add_argument("--json")
     args = p.parse_args()
     dtype = torch.float16
     config = ARCHITECTURES[args.arch]
     model = random_dit(config).to("cuda", dtype).eval().fuse_projections().select_attention_kernels()
     n = args.frames
     torch.backends.cudnn.benchmark = True
+    peak = matmul_peak_tflops()
+    print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
+    rows = []
     for requests in [int(r) for r in args.requests.split(",")]:
-        b = 2 * requests
+        b = 2 * requests  # classifier-free guidance
         x = torch.randn(b, n, config.mel_dim, device="cuda", dtype=dtype)
         te = torch.randn(b, n, config.text_dim, device="cuda", dtype=dtype)
         t = torch.rand(b, device="cuda", dtype=dtype)
         mask = torch.ones(b, n, dtype=torch.bool, device="cuda")
-        with torch.inference_mode():
-            h = torch.randn(b, config.dim, n, device="cuda", dtype=dtype)
-            conv = model.input_embed.conv_pos_embed.conv1d[0]
-            print(f"\n== {requests} requests (batch {b}) x {n} frames: grouped conv (cudnn.benchmark) "
-                  f"{gpu_time_ms(lambda: conv(h)):.3f} ms each, 2 per step")
-            for mode in args.modes.split(","):
-                torch._dynamo.reset()
-                step = torch.compile(model.step, mode=None if mode == "default" else mode, dynamic=False)
-                for label, m in (("no mask", None), ("mask", mask)):
-                    replay = graphed(step, x, x, te, t, m)
+        print(f"\n== {requests} requests (batch {b}) x {n} frames")
+        reference = None
+        for variant in args.variants.split(","):
+            VARIANTS[variant](model)
+            torch._dynamo.reset()
+            step = torch.compile(model.step, mode=None if args.mode == "default" else args.mode, dynamic=False)
+            for label, m in (("no mask", None), ("mask", mask)):
+                with torch.inference_mode():
+                    replay, out = graphed(step, x, x, te, t, m)
                     ms = gpu_time_ms(replay)
-                    print(f"  compile[{mode}] + graph, {label}: {ms:.2f} ms per step")
+                    if label == "mask":
+                        reference = out.clone() if reference is None else reference
+                        diff = float((out - reference).abs().max())
+                mfu = dit_step_flops(config, b * n, n) / (ms / 1e3) / 1e12 / peak
+                print(f"  {variant:9s} {label:8s} {ms:7.2f} ms/step  MFU {100 * mfu:5.1f} %"
+                      + (f"  max |diff| vs first variant {diff:.2e}" if label == "mask" else ""))
+                rows.append(dict(requests=requests, rows=b, frames=n, variant=variant, masked=label == "mask",
+                                 ms=ms, mfu=mfu, peak_tflops=peak))
+            if args.table:
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
                         replay()
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,17 @@ def test_result_statistics():
     assert r.rtf == 0.25 and r.throughput == 4.0
     assert r.percentile(50) == 2.5
     assert "0.2500" in bench.format_table([r])
+
+
+def test_plot_results_charts_rows_of_several_runs(tmp_path):
+    row = {"mode": "server", "label": "gpus=0", "concurrency": 64, "throughput_audio_s_per_s": 136.6,
+           "latency_p50_s": 4.19, "gpu_utilization": {"gpu0": 94.0, "gpu1": 0.0}}
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text(json.dumps(row) + "\n\n")
+    two.write_text(json.dumps({**row, "label": "gpus=0,1", "throughput_audio_s_per_s": 264.5}) + "\n")
+    out = tmp_path / "runs.png"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "plot_results.py"), str(one),
+                           f"{two}: capped", "--output", str(out)], capture_output=True, text=True, check=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot:" in done.stdout
+    with pytest.raises(FileNotFoundError):
+        bench.plot_runs([row], tmp_path / "missing" / "x.png")

@@ -146,3 +146,23 @@ def test_cudnn_masked_attention_equals_the_key_bias_channel_on_gpu(dit):
         cudnn = model.step(*inputs)
     assert (cudnn[0] - key_bias[0]).abs().max() <= 2e-2
     assert (cudnn[1, :40] - key_bias[1, :40]).abs().max() <= 2e-2
+
+
+def test_gemm_epilogues_stay_off_on_the_cpu():
+    """Off the GPU the fused op's GELU is the exact one, not upstream's tanh: the flag must not turn on."""
+    model = random_dit(ARCHITECTURES["tiny"], seed=8).use_gemm_epilogues()
+    assert not any(block.ff.gelu_epilogue for block in model.transformer_blocks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gelu_gemm_epilogue_equals_the_separate_gelu_on_gpu():
+    model = random_dit(ARCHITECTURES["tiny"], seed=8).to("cuda", torch.float16).eval()
+    torch.manual_seed(9)
+    x, cond = torch.randn(2, 30, 100, device="cuda", dtype=torch.float16), torch.randn(2, 30, 100, device="cuda",
+                                                                                      dtype=torch.float16)
+    text, time = torch.randint(0, 256, (2, 20), device="cuda"), torch.rand(2, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        before = model(x, cond, text, time)
+        assert model.use_gemm_epilogues().transformer_blocks[0].ff.gelu_epilogue
+        after = model(x, cond, text, time)
+    assert (after - before).abs().max() <= 2e-2 * before.abs().max()

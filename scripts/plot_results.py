@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Bar chart of benchmark.py JSON rows (`--output-json`) from one or more runs, e.g. one GPU vs two.
+
+    python scripts/plot_results.py bench_out/multigpu.jsonl --output multigpu.png
+    python scripts/plot_results.py before.jsonl:" (before)" after.jsonl --output compare.png
+
+A `file:suffix` argument appends the suffix to that file's labels.
+"""
+
+import argparse
+import json
+
+from f5_triton.bench import plot_runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="JSONL files, optionally file:label-suffix")
+    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--title", default="f5-triton through Triton")
+    args = p.parse_args()
+    rows = []
+    for spec in args.files:
+        path, _, suffix = spec.partition(":")
+        with open(path) as f:
+            rows += [{**row, "label": row["label"] + suffix} for row in map(json.loads, filter(str.strip, f))]
+    print(f"plot: {plot_runs(rows, args.output, args.title)}")
+
+
+if __name__ == "__main__":
+    main()
