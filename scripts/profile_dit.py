@@ -4,10 +4,12 @@
     python scripts/profile_dit.py --arch F5TTS_v1_Base --frames 1361 --requests 1,8,16 [--json out.json]
 
 Variants (each on the same random weights): `base` = fused q/k/v + cuDNN masked attention (what load_dit
-did before GEMM epilogues), `epilogue` = + GELU in the feed-forward GEMM's epilogue (what load_dit does now).
+did before GEMM epilogues), `epilogue` = + GELU in the feed-forward GEMM's epilogue (what load_dit does now),
+`fp8` = FP8 matrix multiplies in the blocks (`--fp8`; FLOPs counted as for fp16, MFU against the bf16 peak).
 """
 
 import argparse
+import copy
 import json
 
 import torch
@@ -17,7 +19,8 @@ from f5_triton.bench import dit_step_flops, gpu_time_ms, matmul_peak_tflops
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 
-VARIANTS = {"base": lambda m: m.use_gemm_epilogues(False), "epilogue": lambda m: m.use_gemm_epilogues(True)}
+VARIANTS = {"base": lambda m: m.use_gemm_epilogues(False), "epilogue": lambda m: m.use_gemm_epilogues(True),
+            "fp8": lambda m: copy.deepcopy(m).use_fp8_gemms()}  # fp8: not exact, see its max |diff|
 
 
 def graphed(fn, *args):
@@ -39,7 +42,7 @@ def main():
     p.add_argument("--arch", default="F5TTS_v1_Base")
     p.add_argument("--frames", type=int, default=1361)
     p.add_argument("--requests", default="1,8,16")
-    p.add_argument("--variants", default="base,epilogue")
+    p.add_argument("--variants", default="base,epilogue,fp8")
     p.add_argument("--mode", default="default", help="torch.compile mode (max-autotune-no-cudagraphs compiles for minutes)")
     p.add_argument("--table", action="store_true", help="print the top kernels of the last variant per batch")
     p.add_argument("--json")
@@ -61,9 +64,9 @@ def main():
         print(f"\n== {requests} requests (batch {b}) x {n} frames")
         reference = None
         for variant in args.variants.split(","):
-            VARIANTS[variant](model)
+            variant_model = VARIANTS[variant](model)
             torch._dynamo.reset()
-            step = torch.compile(model.step, mode=None if args.mode == "default" else args.mode, dynamic=False)
+            step = torch.compile(variant_model.step, mode=None if args.mode == "default" else args.mode, dynamic=False)
             for label, m in (("no mask", None), ("mask", mask)):
                 with torch.inference_mode():
                     replay, out = graphed(step, x, x, te, t, m)

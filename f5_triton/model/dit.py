@@ -269,6 +269,7 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {qk_norm!r}")
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.cudnn_masked = False  # set by DiT.select_attention_kernels: key_mask is then an additive bias
+        self.qkv_fp8 = None  # set by DiT.use_fp8_gemms
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rotated = t * cos + rotate_half(t) * sin
@@ -289,7 +290,8 @@ class Attention(nn.Module):
         keep: [b, n, 1] float or None."""
         b = x.shape[0]
         if hasattr(self, "qkv_weight"):
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, self.dim_head)
+            qkv = self.qkv_fp8(x) if self.qkv_fp8 is not None else F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = qkv.view(b, -1, 3, self.heads, self.dim_head)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = (proj(x).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
@@ -413,7 +415,28 @@ class DiT(nn.Module):
         """On CUDA: the feed-forward's GELU runs in its first GEMM's epilogue. CUDA only (elsewhere that op's GELU is
         the exact one, not upstream's tanh approximation)."""
         for block in self.transformer_blocks:
-            block.ff.gelu_epilogue = enable and next(self.parameters()).is_cuda
+            block.ff.gelu_epilogue = (enable and next(self.parameters()).is_cuda
+                                      and isinstance(block.ff.ff[0][0], nn.Linear))  # not after use_fp8_gemms
+        return self
+
+    def use_fp8_gemms(self) -> "DiT":
+        """FP8 matrix multiplies (`f5_triton.model.fp8`) for every block's q/k/v, output and feed-forward
+        linears, the bulk of the FLOPs. Not exact, opt-in, one way; call after loading weights and .to()."""
+        from f5_triton.model.fp8 import Fp8Linear, fp8_supported
+
+        device = next(self.parameters()).device
+        if not fp8_supported(device):
+            raise ValueError(f"FP8 matrix multiplies need compute capability 8.9 or later; {device} has "
+                             f"{torch.cuda.get_device_capability(device)}")
+        for block in self.transformer_blocks:
+            attn, ff = block.attn, block.ff
+            if not hasattr(attn, "qkv_weight"):
+                attn.fuse_projections()
+            attn.qkv_fp8 = Fp8Linear(attn.qkv_weight, attn.qkv_bias)
+            attn.to_out[0] = Fp8Linear.from_linear(attn.to_out[0])
+            ff.ff[0][0] = Fp8Linear.from_linear(ff.ff[0][0])
+            ff.ff[2] = Fp8Linear.from_linear(ff.ff[2])
+            ff.gelu_epilogue = False
         return self
 
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
