@@ -52,6 +52,8 @@ def add_engine_args(parser) -> None:
     group.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per frame bucket")
     group.add_argument("--graph-steps", type=int, default=8,
                        help="with --cuda-graphs: ODE steps per graph replay (0 = a graph per DiT call)")
+    group.add_argument("--graph-max-rows", type=int, default=8,
+                       help="with --cuda-graphs: DiT batches of more rows (2 per request) run without graphs")
 
 
 def tts_from_args(args):
@@ -68,7 +70,7 @@ def tts_from_args(args):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     dit = EngineConfig(kind=ENGINE_ALIASES.get(args.dit_engine, args.dit_engine), path=args.dit_engine_path,
                        device=device, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                       graph_steps=args.graph_steps)
+                       graph_steps=args.graph_steps, graph_max_rows=args.graph_max_rows)
     vocoder = EngineConfig(kind=args.vocoder_engine, path=args.vocoder_engine_path, device=device)
     if args.random_weights:
         from f5_triton.checkpoints import make_random_checkpoint

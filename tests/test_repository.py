@@ -203,3 +203,16 @@ def test_torch_threads_are_capped_except_where_the_networks_run_on_the_cpu(tmp_p
                for name in ("preprocess", "postprocess", "flow_matching", "vocoder", "f5_tts_streaming")}
     assert threads == {"preprocess": "2", "postprocess": "2", "flow_matching": gpu_stage_threads,
                        "vocoder": gpu_stage_threads, "f5_tts_streaming": gpu_stage_threads}
+
+
+def test_cuda_graph_options_reach_the_flow_matching_engine(tmp_path, tiny_ckpt):
+    from f5_triton.serving import stages
+
+    out = tmp_path / "repo"
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "build_model_repo.py"), "--target", "gpu",
+                    "--ckpt-dir", str(tiny_ckpt), "--output", str(out), "--graph-steps", "4", "--graph-max-rows", "16",
+                    "--fp8", "--no-warmup"], check=True, capture_output=True)
+    params = {k: v.string_value for k, v in parse(out / "flow_matching" / "config.pbtxt").parameters.items()}
+    config = stages.engine_config(params, "dit", "cuda:0")
+    assert (config.graph_steps, config.graph_max_rows, config.cuda_graphs, config.compile) == (4, 16, True, True)
+    assert params["dit_fp8"] == "true" and params["warmup_requests"] == "0"

@@ -58,6 +58,7 @@ class RepositoryOptions:
     dit_engine_path: Path | None = None
     dit_compile: bool | None = None  # torch engine on GPU: torch.compile the DiT step (default on for gpu)
     dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
+    dit_graph_max_rows: int = 8  # with CUDA graphs: larger DiT batches (2 rows per request) run without graphs
     dit_fp8: bool = False  # torch engine: FP8 matrix multiplies in the DiT blocks (Hopper/Ada; not exact)
     dit_graph_steps: int = 8  # with CUDA graphs: ODE steps per graph replay (cancellation granularity); 0 = per step
     # flow matching runs synthetic batches at load (compile, graph captures) before the server reports ready;
@@ -185,6 +186,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                           "dit_cuda_graphs": str(options.target == "gpu" if options.dit_cuda_graphs is None
                                                  else options.dit_cuda_graphs).lower(),
                           "dit_graph_steps": options.dit_graph_steps,
+                          "dit_graph_max_rows": options.dit_graph_max_rows,
                           "dit_fp8": str(options.dit_fp8).lower(),
                           "warmup_requests": options.max_batch_size if options.warmup else 0,
                           "warmup_nfe_steps": options.nfe_steps,

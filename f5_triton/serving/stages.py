@@ -43,7 +43,8 @@ def engine_config(params: dict[str, str], prefix: str, device: str):
                         device=device, fallback=_bool(params.get("engine_fallback"), True),
                         compile=_bool(params.get(f"{prefix}_compile"), False),
                         cuda_graphs=_bool(params.get(f"{prefix}_cuda_graphs"), False),
-                        graph_steps=int(params.get(f"{prefix}_graph_steps", 8)))
+                        graph_steps=int(params.get(f"{prefix}_graph_steps", 8)),
+                        graph_max_rows=int(params.get(f"{prefix}_graph_max_rows", 8)))
 
 
 def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
