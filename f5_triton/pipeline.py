@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,12 +196,13 @@ class FlowMatcher:
         return results
 
     def warm_up(self, max_requests: int, nfe_steps: int = DEFAULT_SAMPLING.nfe_steps, longest: int = 1200,
-                mel_dim: int = N_MELS) -> list[torch.Tensor | None]:
+                mel_dim: int = N_MELS, log: Callable[[str], None] | None = None) -> list[torch.Tensor | None]:
         """Run synthetic batches once, so that `torch.compile` (a static then a dynamic-shape compile) and
         the first CUDA-graph captures happen before a server reports ready, not during its first requests.
 
         Batches of 1, 2 (ragged: the masked path) and `max_requests` jobs, of different lengths up to `longest`
-        frames. Returns their mels (only for tests to look at).
+        frames; `log` hears about each batch as it finishes (a server is not ready for a minute or two on a
+        GPU). Returns their mels.
         """
         def job(frames: int, seed: int) -> Job:
             return Job(request_index=0, chunk_index=0, ref_mel=torch.zeros(frames // 3, mel_dim), ref_frames=frames // 3,
@@ -210,9 +212,14 @@ class FlowMatcher:
 
         results = []
         many = max(max_requests, 3)
-        for lengths in ([longest], [longest * 3 // 4, longest * 5 // 6],
-                        [longest // 2 + i * longest // (2 * many) for i in range(many)]):
+        batches = ([longest], [longest * 3 // 4, longest * 5 // 6],
+                   [longest // 2 + i * longest // (2 * many) for i in range(many)])
+        for number, lengths in enumerate(batches, 1):
+            start = time.perf_counter()
             results += self([job(frames, seed) for seed, frames in enumerate(lengths)])
+            if log is not None:
+                log(f"warm-up batch {number}/{len(batches)}: {len(lengths)} requests, up to {max(lengths)} frames, "
+                    f"{time.perf_counter() - start:.1f} s")
         return results
 
 

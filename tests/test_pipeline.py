@@ -96,7 +96,9 @@ def test_resampled_reference(tts, ref_wave):
 
 def test_warm_up_runs_single_ragged_and_full_batches(tts):
     """What a server runs before it reports ready: compiles and graph captures happen here, not on requests."""
-    mels = tts.flow_matching.warm_up(4, nfe_steps=2, longest=96)
+    messages = []
+    mels = tts.flow_matching.warm_up(4, nfe_steps=2, longest=96, log=messages.append)
+    assert [m.split(":")[0] for m in messages] == ["warm-up batch 1/3", "warm-up batch 2/3", "warm-up batch 3/3"]
     lengths = [m.shape[0] for m in mels]
     assert len(mels) == 1 + 2 + 4 and len(set(lengths[3:])) == 4  # the full batch is ragged too
     assert all(m is not None and m.shape[1] == 100 and torch.isfinite(m).all() for m in mels)

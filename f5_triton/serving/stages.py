@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,14 +60,16 @@ def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
     return FlowMatcher(runner, device=device, dtype=dtype)
 
 
-def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder | None = None) -> float | None:
+def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder | None = None,
+            log: Callable[[str], None] | None = None) -> float | None:
     """Run the `warmup_requests` parameter's synthetic batches through flow matching (and `vocoder`), so compiles
-    and graph captures happen while the model loads; returns the seconds it took, None when off."""
+    and graph captures happen while the model loads; returns the seconds it took, None when off. `log`: progress."""
     requests = int(params.get("warmup_requests", 0))
     if requests <= 0:
         return None
     start = time.perf_counter()
-    mels = flow_matcher.warm_up(requests, nfe_steps=int(params.get("warmup_nfe_steps", DEFAULT_SAMPLING.nfe_steps)))
+    mels = flow_matcher.warm_up(requests, nfe_steps=int(params.get("warmup_nfe_steps", DEFAULT_SAMPLING.nfe_steps)),
+                                log=log)
     if vocoder is not None:
         vocoder(mels)
     return time.perf_counter() - start
