@@ -50,16 +50,13 @@ for what in $WHAT; do
       ckpt=$(mktemp -d)/ckpt
       python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
       all=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
-      offline=
+      if [ -z "${MULTI_GPUS:-}" ]; then  # offline batch 1 first, GPU idle otherwise: issue 5's c1 comparison in one run
+        python3 benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" --batch-size 1 --num-requests 32 \
+          --compile --cuda-graphs --enable-warmup --label offline --output-json "$OUT/multigpu.jsonl" 2>&1 \
+          | grep -v -E "batch/s|it/s|[Ww]arn" | tee -a "$OUT/multigpu.log"
+      fi
       for gpus in ${MULTI_GPUS:-0 all}; do  # e.g. MULTI_GPUS=all: only the server on every GPU
         [ "$gpus" = all ] && gpus=$all
-        if [ "$gpus" = 0 ] && [ "$all" != 0 ]; then
-          # offline batch 1 on the last GPU while the one-GPU server warms up: the c1 comparison in one run
-          CUDA_VISIBLE_DEVICES=${all##*,} python3 benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" \
-            --batch-size 1 --num-requests 32 --compile --cuda-graphs --enable-warmup --label offline \
-            --output-json "$OUT/multigpu.jsonl" > "$OUT/offline-bs1.log" 2>&1 &
-          offline=$!
-        fi
         python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-$gpus" --nfe "$NFE" \
           --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 2000 \
           --max-queue-size 512 --preprocess-instances 4 --postprocess-instances 4 \
@@ -68,10 +65,6 @@ for what in $WHAT; do
           > "$OUT/server-$gpus.log" 2>&1 &
         server=$!
         wait_ready "gpus=$gpus" | tee -a "$OUT/multigpu.log"
-        if [ -n "$offline" ]; then
-          wait $offline; offline=
-          grep -v -E "batch/s|it/s|[Ww]arn" "$OUT/offline-bs1.log" | tail -3 | tee -a "$OUT/multigpu.log"
-        fi
         if [ "$gpus" = 0 ]; then  # latency at concurrency 1 and throughput at 16 on the same server (issue 5)
           python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency 1,16 --num-requests 64 \
             --enable-warmup --warmup 16 --label "gpus=$gpus" --output-json "$OUT/multigpu.jsonl" 2>&1 \
