@@ -23,7 +23,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="GPU precision (default fp16)")
     parser.add_argument("--max-batch-size", type=int, help="flow-matching dynamic batch (default 4 cpu, 8 gpu)")
     parser.add_argument("--preferred-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--queue-delay-us", type=int, default=2_000, help="dynamic batcher's max queue delay")
+    parser.add_argument("--queue-delay-us", type=int, default=500,
+                        help="flow matching's dynamic batcher: how long a lone request waits for company")
     parser.add_argument("--max-queue-size", type=int, default=64, help="requests waiting before rejection")
     parser.add_argument("--queue-timeout-us", type=int, default=60_000_000, help="queued longer -> rejected")
     parser.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[0],

@@ -36,7 +36,7 @@ for what in $WHAT; do
       ckpt=$(mktemp -d)/ckpt
       python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
       python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo" --nfe "$NFE" \
-        --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 2000 --max-queue-size 256 > /dev/null
+        --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 > /dev/null
       PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo" --log-file "$OUT/tritonserver.log" > "$OUT/server.log" 2>&1 &
       server=$!
       wait_ready server | tee -a "$OUT/server.log.txt"
@@ -50,15 +50,15 @@ for what in $WHAT; do
       ckpt=$(mktemp -d)/ckpt
       python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
       all=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
-      if [ -z "${MULTI_GPUS:-}" ]; then  # offline batch 1 first, GPU idle otherwise: issue 5's c1 comparison in one run
+      if [ "${OFFLINE_FIRST:-1}" = 1 ]; then  # offline batch 1 first, GPU idle otherwise: issue 5's c1 comparison in one run
         python3 benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" --batch-size 1 --num-requests 32 \
           --compile --cuda-graphs --enable-warmup --label offline --output-json "$OUT/multigpu.jsonl" 2>&1 \
           | grep -v -E "batch/s|it/s|[Ww]arn" | tee -a "$OUT/multigpu.log"
       fi
-      for gpus in ${MULTI_GPUS:-0 all}; do  # e.g. MULTI_GPUS=all: only the server on every GPU
+      for gpus in ${MULTI_GPUS:-0 all}; do  # e.g. MULTI_GPUS=all OFFLINE_FIRST=0: only the server on every GPU
         [ "$gpus" = all ] && gpus=$all
         python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-$gpus" --nfe "$NFE" \
-          --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us 2000 \
+          --gpus "$gpus" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" \
           --max-queue-size 512 --preprocess-instances 4 --postprocess-instances 4 \
           --flow-instances "${FLOW_INSTANCES:-1}" --no-streaming > /dev/null
         PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo-$gpus" --log-file "$OUT/tritonserver-$gpus.log" \

@@ -5,7 +5,10 @@
 
 Variants (each on the same random weights): `base` = fused q/k/v + cuDNN masked attention (what load_dit
 did before GEMM epilogues), `epilogue` = + GELU in the feed-forward GEMM's epilogue (what load_dit does now),
-`fp8` = FP8 matrix multiplies in the blocks (`--fp8`; FLOPs counted as for fp16, MFU against the bf16 peak).
+`fp8` = FP8 matrix multiplies in the blocks (`--fp8`; FLOPs counted as for fp16, MFU against the bf16 peak),
+`keybias` = epilogue, with masked steps through the key-bias channel (flash) instead of cuDNN.
+`--launch graph,plain,dynamic` also times each variant compiled without a CUDA graph, static or with
+symbolic shapes (the engine's compiled step after its second shape: batches above `graph_max_rows`).
 """
 
 import argparse
@@ -20,7 +23,23 @@ from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 
 VARIANTS = {"base": lambda m: m.use_gemm_epilogues(False), "epilogue": lambda m: m.use_gemm_epilogues(True),
-            "fp8": lambda m: copy.deepcopy(m).use_fp8_gemms()}  # fp8: not exact, see its max |diff|
+            "fp8": lambda m: copy.deepcopy(m).use_fp8_gemms(),  # fp8: not exact, see its max |diff|
+            "keybias": lambda m: with_cudnn_mask(copy.deepcopy(m).use_gemm_epilogues(True), False)}
+
+
+def with_cudnn_mask(model, enable: bool):
+    """Masked steps through cuDNN's masked attention (enable) or the key-bias channel (flash)."""
+    for block in model.transformer_blocks:
+        block.attn.cudnn_masked = enable
+    return model
+
+
+def plain(fn, *args):
+    """fn(*args) without a graph (launches from Python each call); same interface as `graphed`."""
+    for _ in range(3):
+        fn(*args)
+    out = fn(*args)
+    return (lambda: fn(*args)), out
 
 
 def graphed(fn, *args):
@@ -43,6 +62,8 @@ def main():
     p.add_argument("--frames", type=int, default=1361)
     p.add_argument("--requests", default="1,8,16")
     p.add_argument("--variants", default="base,epilogue,fp8")
+    p.add_argument("--launch", default="graph", help="comma-separated: graph; plain (compiled, no CUDA graph); "
+                   "dynamic (compiled with symbolic shapes, no graph: what batches above graph_max_rows run)")
     p.add_argument("--mode", default="default", help="torch.compile mode (max-autotune-no-cudagraphs compiles for minutes)")
     p.add_argument("--table", action="store_true", help="print the top kernels of the last variant per batch")
     p.add_argument("--json")
@@ -65,22 +86,24 @@ def main():
         reference = None
         for variant in args.variants.split(","):
             variant_model = VARIANTS[variant](model)
-            torch._dynamo.reset()
-            step = torch.compile(variant_model.step, mode=None if args.mode == "default" else args.mode, dynamic=False)
-            for label, m in (("no mask", None), ("mask", mask)):
-                with torch.inference_mode():
-                    replay, out = graphed(step, x, x, te, t, m)
-                    ms = gpu_time_ms(replay)
-                    if label == "mask":
-                        reference = out.clone() if reference is None else reference
-                        diff = float((out - reference).abs().max())
-                mfu = dit_step_flops(config, b * n, n) / (ms / 1e3) / 1e12 / peak
-                print(f"  {variant:9s} {label:8s} {ms:7.2f} ms/step  MFU {100 * mfu:5.1f} %"
-                      + (f"  max |diff| vs first variant {diff:.2e}" if label == "mask" else ""))
-                rows.append(dict(requests=requests, rows=b, frames=n, variant=variant, masked=label == "mask",
-                                 ms=ms, mfu=mfu, peak_tflops=peak))
+            for launch in args.launch.split(","):
+                torch._dynamo.reset()
+                step = torch.compile(variant_model.step, mode=None if args.mode == "default" else args.mode,
+                                     dynamic=launch == "dynamic")
+                for label, m in (("no mask", None), ("mask", mask)):
+                    with torch.inference_mode():
+                        replay, out = (graphed if launch == "graph" else plain)(step, x, x, te, t, m)
+                        ms = gpu_time_ms(replay)
+                        if label == "mask":
+                            reference = out.clone() if reference is None else reference
+                            diff = float((out - reference).abs().max())
+                    mfu = dit_step_flops(config, b * n, n) / (ms / 1e3) / 1e12 / peak
+                    print(f"  {variant:9s} {launch:7s} {label:8s} {ms:7.2f} ms/step  MFU {100 * mfu:5.1f} %"
+                          + (f"  max |diff| vs first variant {diff:.2e}" if label == "mask" else ""))
+                    rows.append(dict(requests=requests, rows=b, frames=n, variant=variant, launch=launch,
+                                     masked=label == "mask", ms=ms, mfu=mfu, peak_tflops=peak))
             if args.table:
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
                     for _ in range(3):
                         replay()
                     torch.cuda.synchronize()

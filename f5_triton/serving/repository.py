@@ -45,10 +45,11 @@ class RepositoryOptions:
     dtype: str | None = None  # fp32 | fp16 | bf16; default fp32 on cpu, fp16 on GPUs
     max_batch_size: int | None = None  # flow-matching batch (requests); default 4 on cpu, 8 on GPUs
     preferred_batch_sizes: list[int] | None = None
-    # A lone request waits this long for company; under load batches fill while the instance is busy anyway.
-    queue_delay_us: int = 2_000
+    # A lone request waits this long for company; under load batches fill while the instance is busy anyway
+    # (H200: 2 ms -> 0.5 ms took concurrency-1 latency from +15 % to +8 % over offline, concurrency 16 unchanged).
+    queue_delay_us: int = 500
     vocoder_max_batch_size: int = 8
-    vocoder_queue_delay_us: int = 2_000
+    vocoder_queue_delay_us: int = 500
     gpus: list[int] = field(default_factory=lambda: [0])
     flow_instances_per_device: int = 1
     vocoder_instances_per_device: int = 1
