@@ -73,8 +73,8 @@ def tiny_server(tiny_ckpt, tmp_path_factory):
     """Factory of real tritonservers on cpu repositories: `with tiny_server(**options) as server:`.
 
     `options` go to RepositoryOptions; ckpt, vocab and vocoder default to the tiny checkpoint's, and
-    the streaming model is left out unless `streaming=True` (faster start). `exit_timeout_secs`
-    goes to TritonServer. Every python-backend stub runs torch on one thread: the tiny model gains
+    the streaming model is left out unless `streaming=True` (faster start). `exit_timeout_secs` and
+    `log_path` go to TritonServer. Every python-backend stub runs torch on one thread: the tiny model gains
     nothing from more, and several stubs with a thread per core each slow down by orders of
     magnitude on a busy 2-core machine (OpenMP threads spinning against each other).
     """
@@ -85,13 +85,13 @@ def tiny_server(tiny_ckpt, tmp_path_factory):
     from f5_triton.serving.repository import RepositoryOptions, render
 
     @contextlib.contextmanager
-    def serve(exit_timeout_secs: int = 30, **options):
+    def serve(exit_timeout_secs: int = 30, log_path=None, **options):
         options = {"ckpt": tiny_ckpt / "model.safetensors", "vocab": tiny_ckpt / "vocab.txt",
                    "vocoder": tiny_ckpt / "vocos", "streaming": False, **options}
         repo = render(RepositoryOptions(target="cpu", **options), tmp_path_factory.mktemp("repo") / "model_repo")
         with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, ready_timeout=240,
-                          exit_timeout_secs=exit_timeout_secs) as server:
+                          exit_timeout_secs=exit_timeout_secs, log_path=log_path) as server:
             yield server
 
     return serve

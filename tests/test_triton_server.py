@@ -182,3 +182,12 @@ def test_stubs_see_packages_that_are_only_on_pythonpath(tiny_ckpt, tmp_path):
         stubs = len(list(probes.iterdir()))
     # preprocess, flow_matching, postprocess and vocoder each import f5_triton.audio (a stub per instance)
     assert stubs >= 4, f"only {stubs} stub(s) imported soundfile from PYTHONPATH"
+
+
+def test_package_log_records_reach_the_triton_log(tiny_server, tmp_path):
+    """Engine messages (here: compile asked for on a CPU) land in --log-file, not in a stub's lost stderr."""
+    log_path = tmp_path / "tritonserver.log"
+    with tiny_server(dit_compile=True, log_path=log_path) as srv:
+        srv.wait_ready(240)
+    log = log_path.read_text()
+    assert "f5_triton.engines.torch_engine: dit_step: torch compile / CUDA graphs need a CUDA device" in log, log[-2000:]

@@ -20,6 +20,36 @@ from f5_triton.serving import metrics as metric_names
 log = logging.getLogger("f5_triton.serving")
 
 
+class TritonLogHandler(logging.Handler):
+    """The package's log records -> Triton's own log (`pb_utils.Logger`), beside the server's lines.
+
+    A stub process has no logging configuration: without this, INFO records (CUDA-graph captures, engine
+    choices) vanish and warnings reach only the stub's stderr, not `--log-file`.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = f"{record.name}: {self.format(record)}"
+            if record.levelno >= logging.ERROR:
+                pb_utils.Logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                pb_utils.Logger.log_warn(message)
+            else:
+                pb_utils.Logger.log_info(message)
+        except Exception:  # logging must never fail a request
+            self.handleError(record)
+
+
+def _route_package_logging() -> None:
+    package = logging.getLogger("f5_triton")
+    if not any(isinstance(handler, TritonLogHandler) for handler in package.handlers):
+        package.addHandler(TritonLogHandler())
+        package.setLevel(logging.INFO)
+
+
+_route_package_logging()  # every adapter imports this module first
+
+
 def parameters(args: dict) -> dict[str, str]:
     """The model config's `parameters` as a plain {key: string} dict."""
     config = json.loads(args["model_config"])
