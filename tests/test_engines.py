@@ -159,7 +159,8 @@ def sample_case(model, durations, cfg, steps, on_step=None):
 
 def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
     """The solver's own logic on the CPU: graphs of `graph_steps` steps (the CUDA capture replaced by a plain
-    call), frames padded to buckets, `on_step` before each replay, calls past the largest bucket unpadded."""
+    call), frames padded to buckets, `on_step` before each replay, calls without a graph (past the largest
+    bucket, or more rows than `max_rows`) padded to a multiple of 8 frames."""
     from f5_triton.engines import torch_engine
 
     class Replay:  # what a captured graph does, without CUDA
@@ -186,7 +187,13 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
                                          (1, 128, 2, False), (4, 64, 3, True), (4, 64, 1, True)}
 
     # batches of more than `max_rows` network rows run the same loop without graphs (nor their stalls)
-    engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128), 3, pool=None,
+    frames_seen = []
+
+    def forward(x, *rest):
+        frames_seen.append(x.shape[1])
+        return engine._forward(x, *rest)
+
+    engine.solver = torch_engine.GraphedSolver(forward, (64, 128), 3, pool=None,
                                                lock=__import__("threading").Lock(), max_rows=2)
     runner = DiTRunner(dit, engine)
     for durations, cfg, steps in SOLVER_CASES[:2]:
@@ -197,6 +204,34 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4, (durations, cfg, steps)
     assert set(engine.solver.graphs) == {(1, 128, 3, False), (1, 128, 2, False)}
+    assert set(frames_seen) == {104, 128}  # 100 frames without a graph -> 104; 90 in the 128 bucket's graph
+
+
+def test_calls_without_a_graph_are_padded_to_aligned_frames(dit):
+    """The per-step graphs' fallback (too many rows, or past the largest bucket) pads to a multiple of 8 frames
+    and trims back: same valid output, the caller's frame count."""
+    from f5_triton.engines import torch_engine
+    from f5_triton.engines.networks import random_inputs
+
+    module = DiTStep(dit).eval()
+    frames_seen = []
+
+    def forward(*inputs):
+        frames_seen.append(inputs[0].shape[1])
+        return module(*inputs)
+
+    graphs = torch_engine._CudaGraphs(forward, DIT_STEP, buckets=(64,), max_rows=1)
+    inputs = random_inputs(DIT_STEP, (50, 37), {"mel": 100, "text": dit.config.text_dim})  # 2 rows > max_rows
+    with torch.inference_mode():
+        got = graphs(inputs)
+        expected = module(*inputs)
+        past_buckets = graphs(random_inputs(DIT_STEP, (70,), {"mel": 100, "text": dit.config.text_dim}))
+    assert frames_seen == [56, 72]
+    assert got.shape == expected.shape and past_buckets.shape[1] == 70
+    mask = inputs[-1]
+    for row in range(2):
+        n = int(mask[row].sum())
+        assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

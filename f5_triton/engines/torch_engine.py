@@ -28,6 +28,12 @@ from f5_triton.sampler import euler_solve
 logger = logging.getLogger(__name__)
 
 
+# Calls without a CUDA graph still pad frames to a multiple of this (exact: padding is masked): SDPA pads an
+# unaligned attention mask and expands it to [rows, heads, frames, frames], which torch.compile then materializes
+# (the suspected cause of cuDNN's masked step costing 4x its kernel time at 1361 frames, docs/benchmarks.md).
+FRAME_ALIGNMENT = 8
+
+
 class TorchEngine:
     """Runs `module(*inputs)` in torch; inputs are moved to the module's device and float dtype."""
 
@@ -96,7 +102,8 @@ class _CapturedGraph:
 class _CudaGraphs:
     """Per-(batch, frames bucket) CUDA graphs of one network; calls pad frames to their bucket.
 
-    Batches above `max_rows` run without a graph."""
+    Batches above `max_rows`, and frames past the largest bucket, run without a graph (padded to a multiple
+    of FRAME_ALIGNMENT frames)."""
 
     def __init__(self, forward: Callable[..., torch.Tensor], spec: NetworkSpec, buckets: Sequence[int],
                  max_rows: int = 8):
@@ -112,12 +119,12 @@ class _CudaGraphs:
         sizes = self.spec.sizes(inputs)
         frames = sizes["frames"]
         bucket = next((b for b in self.buckets if b >= frames), None)
-        if sizes["batch"] > self.max_rows:
-            return self.forward(*inputs)
-        if bucket is None:
-            logger.debug("%s: %d frames exceed the largest CUDA graph bucket %d; running without a graph",
-                         self.spec.name, frames, self.buckets[-1] if self.buckets else 0)
-            return self.forward(*inputs)
+        if sizes["batch"] > self.max_rows or bucket is None:
+            if bucket is None:
+                logger.debug("%s: %d frames exceed the largest CUDA graph bucket %d; running without a graph",
+                             self.spec.name, frames, self.buckets[-1] if self.buckets else 0)
+            aligned = -(-frames // FRAME_ALIGNMENT) * FRAME_ALIGNMENT
+            return self.spec.trim_frames(self.forward(*self.spec.pad_frames(inputs, aligned)), frames)
         padded = self.spec.pad_frames(inputs, bucket)
         key = (sizes["batch"], bucket)
         with self.lock:
@@ -128,6 +135,15 @@ class _CudaGraphs:
             output = graph.replay(padded)
             # the static output is overwritten by the next replay: hand out a copy
             return self.spec.trim_frames(output, frames).clone()
+
+
+def _pad_frames(x, cond, text_embed, mask, length: int):
+    """Zero frames (masked out) appended up to `length`: exact, the mask keeps padding out of every valid frame."""
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x, cond, text_embed, mask
+    x, cond, text_embed = (F.pad(v, (0, 0, 0, extra)) for v in (x, cond, text_embed))
+    return x, cond, text_embed, F.pad(mask, (0, extra), value=False)
 
 
 class GraphedSolver:
@@ -162,10 +178,10 @@ class GraphedSolver:
             mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)
         bucket = next((b for b in self.buckets if b >= frames), None)
         if bucket is None or cond.shape[0] > self.max_rows:
-            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
-        extra = bucket - frames
-        x, cond, text_embed = (F.pad(v, (0, 0, 0, extra)) for v in (x, cond, text_embed))
-        mask = F.pad(mask, (0, extra), value=False)
+            aligned = -(-frames // FRAME_ALIGNMENT) * FRAME_ALIGNMENT
+            x, cond, text_embed, mask = _pad_frames(x, cond, text_embed, mask, aligned)
+            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)[:, :frames]
+        x, cond, text_embed, mask = _pad_frames(x, cond, text_embed, mask, bucket)
         guided = cfg_strength is not None
         cfg = torch.tensor(float(cfg_strength) if guided else 0.0, dtype=x.dtype, device=x.device)
         total = t.shape[0] - 1
