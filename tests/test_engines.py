@@ -379,3 +379,24 @@ def test_graphed_sampling_on_the_second_gpu(dit):
         expected = sample_case(model, durations, cfg, steps)
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= SAMPLE_TOL
+
+
+def test_calls_that_compile_are_logged(caplog):
+    """A call during which torch.compile builds a graph says so (under load that is a stall of seconds); the
+    next call of the same shape compiles nothing and logs nothing."""
+    import logging
+    import threading
+
+    from f5_triton.engines import torch_engine
+
+    solver = torch_engine.GraphedSolver(torch.compile(lambda x, cond, text_embed, time, mask: x * 0.5 + cond),
+                                        (64,), 3, pool=None, lock=threading.Lock(), max_rows=1)
+    x = torch.randn(2, 40, 100)
+    t = torch.linspace(0, 1, 4)
+    with caplog.at_level(logging.INFO, logger="f5_triton.engines.torch_engine"):
+        solver(x, x, x, None, t)  # 2 rows > max_rows: the compiled function, no graph
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        solver(x, x, x, None, t)
+    assert any("dit_step: 2 rows x 40 frames: torch.compile built" in m for m in first), first
+    assert not [r for r in caplog.records if "torch.compile built" in r.getMessage()]

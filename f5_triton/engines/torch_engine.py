@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -65,10 +67,31 @@ class TorchEngine:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.spec.check(inputs)
         inputs = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in inputs]
-        with torch.inference_mode(), _on(self.device):
+        sizes = self.spec.sizes(inputs)
+        with torch.inference_mode(), _on(self.device), _noting_compiles(
+                f"{self.spec.name}: batch {sizes['batch']} x {sizes.get('frames')} frames"):
             if self._graphs is not None:
                 return self._graphs(inputs)
             return self._forward(*inputs)
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has built in this process (0 before its first use: no import for eager engines)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@contextlib.contextmanager
+def _noting_compiles(call: str):
+    """Log when a call made torch.compile build graphs: expected during warm-up, a stall of seconds under load."""
+    before, start = _graphs_compiled(), time.perf_counter()
+    yield
+    built = _graphs_compiled() - before
+    if built:
+        logger.info("%s: torch.compile built %d graph(s), call took %.1f s", call, built, time.perf_counter() - start)
 
 
 def _on(device: torch.device):
@@ -169,7 +192,7 @@ class GraphedSolver:
         return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
 
     def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
-        with _on(x.device):
+        with _on(x.device), _noting_compiles(f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"):
             return self._call(x, cond, text_embed, mask, t, cfg_strength, on_step)
 
     def _call(self, x, cond, text_embed, mask, t, cfg_strength, on_step) -> torch.Tensor:
