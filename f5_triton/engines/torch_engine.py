@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 FRAME_ALIGNMENT = 8
 
 
+def _aligned(frames: int) -> int:
+    return -(-frames // FRAME_ALIGNMENT) * FRAME_ALIGNMENT
+
+
 class TorchEngine:
     """Runs `module(*inputs)` in torch; inputs are moved to the module's device and float dtype."""
 
@@ -67,9 +71,8 @@ class TorchEngine:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.spec.check(inputs)
         inputs = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in inputs]
-        sizes = self.spec.sizes(inputs)
         with torch.inference_mode(), _on(self.device), _noting_compiles(
-                f"{self.spec.name}: batch {sizes['batch']} x {sizes.get('frames')} frames"):
+                lambda: f"{self.spec.name}: {self.spec.sizes(inputs)}"):
             if self._graphs is not None:
                 return self._graphs(inputs)
             return self._forward(*inputs)
@@ -85,13 +88,15 @@ def _graphs_compiled() -> int:
 
 
 @contextlib.contextmanager
-def _noting_compiles(call: str):
-    """Log when a call made torch.compile build graphs: expected during warm-up, a stall of seconds under load."""
+def _noting_compiles(describe_call: Callable[[], str]):
+    """Log when a call made torch.compile build graphs: expected during warm-up, a stall of seconds under load.
+    `describe_call` runs only then (nothing formatted on the hot path)."""
     before, start = _graphs_compiled(), time.perf_counter()
     yield
     built = _graphs_compiled() - before
     if built:
-        logger.info("%s: torch.compile built %d graph(s), call took %.1f s", call, built, time.perf_counter() - start)
+        logger.info("%s: torch.compile built %d graph(s), call took %.1f s", describe_call(), built,
+                    time.perf_counter() - start)
 
 
 def _on(device: torch.device):
@@ -146,8 +151,7 @@ class _CudaGraphs:
             if bucket is None:
                 logger.debug("%s: %d frames exceed the largest CUDA graph bucket %d; running without a graph",
                              self.spec.name, frames, self.buckets[-1] if self.buckets else 0)
-            aligned = -(-frames // FRAME_ALIGNMENT) * FRAME_ALIGNMENT
-            return self.spec.trim_frames(self.forward(*self.spec.pad_frames(inputs, aligned)), frames)
+            return self.spec.trim_frames(self.forward(*self.spec.pad_frames(inputs, _aligned(frames))), frames)
         padded = self.spec.pad_frames(inputs, bucket)
         key = (sizes["batch"], bucket)
         with self.lock:
@@ -192,7 +196,7 @@ class GraphedSolver:
         return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
 
     def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
-        with _on(x.device), _noting_compiles(f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"):
+        with _on(x.device), _noting_compiles(lambda: f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"):
             return self._call(x, cond, text_embed, mask, t, cfg_strength, on_step)
 
     def _call(self, x, cond, text_embed, mask, t, cfg_strength, on_step) -> torch.Tensor:
@@ -201,8 +205,7 @@ class GraphedSolver:
             mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)
         bucket = next((b for b in self.buckets if b >= frames), None)
         if bucket is None or cond.shape[0] > self.max_rows:
-            aligned = -(-frames // FRAME_ALIGNMENT) * FRAME_ALIGNMENT
-            x, cond, text_embed, mask = _pad_frames(x, cond, text_embed, mask, aligned)
+            x, cond, text_embed, mask = _pad_frames(x, cond, text_embed, mask, _aligned(frames))
             return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)[:, :frames]
         x, cond, text_embed, mask = _pad_frames(x, cond, text_embed, mask, bucket)
         guided = cfg_strength is not None
