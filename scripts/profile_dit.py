@@ -7,8 +7,9 @@ Variants (each on the same random weights): `base` = fused q/k/v + cuDNN masked 
 did before GEMM epilogues), `epilogue` = + GELU in the feed-forward GEMM's epilogue (what load_dit does now),
 `fp8` = FP8 matrix multiplies in the blocks (`--fp8`; FLOPs counted as for fp16, MFU against the bf16 peak),
 `keybias` = epilogue, with masked steps through the key-bias channel (flash) instead of cuDNN.
-`--launch graph,plain,dynamic` also times each variant compiled without a CUDA graph, static or with
-symbolic shapes (the engine's compiled step after its second shape: batches above `graph_max_rows`).
+`--launch graph,plain,dynamic,dynamic8` also times each variant compiled without a CUDA graph, static or with
+symbolic shapes (the engine's compiled step after its second shape: batches above `graph_max_rows`);
+`dynamic8` passes frames as [frames / 8, 8] so the compiled step knows they are a multiple of 8.
 """
 
 import argparse
@@ -42,6 +43,18 @@ def plain(fn, *args):
     return (lambda: fn(*args)), out
 
 
+def frames_by_8(step):
+    """`step` taking frames as [frames / 8, 8]: symbolic frames become 8 * s, provably aligned."""
+    def step8(x, cond, text_embed, time, mask=None):
+        return step(x.flatten(1, 2), cond.flatten(1, 2), text_embed.flatten(1, 2), time,
+                    None if mask is None else mask.flatten(1, 2))
+    return step8
+
+
+def by_8(*tensors):
+    return [None if t is None else t.unflatten(1, (t.shape[1] // 8, 8)) if t.dim() > 1 else t for t in tensors]
+
+
 def graphed(fn, *args):
     """fn(*args) captured as a CUDA graph; returns a replay function and the graph's output."""
     s = torch.cuda.Stream()
@@ -63,7 +76,8 @@ def main():
     p.add_argument("--requests", default="1,8,16")
     p.add_argument("--variants", default="base,epilogue,fp8")
     p.add_argument("--launch", default="graph", help="comma-separated: graph; plain (compiled, no CUDA graph); "
-                   "dynamic (compiled with symbolic shapes, no graph: what batches above graph_max_rows run)")
+                   "dynamic (compiled with symbolic shapes, no graph: what batches above graph_max_rows run); "
+                   "dynamic8 (dynamic, frames passed as [frames / 8, 8])")
     p.add_argument("--mode", default="default", help="torch.compile mode (max-autotune-no-cudagraphs compiles for minutes)")
     p.add_argument("--table", action="store_true", help="print the top kernels of the last variant per batch")
     p.add_argument("--json")
@@ -88,11 +102,13 @@ def main():
             variant_model = VARIANTS[variant](model)
             for launch in args.launch.split(","):
                 torch._dynamo.reset()
-                step = torch.compile(variant_model.step, mode=None if args.mode == "default" else args.mode,
-                                     dynamic=launch == "dynamic")
+                fn = frames_by_8(variant_model.step) if launch == "dynamic8" else variant_model.step
+                step = torch.compile(fn, mode=None if args.mode == "default" else args.mode,
+                                     dynamic=launch.startswith("dynamic"))
                 for label, m in (("no mask", None), ("mask", mask)):
                     with torch.inference_mode():
-                        replay, out = (graphed if launch == "graph" else plain)(step, x, x, te, t, m)
+                        inputs = by_8(x, x, te, t, m) if launch == "dynamic8" else (x, x, te, t, m)
+                        replay, out = (graphed if launch == "graph" else plain)(step, *inputs)
                         ms = gpu_time_ms(replay)
                         if label == "mask":
                             reference = out.clone() if reference is None else reference

@@ -204,14 +204,18 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4, (durations, cfg, steps)
     assert set(engine.solver.graphs) == {(1, 128, 3, False), (1, 128, 2, False)}
-    assert set(frames_seen) == {104, 128}  # 100 frames without a graph -> 104; 90 in the 128 bucket's graph
+    # 100 frames without a graph -> padded to FRAME_ALIGNMENT; 90 in the 128 bucket's graph
+    assert set(frames_seen) == {torch_engine._aligned(100), 128}
 
 
-def test_calls_without_a_graph_are_padded_to_aligned_frames(dit):
-    """The per-step graphs' fallback (too many rows, or past the largest bucket) pads to a multiple of 8 frames
-    and trims back: same valid output, the caller's frame count."""
+def test_calls_without_a_graph_are_padded_to_aligned_frames(dit, monkeypatch):
+    """The per-step graphs' fallback (too many rows, or past the largest bucket) pads to a multiple of
+    FRAME_ALIGNMENT frames (8 here, to tell both calls apart) and trims back: same valid output, the caller's
+    frame count."""
     from f5_triton.engines import torch_engine
     from f5_triton.engines.networks import random_inputs
+
+    monkeypatch.setattr(torch_engine, "FRAME_ALIGNMENT", 8)
 
     module = DiTStep(dit).eval()
     frames_seen = []

@@ -30,9 +30,10 @@ from f5_triton.sampler import euler_solve
 logger = logging.getLogger(__name__)
 
 
-# Calls without a CUDA graph still pad frames to a multiple of this (exact: padding is masked): SDPA pads an
-# unaligned attention mask and expands it to [rows, heads, frames, frames], which torch.compile then materializes
-# (the suspected cause of cuDNN's masked step costing 4x its kernel time at 1361 frames, docs/benchmarks.md).
+# Calls without a CUDA graph still pad frames to a multiple of this (exact: padding is masked): under
+# torch.compile an unaligned attention mask gets padded and materialized. H200, 32-row masked step: 77.7 ms at
+# 1361 frames, 63.5 at 1368. Padding to 64 like the graph buckets: 61.8 ms at 1408 compiled statically, yet the
+# server (dynamic-shape compile) then gave 136 audio s/s at concurrency 64 instead of 142 (docs/benchmarks.md).
 FRAME_ALIGNMENT = 8
 
 
