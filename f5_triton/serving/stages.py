@@ -6,8 +6,8 @@ Kept apart from the adapters so the same construction is tested without a server
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,6 +15,8 @@ import torch
 from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, Limits
 from f5_triton.errors import InvalidInputError
 from f5_triton.pipeline import FlowMatcher, Job, Vocoder
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -61,18 +63,21 @@ def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
 
 
 def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder | None = None,
-            log: Callable[[str], None] | None = None) -> float | None:
+            name: str = "flow_matching") -> float | None:
     """Run the `warmup_requests` parameter's synthetic batches through flow matching (and `vocoder`), so compiles
-    and graph captures happen while the model loads; returns the seconds it took, None when off. `log`: progress."""
+    and graph captures happen while the model loads; returns the seconds it took, None when off. Progress goes
+    to the package log (Triton's log inside a server), prefixed with the model's `name`."""
     requests = int(params.get("warmup_requests", 0))
     if requests <= 0:
         return None
     start = time.perf_counter()
     mels = flow_matcher.warm_up(requests, nfe_steps=int(params.get("warmup_nfe_steps", DEFAULT_SAMPLING.nfe_steps)),
-                                log=log)
+                                log=lambda message: logger.info("%s: %s", name, message))
     if vocoder is not None:
         vocoder(mels)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    logger.info("%s: warmed up in %.1f s (compile, CUDA graphs)", name, seconds)
+    return seconds
 
 
 def load_vocoder(params: dict[str, str], device: str) -> Vocoder:

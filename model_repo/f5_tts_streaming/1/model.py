@@ -45,10 +45,7 @@ class TritonPythonModel:
                                          triton_metric_observer(pb_utils, model, "output"))
         preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params), cache=reference_cache)
         flow_matcher, vocoder = stages.load_flow_matcher(params, device), stages.load_vocoder(params, device)
-        seconds = stages.warm_up(params, flow_matcher, vocoder,
-                                 log=lambda message: pb_utils.Logger.log_info(f"{model}: {message}"))
-        if seconds is not None:
-            pb_utils.Logger.log_info(f"{model}: warmed up in {seconds:.1f} s (compile, CUDA graphs)")
+        stages.warm_up(params, flow_matcher, vocoder, name=model)
         self.streamer = StreamingSynthesizer(
             preprocess, flow_matcher, vocoder,
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),

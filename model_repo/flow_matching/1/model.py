@@ -31,11 +31,7 @@ class TritonPythonModel:
         device = triton_io.device(args)
         self.flow_matching = stages.load_flow_matcher(params, device)
         self.vocoder = stages.load_flow_vocoder(params, device)  # None: postprocess calls the `vocoder` model
-        name = args["model_name"]
-        seconds = stages.warm_up(params, self.flow_matching, self.vocoder,
-                                 log=lambda message: pb_utils.Logger.log_info(f"{name}: {message}"))
-        if seconds is not None:
-            pb_utils.Logger.log_info(f"{name}: warmed up in {seconds:.1f} s (compile, CUDA graphs)")
+        stages.warm_up(params, self.flow_matching, self.vocoder, name=args["model_name"])
         self.limits = stages.limits_from_params(params)
         dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
         self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
