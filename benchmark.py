@@ -66,7 +66,7 @@ def load_items(args) -> list[bench.Item]:
 def run_offline(args, items, batch_size: int, tts, label: str) -> bench.Result:
     import torch
 
-    from f5_triton.serving.schema import validate_request
+    from f5_triton.request import validate_request
 
     def one_batch(batch_items, timer):
         with timer("preprocess"):  # validation is part of what a request costs

@@ -10,9 +10,8 @@
 Both are `LRUCache`s bounded by entries and by bytes, count hits, misses and evictions, and are
 off when built with zero entries or bytes (`cache_from_params` reads the model config's
 parameters). An optional `observer(event, count)` forwards the counts to a metrics registry;
-inside Triton, `triton_metric_observer` makes them the Prometheus counter
-`f5_tts_cache_events_total{model, cache, event}` on Triton's /metrics (beside the metrics of
-`f5_triton.serving.metrics`).
+inside Triton, `f5_triton.serving.metrics.cache_observer` makes them the Prometheus counter
+`f5_tts_cache_events_total{model, cache, event}`.
 """
 
 from __future__ import annotations
@@ -130,28 +129,6 @@ class LRUCache:
         with self._lock:
             return CacheStats(self.name, self._counts[HIT], self._counts[MISS], self._counts[EVICTION],
                               len(self._items), self._bytes, self.max_entries, self.max_bytes)
-
-
-CACHE_EVENTS_METRIC = "f5_tts_cache_events_total"
-
-
-def triton_metric_observer(pb_utils, model: str, cache: str) -> Observer:
-    """An observer counting into Triton's custom metric `f5_tts_cache_events_total`.
-
-    `pb_utils` is the python backend's `triton_python_backend_utils` (passed in: this module is
-    imported outside Triton too). Every model creates the family with the same name, kind and
-    description, which Triton merges; the observer keeps the family alive with its metrics.
-    """
-    family = pb_utils.MetricFamily(name=CACHE_EVENTS_METRIC, description="Cache lookups and evictions, by cache",
-                                   kind=pb_utils.MetricFamily.COUNTER)
-    counters = {event: family.Metric(labels={"model": model, "cache": cache, "event": event})
-                for event in (HIT, MISS, EVICTION)}
-
-    def observe(event: str, count: int) -> None:
-        counters[event].increment(count)
-
-    observe.family = family  # a deleted family invalidates its metrics
-    return observe
 
 
 # --------------------------------------------------------------------------- keys

@@ -46,7 +46,7 @@ def cmd_synth(args) -> int:
     from f5_triton.audio import read_audio
     from f5_triton.config import SAMPLE_RATE
     from f5_triton.pipeline import TTS
-    from f5_triton.serving.schema import validate_request
+    from f5_triton.request import validate_request
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("--device", "cuda was asked for but no CUDA GPU is visible")

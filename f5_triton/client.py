@@ -1,7 +1,7 @@
 """Client side: build KServe v2 requests for the `f5_tts` model and send them with tritonclient.
 
 `client_http.py`, `client_grpc.py`, `benchmark.py`, the gateway and the tests all go through here,
-so the wire format (names and dtypes from f5_triton.serving.schema) is written once.
+so the wire format (names and dtypes from f5_triton.request) is written once.
 `stream_synthesize` talks to the decoupled `f5_tts_streaming` model over a gRPC stream.
 """
 
@@ -16,17 +16,12 @@ from types import ModuleType
 import numpy as np
 
 from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
-from f5_triton.serving.schema import INPUTS, OUTPUTS, WireField
+from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL
 
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_STRING": object}
 WIRE_TYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_STRING": "BYTES"}
 FIELDS = {f.name: f for f in INPUTS}
 
-STREAMING_MODEL = "f5_tts_streaming"
-# The streaming model's outputs: every response carries the next piece of `waveform`; the last one
-# (sent with Triton's final flag) has is_final = true.
-STREAM_OUTPUTS: tuple[WireField, ...] = OUTPUTS + (
-    WireField("is_final", "TYPE_BOOL", (1,), False, "true on the last response of a stream"),)
 
 
 def protocol_module(protocol: str) -> ModuleType:
@@ -59,7 +54,7 @@ def build_inputs(module: ModuleType, wave: np.ndarray, reference_text: str, targ
 
 
 def synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str, protocol: str = "grpc",
-               model: str = "f5_tts", timeout: float | None = None, client=None, **optional) -> np.ndarray:
+               model: str = MODEL, timeout: float | None = None, client=None, **optional) -> np.ndarray:
     """Send one request and return the 24 kHz waveform. Pass `client` to reuse a connection."""
     module = protocol_module(protocol)
     inputs = build_inputs(module, wave, reference_text, target_text, **optional)
@@ -157,6 +152,6 @@ def run_client(protocol: str, argv: list[str] | None = None) -> None:
               f"{len(pieces)} pieces, total {1000 * total:.0f} ms")
     else:
         audio = synthesize(args.server_url, wave, args.reference_text, args.target_text, protocol=protocol,
-                           model=args.model_name or "f5_tts", timeout=args.timeout, **optional)
+                           model=args.model_name or MODEL, timeout=args.timeout, **optional)
     sf.write(args.output_audio, audio, SAMPLE_RATE)
     print(f"wrote {args.output_audio}: {len(audio) / SAMPLE_RATE:.2f} s")

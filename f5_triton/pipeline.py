@@ -26,8 +26,8 @@ import torch
 from f5_triton import audio, text
 from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, HOP_LENGTH, N_MELS, SAMPLE_RATE, Limits
 from f5_triton.errors import InvalidInputError
+from f5_triton.request import SynthesisRequest
 from f5_triton.sampler import sample
-from f5_triton.serving.schema import SynthesisRequest
 
 
 @dataclass

@@ -21,9 +21,9 @@ import numpy as np
 from f5_triton import audio, text
 from f5_triton.cache import LRUCache, output_key, reference_key
 from f5_triton.config import CROSS_FADE_SECONDS, SAMPLE_RATE
+from f5_triton.guards import check_finite
 from f5_triton.pipeline import FlowMatcher, Prepared, Preprocessor, Vocoder
-from f5_triton.serving.schema import SynthesisRequest
-from f5_triton.serving.stages import check_finite
+from f5_triton.request import SynthesisRequest
 
 DEFAULT_FIRST_CHUNK_BYTES = 50  # as upstream's socket server: about one short sentence
 

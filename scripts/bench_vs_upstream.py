@@ -68,7 +68,7 @@ def main() -> None:
     from f5_triton.checkpoints import make_random_checkpoint
     from f5_triton.engines import EngineConfig, make_dit_runner
     from f5_triton.pipeline import TTS
-    from f5_triton.serving.schema import validate_request
+    from f5_triton.request import validate_request
 
     folder = make_random_checkpoint(tempfile.mkdtemp(prefix="f5-side-"), args.arch, vocoder_small=False)
     wave = bench.synthetic_reference(args.ref_seconds)

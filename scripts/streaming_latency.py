@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = "fp32" if args.device == "cpu" else (args.dtype or "fp16")
 
     from f5_triton.audio import read_audio
-    from f5_triton.serving.schema import validate_request
+    from f5_triton.request import validate_request
     from f5_triton.streaming import time_to_first_audio
 
     streamer = build(args)

@@ -12,10 +12,9 @@ from f5_triton.cache import (
     cache_from_params,
     output_key,
     reference_key,
-    triton_metric_observer,
 )
 from f5_triton.pipeline import TTS
-from f5_triton.serving.schema import validate_request
+from f5_triton.request import validate_request
 from f5_triton.streaming import StreamingSynthesizer
 
 REF_TEXT = "Some call me nature, others call me mother nature."
@@ -153,39 +152,6 @@ def test_output_cache_replays_seeded_requests_only(tts, ref_wave):
     next(pieces)
     pieces.close()
     assert streamer.output_cache.stats().entries == 2
-
-
-def test_triton_metric_observer_counts_by_cache_and_event():
-    class FakeMetric:
-        def __init__(self, labels):
-            self.labels, self.value = labels, 0
-
-        def increment(self, n):
-            self.value += n
-
-    class FakeFamily:
-        COUNTER = "counter"
-
-        def __init__(self, name, description, kind):
-            self.name, self.kind, self.metrics = name, kind, []
-
-        def Metric(self, labels):  # noqa: N802 (pb_utils' name)
-            self.metrics.append(FakeMetric(labels))
-            return self.metrics[-1]
-
-    class FakePbUtils:
-        MetricFamily = FakeFamily
-
-    observer = triton_metric_observer(FakePbUtils, "preprocess", "reference")
-    cache = LRUCache("reference", 1, 100, observer)
-    cache.get("a")
-    cache.put("a", 1, 1)
-    cache.get("a")
-    cache.put("b", 2, 1)
-    assert observer.family.name == "f5_tts_cache_events_total" and observer.family.kind == "counter"
-    counts = {m.labels["event"]: m.value for m in observer.family.metrics}
-    assert counts == {"hits": 1, "misses": 1, "evictions": 1}
-    assert {(m.labels["model"], m.labels["cache"]) for m in observer.family.metrics} == {("preprocess", "reference")}
 
 
 # --------------------------------------------------------------------------- Triton

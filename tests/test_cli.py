@@ -20,7 +20,7 @@ def synth(*args):
 
 def test_synth_writes_wav_of_expected_length(tmp_path, tiny_ckpt, ref_en):
     from f5_triton.pipeline import Preprocessor
-    from f5_triton.serving.schema import validate_request
+    from f5_triton.request import validate_request
     from f5_triton.text import Tokenizer
 
     text = "I don't really care what you call me."

@@ -421,7 +421,7 @@ def test_readme_links_resolve():
 
 def test_readme_request_table_and_limits_match_the_code():
     from f5_triton.config import DEFAULT_LIMITS as limits
-    from f5_triton.serving.schema import INPUTS
+    from f5_triton.request import INPUTS
 
     readme = (REPO / "README.md").read_text()
     wire = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_STRING": "BYTES"}

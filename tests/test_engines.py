@@ -295,7 +295,7 @@ def test_vocoder_runner_works_with_decode_batch(onnx_dir, decoder):
 
 def test_tts_pipeline_with_onnxruntime_engines(tiny_ckpt, onnx_dir):
     from f5_triton.pipeline import TTS
-    from f5_triton.serving.schema import validate_request
+    from f5_triton.request import validate_request
 
     paths = (tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
     reference = TTS.from_paths(*paths)

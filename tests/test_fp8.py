@@ -71,7 +71,7 @@ def test_pipeline_and_repository_take_the_fp8_option(tiny_ckpt, ref_wave, tmp_pa
 
     from f5_triton.pipeline import TTS
     from f5_triton.serving.repository import RepositoryOptions, render
-    from f5_triton.serving.schema import validate_request
+    from f5_triton.request import validate_request
 
     paths = (tiny_ckpt / "model.safetensors", tiny_ckpt / "vocab.txt", tiny_ckpt / "vocos")
     request = validate_request(ref_wave, "Some call me nature.", "Hello there.", seed=3, nfe_steps=4)

@@ -14,7 +14,7 @@ import pytest
 
 from f5_triton.client import build_inputs, protocol_module
 from f5_triton.config import HOP_LENGTH, SAMPLE_RATE
-from f5_triton.serving.schema import validate_request
+from f5_triton.request import validate_request
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,7 @@ import soundfile as sf
 from f5_triton import audio
 from f5_triton.config import HOP_LENGTH, SAMPLE_RATE
 from f5_triton.pipeline import TTS
-from f5_triton.serving.schema import validate_request
+from f5_triton.request import validate_request
 
 REF_TEXT = "Some call me nature, others call me mother nature."
 

@@ -28,7 +28,7 @@ import torch
 
 from f5_triton.config import DEFAULT_LIMITS, SAMPLE_RATE
 from f5_triton.errors import InvalidInputError
-from f5_triton.serving.schema import validate_request
+from f5_triton.request import validate_request
 
 REF_TEXT = "Some call me nature, others call me mother nature."
 NFE = 2  # the server's default ODE steps: keeps the suite fast

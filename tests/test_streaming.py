@@ -15,7 +15,7 @@ import soundfile as sf
 
 from f5_triton import audio, text
 from f5_triton.pipeline import TTS, finish
-from f5_triton.serving.schema import validate_request
+from f5_triton.request import validate_request
 from f5_triton.streaming import CrossFadeStream, StreamingSynthesizer, time_to_first_audio
 
 REF_TEXT = "Some call me nature, others call me mother nature."
@@ -128,7 +128,7 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     from tritonclient.grpc import model_config_pb2
 
     from f5_triton.serving.repository import RepositoryOptions, render
-    from f5_triton.serving.schema import INPUTS
+    from f5_triton.request import INPUTS
 
     options = dict(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                    vocoder=tiny_ckpt / "vocos", gpus=[0, 1], streaming_instances_per_device=2, first_chunk_bytes=40,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from f5_triton.request import validate_request
 from f5_triton.serving.repository import RepositoryOptions, render
-from f5_triton.serving.schema import validate_request
 
 pytestmark = pytest.mark.server
 

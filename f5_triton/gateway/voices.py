@@ -20,7 +20,7 @@ import soundfile as sf
 from f5_triton.audio import read_audio
 from f5_triton.config import DEFAULT_LIMITS, Limits
 from f5_triton.errors import InvalidInputError
-from f5_triton.serving.schema import validate_request
+from f5_triton.request import validate_request
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 

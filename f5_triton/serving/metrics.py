@@ -10,6 +10,7 @@ Triton's registry merges families of equal name, kind and description, and each 
   f5_tts_real_time_factor{model}                histogram  server time / audio seconds, per request
                                                            (from preprocess picking the request up
                                                            to its audio being ready)
+  f5_tts_cache_events_total{model,cache,event}  counter    cache hits, misses and evictions (f5_triton.cache)
   f5_tts_rejected_requests_total{model,reason}  counter    requests answered with an error; reason
                                                            is InvalidInputError.reason ("empty_text",
                                                            "audio_too_long", ...), or "cancelled",
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
+from f5_triton.cache import EVICTION, HIT, MISS, Observer
 from f5_triton.errors import InvalidInputError
 
 AUDIO_SECONDS = "f5_tts_generated_audio_seconds_total"
 REAL_TIME_FACTOR = "f5_tts_real_time_factor"
 REJECTED = "f5_tts_rejected_requests_total"
+CACHE_EVENTS = "f5_tts_cache_events_total"
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 CANCELLED = "cancelled"
@@ -38,7 +41,7 @@ INTERNAL = "internal"
 
 def reason_of(exc: BaseException) -> str:
     """The `reason` label of a failed request."""
-    from f5_triton.serving.stages import GenerationError
+    from f5_triton.guards import GenerationError
 
     if isinstance(exc, InvalidInputError):
         return exc.reason
@@ -83,3 +86,20 @@ class Metrics:
         self._metric(AUDIO_SECONDS).increment(audio_seconds)
         if server_seconds is not None and audio_seconds > 0:
             self._metric(REAL_TIME_FACTOR).observe(server_seconds / audio_seconds)
+
+
+def cache_observer(model: str, cache: str) -> Observer:
+    """An observer (`f5_triton.cache`) counting a cache's events into `f5_tts_cache_events_total`.
+
+    The observer keeps its family alive: a deleted family invalidates its metrics.
+    """
+    family = pb_utils.MetricFamily(name=CACHE_EVENTS, description="Cache lookups and evictions, by cache",
+                                   kind=pb_utils.MetricFamily.COUNTER)
+    counters = {event: family.Metric(labels={"model": model, "cache": cache, "event": event})
+                for event in (HIT, MISS, EVICTION)}
+
+    def observe(event: str, count: int) -> None:
+        counters[event].increment(count)
+
+    observe.family = family
+    return observe

@@ -23,14 +23,13 @@ from pathlib import Path
 from string import Template
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
-from f5_triton.client import STREAM_OUTPUTS, STREAMING_MODEL
 from f5_triton.config import DEFAULT_SAMPLING, N_MELS
-from f5_triton.serving.schema import INPUTS, OUTPUTS, WireField
+from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_repo"
 TARGETS = ("cpu", "gpu", "trt")
-STEP_MODELS = ("f5_tts", "preprocess", "flow_matching", "postprocess", "vocoder")
+STEP_MODELS = (MODEL, "preprocess", "flow_matching", "postprocess", "vocoder")
 
 
 @dataclass

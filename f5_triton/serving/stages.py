@@ -21,10 +21,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class GenerationError(RuntimeError):
-    """The model produced something that must not be returned as audio (NaN/Inf)."""
-
-
 def limits_from_params(params: dict[str, str]) -> Limits:
     """Limits with any `limit_<name>` parameter of the model config applied."""
     changes = {}
@@ -101,22 +97,6 @@ def vocode_together(vocoder: Vocoder, mels: dict[int, list[torch.Tensor]]) -> di
     """Each request's chunk mels [frames, n_mels] -> waveforms, all requests in one batched vocoder call."""
     waves = iter(vocoder([m for chunks in mels.values() for m in chunks]))
     return {index: [next(waves) for _ in chunks] for index, chunks in mels.items()}
-
-
-def check_finite(mels: list[torch.Tensor]) -> list[torch.Tensor]:
-    for i, mel in enumerate(mels):
-        if not torch.isfinite(mel).all():
-            raise GenerationError(f"generated mel of chunk {i} contains NaN/Inf; not returned as audio "
-                                  f"(try fp32, or report the input)")
-    return mels
-
-
-def check_finite_audio(wave: np.ndarray) -> np.ndarray:
-    """The last guard before audio leaves the server: NaN/Inf samples are an error, never audio."""
-    if not np.isfinite(wave).all():
-        raise GenerationError("generated waveform contains NaN/Inf; not returned as audio (try fp32, or report "
-                              "the input)")
-    return wave
 
 
 def validate_jobs(jobs: list[Job], limits: Limits, vocab_size: int) -> list[Job]:

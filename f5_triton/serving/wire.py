@@ -20,7 +20,7 @@ import numpy as np
 
 from f5_triton.config import N_MELS
 from f5_triton.errors import InvalidInputError
-from f5_triton.serving.schema import WireField
+from f5_triton.request import WireField
 
 if TYPE_CHECKING:
     import torch

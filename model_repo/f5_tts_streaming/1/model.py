@@ -18,11 +18,12 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params, triton_metric_observer
-from f5_triton.config import SAMPLE_RATE
+from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
+from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
+from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
+from f5_triton.request import INPUTS, validate_request
 from f5_triton.serving import metrics, stages, triton_io
-from f5_triton.serving.schema import INPUTS, validate_request
 from f5_triton.streaming import DEFAULT_FIRST_CHUNK_BYTES, StreamingSynthesizer
 from f5_triton.text import Tokenizer
 
@@ -40,9 +41,9 @@ class TritonPythonModel:
         device = triton_io.device(args)
         model = args["model_name"]
         reference_cache = cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
-                                            triton_metric_observer(pb_utils, model, "reference"))
+                                            metrics.cache_observer(model, "reference"))
         output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
-                                         triton_metric_observer(pb_utils, model, "output"))
+                                         metrics.cache_observer(model, "output"))
         preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params), cache=reference_cache)
         flow_matcher, vocoder = stages.load_flow_matcher(params, device), stages.load_vocoder(params, device)
         stages.warm_up(params, flow_matcher, vocoder, name=model)
@@ -51,8 +52,8 @@ class TritonPythonModel:
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
         self.metrics = metrics.Metrics(model)
-        self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
-        self.default_nfe_steps = int(params.get("nfe_steps", 32))
+        self.sway_sampling_coef = float(params.get("sway_sampling_coef", DEFAULT_SAMPLING.sway_sampling_coef))
+        self.default_nfe_steps = int(params.get("nfe_steps", DEFAULT_SAMPLING.nfe_steps))
 
     def execute(self, requests):
         for request in requests:
@@ -78,7 +79,7 @@ class TritonPythonModel:
             for piece in self.streamer.stream(synthesis, on_step=check_wanted):
                 chunks = piece.chunks
                 check_wanted()
-                audio = stages.check_finite_audio(piece.audio)
+                audio = check_finite_audio(piece.audio)
                 sender.send(triton_io.response({"waveform": audio, "is_final": np.array([piece.is_final])}),
                             flags=final if piece.is_final else 0)
                 sent += 1

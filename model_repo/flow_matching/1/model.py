@@ -18,6 +18,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
 
 from f5_triton.errors import InvalidInputError
+from f5_triton.guards import check_finite
 from f5_triton.serving import stages, triton_io, wire
 from f5_triton.serving.metrics import Metrics
 
@@ -69,7 +70,7 @@ class TritonPythonModel:
                 if any(m is None for m in own) or not watch.alive(index):
                     responses[index] = watch.error_response(index, self.metrics)
                 else:
-                    finished[index] = stages.check_finite(own)
+                    finished[index] = check_finite(own)
             except Exception as exc:
                 responses[index] = triton_io.error_response(exc, self.metrics)
         if self.vocoder is not None and finished:

@@ -22,6 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.config import HOP_LENGTH, SAMPLE_RATE
+from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import finish
 from f5_triton.serving import stages, triton_io, wire
 from f5_triton.serving.metrics import Metrics
@@ -44,7 +45,7 @@ class TritonPythonModel:
             arrays = triton_io.inputs(request, INPUT_NAMES)
             kind, chunks = wire.unpack_chunks(arrays)
             waves = chunks if kind == "waves" else await asyncio.gather(*(self._vocode(mel) for mel in chunks))
-            wave = stages.check_finite_audio(finish(list(waves), float(arrays["ref_rms"][0])))
+            wave = check_finite_audio(finish(list(waves), float(arrays["ref_rms"][0])))
             start = triton_io.received_at(arrays[triton_io.RECEIVED_AT])
             self.metrics.generated(len(wave) / SAMPLE_RATE, None if start is None else time.time() - start)
             return triton_io.response({"waveform": wave})

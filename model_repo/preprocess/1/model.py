@@ -12,11 +12,12 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the python backend
 
-from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params, triton_metric_observer
+from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params
+from f5_triton.config import DEFAULT_SAMPLING
 from f5_triton.pipeline import Preprocessor
+from f5_triton.request import INPUTS, validate_request
 from f5_triton.serving import stages, triton_io, wire
-from f5_triton.serving.metrics import Metrics
-from f5_triton.serving.schema import INPUTS, validate_request
+from f5_triton.serving.metrics import Metrics, cache_observer
 from f5_triton.text import Tokenizer
 
 
@@ -26,10 +27,9 @@ class TritonPythonModel:
         triton_io.set_torch_threads(params)
         self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params),
                                        cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
-                                                               triton_metric_observer(pb_utils, args["model_name"],
-                                                                                      "reference")))
-        self.sway_sampling_coef = float(params.get("sway_sampling_coef", -1.0))
-        self.default_nfe_steps = int(params.get("nfe_steps", 32))
+                                                               cache_observer(args["model_name"], "reference")))
+        self.sway_sampling_coef = float(params.get("sway_sampling_coef", DEFAULT_SAMPLING.sway_sampling_coef))
+        self.default_nfe_steps = int(params.get("nfe_steps", DEFAULT_SAMPLING.nfe_steps))
         self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests):

@@ -1,4 +1,5 @@
-"""The request: its wire fields (names, dtypes, shapes, limits) and its validation.
+"""The request: what a synthesis request is, its wire fields (names, dtypes, shapes, limits) for both
+served models, and its validation.
 
 One table, `INPUTS`, drives the Triton configs, the validator, the clients and the docs, so a
 field's name or limit is written down once. Everything a user sends passes `validate_request`,
@@ -41,6 +42,13 @@ INPUTS: tuple[WireField, ...] = (
 OUTPUTS: tuple[WireField, ...] = (
     WireField("waveform", "TYPE_FP32", (-1,), False, f"generated speech, {SAMPLE_RATE} Hz mono float32"),
 )
+
+MODEL = "f5_tts"
+STREAMING_MODEL = "f5_tts_streaming"
+# The streaming model's outputs: every response carries the next piece of `waveform`; the last one
+# (sent with Triton's final flag) has is_final = true.
+STREAM_OUTPUTS: tuple[WireField, ...] = OUTPUTS + (
+    WireField("is_final", "TYPE_BOOL", (1,), False, "true on the last response of a stream"),)
 
 INT64_MAX = 2**63 - 1
 
