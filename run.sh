@@ -232,6 +232,7 @@ build_engine() {
     # shellcheck disable=SC2086  # settings are words
     "$PYTHON" scripts/build_engines.py --onnx-dir "$ONNX_DIR" --output-dir "$tmp" --networks "$network" \
       --timing-cache "$dir/timing.cache" $settings || { rm -rf "$tmp"; die "TensorRT build of $network failed"; }
+    mv -f "$tmp/build_info.json" "$dir/build_info.$network.json"
     mv -f "$tmp/$network.plan" "$out"
     rm -rf "$tmp"
     printf '%s' "$settings" > "$out.stamp"

@@ -5,6 +5,8 @@
     python scripts/build_engines.py --onnx-dir onnx --output-dir plans --onnx-suffix .fp16
     python scripts/build_engines.py --onnx-dir onnx --output-dir plans --max-requests 8 --max-frames 4096 --workspace-gib 4
 
+Writes OUTPUT/dit_step.plan, OUTPUT/vocoder.plan and OUTPUT/build_info.json (per network: TensorRT
+flavour and version, inputs and outputs as the builder parsed them, profile ranges, builder flags).
 Precision is the ONNX file's: `--onnx-suffix .fp16` builds FP16 plans from the fp16 export (with its
 fp32 islands), no suffix builds FP32 plans. The builder sets no precision flag (TensorRT 11.x and
 TensorRT-RTX have none). Either TensorRT works: `tensorrt` (10.x / 11.x) when it imports with its
@@ -21,6 +23,7 @@ builder needs no GPU.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -59,7 +62,7 @@ def main() -> int:
         return 3
     print(f"build_engines: {describe(trt)} ({trt.__file__})")
 
-    from f5_triton.export.tensorrt_build import BuildOptions, ShapeRange, build_engine
+    from f5_triton.export.tensorrt_build import BUILD_INFO_FILE, BuildOptions, ShapeRange, build_engine
 
     try:
         options = BuildOptions(
@@ -67,10 +70,12 @@ def main() -> int:
             frames=ShapeRange(args.min_frames, args.opt_frames or min(1024, args.max_frames), args.max_frames),
             tensorrt=args.tensorrt, workspace_gib=args.workspace_gib,
             timing_cache=args.timing_cache or Path(args.output_dir) / "timing.cache", verbose=args.verbose)
+        reports = {}
         for name in args.networks:
             spec = NETWORKS[name]
             onnx_path = Path(args.onnx_dir) / f"{name}{args.onnx_suffix}.onnx"
-            build_engine(onnx_path, Path(args.output_dir) / spec.plan_file, spec, options)
+            reports[name] = build_engine(onnx_path, Path(args.output_dir) / spec.plan_file, spec, options).to_json()
+        (Path(args.output_dir) / BUILD_INFO_FILE).write_text(json.dumps(reports, indent=2) + "\n")
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"build_engines: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ unconditional (CFG) branches of a request as one batch, so its batch axis is twi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Callable
 
 from f5_triton.engines.base import NetworkSpec
 from f5_triton.engines.tensorrt_engine import describe, flavour_of, import_tensorrt
+
+BUILD_INFO_FILE = "build_info.json"  # scripts/build_engines.py: each network's BuildReport, beside the plans
 
 # Builder flags of weakly typed builds (TensorRT <= 10): a strongly typed build sets none of them.
 PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
@@ -78,6 +81,9 @@ class BuildReport:
     layers: int
     half_layers: int  # layers with an FP16 output: the precision the ONNX graph asked for
     seconds: float = field(default=0.0)
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "plan": str(self.plan)}
 
 
 def batch_range(spec: NetworkSpec, requests: ShapeRange) -> ShapeRange:
