@@ -241,6 +241,14 @@ build_engine() {
   unlock_dir
 }
 
+# The TensorRT flavour that built ENGINE_DIR's vocoder plan (tensorrt | tensorrt-rtx), from its build info.
+plan_flavour() {
+  local info="$ENGINE_DIR/build_info.vocoder.json"
+  if [ -f "$info" ]; then
+    "$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['vocoder']['flavour'])" "$info"
+  else printf '%s' tensorrt; fi
+}
+
 vocoder_folder() {
   local candidate
   for candidate in "$MODEL_DIR/vocos" "$MODEL_DIR/../vocos-mel-24khz" "$MODEL_DIR/vocos-mel-24khz"; do
@@ -387,7 +395,13 @@ if run_stage 3; then
   [ ${#ckpt_inputs[@]} -gt 0 ] || die "no checkpoint in $MODEL_DIR; run stage 0 (bash run.sh 0 0 $MODEL)"
   repo_args=(--ckpt-dir "$MODEL_DIR" "${ARCH_ARGS[@]}")
   inputs=("${ckpt_inputs[@]}" "$ROOT/model_repo" "$ROOT/f5_triton/serving/repository.py")
-  if [ "$BACKEND" = trt ]; then
+  if [ "$BACKEND" = trt ] && [ "$(plan_flavour)" = tensorrt-rtx ]; then
+    # Triton's TensorRT backend (the image's libnvinfer) cannot load TensorRT-RTX plans: both run in python models
+    repo_args+=(--target gpu --max-batch-size "$FLOW_BATCH" --dit-engine tensorrt
+                --dit-engine-path "$ENGINE_DIR/dit_step.plan" --vocoder-engine tensorrt
+                --vocoder-engine-path "$ENGINE_DIR/vocoder.plan")
+    inputs+=("$ENGINE_DIR/dit_step.plan" "$ENGINE_DIR/vocoder.plan")
+  elif [ "$BACKEND" = trt ]; then
     repo_args+=(--target trt --max-batch-size "$FLOW_BATCH" --dit-engine-path "$ENGINE_DIR/dit_step.plan"
                 --vocoder-plan "$ENGINE_DIR/vocoder.plan")
     inputs+=("$ENGINE_DIR/dit_step.plan" "$ENGINE_DIR/vocoder.plan")

@@ -234,14 +234,15 @@ def test_engine_key_names_the_flavour_and_version(trt):
 # run.sh stages 1-2
 
 
-def test_run_sh_stages_1_and_2_build_fp16_plans(trt, tiny_ckpt, tmp_path):
+def test_run_sh_stages_1_to_3_build_fp16_plans_and_their_repository(trt, tiny_ckpt, tmp_path):
+    from test_repository import parse
     from test_run_sh import run, run_sh_env
 
     if flavour_of(trt) != "tensorrt-rtx" and not torch.cuda.is_available():
         pytest.skip(f"{describe(trt)} builds on a GPU only")
     env = run_sh_env(tmp_path, MODEL_DIR=str(tiny_ckpt), MAX_FRAMES="128", MAX_BATCH_SIZE="2",
                      TRT_WORKSPACE_GIB="1", PYTHONPATH=script_env()["PYTHONPATH"], OMP_NUM_THREADS="1")
-    result = run(["1", "2", "--random-weights", "--backend", "trt"], env)
+    result = run(["1", "3", "--random-weights", "--backend", "trt"], env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     key = run_script("engine_key.py", timeout=120).stdout.strip()
     engines = tmp_path / "build" / "engines" / "random-tiny" / key
@@ -251,8 +252,20 @@ def test_run_sh_stages_1_and_2_build_fp16_plans(trt, tiny_ckpt, tmp_path):
         assert report["half_layers"] > 0 and report["strongly_typed"]  # from the fp16 export
         assert (tmp_path / "build" / "onnx" / "random-tiny" / f"{spec.name}.fp16.onnx").is_file()
     assert report["profile"]["mel"][2] == [8, 100, 128]  # the repository's vocoder batch, MAX_FRAMES
-    again = run(["1", "2", "--random-weights", "--backend", "trt"], env)
-    assert again.returncode == 0 and again.stdout.count("is up to date") == 4, again.stdout
+
+    repo = tmp_path / "build" / "model_repo"
+    flow = {k: v.string_value for k, v in parse(repo / "flow_matching" / "config.pbtxt").parameters.items()}
+    vocoder = parse(repo / "vocoder" / "config.pbtxt")
+    assert flow["dit_engine"] == "tensorrt" and flow["dit_engine_path"] == str(engines / "dit_step.plan")
+    if flavour_of(trt) == "tensorrt-rtx":  # Triton's TensorRT backend cannot load it: a python model runs the plan
+        assert vocoder.backend == "python"
+        assert vocoder.parameters["vocoder_engine"].string_value == "tensorrt"
+        assert vocoder.parameters["vocoder_engine_path"].string_value == str(engines / "vocoder.plan")
+    else:
+        assert vocoder.backend == "tensorrt" and (repo / "vocoder" / "1" / "model.plan").is_file()
+
+    again = run(["1", "3", "--random-weights", "--backend", "trt"], env)
+    assert again.returncode == 0 and again.stdout.count("is up to date") == 5, again.stdout
 
 
 # ---------------------------------------------------------------------------------------------

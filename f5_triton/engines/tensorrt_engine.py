@@ -3,9 +3,9 @@
 Two TensorRT flavours share one Python API (network, ONNX parser, builder, runtime) and both work here:
 `tensorrt` (TensorRT 10.x / 11.x: every NVIDIA GPU it supports, Hopper included) and `tensorrt_rtx`
 (TensorRT for RTX: compute capability 8.0, 8.6, 8.9 and 12.x; its builder needs no GPU). A plan runs
-only in the flavour (and version) that built it. `import_tensorrt` picks `tensorrt` when it imports with
-its real API, else `tensorrt_rtx`; F5_TENSORRT=tensorrt|tensorrt-rtx (or build_engines.py --tensorrt)
-forces one.
+only in the flavour (and version) that built it. Builds use `tensorrt` when it imports with its real
+API, else `tensorrt_rtx` (`import_tensorrt`); the engine loads a plan with whichever installed flavour
+accepts it. F5_TENSORRT=tensorrt|tensorrt-rtx (or build_engines.py --tensorrt) forces one.
 
 Uses the tensor API: shapes are set per call with `set_input_shape`, torch tensors are bound with
 `set_tensor_address`, outputs are allocated as torch tensors once TensorRT has inferred their shapes,
@@ -84,19 +84,21 @@ def requested_flavour(flavour: str | None = None) -> str:
     return flavour
 
 
-def import_tensorrt(flavour: str | None = None):
-    """The TensorRT module to use (`tensorrt` or `tensorrt_rtx`), or EngineUnavailable saying what was found.
+def usable_tensorrts(flavour: str | None = None) -> list:
+    """Every usable TensorRT module of the requested flavour(s), `tensorrt` first; EngineUnavailable if none.
 
-    flavour: "tensorrt", "tensorrt-rtx", or None / "auto" ($F5_TENSORRT, else `tensorrt` when it imports
-    with its real API, else `tensorrt_rtx`).
+    flavour: "tensorrt", "tensorrt-rtx", or None / "auto" ($F5_TENSORRT, else both).
     """
     flavour = requested_flavour(flavour)
-    found = []
+    found, modules = [], []
     for candidate in (FLAVOURS if flavour == "auto" else (flavour,)):
         trt, problem = _import_flavour(candidate)
         if trt is not None:
-            return trt
-        found.append(problem)
+            modules.append(trt)
+        else:
+            found.append(problem)
+    if modules:
+        return modules
     wanted = "TensorRT" if flavour == "auto" else f"the {flavour} flavour (forced by --tensorrt or ${FLAVOUR_ENV})"
     if flavour != "auto":  # say what else is there
         for other in FLAVOURS:
@@ -104,6 +106,12 @@ def import_tensorrt(flavour: str | None = None):
             if trt is not None:
                 found.append(f"{describe(trt)} is installed (--tensorrt {other} or {FLAVOUR_ENV}={other} uses it)")
     raise EngineUnavailable(f"{wanted} is not available: {'; '.join(found)}. To fix: {TENSORRT_HINT}")
+
+
+def import_tensorrt(flavour: str | None = None):
+    """The TensorRT module that builds use (`tensorrt` when it imports with its real API, else `tensorrt_rtx`,
+    unless `flavour` or $F5_TENSORRT names one), or EngineUnavailable saying what was found."""
+    return usable_tensorrts(flavour)[0]
 
 
 def tensorrt_available(flavour: str | None = None) -> bool:
@@ -159,7 +167,7 @@ class TensorRTEngine:
     kind = "tensorrt"
 
     def __init__(self, spec: NetworkSpec, config: EngineConfig):
-        trt = import_tensorrt()
+        candidates = usable_tensorrts()
         if not torch.cuda.is_available():
             raise EngineUnavailable("TensorRT needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False)")
         path = require_file(config, spec, ".plan")
@@ -167,21 +175,31 @@ class TensorRTEngine:
         self.device = torch.device(config.device if config.device != "cpu" else "cuda")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        problem = unsupported_gpu(trt, torch.cuda.get_device_capability(self.device))
-        if problem:
-            raise EngineUnavailable(f"{torch.cuda.get_device_name(self.device)}: {problem}")
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        gpu = torch.cuda.get_device_name(self.device)
+        # A plan loads only in the flavour that built it: with both installed (and none forced), try each.
+        problems = []
+        for trt in candidates:
+            problem = unsupported_gpu(trt, torch.cuda.get_device_capability(self.device))
+            if problem:
+                problems.append(f"{gpu}: {problem}")
+                continue
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            with torch.cuda.device(self.device):
+                self._runtime = trt.Runtime(self._logger)
+                self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is not None:
+                break
+            problems.append(f"{describe(trt)} cannot deserialize {path}: it is corrupt, or was built by another "
+                            f"TensorRT flavour or version, or for another GPU (TensorRT plans are not portable; "
+                            f"${FLAVOUR_ENV} picks the flavour); rebuild it on this machine with "
+                            f"scripts/build_engines.py")
+        else:
+            raise EngineUnavailable("; ".join(problems))
         with torch.cuda.device(self.device):
-            self._runtime = trt.Runtime(self._logger)
-            self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-            if self.engine is None:
-                raise EngineUnavailable(
-                    f"{describe(trt)} cannot deserialize {path}: it is corrupt, or was built by another TensorRT "
-                    f"flavour or version, or for another GPU (plans are not portable; ${FLAVOUR_ENV} picks the "
-                    f"flavour); rebuild it on this machine with scripts/build_engines.py")
             self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise EngineUnavailable(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
+            raise EngineUnavailable(f"{describe(trt)} could not create an execution context for {path} "
+                                    f"(out of GPU memory?)")
 
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
