@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -80,7 +80,7 @@ class BuildReport:
     builder_flags: tuple[str, ...]  # BuilderFlag names set in the config
     layers: int
     half_layers: int  # layers with an FP16 output: the precision the ONNX graph asked for
-    seconds: float = field(default=0.0)
+    seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "plan": str(self.plan)}
