@@ -11,6 +11,9 @@
 #   0  checkpoints: download (scripts/download_models.py), or a random one with --random-weights
 #   1  DiT: export ONNX, build the TensorRT engine           (trt backend only)
 #   2  vocoder: export ONNX, build the TensorRT engine       (trt backend only)
+#      Strongly typed builds: fp16 plans from the fp16 ONNX export (fp32 with DTYPE=fp32). TensorRT
+#      (10.x/11.x) when it imports, else TensorRT-RTX (pip install tensorrt-rtx), whose builder needs
+#      no GPU: `bash run.sh 1 2 --backend trt` builds its portable plans on any machine.
 #   3  render the Triton model repository (scripts/build_model_repo.py)
 #   4  start the server (f5-triton serve); in the background when the stop stage is > 4
 #   5  gRPC client test (client_grpc.py)          6  HTTP client test (client_http.py)
@@ -18,7 +21,7 @@
 #
 # Options
 #   --backend torch|trt   trt: TensorRT engines (GPU); torch: PyTorch on GPU or CPU.
-#                         Default: trt when a GPU and the TensorRT Python package are present.
+#                         Default: trt when a GPU and a TensorRT that runs on it are present.
 #   --target cpu|gpu      torch backend: where it runs (default: gpu when nvidia-smi sees one)
 #   --random-weights      a tiny random checkpoint: runs the whole path offline, output is NOT speech
 #
@@ -38,6 +41,7 @@
 #   READY_TIMEOUT seconds to wait for the models to load (600)
 #   NFE DTYPE MAX_BATCH_SIZE GPUS FLOW_INSTANCES REPO_ARGS   model repository settings (stage 3)
 #   MAX_FRAMES TRT_WORKSPACE_GIB                             engine settings (stages 1-2)
+#   F5_TENSORRT   tensorrt | tensorrt-rtx: the TensorRT flavour for builds and engines (default: auto)
 #   REF_AUDIO REF_TEXT TARGET_TEXT                           client tests (stages 5-6)
 #   BENCH_BATCH_SIZE BENCH_ARGS                              benchmarks (stages 7-8)
 #   PYTHON        interpreter (default: .venv/bin/python, made by scripts/setup_env.sh if missing)
@@ -178,9 +182,11 @@ up_to_date() {
 lock_dir() { mkdir -p "$1"; if command -v flock >/dev/null 2>&1; then exec 9>"$1/.lock"; flock 9; fi; }
 unlock_dir() { if command -v flock >/dev/null 2>&1; then flock -u 9; exec 9>&-; fi; }
 
-# export_onnx NETWORK: ONNX_DIR/NETWORK.onnx from the checkpoint, written atomically.
+# export_onnx NETWORK: ONNX_DIR/NETWORK$ONNX_SUFFIX.onnx from the checkpoint (fp16 or fp32), written atomically.
 export_onnx() {
-  local network=$1 out="$ONNX_DIR/$1.onnx" settings="export $1" tmp file inputs=()
+  local network=$1 out="$ONNX_DIR/$1$ONNX_SUFFIX.onnx" settings="export $1 $ENGINE_PRECISION" tmp file inputs=()
+  local fp16_args=()
+  [ "$ENGINE_PRECISION" = fp32 ] || fp16_args=(--fp16)
   if [ "$network" = dit_step ]; then
     mapfile -t inputs < <(checkpoint_files)
     [ ${#inputs[@]} -gt 0 ] || die "no checkpoint in $MODEL_DIR; run stage 0"
@@ -194,16 +200,16 @@ export_onnx() {
   else
     tmp=$(mktemp -d "$ONNX_DIR/.tmp.XXXXXX")
     "$PYTHON" scripts/export_onnx.py --ckpt-dir "$MODEL_DIR" "${ARCH_ARGS[@]}" --output-dir "$tmp" \
-      --networks "$network" || { rm -rf "$tmp"; die "ONNX export of $network failed"; }
+      --networks "$network" "${fp16_args[@]}" || { rm -rf "$tmp"; die "ONNX export of $network failed"; }
     # external-data files (if the exporter wrote any) first, the .onnx itself last
     for file in "$tmp"/*; do
       case "${file##*/}" in
-        "$network.onnx") ;;
+        "${out##*/}") ;;
         export_info.json) mv -f "$file" "$ONNX_DIR/export_info.$network.json" ;;
         *) mv -f "$file" "$ONNX_DIR/" ;;
       esac
     done
-    mv -f "$tmp/$network.onnx" "$out"
+    mv -f "$tmp/${out##*/}" "$out"
     rm -rf "$tmp"
     printf '%s' "$settings" > "$out.stamp"
     say "wrote $out"
@@ -216,21 +222,31 @@ build_engine() {
   local network=$1 requests=$2 dir=$ENGINE_DIR out settings tmp
   out="$dir/$network.plan"
   settings="--max-requests $requests --max-frames $MAX_FRAMES --workspace-gib $TRT_WORKSPACE_GIB"
+  [ -z "$ONNX_SUFFIX" ] || settings+=" --onnx-suffix $ONNX_SUFFIX"
   lock_dir "$dir"
-  if up_to_date "$out" "$settings" "$ONNX_DIR/$network.onnx"; then
+  if up_to_date "$out" "$settings" "$ONNX_DIR/$network$ONNX_SUFFIX.onnx"; then
     say "$out is up to date"
   else
-    say "building the $network TensorRT engine for this GPU (minutes; cached in $dir)"
+    say "building the $network TensorRT engine (minutes; cached in $dir)"
     tmp=$(mktemp -d "$dir/.tmp.XXXXXX")
     # shellcheck disable=SC2086  # settings are words
     "$PYTHON" scripts/build_engines.py --onnx-dir "$ONNX_DIR" --output-dir "$tmp" --networks "$network" \
       --timing-cache "$dir/timing.cache" $settings || { rm -rf "$tmp"; die "TensorRT build of $network failed"; }
+    mv -f "$tmp/build_info.json" "$dir/build_info.$network.json"
     mv -f "$tmp/$network.plan" "$out"
     rm -rf "$tmp"
     printf '%s' "$settings" > "$out.stamp"
     say "wrote $out"
   fi
   unlock_dir
+}
+
+# The TensorRT flavour that built ENGINE_DIR's vocoder plan (tensorrt | tensorrt-rtx), from its build info.
+plan_flavour() {
+  local info="$ENGINE_DIR/build_info.vocoder.json"
+  if [ -f "$info" ]; then
+    "$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['vocoder']['flavour'])" "$info"
+  else printf '%s' tensorrt; fi
 }
 
 vocoder_folder() {
@@ -298,9 +314,12 @@ have_gpu() {
 }
 
 if [ "$BACKEND" = auto ]; then
-  if have_gpu && "$PYTHON" -c "import tensorrt" >/dev/null 2>&1; then BACKEND=trt
+  if have_gpu && "$PYTHON" -c "import sys; from f5_triton.engines.tensorrt_engine import runs_here
+sys.exit(not runs_here())" >/dev/null 2>&1; then BACKEND=trt
   else BACKEND=torch; fi
 fi
+# Plans take their precision from the ONNX file they are built from: the fp16 export unless DTYPE=fp32.
+if [ "${DTYPE:-}" = fp32 ]; then ENGINE_PRECISION=fp32 ONNX_SUFFIX=""; else ENGINE_PRECISION=fp16 ONNX_SUFFIX=.fp16; fi
 if [ -z "$TARGET" ]; then
   if [ "$BACKEND" = trt ] || have_gpu; then TARGET=gpu; else TARGET=cpu; fi
 fi
@@ -376,7 +395,13 @@ if run_stage 3; then
   [ ${#ckpt_inputs[@]} -gt 0 ] || die "no checkpoint in $MODEL_DIR; run stage 0 (bash run.sh 0 0 $MODEL)"
   repo_args=(--ckpt-dir "$MODEL_DIR" "${ARCH_ARGS[@]}")
   inputs=("${ckpt_inputs[@]}" "$ROOT/model_repo" "$ROOT/f5_triton/serving/repository.py")
-  if [ "$BACKEND" = trt ]; then
+  if [ "$BACKEND" = trt ] && [ "$(plan_flavour)" = tensorrt-rtx ]; then
+    # Triton's TensorRT backend (the image's libnvinfer) cannot load TensorRT-RTX plans: both run in python models
+    repo_args+=(--target gpu --max-batch-size "$FLOW_BATCH" --dit-engine tensorrt
+                --dit-engine-path "$ENGINE_DIR/dit_step.plan" --vocoder-engine tensorrt
+                --vocoder-engine-path "$ENGINE_DIR/vocoder.plan")
+    inputs+=("$ENGINE_DIR/dit_step.plan" "$ENGINE_DIR/vocoder.plan")
+  elif [ "$BACKEND" = trt ]; then
     repo_args+=(--target trt --max-batch-size "$FLOW_BATCH" --dit-engine-path "$ENGINE_DIR/dit_step.plan"
                 --vocoder-plan "$ENGINE_DIR/vocoder.plan")
     inputs+=("$ENGINE_DIR/dit_step.plan" "$ENGINE_DIR/vocoder.plan")

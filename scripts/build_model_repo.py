@@ -35,8 +35,10 @@ def main() -> None:
     parser.add_argument("--postprocess-instances", type=int, default=2)
     parser.add_argument("--dit-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     parser.add_argument("--dit-engine-path", help=".onnx or .plan of the DiT step")
-    parser.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime"])
-    parser.add_argument("--vocoder-engine-path", help=".onnx of Vocos for --vocoder-engine onnxruntime")
+    parser.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                        help="python vocoder's engine (tensorrt: TensorRT-RTX plans, which the trt target's "
+                             "native tensorrt_plan model cannot load)")
+    parser.add_argument("--vocoder-engine-path", help=".onnx or .plan of Vocos for --vocoder-engine")
     parser.add_argument("--vocoder-plan", help="trt target: Vocos TensorRT plan")
     parser.add_argument("--vocoder-in-flow", action=argparse.BooleanOptionalAction, default=None,
                         help="flow_matching vocodes its batch in its own process and sends postprocess waveforms "

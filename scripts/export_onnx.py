@@ -8,7 +8,8 @@ Writes OUTPUT/dit_step.onnx and OUTPUT/vocoder.onnx (fp32; with --fp16 also *.fp
 with fp32 inputs/outputs) and OUTPUT/export_info.json with input/output names, shapes and the max abs
 error of each file vs torch fp32, measured on padded batches of several sizes and lengths.
 The text embedding is not exported: it runs once per request, in torch.
-Build TensorRT engines from the fp32 files with scripts/build_engines.py.
+Build strongly typed TensorRT engines from them with scripts/build_engines.py: fp16 plans from the
+*.fp16.onnx files (--onnx-suffix .fp16), fp32 plans from the fp32 files.
 """
 
 import argparse

@@ -38,7 +38,7 @@ from f5_triton.engines import (
     make_vocoder_runner,
 )
 from f5_triton.engines.networks import output_valid_mask, random_inputs
-from f5_triton.engines.tensorrt_engine import check_profile, tensorrt_available
+from f5_triton.engines.tensorrt_engine import FLAVOUR_ENV, check_profile, tensorrt_available
 from f5_triton.export.onnx_export import export_models
 from f5_triton.sampler import sample
 from f5_triton.vocoder import decode_batch
@@ -342,8 +342,9 @@ def test_corrupt_or_wrong_file_is_refused(onnx_dir, dit, tmp_path):
         load_engine(EngineConfig(kind="onnxruntime", path=onnx_dir / VOCODER.onnx_file, fallback=False), dit)
 
 
-@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed: its absence cannot be tested")
-def test_tensorrt_without_the_package_falls_back_or_raises(dit, tmp_path):
+@pytest.mark.skipif(tensorrt_available("tensorrt"), reason="TensorRT is installed: its absence cannot be tested")
+def test_tensorrt_without_the_package_falls_back_or_raises(dit, tmp_path, monkeypatch):
+    monkeypatch.setenv(FLAVOUR_ENV, "tensorrt")  # tensorrt-rtx may be installed: ask for TensorRT proper
     plan = tmp_path / "dit_step.plan"
     plan.write_bytes(b"\0" * 16)
     with pytest.warns(EngineFallbackWarning, match="pip install tensorrt"):

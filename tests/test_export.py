@@ -1,4 +1,4 @@
-"""ONNX export of the DiT step and Vocos, verified with onnxruntime; the TensorRT build's CLI and profile.
+"""ONNX export of the DiT step and Vocos, verified with onnxruntime (TensorRT builds: test_tensorrt.py).
 
 Tolerances (max abs error over valid frames, vs the torch fp32 module):
   fp32 files: 1e-4 (DiT step, outputs ~1) and 1e-5 (vocoder, waveform ~0.1)
@@ -21,18 +21,11 @@ from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 from f5_triton.engines import DIT_STEP, VOCODER, DiTStep, VocoderNetwork
 from f5_triton.engines.networks import output_valid_mask, random_inputs
-from f5_triton.engines.tensorrt_engine import tensorrt_available
 from f5_triton.export.onnx_export import (
     MANIFEST_FILE,
     export_models,
     export_network,
     half_with_fp32_islands,
-)
-from f5_triton.export.tensorrt_build import (
-    BuildOptions,
-    ShapeRange,
-    batch_range,
-    profile_shapes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,57 +159,3 @@ def test_export_script_rejects_missing_model(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_onnx.py"), "--output-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--ckpt-dir" in proc.stderr
-
-
-# -- TensorRT build ---------------------------------------------------------------------------
-
-
-def test_profile_doubles_dit_batch_for_cfg_and_reads_static_dims():
-    options = BuildOptions(requests=ShapeRange(1, 2, 4), frames=ShapeRange(16, 1024, 4096))
-    assert batch_range(DIT_STEP, options.requests) == ShapeRange(1, 4, 8)
-    assert batch_range(VOCODER, options.requests) == ShapeRange(1, 2, 4)
-    static = {"x": (-1, -1, 100), "cond": (-1, -1, 100), "text_embed": (-1, -1, 512), "time": (-1,), "mask": (-1, -1)}
-    shapes = profile_shapes(DIT_STEP, static, options)
-    assert shapes["x"] == ((1, 16, 100), (4, 1024, 100), (8, 4096, 100))
-    assert shapes["text_embed"][2] == (8, 4096, 512)
-    assert shapes["time"] == ((1,), (4,), (8,))
-    voc = profile_shapes(VOCODER, {"mel": (-1, 100, -1), "lengths": (-1,)}, options)
-    assert voc["mel"] == ((1, 100, 16), (2, 100, 1024), (4, 100, 4096))
-    with pytest.raises(ValueError):
-        ShapeRange(4, 2, 8)
-
-
-@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed: the missing-package message cannot show")
-def test_build_engines_without_tensorrt_says_what_to_install(exported, tmp_path):
-    out, _ = exported
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build_engines.py"), "--onnx-dir", str(out),
-                           "--output-dir", str(tmp_path / "plans")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "pip install tensorrt" in proc.stderr and "nvcr.io/nvidia" in proc.stderr
-    assert not (tmp_path / "plans").exists()
-
-
-def test_build_and_run_tensorrt_engines(exported, dit, decoder, tmp_path):
-    """Builds FP16 plans of the tiny networks and compares them with torch (needs TensorRT and a GPU)."""
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt / NGC image)")
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT needs a CUDA GPU")
-    from f5_triton.engines import EngineConfig, ShapeOutOfRange, load_engine
-    from f5_triton.export.tensorrt_build import build_engine
-
-    out, _ = exported
-    options = BuildOptions(requests=ShapeRange(1, 2, 2), frames=ShapeRange(1, 128, 256),
-                           timing_cache=tmp_path / "timing.cache")
-    for module, spec, tolerance in ((DiTStep(dit), DIT_STEP, 2e-2), (VocoderNetwork(decoder), VOCODER, 1e-3)):
-        plan = build_engine(out / spec.onnx_file, tmp_path / spec.plan_file, spec, options, log=lambda line: None)
-        engine = load_engine(EngineConfig(kind="tensorrt", path=plan, device="cuda", fallback=False), module)
-        lengths = (100, 37)
-        inputs = random_inputs(spec, lengths, module.static_sizes)
-        with torch.inference_mode():
-            expected = module(*inputs)
-        got = engine(*[t.cuda() for t in inputs]).cpu()
-        keep = output_valid_mask(spec, expected, lengths).expand_as(expected)
-        assert (got - expected).abs()[keep].max() <= tolerance
-        with pytest.raises(ShapeOutOfRange, match="optimization profile"):
-            engine(*random_inputs(spec, (300,), module.static_sizes))
-    assert (tmp_path / "timing.cache").is_file()

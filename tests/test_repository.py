@@ -150,7 +150,9 @@ def test_trt_repository_passes_tritonserver_config_parsing(tmp_path, tiny_ckpt, 
 
     repo = render(RepositoryOptions(target="trt", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                     vocoder=tiny_ckpt / "vocos", dit_engine_path=plans[0], vocoder_plan=plans[1],
-                                    preprocess_instances=1, postprocess_instances=1), tmp_path / "repo")
+                                    preprocess_instances=1, postprocess_instances=1,
+                                    warmup=False),  # the torch fallback's warm-up on CPU: minutes under load
+                  tmp_path / "repo")
     # the python models run on the CPU here: turn the GPU instance groups into CPU ones
     for name in ("flow_matching",):
         path = repo / name / "config.pbtxt"

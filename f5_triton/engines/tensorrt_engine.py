@@ -1,15 +1,24 @@
 """The TensorRT engine: a serialized .plan (scripts/build_engines.py) run on torch's current CUDA stream.
 
-Uses the TensorRT 10 tensor API: shapes are set per call with `set_input_shape`, torch tensors are
-bound with `set_tensor_address`, outputs are allocated as torch tensors once TensorRT has inferred
-their shapes, and `execute_async_v3` runs on the current torch stream, so no extra synchronization
-is needed. Shapes outside the engine's optimization profile are refused with `ShapeOutOfRange`
-before TensorRT sees them.
+Two TensorRT flavours share one Python API (network, ONNX parser, builder, runtime) and both work here:
+`tensorrt` (TensorRT 10.x / 11.x: every NVIDIA GPU it supports, Hopper included) and `tensorrt_rtx`
+(TensorRT for RTX: compute capability 8.0, 8.6, 8.9 and 12.x; its builder needs no GPU). A plan runs
+only in the flavour (and version) that built it. Builds use `tensorrt` when it imports with its real
+API, else `tensorrt_rtx` (`import_tensorrt`); the engine loads a plan with whichever installed flavour
+accepts it. F5_TENSORRT=tensorrt|tensorrt-rtx (or build_engines.py --tensorrt) forces one.
+
+Uses the tensor API: shapes are set per call with `set_input_shape`, torch tensors are bound with
+`set_tensor_address`, outputs are allocated as torch tensors once TensorRT has inferred their shapes,
+and `execute_async_v3` runs on the current torch stream, so no extra synchronization is needed.
+Shapes outside the engine's optimization profile are refused with `ShapeOutOfRange` before TensorRT
+sees them.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import threading
 from typing import Mapping, Sequence
 
@@ -19,40 +28,120 @@ from f5_triton.engines.base import EngineConfig, EngineUnavailable, NetworkSpec,
 
 logger = logging.getLogger(__name__)
 
+# flavour (its pip name, what users type) -> the module it installs
+FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+FLAVOUR_ENV = "F5_TENSORRT"  # auto | tensorrt | tensorrt-rtx
+# TensorRT-RTX's runtime refuses other GPUs ("Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1")
+RTX_COMPUTE_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 TENSORRT_HINT = (
-    "install the TensorRT Python package, version 10.x, matching your CUDA: `pip install tensorrt` "
-    "(x86-64; needs an NVIDIA GPU and driver), on Jetson the JetPack package `apt install python3-libnvinfer`; "
-    "or run inside an NGC image that ships it (nvcr.io/nvidia/tritonserver:<yy.mm>-py3 or "
-    "nvcr.io/nvidia/tensorrt:<yy.mm>-py3)"
+    "install TensorRT 10.x or 11.x matching your CUDA: `pip install tensorrt` (x86-64 / SBSA; any NVIDIA GPU, "
+    "Hopper included), on Jetson the JetPack package `apt install python3-libnvinfer`, or run inside an NGC "
+    "image that ships it (nvcr.io/nvidia/tritonserver:<yy.mm>-py3 or nvcr.io/nvidia/tensorrt:<yy.mm>-py3); "
+    "or TensorRT for RTX: `pip install tensorrt-rtx` (or the package's extra: pip install 'f5-triton[tensorrt-rtx]'), "
+    "which runs on GPUs of compute capability 8.0, 8.6, 8.9 and 12.x, not on Hopper (9.0)"
 )
 
 # (min, opt, max) shape of each input in the engine's optimization profile
 ProfileShapes = Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]
 
 
-def import_tensorrt():
-    """The `tensorrt` module, or EngineUnavailable saying what to install."""
-    try:
-        import tensorrt as trt
-    except Exception as exc:  # ImportError, or a placeholder package that raises on import
-        raise EngineUnavailable(f"TensorRT is not available ({type(exc).__name__}: {exc}); {TENSORRT_HINT}") from exc
-    if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
-        raise EngineUnavailable(f"the installed `tensorrt` package ({getattr(trt, '__file__', '?')}) is a "
-                                f"placeholder without the TensorRT API; {TENSORRT_HINT}")
-    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
-    if major < 10:
-        raise EngineUnavailable(f"TensorRT {trt.__version__} is too old: the tensor API used here needs 10.x; "
-                                f"{TENSORRT_HINT}")
-    return trt
+def flavour_of(trt) -> str:
+    """"tensorrt" or "tensorrt-rtx": which flavour an imported module is."""
+    return "tensorrt-rtx" if trt.__name__.split(".")[0] == "tensorrt_rtx" else "tensorrt"
 
 
-def tensorrt_available() -> bool:
-    """Whether a usable TensorRT (10.x with its Python API) is installed."""
+def describe(trt) -> str:
+    """"TensorRT 10.8.0.43" or "TensorRT-RTX 1.7.1.116"."""
+    return f"{'TensorRT-RTX' if flavour_of(trt) == 'tensorrt-rtx' else 'TensorRT'} {trt.__version__}"
+
+
+def _import_flavour(flavour: str):
+    """(module, None) when `flavour` imports with a usable API, else (None, what was found)."""
+    module_name = FLAVOURS[flavour]
     try:
-        import_tensorrt()
+        trt = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:  # the package is there, something it needs is not
+            return None, f"`{module_name}` is installed but fails to import ({exc})"
+        return None, f"`{module_name}` is not installed"
+    except Exception as exc:  # a placeholder package that raises on import, a missing CUDA library
+        return None, f"`{module_name}` fails to import ({type(exc).__name__}: {exc})"
+    if not all(hasattr(trt, name) for name in ("Builder", "Runtime", "NetworkDefinitionCreationFlag")):
+        return None, (f"`{module_name}` ({getattr(trt, '__file__', '?')}) is a placeholder package without the "
+                      f"TensorRT API")
+    version = str(getattr(trt, "__version__", "0"))
+    if flavour == "tensorrt" and int(version.split(".")[0] or 0) < 10:
+        return None, f"`tensorrt` {version} is too old: the tensor API and strongly typed builds used here need 10.x"
+    return trt, None
+
+
+def requested_flavour(flavour: str | None = None) -> str:
+    """The flavour asked for: the argument, else $F5_TENSORRT, else "auto"."""
+    flavour = (flavour or os.environ.get(FLAVOUR_ENV) or "auto").strip().lower().replace("_", "-")
+    if flavour != "auto" and flavour not in FLAVOURS:
+        raise EngineUnavailable(f"unknown TensorRT flavour {flavour!r} (from --tensorrt or ${FLAVOUR_ENV}): "
+                                f"use auto, tensorrt or tensorrt-rtx")
+    return flavour
+
+
+def usable_tensorrts(flavour: str | None = None) -> list:
+    """Every usable TensorRT module of the requested flavour(s), `tensorrt` first; EngineUnavailable if none.
+
+    flavour: "tensorrt", "tensorrt-rtx", or None / "auto" ($F5_TENSORRT, else both).
+    """
+    flavour = requested_flavour(flavour)
+    found, modules = [], []
+    for candidate in (FLAVOURS if flavour == "auto" else (flavour,)):
+        trt, problem = _import_flavour(candidate)
+        if trt is not None:
+            modules.append(trt)
+        else:
+            found.append(problem)
+    if modules:
+        return modules
+    wanted = "TensorRT" if flavour == "auto" else f"the {flavour} flavour (forced by --tensorrt or ${FLAVOUR_ENV})"
+    if flavour != "auto":  # say what else is there
+        for other in FLAVOURS:
+            trt = _import_flavour(other)[0] if other != flavour else None
+            if trt is not None:
+                found.append(f"{describe(trt)} is installed (--tensorrt {other} or {FLAVOUR_ENV}={other} uses it)")
+    raise EngineUnavailable(f"{wanted} is not available: {'; '.join(found)}. To fix: {TENSORRT_HINT}")
+
+
+def import_tensorrt(flavour: str | None = None):
+    """The TensorRT module that builds use (`tensorrt` when it imports with its real API, else `tensorrt_rtx`,
+    unless `flavour` or $F5_TENSORRT names one), or EngineUnavailable saying what was found."""
+    return usable_tensorrts(flavour)[0]
+
+
+def tensorrt_available(flavour: str | None = None) -> bool:
+    """Whether a usable TensorRT (either flavour, unless one is named) is installed."""
+    try:
+        import_tensorrt(flavour)
     except EngineUnavailable:
         return False
     return True
+
+
+def unsupported_gpu(trt, capability: tuple[int, int]) -> str | None:
+    """Why `trt`'s runtime cannot run plans on a GPU of this compute capability, or None when it can."""
+    if flavour_of(trt) == "tensorrt-rtx" and tuple(capability) not in RTX_COMPUTE_CAPABILITIES:
+        supported = ", ".join(f"{major}.{minor}" for major, minor in RTX_COMPUTE_CAPABILITIES)
+        return (f"{describe(trt)} runs on GPUs of compute capability {supported}; this GPU is "
+                f"{capability[0]}.{capability[1]}{' (Hopper)' if capability[0] == 9 else ''}: install TensorRT "
+                f"(`pip install tensorrt`, or an NGC image) and rebuild the plans with it")
+    return None
+
+
+def runs_here(device: int = 0) -> bool:
+    """Whether TensorRT plans can run on this machine's GPU `device` (a usable flavour that supports it)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        trt = import_tensorrt()
+    except EngineUnavailable:
+        return False
+    return unsupported_gpu(trt, torch.cuda.get_device_capability(device)) is None
 
 
 def check_profile(shapes: Mapping[str, Sequence[int]], profile: ProfileShapes, network: str = "engine") -> None:
@@ -78,7 +167,7 @@ class TensorRTEngine:
     kind = "tensorrt"
 
     def __init__(self, spec: NetworkSpec, config: EngineConfig):
-        trt = import_tensorrt()
+        candidates = usable_tensorrts()
         if not torch.cuda.is_available():
             raise EngineUnavailable("TensorRT needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False)")
         path = require_file(config, spec, ".plan")
@@ -86,18 +175,31 @@ class TensorRTEngine:
         self.device = torch.device(config.device if config.device != "cpu" else "cuda")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        gpu = torch.cuda.get_device_name(self.device)
+        # A plan loads only in the flavour that built it: with both installed (and none forced), try each.
+        problems = []
+        for trt in candidates:
+            problem = unsupported_gpu(trt, torch.cuda.get_device_capability(self.device))
+            if problem:
+                problems.append(f"{gpu}: {problem}")
+                continue
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            with torch.cuda.device(self.device):
+                self._runtime = trt.Runtime(self._logger)
+                self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is not None:
+                break
+            problems.append(f"{describe(trt)} cannot deserialize {path}: it is corrupt, or was built by another "
+                            f"TensorRT flavour or version, or for another GPU (TensorRT plans are not portable; "
+                            f"${FLAVOUR_ENV} picks the flavour); rebuild it on this machine with "
+                            f"scripts/build_engines.py")
+        else:
+            raise EngineUnavailable("; ".join(problems))
         with torch.cuda.device(self.device):
-            self._runtime = trt.Runtime(self._logger)
-            self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-            if self.engine is None:
-                raise EngineUnavailable(
-                    f"TensorRT {trt.__version__} cannot deserialize {path}: it is corrupt, or was built by another "
-                    f"TensorRT version or for another GPU (plans are not portable); rebuild it on this machine "
-                    f"with scripts/build_engines.py")
             self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise EngineUnavailable(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
+            raise EngineUnavailable(f"{describe(trt)} could not create an execution context for {path} "
+                                    f"(out of GPU memory?)")
 
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -110,7 +212,7 @@ class TensorRTEngine:
         self.profile: ProfileShapes = {
             name: tuple(tuple(dims) for dims in self.engine.get_tensor_profile_shape(name, 0)) for name in inputs}
         self._lock = threading.Lock()  # one execution context: calls must not interleave
-        logger.info("%s: TensorRT %s engine from %s, profile %s", spec.name, trt.__version__, path, self.profile)
+        logger.info("%s: %s engine from %s, profile %s", spec.name, describe(trt), path, self.profile)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.spec.check(inputs)

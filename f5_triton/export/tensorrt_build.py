@@ -1,9 +1,10 @@
-"""Build TensorRT engines (.plan) from the exported ONNX networks, with the TensorRT Python API.
+"""Build TensorRT engines (.plan) from the exported ONNX networks: strongly typed, either TensorRT flavour.
 
-FP16 everywhere except the layers that overflow or lose too much in half precision, which are
-pinned to FP32 (`layer.precision` + OBEY_PRECISION_CONSTRAINTS): normalizations, reductions, pow,
-softmax (optional, see `BuildOptions.fp32_softmax`), exp/sin/cos (time and rotary embeddings,
-Vocos' magnitude and phase) and the whole ISTFT.
+Precision comes from the ONNX graph, not from the builder: the network is created STRONGLY_TYPED and
+no precision flag (FP16, OBEY_PRECISION_CONSTRAINTS, ...) or per-layer precision is set. An fp16 plan
+is built from the fp16 export (`*.fp16.onnx`: fp16 weights and matmuls, fp32 islands for norms,
+time/rotary embeddings and the vocoder's ISTFT, fp32 inputs and outputs), an fp32 plan from the fp32
+export. This is the only mode of TensorRT 11.x and TensorRT-RTX, and exists since TensorRT 9.
 
 Shape limits are given in *requests* and frames: the DiT step runs the conditional and the
 unconditional (CFG) branches of a request as one batch, so its batch axis is twice the requests
@@ -12,21 +13,20 @@ unconditional (CFG) branches of a request as one batch, so its batch axis is twi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from f5_triton.engines.base import NetworkSpec
-from f5_triton.engines.tensorrt_engine import import_tensorrt
+from f5_triton.engines.tensorrt_engine import describe, flavour_of, import_tensorrt
 
-# Layers kept in FP32 by type; and by part of the name of the ONNX node they come from (the legacy
-# exporter names nodes after module paths: "/model/time_embed/Sin", "/decoder/istft/Div",
-# "/model/transformer_blocks.0/attn/q_norm/Pow" for a norm it decomposes).
-FP32_LAYER_TYPES = ("NORMALIZATION", "REDUCE")
-FP32_UNARY_OPS = ("EXP", "LOG", "SIN", "COS", "SQRT", "RECIP")
-FP32_ELEMENTWISE_OPS = ("POW",)
-FP32_NAME_PARTS = ("/istft/", "/time_embed/", "/rotary_embed/", "_norm/", "/grn/")
+BUILD_INFO_FILE = "build_info.json"  # scripts/build_engines.py: each network's BuildReport, beside the plans
+
+# Builder flags of weakly typed builds (TensorRT <= 10): a strongly typed build sets none of them.
+PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                   "PREFER_PRECISION_CONSTRAINTS")
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,43 @@ class ShapeRange:
 
 @dataclass
 class BuildOptions:
-    """Profile, precision and builder resources of an engine build."""
+    """Profile, TensorRT flavour and builder resources of an engine build (precision is the ONNX file's)."""
 
     requests: ShapeRange = ShapeRange(1, 1, 4)
     frames: ShapeRange = ShapeRange(1, 1024, 4096)  # 4096 frames = Limits.max_mel_frames (~43.7 s)
-    fp16: bool = True
+    tensorrt: str | None = None  # "tensorrt", "tensorrt-rtx", or None: $F5_TENSORRT, else whichever imports
     workspace_gib: float = 1.0
-    timing_cache: Path | None = None
-    # Softmax in FP32 is the safe choice, but it likely keeps TensorRT from fusing attention into one
-    # FP16 kernel, which then holds [batch, heads, frames, frames] scores in memory (GBs at 4096 frames).
-    fp32_softmax: bool = True
+    timing_cache: Path | None = None  # TensorRT only (TensorRT-RTX tunes at run time and has none)
     verbose: bool = False
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A network input or output as the builder sees it: -1 marks a dynamic axis."""
+
+    name: str
+    dtype: str  # TensorRT's DataType name: FLOAT, HALF, BOOL, INT64, ...
+    shape: tuple[int, ...]
+
+
+@dataclass
+class BuildReport:
+    """What the builder was given and what it reports about the network, without running the plan."""
+
+    plan: Path
+    tensorrt: str  # "TensorRT 10.8.0.43" / "TensorRT-RTX 1.7.1.116"
+    flavour: str  # "tensorrt" / "tensorrt-rtx"
+    strongly_typed: bool
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # read back from the profile
+    builder_flags: tuple[str, ...]  # BuilderFlag names set in the config
+    layers: int
+    half_layers: int  # layers with an FP16 output: the precision the ONNX graph asked for
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "plan": str(self.plan)}
 
 
 def batch_range(spec: NetworkSpec, requests: ShapeRange) -> ShapeRange:
@@ -87,43 +113,8 @@ def profile_shapes(spec: NetworkSpec, static_shapes: dict[str, tuple[int, ...]],
     return shapes
 
 
-def _keep_fp32(trt, layer, fp32_softmax: bool) -> bool:
-    """Whether a layer belongs to the FP32 set (only layers computing on floats qualify)."""
-    floats = (trt.float32, trt.float16)
-    tensors = [layer.get_input(i) for i in range(layer.num_inputs)] + [layer.get_output(i) for i in range(layer.num_outputs)]
-    if any(t is not None and t.dtype not in floats for t in tensors) or layer.num_outputs == 0:
-        return False
-    if any(part in layer.name for part in FP32_NAME_PARTS):
-        return True
-    kind = layer.type
-    if kind in [getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES]:
-        return True
-    if kind == trt.LayerType.SOFTMAX:
-        return fp32_softmax
-    if kind == trt.LayerType.UNARY:
-        layer.__class__ = trt.IUnaryLayer  # the Python binding hands out ILayer: downcast to read .op
-        return layer.op in [getattr(trt.UnaryOperation, op) for op in FP32_UNARY_OPS]
-    if kind == trt.LayerType.ELEMENTWISE:
-        layer.__class__ = trt.IElementWiseLayer
-        return layer.op in [getattr(trt.ElementWiseOperation, op) for op in FP32_ELEMENTWISE_OPS]
-    return False
-
-
-def pin_fp32_layers(trt, network, fp32_softmax: bool = True) -> list[str]:
-    """Set FP32 precision (and FP32 outputs) on the overflow-prone layers; returns their names."""
-    pinned = []
-    for index in range(network.num_layers):
-        layer = network.get_layer(index)
-        if _keep_fp32(trt, layer, fp32_softmax):
-            layer.precision = trt.float32
-            for i in range(layer.num_outputs):
-                layer.set_output_type(i, trt.float32)
-            pinned.append(layer.name)
-    return pinned
-
-
 def _progress_monitor(trt, log: Callable[[str], None]):
-    """An IProgressMonitor printing builder phases (TensorRT >= 10), or None where there is none."""
+    """An IProgressMonitor printing builder phases, or None where there is none."""
     if not hasattr(trt, "IProgressMonitor"):
         return None
 
@@ -148,22 +139,53 @@ def _progress_monitor(trt, log: Callable[[str], None]):
     return PhasePrinter()
 
 
+def is_strongly_typed(trt, network) -> bool:
+    """Whether `network` is strongly typed: by its flag; always where the flag is gone or ignored (11.x)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None or (flavour_of(trt) == "tensorrt" and int(trt.__version__.split(".")[0]) >= 11):
+        return True
+    return bool(network.get_flag(flag))
+
+
+def create_strongly_typed_network(trt, builder):
+    """An empty STRONGLY_TYPED network (explicit batch is implied since TensorRT 10; 11.x ignores the flag)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    if not is_strongly_typed(trt, network):
+        raise RuntimeError(f"{describe(trt)} did not create a strongly typed network")
+    return network
+
+
 def _parse_onnx(trt, builder, logger, onnx_path: Path):
-    major = int(trt.__version__.split(".")[0])
-    # explicit batch is the only mode in TensorRT 10 (the flag is deprecated there)
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = create_strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the file: finds external weight files beside it
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}:\n{errors}")
+        raise RuntimeError(f"{describe(trt)}'s ONNX parser rejected {onnx_path}:\n{errors}")
     return network, parser
 
 
+def _tensors(trt, network, outputs: bool) -> tuple[TensorInfo, ...]:
+    count, get = (network.num_outputs, network.get_output) if outputs else (network.num_inputs, network.get_input)
+    return tuple(TensorInfo(t.name, t.dtype.name, tuple(t.shape)) for t in map(get, range(count)))
+
+
+def _half_layers(trt, network) -> int:
+    half = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        half += any(layer.get_output(i).dtype == trt.float16 for i in range(layer.num_outputs))
+    return half
+
+
+def _set_flags(trt, config) -> tuple[str, ...]:
+    return tuple(name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag))
+
+
 def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: NetworkSpec, options: BuildOptions,
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = print) -> BuildReport:
     """Build and write one engine; raises EngineUnavailable without TensorRT, RuntimeError if the build fails."""
-    trt = import_tensorrt()
+    trt = import_tensorrt(options.tensorrt)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path} does not exist (make it with scripts/export_onnx.py)")
@@ -171,34 +193,29 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: NetworkSpec
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
 
-    log(f"[{spec.name}] parsing {onnx_path} (TensorRT {trt.__version__})")
+    log(f"[{spec.name}] parsing {onnx_path} ({describe(trt)}, strongly typed)")
     network, _parser = _parse_onnx(trt, builder, logger, onnx_path)  # the parser must outlive the build
-    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    if tuple(inputs) != spec.input_names:
-        raise RuntimeError(f"{onnx_path} has inputs {tuple(inputs)}, expected {spec.input_names}")
+    inputs = _tensors(trt, network, outputs=False)
+    if tuple(t.name for t in inputs) != spec.input_names:
+        raise RuntimeError(f"{onnx_path} has inputs {tuple(t.name for t in inputs)}, expected {spec.input_names}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile_shapes(spec, inputs, options).items():
+    for name, (low, opt, high) in profile_shapes(spec, {t.name: t.shape for t in inputs}, options).items():
         profile.set_shape(name, low, opt, high)
         log(f"[{spec.name}] profile {name}: min {low} opt {opt} max {high}")
     config.add_optimization_profile(profile)
+    half = _half_layers(trt, network)
+    log(f"[{spec.name}] precision from the ONNX graph: {half} of {network.num_layers} layers compute in FP16")
 
-    if options.fp16:
-        if not getattr(builder, "platform_has_fast_fp16", True):
-            log(f"[{spec.name}] warning: this GPU has no fast FP16; building FP16 anyway")
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = pin_fp32_layers(trt, network, options.fp32_softmax)
-        log(f"[{spec.name}] FP16, {len(pinned)} of {network.num_layers} layers pinned to FP32")
-
-    cache_data = b""
-    if options.timing_cache is not None and Path(options.timing_cache).is_file():
-        cache_data = Path(options.timing_cache).read_bytes()
-        log(f"[{spec.name}] timing cache {options.timing_cache} ({len(cache_data)} bytes)")
-    cache = config.create_timing_cache(cache_data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    use_timing_cache = options.timing_cache is not None and flavour_of(trt) == "tensorrt"
+    if use_timing_cache:
+        cache_data = b""
+        if Path(options.timing_cache).is_file():
+            cache_data = Path(options.timing_cache).read_bytes()
+            log(f"[{spec.name}] timing cache {options.timing_cache} ({len(cache_data)} bytes)")
+        config.set_timing_cache(config.create_timing_cache(cache_data), ignore_mismatch=False)
 
     monitor = _progress_monitor(trt, log)
     if monitor is not None:
@@ -206,13 +223,20 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: NetworkSpec
     log(f"[{spec.name}] building (minutes for the DiT) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build {spec.name} from {onnx_path} (see the TensorRT log above)")
+        raise RuntimeError(f"{describe(trt)} failed to build {spec.name} from {onnx_path} (see its log above)")
 
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_bytes(memoryview(serialized))
-    if options.timing_cache is not None:
+    if use_timing_cache:
         Path(options.timing_cache).parent.mkdir(parents=True, exist_ok=True)
         Path(options.timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
+    report = BuildReport(
+        plan=plan_path, tensorrt=describe(trt), flavour=flavour_of(trt),
+        strongly_typed=is_strongly_typed(trt, network), inputs=inputs,
+        outputs=_tensors(trt, network, outputs=True),
+        profile={t.name: tuple(tuple(profile.get_shape(t.name)[i]) for i in range(3)) for t in inputs},
+        builder_flags=_set_flags(trt, config), layers=network.num_layers, half_layers=half,
+        seconds=time.monotonic() - started)
     log(f"[{spec.name}] wrote {plan_path} ({plan_path.stat().st_size / 2**20:.1f} MiB) "
-        f"in {time.monotonic() - started:.0f} s")
-    return plan_path
+        f"in {report.seconds:.0f} s")
+    return report

@@ -67,7 +67,7 @@ class RepositoryOptions:
     # torch CPU threads per python-backend instance: CPU stages, and GPU instances (0 = one per core, torch's
     # default, kept for flow matching and the vocoder on the cpu target, where the DiT itself runs on them)
     torch_threads: int = 2
-    vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime
+    vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime | tensorrt (TensorRT-RTX plans)
     vocoder_engine_path: Path | None = None
     vocoder_plan: Path | None = None  # trt target: the Vocos TensorRT plan
     # flow_matching vocodes its batch in its own process (no second CUDA context time-slicing the GPU);
