@@ -7,8 +7,10 @@ Offline (in process, batched):
 Server (a running Triton, gRPC or HTTP, a concurrency sweep):
     python benchmark.py --mode server --server-url localhost:8001 --concurrency 1,4,16 --num-requests 64
 
-Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in set
-(~5 s reference, ~10 s of generated speech). Numbers go to stdout as a table, to --output-json,
+Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in --set:
+"uniform" (~5 s reference, ~10 s of generated speech each) or "mixed" (references of 3-10 s, targets
+of 2-20 s, drawn deterministically: what real traffic looks like). --passes 2 runs the set twice and
+reports each pass: the first one right after start-up ("cold": new shapes) and the second ("warm"). Numbers go to stdout as a table, to --output-json,
 and a sweep to --plot (PNG).
 """
 
@@ -32,7 +34,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["offline", "server"], default="offline")
     p.add_argument("--dataset", help="folder or JSONL of (reference audio, reference text, target text)")
-    p.add_argument("--reference-audio", help="built-in set: use this reference clip instead of a synthetic one")
+    p.add_argument("--set", choices=bench.BUILTIN_SETS, default="uniform", help="built-in input set (no --dataset)")
+    p.add_argument("--reference-audio", help="uniform set: use this reference clip instead of a synthetic one")
+    p.add_argument("--passes", type=int, default=1, help="run the set this many times, one report row each")
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--enable-warmup", action="store_true", help="run warm-up requests first (not counted)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up batches/requests with --enable-warmup")
@@ -59,7 +63,9 @@ def _ints(text: str) -> list[int]:
 
 
 def load_items(args) -> list[bench.Item]:
-    items = bench.load_items(args.dataset) if args.dataset else bench.builtin_items(4, args.reference_audio)
+    if not args.dataset:
+        return bench.builtin_set(args.set, args.num_requests, args.reference_audio)
+    items = bench.load_items(args.dataset)
     return [items[i % len(items)] for i in range(args.num_requests)]
 
 
@@ -149,6 +155,12 @@ def run_server(args, items, concurrency: int, label: str) -> bench.Result:
     return result
 
 
+def _pass_labels(args, label: str) -> list[str]:
+    """One report label per pass over the set: the set's name is in it, and the pass when there are several."""
+    label = f"{label} {'dataset' if args.dataset else args.set}"
+    return [label] if args.passes == 1 else [f"{label} pass{p}" for p in range(1, args.passes + 1)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     items = load_items(args)
@@ -158,11 +170,13 @@ def main(argv=None) -> int:
         args.device = str(tts.flow_matching.device)
         label = args.label or f"{args.dit_engine} {dtype_name} nfe{args.nfe}"
         for batch_size in _ints(args.batch_size):
-            results.append(run_offline(args, items, batch_size, tts, label))
+            for name in _pass_labels(args, label):
+                results.append(run_offline(args, items, batch_size, tts, name))
     else:
         label = args.label or f"{args.protocol} nfe{args.nfe}"
         for concurrency in _ints(args.concurrency):
-            results.append(run_server(args, items, concurrency, label))
+            for name in _pass_labels(args, label):
+                results.append(run_server(args, items, concurrency, name))
     print(bench.format_table(results))
     if args.output_json:
         with open(args.output_json, "a") as f:
