@@ -40,6 +40,7 @@ from f5_triton.engines import (
 from f5_triton.engines.networks import output_valid_mask, random_inputs
 from f5_triton.engines.tensorrt_engine import check_profile, tensorrt_available
 from f5_triton.export.onnx_export import export_models
+from f5_triton.model.packing import Packing
 from f5_triton.sampler import sample
 from f5_triton.vocoder import decode_batch
 
@@ -186,11 +187,11 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
     assert set(engine.solver.graphs) == {(4, 128, 3, True), (4, 128, 2, True), (1, 128, 3, False),
                                          (1, 128, 2, False), (4, 64, 3, True), (4, 64, 1, True)}
 
-    # batches of more than `max_rows` network rows run the same loop without graphs (nor their stalls)
+    # batches of more than `max_rows` network rows run the same loop packed, without graphs (nor their stalls)
     frames_seen = []
 
     def forward(x, *rest):
-        frames_seen.append(x.shape[1])
+        frames_seen.append("packed" if isinstance(rest[-1], Packing) else x.shape[1])
         return engine._forward(x, *rest)
 
     engine.solver = torch_engine.GraphedSolver(forward, (64, 128), 3, pool=None,
@@ -204,8 +205,8 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4, (durations, cfg, steps)
     assert set(engine.solver.graphs) == {(1, 128, 3, False), (1, 128, 2, False)}
-    # 100 frames without a graph -> padded to FRAME_ALIGNMENT; 90 in the 128 bucket's graph
-    assert set(frames_seen) == {torch_engine._aligned(100), 128}
+    # 2 requests with guidance (4 rows > 2): packed; 90 frames in the 128 bucket's graph
+    assert set(frames_seen) == {"packed", 128}
 
 
 def test_calls_without_a_graph_are_padded_to_aligned_frames(dit, monkeypatch):

@@ -6,6 +6,10 @@ approximation: both networks keep padded frames out of valid ones (the DiT throu
 vocoder through its lengths), and the output is cut back to the call's frames. Calls longer than
 the largest bucket run without a graph.
 
+A packed DiT batch (`f5_triton.model.packing`: sequences end to end, a `Packing` in place of the
+mask) runs the module as it is, compiled or eager, without padding or graphs; `packs` tells the
+sampler which batches to pack: those the CUDA graphs do not cover.
+
 For the DiT the engine also offers `solver`: the sampler's whole Euler loop (CFG and updates
 included) captured `graph_steps` ODE steps per graph, so a 16-step request is two replays instead
 of 16 DiT calls with their padding, copies and Python in between.
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from f5_triton.engines.base import EngineConfig, NetworkSpec
+from f5_triton.model.packing import Packing
 from f5_triton.sampler import euler_solve
 
 logger = logging.getLogger(__name__)
@@ -69,7 +74,14 @@ class TorchEngine:
                 self.solver = GraphedSolver(self._forward, config.frame_buckets, config.graph_steps,
                                             self._graphs.pool, self._graphs.lock, config.graph_max_rows)
 
+    def packs(self, sequences: int) -> bool:
+        """Whether a DiT step over `sequences` sequences should run packed: unless a CUDA graph covers it."""
+        graphs = self.solver or self._graphs
+        return self.spec.batch_per_request == 2 and (graphs is None or sequences > graphs.max_rows)
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if isinstance(inputs[-1], Packing):
+            return self._packed(*inputs)
         self.spec.check(inputs)
         inputs = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in inputs]
         with torch.inference_mode(), _on(self.device), _noting_compiles(
@@ -77,6 +89,14 @@ class TorchEngine:
             if self._graphs is not None:
                 return self._graphs(inputs)
             return self._forward(*inputs)
+
+
+    def _packed(self, *inputs) -> torch.Tensor:
+        *tensors, packing = inputs
+        tensors = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in tensors]
+        with torch.inference_mode(), _on(self.device), _noting_compiles(
+                lambda: f"{self.spec.name}: packed, {packing.sequences} sequences, {packing.tokens} tokens"):
+            return self._forward(*tensors, packing)
 
 
 def _graphs_compiled() -> int:
@@ -197,10 +217,13 @@ class GraphedSolver:
         return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
 
     def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
-        with _on(x.device), _noting_compiles(lambda: f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"):
+        with _on(x.device), _noting_compiles(lambda: f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"
+                                             + (f", packed {mask.sequences} sequences" if isinstance(mask, Packing) else "")):
             return self._call(x, cond, text_embed, mask, t, cfg_strength, on_step)
 
     def _call(self, x, cond, text_embed, mask, t, cfg_strength, on_step) -> torch.Tensor:
+        if isinstance(mask, Packing):  # batches no graph covers (`TorchEngine.packs`)
+            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
         frames = x.shape[1]
         if mask is None:  # one kind of call for the compiled step, graphed or not
             mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)
