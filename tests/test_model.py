@@ -217,9 +217,9 @@ def test_packing_layout():
 
     packing = Packing.of([3, 2])
     assert packing.cu_seqlens.tolist() == [0, 3, 5] and packing.sequence_ids.tolist() == [0, 0, 0, 1, 1]
-    assert packing.positions.tolist() == [0, 1, 2, 0, 1] and packing.max_length == 256
+    assert packing.positions.tolist() == [0, 1, 2, 0, 1] and packing.max_length == 4096
     assert packing.gapped_index.tolist() == [CONV_GAP, CONV_GAP + 1, CONV_GAP + 2, 2 * CONV_GAP + 3, 2 * CONV_GAP + 4]
     assert packing.gapped_valid.sum() == 5 and packing.gapped_valid.shape == (5 + 3 * CONV_GAP,)
-    assert Packing.of([300]).max_length == 512
+    assert Packing.of([4096]).max_length == 4096 and Packing.of([4097]).max_length == 8192
     with pytest.raises(ValueError, match="at least one token"):
         Packing.of([3, 0])

@@ -109,6 +109,14 @@ class DiTRunner:
         packs = getattr(self.engine, "packs", None)
         return packs is not None and packs(sequences)
 
+    def cover_shapes(self, max_requests: int, max_frames: int, nfe_steps: int, log=None) -> int:
+        """Have the engine prepare every shape a server of up to `max_requests` requests per batch and `max_frames`
+        frames meets (the torch engine: all its CUDA graphs; `TorchEngine.cover_shapes`); returns how many it made."""
+        cover = getattr(self.engine, "cover_shapes", None)
+        if cover is None:
+            return 0
+        return cover(2 * max_requests, max_frames, nfe_steps, self.model.mel_dim, self.model.config.text_dim, log)
+
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
         return self.model.embed_text(text, seq_lens, max_len, drop_text=drop_text)
 

@@ -24,9 +24,11 @@ CONV_GAP = 15
 
 
 def _bucket_length(length: int) -> int:
-    """The longest sequence rounded up to a power of two (at least 256): variable-length kernels take it
-    as a plain int, and a compiled step specializes on it, so only a handful of values may occur."""
-    return max(256, 1 << (max(length, 1) - 1).bit_length())
+    """An upper bound of the longest sequence for variable-length kernels, which take it as a plain int. A
+    compiled step specializes on it (a recompile while users wait), so it is the same for every batch within
+    the default frame limit: 4096, else the next power of two. The kernels skip the blocks past a sequence's
+    end, so a loose bound costs little."""
+    return max(4096, 1 << (max(length, 1) - 1).bit_length())
 
 
 @dataclass(frozen=True, eq=False)
