@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from f5_triton.bench import MIXED_REFERENCE_SECONDS, MIXED_TARGET_SECONDS, gpu_time_ms
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES, HOP_LENGTH, SAMPLE_RATE
+from f5_triton.model.dit import packed_attention
 from f5_triton.model.packing import Packing
 
 
@@ -67,14 +68,7 @@ def attention_cases(q, k, v, packing: Packing, padded):
         return F.scaled_dot_product_attention(*njt).transpose(1, 2).values()
     cases["SDPA on nested jagged tensors"] = nested
 
-    def per_sequence():
-        outs, start = [], 0
-        for length in packing.lengths:
-            w = slice(start, start + length)
-            outs.append(F.scaled_dot_product_attention(*(t[w].transpose(0, 1) for t in (q, k, v))).transpose(0, 1))
-            start += length
-        return torch.cat(outs)
-    cases["SDPA per sequence (loop)"] = per_sequence
+    cases["SDPA per sequence (loop)"] = lambda: packed_attention(q, k, v, packing, "per_sequence")
 
     pq, pk, pv, key_mask, valid = padded
 
@@ -96,12 +90,7 @@ def bench_attention(requests: int, heads: int, dim: int, rows: list):
     pad = lambda t: torch.zeros(b, n, heads, dim, device="cuda", dtype=t.dtype).masked_scatter(  # noqa: E731
         valid[..., None, None], t).transpose(1, 2)
     key_mask = torch.zeros(b, 1, 1, n, device="cuda", dtype=q.dtype).masked_fill(~valid[:, None, None, :], float("-inf"))
-    reference, start = [], 0
-    for length in lengths:
-        w = slice(start, start + length)
-        reference.append(F.scaled_dot_product_attention(*(t[w].float().transpose(0, 1) for t in (q, k, v))).transpose(0, 1))
-        start += length
-    reference = torch.cat(reference)
+    reference = packed_attention(q.float(), k.float(), v.float(), packing, "per_sequence")
     useful = 4 * heads * dim * sum(n * n for n in lengths)
     print(f"\n== attention: {requests} requests, {b} sequences of {min(lengths)}-{n} frames, {packing.tokens} tokens "
           f"(padded: {b * n}, {100 * packing.tokens / (b * n):.0f} % useful)")
