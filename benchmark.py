@@ -10,7 +10,9 @@ Server (a running Triton, gRPC or HTTP, a concurrency sweep):
 Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in --set:
 "uniform" (~5 s reference, ~10 s of generated speech each) or "mixed" (references of 3-10 s, targets
 of 2-20 s, drawn deterministically: what real traffic looks like). --passes 2 runs the set twice and
-reports each pass: the first one right after start-up ("cold": new shapes) and the second ("warm"). Numbers go to stdout as a table, to --output-json,
+reports each pass: the first one right after start-up ("cold": new shapes) and the second ("warm");
+offline, --server-warmup first does what a server does before "ready" (compiles, every CUDA graph) and
+prints how long it took. Numbers go to stdout as a table, to --output-json,
 and a sweep to --plot (PNG).
 """
 
