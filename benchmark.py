@@ -7,8 +7,12 @@ Offline (in process, batched):
 Server (a running Triton, gRPC or HTTP, a concurrency sweep):
     python benchmark.py --mode server --server-url localhost:8001 --concurrency 1,4,16 --num-requests 64
 
-Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in set
-(~5 s reference, ~10 s of generated speech). Numbers go to stdout as a table, to --output-json,
+Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in --set:
+"uniform" (~5 s reference, ~10 s of generated speech each) or "mixed" (references of 3-10 s, targets
+of 2-20 s, drawn deterministically: what real traffic looks like). --passes 2 runs the set twice and
+reports each pass: the first one right after start-up ("cold": new shapes) and the second ("warm");
+offline, --server-warmup first does what a server does before "ready" (compiles, every CUDA graph) and
+prints how long it took. Numbers go to stdout as a table, to --output-json,
 and a sweep to --plot (PNG).
 """
 
@@ -32,7 +36,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["offline", "server"], default="offline")
     p.add_argument("--dataset", help="folder or JSONL of (reference audio, reference text, target text)")
-    p.add_argument("--reference-audio", help="built-in set: use this reference clip instead of a synthetic one")
+    p.add_argument("--set", default="uniform",
+                   help=f"built-in input set(s) without --dataset: {', '.join(bench.BUILTIN_SETS)}, or a comma list")
+    p.add_argument("--reference-audio", help="uniform set: use this reference clip instead of a synthetic one")
+    p.add_argument("--passes", type=int, default=1, help="run the set this many times, one report row each")
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--enable-warmup", action="store_true", help="run warm-up requests first (not counted)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up batches/requests with --enable-warmup")
@@ -45,21 +52,30 @@ def parse_args(argv=None):
     off = p.add_argument_group("offline")
     add_model_args(off)
     off.add_argument("--batch-size", default="1", help="batch size, or a comma list for a sweep")
+    off.add_argument("--server-warmup", action="store_true",
+                     help="first run a server's warm-up (compiles, every CUDA graph up to the largest batch size and the "
+                          "frame limit) and report how long it took: the first pass is then what a ready server does")
     bench.add_engine_args(p)
     srv = p.add_argument_group("server")
     srv.add_argument("--server-url", default="localhost:8001")
     srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
     srv.add_argument("--model-name", default="f5_tts")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.set.split(",")) - set(bench.BUILTIN_SETS)
+    if unknown:
+        p.error(f"--set: unknown set(s) {sorted(unknown)}; known: {', '.join(bench.BUILTIN_SETS)}")
+    return args
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x]
 
 
-def load_items(args) -> list[bench.Item]:
-    items = bench.load_items(args.dataset) if args.dataset else bench.builtin_items(4, args.reference_audio)
+def load_items(args, set_name: str) -> list[bench.Item]:
+    if not args.dataset:
+        return bench.builtin_set(set_name, args.num_requests, args.reference_audio)
+    items = bench.load_items(args.dataset)
     return [items[i % len(items)] for i in range(args.num_requests)]
 
 
@@ -149,25 +165,61 @@ def run_server(args, items, concurrency: int, label: str) -> bench.Result:
     return result
 
 
+def _pass_labels(args, label: str, set_name: str) -> list[str]:
+    """One report label per pass over a set: the set's name is in it, and the pass when there are several."""
+    label = f"{label} {'dataset' if args.dataset else set_name}"
+    return [label] if args.passes == 1 else [f"{label} pass{p}" for p in range(1, args.passes + 1)]
+
+
+def server_warm_up(args, tts) -> float:
+    """What a server does before it reports ready (`serving.stages.warm_up`); returns its seconds."""
+    from f5_triton.config import DEFAULT_LIMITS
+
+    start = time.perf_counter()
+    tts.flow_matching.warm_up(max(_ints(args.batch_size)), nfe_steps=args.nfe, max_frames=DEFAULT_LIMITS.max_mel_frames,
+                              log=lambda message: print(f"server warm-up: {message}", flush=True))
+    return time.perf_counter() - start
+
+
+class Results(list):
+    """The report's rows; each is appended to --output-json as soon as it is measured (a run cut short by a time
+    limit keeps what it measured)."""
+
+    def __init__(self, output_json: str | None):
+        super().__init__()
+        self.output_json = output_json
+
+    def append(self, result: bench.Result) -> None:
+        super().append(result)
+        print(bench.format_table([result]).splitlines()[-1], flush=True)
+        if self.output_json:
+            with open(self.output_json, "a") as f:
+                f.write(json.dumps(result.summary()) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    items = load_items(args)
-    results = []
+    sets = ["dataset"] if args.dataset else args.set.split(",")
+    results = Results(args.output_json)
     if args.mode == "offline":
         tts, dtype_name = bench.tts_from_args(args)
         args.device = str(tts.flow_matching.device)
         label = args.label or f"{args.dit_engine} {dtype_name} nfe{args.nfe}"
-        for batch_size in _ints(args.batch_size):
-            results.append(run_offline(args, items, batch_size, tts, label))
+        if args.server_warmup:
+            print(f"server warm-up: ready after {server_warm_up(args, tts):.1f} s", flush=True)
+        for set_name in sets:
+            items = load_items(args, set_name)
+            for batch_size in _ints(args.batch_size):
+                for name in _pass_labels(args, label, set_name):
+                    results.append(run_offline(args, items, batch_size, tts, name))
     else:
         label = args.label or f"{args.protocol} nfe{args.nfe}"
-        for concurrency in _ints(args.concurrency):
-            results.append(run_server(args, items, concurrency, label))
+        for set_name in sets:
+            items = load_items(args, set_name)
+            for concurrency in _ints(args.concurrency):
+                for name in _pass_labels(args, label, set_name):
+                    results.append(run_server(args, items, concurrency, name))
     print(bench.format_table(results))
-    if args.output_json:
-        with open(args.output_json, "a") as f:
-            for r in results:
-                f.write(json.dumps(r.summary()) + "\n")
     if args.plot:
         print(f"plot: {bench.plot_sweep(results, args.plot, title=label)}")
     bad = [r for r in results if not np.isfinite(r.rtf)]

@@ -128,6 +128,55 @@ def builtin_items(count: int, ref_audio: str | None = None, ref_seconds: float =
     return items
 
 
+# The mixed-length set: what real clients send (issue 17). Each item's reference and target lengths are
+# drawn uniformly from these ranges, from a generator seeded by (MIXED_SET_SEED, item index), so the
+# set is the same on every machine and its first n items do not depend on how many are asked for.
+MIXED_SET_SEED = 17
+MIXED_REFERENCE_SECONDS = (3.0, 10.0)
+MIXED_TARGET_SECONDS = (2.0, 20.0)
+SPEECH_BYTES_PER_SECOND = 14.0  # English speech, UTF-8 bytes of transcript per second (transcript sizes only)
+
+
+def _words(byte_count: int, rng: np.random.Generator) -> str:
+    """About `byte_count` bytes of the built-in texts' words, no punctuation but a final full stop: one
+    sentence, so the pipeline keeps it as one chunk (one job of the intended length)."""
+    vocabulary = [w.strip(".,;:!?'").lower() for text in BUILTIN_TARGETS for w in text.split()]
+    words: list[str] = []
+    while len(" ".join(words)) + 1 < byte_count:
+        words.append(vocabulary[int(rng.integers(len(vocabulary)))])
+    return " ".join(words)[: max(1, byte_count - 1)].rstrip() + "."
+
+
+def mixed_items(count: int, seed: int = MIXED_SET_SEED) -> list[Item]:
+    """`count` items of mixed lengths: references of 3-10 s (synthetic speech-like audio, transcripts sized
+    for it) and texts that make the duration estimate ask for 2-20 s of speech, each uniformly drawn."""
+    items = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        ref_seconds = float(rng.uniform(*MIXED_REFERENCE_SECONDS))
+        target_seconds = float(rng.uniform(*MIXED_TARGET_SECONDS))
+        ref_text = _words(round(ref_seconds * SPEECH_BYTES_PER_SECOND), rng)
+        # the pipeline's estimate: generated frames = reference frames x target bytes / reference bytes
+        target_bytes = round(len(ref_text.encode()) * target_seconds / ref_seconds)
+        items.append(Item(synthetic_reference(ref_seconds, seed=seed * 1000 + i), SAMPLE_RATE, ref_text,
+                          _words(target_bytes, rng), name=f"mixed-{i}"))
+    return items
+
+
+BUILTIN_SETS = ("uniform", "mixed")
+
+
+def builtin_set(name: str, count: int, ref_audio: str | None = None) -> list[Item]:
+    """benchmark.py's built-in sets: "uniform" (every request ~5 s reference, ~10 s target; `ref_audio`
+    replaces the synthetic reference) or "mixed" (`mixed_items`)."""
+    if name == "mixed":
+        return mixed_items(count)
+    if name == "uniform":
+        items = builtin_items(4, ref_audio)
+        return [items[i % len(items)] for i in range(count)]
+    raise ValueError(f"unknown built-in set {name!r}; known: {BUILTIN_SETS}")
+
+
 def load_items(path: str | Path) -> list[Item]:
     """A JSONL file ({"ref_audio", "ref_text", "target_text"} per line; paths relative to it) or a folder of
     <name>.wav + <name>.txt (reference transcript) + <name>.target.txt (text to speak)."""

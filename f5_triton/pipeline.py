@@ -196,13 +196,17 @@ class FlowMatcher:
         return results
 
     def warm_up(self, max_requests: int, nfe_steps: int = DEFAULT_SAMPLING.nfe_steps, longest: int = 1200,
-                mel_dim: int = N_MELS, log: Callable[[str], None] | None = None) -> list[torch.Tensor | None]:
-        """Run synthetic batches once, so that `torch.compile` (a static then a dynamic-shape compile) and
-        the first CUDA-graph captures happen before a server reports ready, not during its first requests.
+                mel_dim: int = N_MELS, log: Callable[[str], None] | None = None,
+                max_frames: int | None = None) -> list[torch.Tensor | None]:
+        """Run synthetic batches once, so that `torch.compile` (a static then a dynamic-shape compile, padded and
+        packed) and the CUDA-graph captures happen before a server reports ready, not during its first requests.
 
-        Batches of 1, 2 (ragged: the masked path) and `max_requests` jobs, of different lengths up to `longest`
-        frames; `log` hears about each batch as it finishes (a server is not ready for a minute or two on a
-        GPU). Returns their mels.
+        Batches of 1, 2 (ragged: the masked path), `max_requests` and `max_requests - 1` jobs (packed when no
+        graph covers them: two token counts, so the packed step compiles for any), of different lengths up to
+        `longest` frames. With `max_frames`, the engine then prepares every other shape a batch of up to
+        `max_requests` jobs of up to `max_frames` frames can take (`DiTRunner.cover_shapes`: all CUDA graphs).
+        `log` hears about each batch as it finishes (a server is not ready for a minute or two on a GPU).
+        Returns the batches' mels.
         """
         def job(frames: int, seed: int) -> Job:
             return Job(request_index=0, chunk_index=0, ref_mel=torch.zeros(frames // 3, mel_dim), ref_frames=frames // 3,
@@ -213,13 +217,21 @@ class FlowMatcher:
         results = []
         many = max(max_requests, 3)
         batches = ([longest], [longest * 3 // 4, longest * 5 // 6],
-                   [longest // 2 + i * longest // (2 * many) for i in range(many)])
+                   [longest // 2 + i * longest // (2 * many) for i in range(many)],
+                   [longest // 3 + i * longest // (3 * many) for i in range(many - 1)])
         for number, lengths in enumerate(batches, 1):
             start = time.perf_counter()
             results += self([job(frames, seed) for seed, frames in enumerate(lengths)])
             if log is not None:
                 log(f"warm-up batch {number}/{len(batches)}: {len(lengths)} requests, up to {max(lengths)} frames, "
                     f"{time.perf_counter() - start:.1f} s")
+        cover = getattr(self.model, "cover_shapes", None)
+        if max_frames is not None and cover is not None:
+            start = time.perf_counter()
+            made = cover(max_requests, max_frames, nfe_steps, log)
+            if log is not None:
+                log(f"warm-up: every shape of up to {max_requests} requests x {max_frames} frames covered "
+                    f"({made} more), {time.perf_counter() - start:.1f} s")
         return results
 
 

@@ -4,6 +4,9 @@ The network is anything with `embed_text(text, seq_lens, max_len, drop_text)` an
 `step(x, cond, text_embed, time, mask)`: the torch DiT, or an engine wrapper that runs `step` in
 onnxruntime or TensorRT. Text embeddings are computed once per call; classifier-free guidance
 evaluates the conditional and unconditional branches as one batch of 2B.
+
+A network whose `packs(sequences)` says so runs packed batches (`f5_triton.model.packing`): the
+sampler lays the 2B sequences end to end without padding, and `step` gets a `Packing` as its mask.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import functools
 from typing import Callable, Sequence
 
 import torch
+
+from f5_triton.model.packing import Packing
 
 # Empirically pruned step sampling (EPSS): upstream's grids, in 1/32 units, for low NFE.
 EPSS_STEPS: dict[int, list[int]] = {
@@ -74,12 +79,14 @@ def euler_solve(step, x: torch.Tensor, cond: torch.Tensor, text_embed: torch.Ten
 
     step: the DiT's `step(x, cond, text_embed, time, mask)`. Without guidance (cfg_strength None)
     cond, text_embed and mask have the B rows of x; with it, 2B rows: conditional then unconditional.
+    Packed (mask a `Packing`): x, cond, text_embed are [tokens, c], the conditional sequences first.
     on_step(i) is called before step i. No host syncs: this is also what CUDA graphs capture.
     """
+    rows = mask.sequences if isinstance(mask, Packing) else cond.shape[0]
     for i in range(t.shape[0] - 1):
         if on_step is not None:
             on_step(i)
-        time = t[i].expand(cond.shape[0])
+        time = t[i].expand(rows)
         if cfg_strength is None:
             flow = step(x, cond, text_embed, time, mask)
         else:
@@ -152,6 +159,15 @@ def sample(
     t = time_grid(steps, sway_sampling_coef, use_epss, device=device, dtype=cond.dtype)
     # An engine may integrate the whole grid itself (the torch engine replays it as CUDA graphs).
     solve = getattr(model, "solve", None) or functools.partial(euler_solve, model.step)
-    x = solve(x, step_cond, text_embed, mask, t, cfg_strength if use_cfg else None, on_step)
+    guidance = cfg_strength if use_cfg else None
+    packs = getattr(model, "packs", None)
+    if packs is not None and packs(step_cond.shape[0]):
+        valid = lens_to_mask(duration, max_len)
+        step_valid = torch.cat((valid, valid)) if use_cfg else valid
+        packing = Packing.of(durations * (2 if use_cfg else 1), device)
+        x = x.masked_scatter(valid.unsqueeze(-1), solve(x[valid], step_cond[step_valid], text_embed[step_valid],
+                                                        packing, t, guidance, on_step))
+    else:
+        x = solve(x, step_cond, text_embed, mask, t, guidance, on_step)
 
     return torch.where(cond_mask, cond, x)

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
 # The GPU numbers of docs/benchmarks.md, in one go (random F5TTS_v1_Base weights, NFE 16, ~5 s reference +
 # ~10 s generated): side by side with upstream, offline batch sweep, then Triton gRPC concurrency sweep.
-#   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu
-#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2)
+#   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu traffic
+#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2, and traffic)
+# traffic (issue 17, one device call of ~9 min): the uniform and the mixed-length sets side by side, offline batch
+#   1 and 16, Triton gRPC concurrency 1, 16, 64, each as a first pass after "ready" (cold) and a second (warm);
+#   time to ready in traffic-offline.log / traffic-server.log. Its two halves alone: traffic-offline (cut at
+#   TRAFFIC_OFFLINE_S seconds, rows kept as measured), traffic-server. A dry run on the CPU:
+#   ARCH=tiny NFE=2 TARGET=cpu TRAFFIC_REQUESTS=4 TRAFFIC_CONCURRENCY=1,2 PY=.venv/bin/python \
+#     HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002 bash scripts/gpu_bench.sh traffic
 # Wheels for the lent GPU machine: scripts/prepare_gpu_wheels.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 WHAT=${*:-side offline server streaming}
+WHAT=$(for w in $WHAT; do [ "$w" = traffic ] && echo traffic-offline traffic-server || echo "$w"; done)
 export PYTHONUNBUFFERED=1
 ARCH=${ARCH:-F5TTS_v1_Base}
 # Triton 2.51's python-backend stubs crash on BYTES inputs under numpy 2: the server may get numpy 1.26
 # (NUMPY1_SITE, see scripts/prepare_gpu_wheels.sh) while everything else keeps the image's numpy.
 SERVER_PYTHONPATH=${NUMPY1_SITE:+$NUMPY1_SITE:}${PYTHONPATH:-}
 NFE=${NFE:-16}
+PY=${PY:-python3}
+HTTP_PORT=${HTTP_PORT:-8000}  # traffic mode's server (the other modes use Triton's default ports)
+GRPC_PORT=${GRPC_PORT:-8001}
 wait_ready() {  # until the server is ready (models loaded and warmed up: compile, CUDA graphs); prints how long
   local start=$SECONDS
   for _ in $(seq 400); do
-    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break
+    $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$HTTP_PORT/v2/health/ready')" 2>/dev/null && break
     sleep 1
   done
   echo "$1: server ready after $((SECONDS - start)) s"
@@ -76,6 +86,29 @@ for what in $WHAT; do
         kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
       done
       python3 scripts/plot_results.py "$OUT/multigpu.jsonl" --output "$OUT/multigpu.png" --title "Triton gRPC, $ARCH, NFE $NFE" ;;
+    traffic-offline)
+      # the server's warm-up first (its time is "ready"), then each set, each batch size, two passes
+      timeout "${TRAFFIC_OFFLINE_S:-300}" $PY benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" \
+        --set uniform,mixed --batch-size "${TRAFFIC_BATCH_SIZES:-1,16}" --num-requests "${TRAFFIC_REQUESTS:-32}" \
+        --passes 2 --compile --cuda-graphs --server-warmup --output-json "$OUT/traffic-offline.jsonl" 2>&1 \
+        | grep -v -E "batch/s|it/s|[Ww]arn" | tee "$OUT/traffic-offline.log" ;;
+    traffic-server)
+      ckpt=$(mktemp -d)/ckpt
+      $PY scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder > /dev/null
+      $PY scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-traffic" --nfe "$NFE" \
+        --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
+        --no-streaming > /dev/null
+      PYTHONPATH=$SERVER_PYTHONPATH $PY -m f5_triton.cli serve --model-repo "$OUT/repo-traffic" --http-port "$HTTP_PORT" \
+        --grpc-port "$GRPC_PORT" --metrics-port "${METRICS_PORT:-8002}" --log-file "$OUT/tritonserver-traffic.log" \
+        > "$OUT/server-traffic.log" 2>&1 &
+      server=$!
+      wait_ready traffic | tee "$OUT/traffic-server.log"
+      grep -E "warm-up|warmed up|covered" "$OUT/tritonserver-traffic.log" | tail -8 | tee -a "$OUT/traffic-server.log"
+      # no --enable-warmup: the first pass is the first traffic after "ready"
+      $PY benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set uniform,mixed \
+        --concurrency "${TRAFFIC_CONCURRENCY:-1,16,64}" --num-requests "${TRAFFIC_SERVER_REQUESTS:-64}" --passes 2 \
+        --output-json "$OUT/traffic-server.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
+      kill -TERM $server; wait $server ;;
     streaming)
       python3 scripts/streaming_latency.py --random-weights "$ARCH" --device cuda --dtype fp16 --nfe "$NFE" \
         --compile --cuda-graphs ${REF_AUDIO:+--reference-audio "$REF_AUDIO"} --json "$OUT/streaming.json" 2>&1 \

@@ -18,11 +18,13 @@ def test_offline_mode_reports_json_table_and_plot(tmp_path, tiny_ckpt):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "offline", "--ckpt-dir", str(tiny_ckpt),
          "--batch-size", "1,2", "--num-requests", "2", "--nfe", "2", "--enable-warmup", "--warmup", "1",
+         "--set", "mixed", "--passes", "2",
          "--device", "cpu", "--output-json", str(out_json), "--plot", str(plot)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in out_json.read_text().splitlines()]
-    assert [r["batch_size"] for r in rows] == [1, 2]
+    assert [(r["batch_size"], r["label"].split()[-2:]) for r in rows] == [
+        (1, ["mixed", "pass1"]), (1, ["mixed", "pass2"]), (2, ["mixed", "pass1"]), (2, ["mixed", "pass2"])]
     for row in rows:
         assert row["rtf"] > 0 and row["throughput_audio_s_per_s"] > 0 and row["audio_seconds"] > 0
         assert row["latency_p50_s"] <= row["latency_p99_s"]
@@ -74,3 +76,29 @@ def test_plot_results_charts_rows_of_several_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot:" in done.stdout
     with pytest.raises(FileNotFoundError):
         bench.plot_runs([row], tmp_path / "missing" / "x.png")
+
+
+def test_mixed_set_is_deterministic_and_spread_like_real_traffic():
+    from f5_triton import audio, text
+
+    items = bench.mixed_items(64)
+    again = bench.builtin_set("mixed", 8)
+    assert [(a.reference_text, a.target_text) for a in items[:8]] == [(b.reference_text, b.target_text) for b in again]
+    assert all(np.array_equal(a.wave, b.wave) for a, b in zip(items[:8], again))
+    ref_seconds = np.array([len(it.wave) / it.sample_rate for it in items])
+    ref_frames = [audio.reference_frames(len(it.wave)) for it in items]
+    # the pipeline's own duration estimate decides how much speech each request asks for
+    target_seconds = np.array([
+        (audio.estimate_duration(n, text.fix_reference_text(it.reference_text), it.target_text, 1.0) - n) * 256 / 24000
+        for n, it in zip(ref_frames, items)])
+    assert ref_seconds.min() >= 3.0 and ref_seconds.max() <= 10.0
+    assert target_seconds.min() >= 1.5 and target_seconds.max() <= 21.0
+    # spread over the ranges, not bunched: every third of each range is drawn from
+    for values, (low, high) in ((ref_seconds, bench.MIXED_REFERENCE_SECONDS), (target_seconds, bench.MIXED_TARGET_SECONDS)):
+        thirds = np.histogram(values, bins=3, range=(low, high))[0]
+        assert thirds.min() >= 10, thirds
+    # one sentence each: the pipeline keeps every target as a single job of the intended length
+    assert all(len(text.chunk_text(it.target_text, text.max_chunk_bytes(it.reference_text, seconds, 1.0))) == 1
+               for it, seconds in zip(items, ref_seconds))
+    with pytest.raises(ValueError, match="unknown built-in set 'nope'"):
+        bench.builtin_set("nope", 1)

@@ -40,6 +40,7 @@ from f5_triton.engines import (
 from f5_triton.engines.networks import output_valid_mask, random_inputs
 from f5_triton.engines.tensorrt_engine import FLAVOUR_ENV, check_profile, tensorrt_available
 from f5_triton.export.onnx_export import export_models
+from f5_triton.model.packing import Packing
 from f5_triton.sampler import sample
 from f5_triton.vocoder import decode_batch
 
@@ -186,11 +187,11 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
     assert set(engine.solver.graphs) == {(4, 128, 3, True), (4, 128, 2, True), (1, 128, 3, False),
                                          (1, 128, 2, False), (4, 64, 3, True), (4, 64, 1, True)}
 
-    # batches of more than `max_rows` network rows run the same loop without graphs (nor their stalls)
+    # batches of more than `max_rows` network rows run the same loop packed, without graphs (nor their stalls)
     frames_seen = []
 
     def forward(x, *rest):
-        frames_seen.append(x.shape[1])
+        frames_seen.append("packed" if isinstance(rest[-1], Packing) else x.shape[1])
         return engine._forward(x, *rest)
 
     engine.solver = torch_engine.GraphedSolver(forward, (64, 128), 3, pool=None,
@@ -204,8 +205,8 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4, (durations, cfg, steps)
     assert set(engine.solver.graphs) == {(1, 128, 3, False), (1, 128, 2, False)}
-    # 100 frames without a graph -> padded to FRAME_ALIGNMENT; 90 in the 128 bucket's graph
-    assert set(frames_seen) == {torch_engine._aligned(100), 128}
+    # 2 requests with guidance (4 rows > 2): packed; 90 frames in the 128 bucket's graph
+    assert set(frames_seen) == {"packed", 128}
 
 
 def test_calls_without_a_graph_are_padded_to_aligned_frames(dit, monkeypatch):
@@ -405,3 +406,37 @@ def test_calls_that_compile_are_logged(caplog):
         solver(x, x, x, None, t)
     assert any("dit_step: 2 rows x 40 frames: torch.compile built" in m for m in first), first
     assert not [r for r in caplog.records if "torch.compile built" in r.getMessage()]
+
+
+def test_cover_shapes_leaves_no_graph_to_capture_in_service(dit, monkeypatch):
+    """After `cover_shapes` (the server's warm-up), batches of any mix of lengths up to the frame limit and up to
+    the graphed row count replay existing graphs: no capture while users wait. Larger batches run packed."""
+    from f5_triton.engines import torch_engine
+
+    captured = []
+
+    class Replay:  # what a captured graph does, without CUDA
+        def __init__(self, forward, example, pool):
+            self.forward = forward
+            captured.append(tuple(t.shape for t in example))
+
+        def replay(self, inputs):
+            return self.forward(*inputs)
+
+    monkeypatch.setattr(torch_engine, "_CapturedGraph", Replay)
+    engine = TorchEngine(DiTStep(dit), DIT_STEP)
+    engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128, 192), 3, pool=None,
+                                               lock=__import__("threading").Lock(), max_rows=2)
+    runner = DiTRunner(dit, engine)
+    made = runner.cover_shapes(max_requests=2, max_frames=150, nfe_steps=7)
+    # rows 2 (one request with guidance; 4 > max_rows), buckets 64..192 (the one holding 150 frames), segments of
+    # 3 steps and the remainder of 1
+    assert made == len(captured) == 3 * 2
+    assert set(engine.solver.graphs) == {(2, bucket, steps, True) for bucket in (64, 128, 192) for steps in (3, 1)}
+    assert runner.cover_shapes(max_requests=2, max_frames=150, nfe_steps=7) == 0  # nothing left to capture
+    for durations in [(150,), (63,), (101,), (150, 41), (120, 90)]:  # the last two: 4 rows > 2, packed
+        got = sample_case(runner, durations, 2.0, 7)
+        expected = sample_case(dit, durations, 2.0, 7)
+        for row, n in enumerate(durations):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4
+    assert len(captured) == 6  # no capture in service

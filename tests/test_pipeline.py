@@ -94,11 +94,16 @@ def test_resampled_reference(tts, ref_wave):
     assert len(out) > 0 and np.isfinite(out).all()
 
 
-def test_warm_up_runs_single_ragged_and_full_batches(tts):
-    """What a server runs before it reports ready: compiles and graph captures happen here, not on requests."""
-    messages = []
-    mels = tts.flow_matching.warm_up(4, nfe_steps=2, longest=96, log=messages.append)
-    assert [m.split(":")[0] for m in messages] == ["warm-up batch 1/3", "warm-up batch 2/3", "warm-up batch 3/3"]
+def test_warm_up_runs_single_ragged_and_full_batches(tts, monkeypatch):
+    """What a server runs before it reports ready: compiles and graph captures happen here, not on requests;
+    then the engine covers every other shape up to the frame limit."""
+    messages, covered = [], []
+    monkeypatch.setattr(tts.flow_matching.model, "cover_shapes", lambda *args: covered.append(args[:3]) or 0,
+                        raising=False)
+    mels = tts.flow_matching.warm_up(4, nfe_steps=2, longest=96, log=messages.append, max_frames=512)
+    assert [m.split(":")[0] for m in messages] == [f"warm-up batch {i}/4" for i in range(1, 5)] + ["warm-up"]
+    assert covered == [(4, 512, 2)]
     lengths = [m.shape[0] for m in mels]
-    assert len(mels) == 1 + 2 + 4 and len(set(lengths[3:])) == 4  # the full batch is ragged too
+    # a second batch of several requests with other lengths: the packed step then compiles for any token count
+    assert len(mels) == 1 + 2 + 4 + 3 and len(set(lengths[3:7])) == 4  # the full batch is ragged too
     assert all(m is not None and m.shape[1] == 100 and torch.isfinite(m).all() for m in mels)

@@ -1,5 +1,7 @@
 """The sampler reproduces upstream `CFM.sample`: time grids, Euler steps, CFG, seeds."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -115,3 +117,30 @@ def test_on_step_can_cancel(model):
 
     with pytest.raises(Cancelled):
         sampler.sample(model, torch.randn(1, 30, 100), torch.randint(0, 256, (1, 20)), 60, steps=8, on_step=on_step)
+
+
+@pytest.mark.parametrize("cfg", [2.0, 0.0])
+@pytest.mark.parametrize("durations", [[90, 150, 61], [120, 120], [75]])
+def test_packed_batches_equal_padded_and_single(model, cfg, durations):
+    """The packed path (the DiT packs) equals the padded path and each request run alone, with and without guidance."""
+    b = len(durations)
+    torch.manual_seed(2)
+    lens = torch.tensor([40, 60, 33][:b])
+    cond = torch.randn(b, 60, 100)
+    text = torch.full((b, 45), -1)
+    for i, n_text in enumerate([25, 45, 10][:b]):
+        text[i, :n_text] = torch.randint(0, 256, (n_text,))
+    duration = torch.tensor(durations)
+    seeds = [11 + i for i in range(b)]
+    kwargs = dict(steps=6, cfg_strength=cfg, seed=seeds, lens=lens)
+    packed = sampler.sample(model, cond, text, duration, **kwargs)
+    # the DiT without `packs`: the sampler pads, as for the onnxruntime and TensorRT engines
+    padded = sampler.sample(SimpleNamespace(embed_text=model.embed_text, step=model.step), cond, text, duration,
+                            **kwargs)
+    for i in range(b):
+        n = int(duration[i])
+        assert (packed[i, :n] - padded[i, :n]).abs().max() <= 1e-4
+        n_text = int((text[i] != -1).sum())
+        alone = sampler.sample(model, cond[i:i + 1, :lens[i]], text[i:i + 1, :n_text], duration[i:i + 1],
+                               steps=6, cfg_strength=cfg, seed=seeds[i])
+        assert (packed[i, :n] - alone[0]).abs().max() <= 1e-4

@@ -39,6 +39,7 @@ from f5_triton.engines.base import (
 )
 from f5_triton.engines.networks import DiTStep, VocoderNetwork, as_network
 from f5_triton.engines.torch_engine import TorchEngine
+from f5_triton.model.packing import Packing
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +103,29 @@ class DiTRunner:
         """The engine's own ODE loop (`sampler.euler_solve`'s contract), or None: the sampler loops over `step`."""
         return getattr(self.engine, "solver", None)
 
+    def packs(self, sequences: int) -> bool:
+        """Whether the sampler should pack a batch of `sequences` (`sampler.sample`): as the engine says (the torch
+        engine: batches no CUDA graph covers); engines of exported graphs take padded batches."""
+        packs = getattr(self.engine, "packs", None)
+        return packs is not None and packs(sequences)
+
+    def cover_shapes(self, max_requests: int, max_frames: int, nfe_steps: int, log=None) -> int:
+        """Have the engine prepare every shape a server of up to `max_requests` requests per batch and `max_frames`
+        frames meets (the torch engine: all its CUDA graphs; `TorchEngine.cover_shapes`); returns how many it made."""
+        cover = getattr(self.engine, "cover_shapes", None)
+        if cover is None:
+            return 0
+        return cover(2 * max_requests, max_frames, nfe_steps, self.model.mel_dim, self.model.config.text_dim, log)
+
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
         return self.model.embed_text(text, seq_lens, max_len, drop_text=drop_text)
 
     def step(self, x: torch.Tensor, cond: torch.Tensor, text_embed: torch.Tensor, time: torch.Tensor,
              mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Same contract as `DiT.step`; a None mask (no request padded) becomes all-True, a scalar time per-row."""
+        """Same contract as `DiT.step`; a None mask (no request padded) becomes all-True, a scalar time per-row.
+        A packed batch (mask a `Packing`) goes to the engine as it is."""
+        if isinstance(mask, Packing):
+            return self.engine(x, cond, text_embed, time, mask).to(device=x.device, dtype=x.dtype)
         batch, frames = x.shape[0], x.shape[1]
         if time.ndim == 0:
             time = time.expand(batch)

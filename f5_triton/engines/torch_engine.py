@@ -6,6 +6,10 @@ approximation: both networks keep padded frames out of valid ones (the DiT throu
 vocoder through its lengths), and the output is cut back to the call's frames. Calls longer than
 the largest bucket run without a graph.
 
+A packed DiT batch (`f5_triton.model.packing`: sequences end to end, a `Packing` in place of the
+mask) runs the module as it is, compiled or eager, without padding or graphs; `packs` tells the
+sampler which batches to pack: those the CUDA graphs do not cover.
+
 For the DiT the engine also offers `solver`: the sampler's whole Euler loop (CFG and updates
 included) captured `graph_steps` ODE steps per graph, so a 16-step request is two replays instead
 of 16 DiT calls with their padding, copies and Python in between.
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from f5_triton.engines.base import EngineConfig, NetworkSpec
+from f5_triton.model.packing import Packing
 from f5_triton.sampler import euler_solve
 
 logger = logging.getLogger(__name__)
@@ -69,7 +74,32 @@ class TorchEngine:
                 self.solver = GraphedSolver(self._forward, config.frame_buckets, config.graph_steps,
                                             self._graphs.pool, self._graphs.lock, config.graph_max_rows)
 
+    def cover_shapes(self, max_rows: int, max_frames: int, total_steps: int, mel_dim: int, text_dim: int,
+                     log: Callable[[str], None] | None = None) -> int:
+        """Capture now every CUDA graph that solves of up to `max_rows` rows and `max_frames` frames with
+        `total_steps` guided ODE steps can meet (`GraphedSolver.keys_to_cover`), so none is captured while users
+        wait; larger batches run packed, compiled for any token count. Returns the graphs captured."""
+        if self.solver is None:
+            return 0
+        keys = self.solver.keys_to_cover(max_rows, max_frames, total_steps)
+        start, memory = time.perf_counter(), _reserved_mib(self.device)
+        captured = 0
+        for i, key in enumerate(keys, 1):
+            captured += self.solver.capture(key, mel_dim, text_dim, self.dtype, self.device)
+            if log is not None and (i % 32 == 0 or i == len(keys)):
+                log(f"CUDA graphs: {i}/{len(keys)} shapes covered ({captured} captured now), "
+                    f"{time.perf_counter() - start:.1f} s, "
+                    f"{_reserved_mib(self.device) - memory:.0f} MiB more reserved on the GPU")
+        return captured
+
+    def packs(self, sequences: int) -> bool:
+        """Whether a DiT step over `sequences` sequences should run packed: unless a CUDA graph covers it."""
+        graphs = self.solver or self._graphs
+        return self.spec.batch_per_request == 2 and (graphs is None or sequences > graphs.max_rows)
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if isinstance(inputs[-1], Packing):
+            return self._packed(*inputs)
         self.spec.check(inputs)
         inputs = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in inputs]
         with torch.inference_mode(), _on(self.device), _noting_compiles(
@@ -77,6 +107,18 @@ class TorchEngine:
             if self._graphs is not None:
                 return self._graphs(inputs)
             return self._forward(*inputs)
+
+
+    def _packed(self, *inputs) -> torch.Tensor:
+        *tensors, packing = inputs
+        tensors = [t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in tensors]
+        with torch.inference_mode(), _on(self.device), _noting_compiles(
+                lambda: f"{self.spec.name}: packed, {packing.sequences} sequences, {packing.tokens} tokens"):
+            return self._forward(*tensors, packing)
+
+
+def _reserved_mib(device: torch.device) -> float:
+    return torch.cuda.memory_reserved(device) / 2**20 if device.type == "cuda" else 0.0
 
 
 def _graphs_compiled() -> int:
@@ -196,11 +238,38 @@ class GraphedSolver:
     def _solve(self, x, cond, text_embed, mask, t, cfg_strength=None):
         return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
 
+    def keys_to_cover(self, max_rows: int, max_frames: int, total_steps: int, guided: bool = True) -> list[tuple]:
+        """Every graph key a solve of up to `max_rows` rows (2 per request with guidance), `max_frames` frames and
+        `total_steps` ODE steps can meet: each row count (even with guidance), each bucket up to the one
+        holding `max_frames`, the full segment and the remainder one."""
+        last = next((b for b in self.buckets if b >= max_frames), self.buckets[-1] if self.buckets else 0)
+        step = 2 if guided else 1
+        segments = {min(self.graph_steps, total_steps)} | ({total_steps % self.graph_steps} - {0})
+        return [(rows, bucket, steps, guided) for rows in range(step, min(max_rows, self.max_rows) + 1, step)
+                for bucket in self.buckets if bucket <= last for steps in sorted(segments)]
+
+    def capture(self, key: tuple, mel_dim: int, text_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Capture the graph of `key` (from `keys_to_cover`) on zero inputs unless it exists; True if captured."""
+        rows, bucket, steps, guided = key
+        with self.lock:
+            if key in self.graphs:
+                return False
+            zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+            inputs = [zeros(rows // 2 if guided else rows, bucket, mel_dim), zeros(rows, bucket, mel_dim),
+                      zeros(rows, bucket, text_dim), torch.ones(rows, bucket, dtype=torch.bool, device=device),
+                      torch.linspace(0, 1, steps + 1, dtype=dtype, device=device)] + ([zeros(())] if guided else [])
+            with _on(device), torch.inference_mode():
+                self.graphs[key] = _CapturedGraph(self._solve, inputs, self.pool)
+            return True
+
     def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
-        with _on(x.device), _noting_compiles(lambda: f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"):
+        with _on(x.device), _noting_compiles(lambda: f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"
+                                             + (f", packed {mask.sequences} sequences" if isinstance(mask, Packing) else "")):
             return self._call(x, cond, text_embed, mask, t, cfg_strength, on_step)
 
     def _call(self, x, cond, text_embed, mask, t, cfg_strength, on_step) -> torch.Tensor:
+        if isinstance(mask, Packing):  # batches no graph covers (`TorchEngine.packs`)
+            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
         frames = x.shape[1]
         if mask is None:  # one kind of call for the compiled step, graphed or not
             mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)

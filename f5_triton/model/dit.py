@@ -8,6 +8,8 @@ weights load with `strict=True`. Two things differ from upstream, on purpose:
 * Padding never leaks into a request: attention masks padded keys, and every sequence-wide
   operation (convolutions, the ConvNeXt GRN norm) sees zeros at padded positions. A request's
   output is therefore the same alone or in any batch, and equal to upstream's unbatched output.
+* `step` also takes a packed batch (`f5_triton.model.packing`): sequences end to end, no padding at
+  all, attention per sequence through a variable-length kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from f5_triton.config import DiTConfig
+from f5_triton.model.packing import Packing
 
 
 def sinusoidal_embedding(time: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
@@ -155,6 +158,12 @@ class ConvPositionEmbedding(nn.Module):
             x = x * keep_t
         return x.transpose(1, 2)
 
+    def forward_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """x: [tokens, d] packed. The convolutions run on the gapped layout: zeros between sequences."""
+        gapped = packing.to_gapped(x).unsqueeze(0)
+        keep = packing.gapped_valid.to(x.dtype)[None, :, None]
+        return packing.from_gapped(self(gapped, keep)[0])
+
     def forward_as_matmul(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """The same function, channels-last with the convolutions as GEMMs (the GPU path)."""
         for layer in self.conv1d:
@@ -171,9 +180,11 @@ class InputEmbedding(nn.Module):
         self.proj = nn.Linear(mel_dim * 2 + text_dim, out_dim)
         self.conv_pos_embed = ConvPositionEmbedding(dim=out_dim)
 
-    def forward(self, x, cond, text_embed, keep):
-        """keep: [b, n, 1] float or None."""
+    def forward(self, x, cond, text_embed, keep, packing: Packing | None = None):
+        """keep: [b, n, 1] float or None; with `packing`, inputs are packed [tokens, c] (keep unused)."""
         x = self.proj(torch.cat((x, cond, text_embed), dim=-1))
+        if packing is not None:
+            return self.conv_pos_embed.forward_packed(x, packing) + x
         return self.conv_pos_embed(x, keep) + x
 
 
@@ -209,8 +220,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq)  # persistent: the official checkpoints hold it
 
-    def forward(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(seq_len, device=device).float()
+    def forward(self, seq_len: int, device, positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [seq_len, dim] of positions 0..seq_len-1, or of `positions` [tokens] (a packed batch)."""
+        t = torch.arange(seq_len, device=device).float() if positions is None else positions.float()
         freqs = torch.outer(t, self.inv_freq.float())
         freqs = freqs.repeat_interleave(2, dim=-1)
         return freqs.cos(), freqs.sin()
@@ -251,6 +264,47 @@ def attention_with_key_bias(q, k, v, key_valid: torch.Tensor) -> torch.Tensor:
     return out[..., :head_dim]
 
 
+PACKED_ATTENTION_KERNELS = ("per_sequence", "varlen")
+
+
+def varlen_attention_works(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
+    """Whether torch's variable-length (flash) attention runs here: CUDA, fp16/bf16, torch >= 2.10."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        q = torch.randn(96, 1, head_dim, device=device, dtype=dtype)
+        cu = torch.tensor([0, 64, 96], device=device, dtype=torch.int32)
+        varlen_attn(q, q, q, cu, cu, 64, 64)
+        return True
+    except (ImportError, RuntimeError):
+        return False
+
+
+def packed_attention(q, k, v, packing: Packing, kernel: str = "per_sequence") -> torch.Tensor:
+    """Attention within each sequence of a packed batch; q, k, v and the result are [tokens, heads, dim].
+
+    "varlen": one variable-length flash kernel (CUDA, half precision). "per_sequence": SDPA on each
+    sequence in turn (any device; the exact reference). While tracing (ONNX export) a block-diagonal
+    mask over all tokens stands in for the loop, whose lengths would be frozen into the graph.
+    """
+    if kernel == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_length, packing.max_length)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        same = packing.sequence_ids[:, None] == packing.sequence_ids[None, :]
+        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=same)
+        return out[0].transpose(0, 1)
+    outs, start = [], 0
+    for length in packing.lengths:
+        window = slice(start, start + length)
+        outs.append(F.scaled_dot_product_attention(*(t[window].transpose(0, 1) for t in (q, k, v))).transpose(0, 1))
+        start += length
+    return torch.cat(outs)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: str | None, pe_attn_head: int | None):
         super().__init__()
@@ -269,14 +323,16 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {qk_norm!r}")
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.cudnn_masked = False  # set by DiT.select_attention_kernels: key_mask is then an additive bias
+        self.packed_kernel = "per_sequence"  # set by DiT.select_attention_kernels (PACKED_ATTENTION_KERNELS)
         self.qkv_fp8 = None  # set by DiT.use_fp8_gemms
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """t: [..., n, heads, dim_head]; cos, sin: [n, 1, dim_head]."""
         rotated = t * cos + rotate_half(t) * sin
         if self.pe_attn_head is None:
             return rotated.to(t.dtype)
         n = self.pe_attn_head
-        return torch.cat((rotated[:, :n], t[:, n:]), dim=1).to(t.dtype)
+        return torch.cat((rotated[..., :n, :], t[..., n:, :]), dim=-2).to(t.dtype)
 
     def fuse_projections(self) -> None:
         """One [3*inner, dim] matmul instead of three (faster on GPUs); the state dict keeps upstream's names."""
@@ -285,21 +341,29 @@ class Attention(nn.Module):
         self.register_buffer("qkv_weight", weight.detach(), persistent=False)
         self.register_buffer("qkv_bias", bias.detach(), persistent=False)
 
+    def _qkv(self, x, rope):
+        """Normed, rotated q, k, v of x [..., n, dim], each [..., n, heads, dim_head]."""
+        if hasattr(self, "qkv_weight"):
+            qkv = self.qkv_fp8(x) if self.qkv_fp8 is not None else F.linear(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv.unflatten(-1, (3, self.heads, self.dim_head)).unbind(-3)
+        else:
+            q, k, v = (proj(x).unflatten(-1, (self.heads, self.dim_head)) for proj in (self.to_q, self.to_k, self.to_v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = (r.unsqueeze(-2) for r in rope)  # broadcast over heads
+        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+
+    def forward_packed(self, x, rope, packing: Packing):
+        """x: [tokens, dim] packed; rope: cos, sin [tokens, dim_head] at each token's own position."""
+        q, k, v = self._qkv(x, rope)
+        out = packed_attention(q, k, v, packing, self.packed_kernel)
+        return self.to_out[0](out.flatten(1).to(x.dtype))
+
     def forward(self, x, rope, key_mask, keep):
         """key_mask: [b, 1, 1, n] bool (True = valid key), or additive float bias when `cudnn_masked`, or None;
         keep: [b, n, 1] float or None."""
         b = x.shape[0]
-        if hasattr(self, "qkv_weight"):
-            qkv = self.qkv_fp8(x) if self.qkv_fp8 is not None else F.linear(x, self.qkv_weight, self.qkv_bias)
-            qkv = qkv.view(b, -1, 3, self.heads, self.dim_head)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = (proj(x).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
-                       for proj in (self.to_q, self.to_k, self.to_v))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x, rope))
         if key_mask is not None and self.cudnn_masked:
             # SDPA's default order would pick the memory-efficient kernel for a masked call (~2x slower)
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -338,11 +402,14 @@ class DiTBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, x, t, rope, key_mask, keep):
-        mod = self.attn_norm.linear(self.attn_norm.silu(t)).unsqueeze(1)
+    def forward(self, x, t, rope, key_mask, keep, packing: Packing | None = None):
+        """With `packing`: x packed [tokens, dim], t [sequences, dim], key_mask and keep unused."""
+        mod = self.attn_norm.linear(self.attn_norm.silu(t))
+        mod = mod.unsqueeze(1) if packing is None else mod[packing.sequence_ids]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         norm = self.attn_norm.norm(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attn(norm, rope, key_mask, keep)
+        attn = self.attn(norm, rope, key_mask, keep) if packing is None else self.attn.forward_packed(norm, rope, packing)
+        x = x + gate_msa * attn
         norm = self.ff_norm(x) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * self.ff(norm)
 
@@ -392,6 +459,10 @@ class DiT(nn.Module):
         self.norm_out = AdaLayerNorm(dim, chunks=2)
         self.proj_out = nn.Linear(dim, mel_dim)
 
+    def packs(self, sequences: int) -> bool:
+        """Whether a step over `sequences` sequences should run packed (the sampler asks): always."""
+        return True
+
     @classmethod
     def from_config(cls, config: DiTConfig) -> "DiT":
         return cls(**{k: getattr(config, k) for k in config.__dataclass_fields__})
@@ -404,11 +475,14 @@ class DiT(nn.Module):
 
     def select_attention_kernels(self) -> "DiT":
         """On a GPU whose cuDNN attention takes a key mask, masked steps run it (faster than the key-bias
-        channel, `scripts/attention_bench.py`). Call after .to(device, dtype)."""
+        channel, `scripts/attention_bench.py`); packed steps run the variable-length flash kernel where it
+        works (CUDA, half precision), else SDPA per sequence. Call after .to(device, dtype)."""
         param = next(self.parameters())
         use = param.is_cuda and cudnn_masked_attention_works(param.device, param.dtype, self.config.dim_head)
+        packed = "varlen" if varlen_attention_works(param.device, param.dtype, self.config.dim_head) else "per_sequence"
         for block in self.transformer_blocks:
             block.attn.cudnn_masked = use
+            block.attn.packed_kernel = packed
         return self
 
     def use_gemm_epilogues(self, enable: bool = True) -> "DiT":
@@ -448,7 +522,10 @@ class DiT(nn.Module):
 
         x, cond: [b, n, mel_dim]; text_embed: [b, n, text_dim]; time: [b] or scalar;
         mask: [b, n] bool (True = valid frame) or None when no request is padded.
+        A packed batch instead: x, cond, text_embed [tokens, c], time [sequences] or scalar, mask a `Packing`.
         """
+        if isinstance(mask, Packing):
+            return self._packed_step(x, cond, text_embed, time, mask)
         b, n = x.shape[0], x.shape[1]
         if time.ndim == 0:
             time = time.repeat(b)
@@ -465,6 +542,21 @@ class DiT(nn.Module):
         if self.long_skip_connection is not None:
             h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
         scale, shift = self.norm_out.linear(self.norm_out.silu(t)).unsqueeze(1).chunk(2, dim=-1)
+        h = self.norm_out.norm(h) * (1 + scale) + shift
+        return self.proj_out(h)
+
+    def _packed_step(self, x, cond, text_embed, time, packing: Packing):
+        if time.ndim == 0:
+            time = time.repeat(packing.sequences)
+        t = self.time_embed(time)
+        h = self.input_embed(x, cond, text_embed, None, packing)
+        rope = self.rotary_embed(0, x.device, positions=packing.positions)
+        residual = h
+        for block in self.transformer_blocks:
+            h = block(h, t, rope, None, None, packing)
+        if self.long_skip_connection is not None:
+            h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
+        scale, shift = self.norm_out.linear(self.norm_out.silu(t))[packing.sequence_ids].chunk(2, dim=-1)
         h = self.norm_out.norm(h) * (1 + scale) + shift
         return self.proj_out(h)
 

@@ -61,14 +61,17 @@ def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
 def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder | None = None,
             name: str = "flow_matching") -> float | None:
     """Run the `warmup_requests` parameter's synthetic batches through flow matching (and `vocoder`), so compiles
-    and graph captures happen while the model loads; returns the seconds it took, None when off. Progress goes
+    and graph captures happen while the model loads, then (unless `warmup_every_shape` is false) every other shape
+    such batches can take up to the frame limit; returns the seconds it took, None when off. Progress goes
     to the package log (Triton's log inside a server), prefixed with the model's `name`."""
     requests = int(params.get("warmup_requests", 0))
     if requests <= 0:
         return None
     start = time.perf_counter()
+    every_shape = _bool(params.get("warmup_every_shape"), True)
     mels = flow_matcher.warm_up(requests, nfe_steps=int(params.get("warmup_nfe_steps", DEFAULT_SAMPLING.nfe_steps)),
-                                log=lambda message: logger.info("%s: %s", name, message))
+                                log=lambda message: logger.info("%s: %s", name, message),
+                                max_frames=limits_from_params(params).max_mel_frames if every_shape else None)
     if vocoder is not None:
         vocoder(mels)
     seconds = time.perf_counter() - start

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Packed DiT batches on mixed lengths: the attention candidates, then the packed step against the padded one.
+
+    python scripts/packed_bench.py --requests 1,8,16 [--arch F5TTS_v1_Base] [--json out.json]
+
+Lengths are drawn as in benchmark.py's mixed set (references 3-10 s + targets 2-20 s, in frames); each
+request is two sequences (classifier-free guidance). Attention candidates on [tokens, heads, 64]: the
+variable-length flash kernel (`varlen_attn`), FlexAttention with a document block mask, SDPA on nested
+jagged tensors, SDPA per sequence, and today's padded call (cuDNN with a key mask over [2B, n]); each
+checked against fp32 math per sequence. Then whole DiT steps: padded+masked and packed, eager and
+compiled with symbolic shapes (what the engine runs for batches without a CUDA graph), ms per step and
+the largest difference of the packed output from the padded one (fp16).
+"""
+
+import argparse
+import functools
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from f5_triton.bench import MIXED_REFERENCE_SECONDS, MIXED_TARGET_SECONDS, gpu_time_ms
+from f5_triton.checkpoints import random_dit
+from f5_triton.config import ARCHITECTURES, HOP_LENGTH, SAMPLE_RATE
+from f5_triton.model.dit import packed_attention
+from f5_triton.model.packing import Packing
+
+
+def mixed_frames(requests: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    seconds = rng.uniform(*MIXED_REFERENCE_SECONDS, requests) + rng.uniform(*MIXED_TARGET_SECONDS, requests)
+    return [int(s * SAMPLE_RATE / HOP_LENGTH) for s in seconds]
+
+
+@functools.cache
+def compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def attention_cases(q, k, v, packing: Packing, padded):
+    """name -> fn() returning [tokens, heads, dim]."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, n = packing.cu_seqlens, packing.max_length
+    cases = {"varlen flash (varlen_attn)": lambda: varlen_attn(q, k, v, cu, cu, n, n)}
+
+    block_mask = []
+
+    def flex():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if not block_mask:  # built once per batch (the first, untimed call)
+            doc = packing.sequence_ids
+            block_mask.append(create_block_mask(lambda b, h, qi, ki: doc[qi] == doc[ki], None, None,
+                                                q.shape[0], q.shape[0], device=q.device))
+        out = compiled_flex()(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask[0])
+        return out[0].transpose(0, 1)
+    cases["flex, document block mask"] = flex
+
+    def nested():
+        offsets = cu.to(torch.int64)
+        njt = [torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*njt).transpose(1, 2).values()
+    cases["SDPA on nested jagged tensors"] = nested
+
+    cases["SDPA per sequence (loop)"] = lambda: packed_attention(q, k, v, packing, "per_sequence")
+
+    pq, pk, pv, key_mask, valid = padded
+
+    def padded_cudnn():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=key_mask)
+        return out.transpose(1, 2)[valid]
+    cases["padded [2B, n], cuDNN key mask (today)"] = padded_cudnn
+    return cases
+
+
+def bench_attention(requests: int, heads: int, dim: int, rows: list):
+    lengths = [n for n in mixed_frames(requests) for _ in range(2)]
+    packing = Packing.of(lengths, "cuda")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(packing.tokens, heads, dim, device="cuda", dtype=torch.float16) for _ in range(3))
+    b, n = len(lengths), max(lengths)
+    valid = torch.arange(n, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
+    pad = lambda t: torch.zeros(b, n, heads, dim, device="cuda", dtype=t.dtype).masked_scatter(  # noqa: E731
+        valid[..., None, None], t).transpose(1, 2)
+    key_mask = torch.zeros(b, 1, 1, n, device="cuda", dtype=q.dtype).masked_fill(~valid[:, None, None, :], float("-inf"))
+    reference = packed_attention(q.float(), k.float(), v.float(), packing, "per_sequence")
+    useful = 4 * heads * dim * sum(n * n for n in lengths)
+    print(f"\n== attention: {requests} requests, {b} sequences of {min(lengths)}-{n} frames, {packing.tokens} tokens "
+          f"(padded: {b * n}, {100 * packing.tokens / (b * n):.0f} % useful)")
+    for name, fn in attention_cases(q, k, v, packing, (pad(q), pad(k), pad(v), key_mask, valid)).items():
+        try:
+            out = fn()
+            ms = gpu_time_ms(fn)
+            err = float((out.float() - reference).abs().max())
+            print(f"  {name:40s} {ms:8.3f} ms  {useful / ms / 1e9:6.0f} useful TFLOP/s  max err {err:.4f}")
+            rows.append(dict(kind="attention", requests=requests, case=name, ms=ms, max_err=err))
+        except Exception as exc:  # a kernel that refuses these inputs
+            print(f"  {name:40s} unavailable: {str(exc).splitlines()[0][:100]}")
+            rows.append(dict(kind="attention", requests=requests, case=name, error=str(exc)[:300]))
+
+
+def bench_steps(model, config, requests_list, launches, rows):
+    dtype = next(model.parameters()).dtype
+    steps = {}
+    for launch in launches:
+        steps[launch] = model.step if launch == "eager" else torch.compile(model.step, dynamic=True)
+    for requests in requests_list:
+        lengths = [n for n in mixed_frames(requests) for _ in range(2)]
+        b, n = len(lengths), max(lengths)
+        packing = Packing.of(lengths, "cuda")
+        torch.manual_seed(1)
+        mask = torch.arange(n, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
+        x, cond = (torch.randn(b, n, config.mel_dim, device="cuda", dtype=dtype) * mask[..., None] for _ in range(2))
+        te = torch.randn(b, n, config.text_dim, device="cuda", dtype=dtype) * mask[..., None]
+        t = torch.rand(b, device="cuda", dtype=dtype)
+        print(f"\n== DiT step: {requests} requests, {b} sequences, {packing.tokens} tokens packed, {b * n} padded")
+        for launch, step in steps.items():
+            try:
+                measure_step(launch, step, x, cond, te, t, mask, packing, requests, rows)
+            except Exception as exc:  # report and go on with the other launches
+                print(f"  {launch:8s} failed: {type(exc).__name__}: {str(exc)[:400]}")
+                rows.append(dict(kind="step", requests=requests, launch=launch, error=str(exc)[:1000]))
+
+
+def measure_step(launch, step, x, cond, te, t, mask, packing, requests, rows):
+    b, n = mask.shape
+    packed = (x[mask], cond[mask], te[mask], t, packing)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        padded_out = step(x, cond, te, t, mask)
+        torch.cuda.synchronize()
+        first_padded = time.perf_counter() - start
+        padded_ms = gpu_time_ms(lambda: step(x, cond, te, t, mask), repeats=10)
+        start = time.perf_counter()
+        packed_out = step(*packed)
+        torch.cuda.synchronize()
+        first_packed = time.perf_counter() - start
+        packed_ms = gpu_time_ms(lambda: step(*packed), repeats=10)
+        diff = float((packed_out.float() - padded_out[mask].float()).abs().max())
+    print(f"  {launch:8s} padded+masked {padded_ms:8.2f} ms  packed {packed_ms:8.2f} ms  "
+          f"({padded_ms / packed_ms:.2f}x)  first call {first_padded:.1f} / {first_packed:.1f} s  "
+          f"max |packed - padded| {diff:.4f}")
+    rows.append(dict(kind="step", requests=requests, launch=launch, tokens=packing.tokens, padded_rows=b * n,
+                     padded_ms=padded_ms, packed_ms=packed_ms, first_padded_s=first_padded,
+                     first_packed_s=first_packed, max_diff=diff))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="F5TTS_v1_Base")
+    p.add_argument("--requests", default="1,8,16")
+    p.add_argument("--parts", default="attention,steps")
+    p.add_argument("--launch", default="eager,compiled")
+    p.add_argument("--json")
+    args = p.parse_args()
+    config = ARCHITECTURES[args.arch]
+    requests_list = [int(r) for r in args.requests.split(",")]
+    rows = []
+    if "attention" in args.parts:
+        for requests in requests_list:
+            bench_attention(requests, config.heads, config.dim_head, rows)
+    if "steps" in args.parts:
+        model = random_dit(config).to("cuda", torch.float16).eval().fuse_projections().select_attention_kernels()
+        model.use_gemm_epilogues(True)
+        print(f"\npacked attention kernel: {model.transformer_blocks[0].attn.packed_kernel}")
+        bench_steps(model, config, requests_list, args.launch.split(","), rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
