@@ -207,9 +207,9 @@ def test_duration_by_hand_and_errors():
     # 100 frames for 10 bytes; 20 bytes at speed 2 -> 100 more frames; 5 bytes at speed 0.3 -> 166
     assert estimate_duration(100, "0123456789", "01234567890123456789", 2.0) == 200
     assert estimate_duration(100, "0123456789", "01234", 2.0) == 100 + int(100 / 10 * 5 / 0.3)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="reference_text: must not be empty"):
         estimate_duration(100, "", "hello world", 1.0)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="speed: must be > 0, got 0.0"):
         estimate_duration(100, "ref", "hello world", 0.0)
 
 

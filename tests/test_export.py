@@ -183,7 +183,7 @@ def test_profile_doubles_dit_batch_for_cfg_and_reads_static_dims():
     assert shapes["time"] == ((1,), (4,), (8,))
     voc = profile_shapes(VOCODER, {"mel": (-1, 100, -1), "lengths": (-1,)}, options)
     assert voc["mel"] == ((1, 100, 16), (2, 100, 1024), (4, 100, 4096))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 1 <= min <= opt <= max, got 4, 2, 8"):
         ShapeRange(4, 2, 8)
 
 
