@@ -152,7 +152,7 @@ def test_pipeline_equals_upstream(tts, references, expected, name):
     assert_same_audio(ours, expected[name])
 
 
-@pytest.mark.parametrize("name", ["english", "quiet reference", "16 kHz reference"])
+@pytest.mark.parametrize("name", ["english", "16 kHz reference"])  # the CLI reads the file itself
 def test_cli_equals_upstream(parity_ckpt, references, expected, tmp_path, name):
     case = CASES[name]
     path, ref_text = references[case.reference]
