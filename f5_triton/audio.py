@@ -193,34 +193,52 @@ def cross_fade(
 # Reference clipping (upstream `preprocess_ref_audio_text`)
 #
 # Upstream runs pydub's silence tools on the file; this is the same algorithm on a numpy waveform
-# so that the server needs neither pydub nor ffmpeg. Positions are milliseconds, as in pydub.
+# so that the server needs neither pydub nor ffmpeg. It keeps pydub's arithmetic, which moves the
+# result by whole 10 ms chunks if missed: positions are milliseconds (a clip's length is rounded to
+# whole ms, a slice truncated to samples and zero-filled where the rounded length runs past the
+# data), and loudness is `audioop.rms` of 16-bit samples, an integer.
 
-
-def _ms_to_samples(ms: int, sample_rate: int) -> int:
-    return ms * sample_rate // 1000
-
-
-def _ms_to_sample_index(ms: np.ndarray, sample_rate: int, num_samples: int) -> np.ndarray:
-    return np.minimum(ms * sample_rate // 1000, num_samples)
+_PCM_SCALE = 32768  # 16-bit full scale: pydub's `max_possible_amplitude` for the wav upstream reads
+_PYDUB_SILENCE_RATE = 11025  # `AudioSegment.silent`'s rate; appending it resamples it (audioop.ratecv)
 
 
 def _len_ms(num_samples: int, sample_rate: int) -> int:
+    """`len(segment)`: milliseconds, rounded."""
     return round(1000 * num_samples / sample_rate)
 
 
-def _db_to_amplitude(db: float) -> float:
-    return 10 ** (db / 20)
+def _ms_to_samples(ms, sample_rate: int):
+    """pydub's `frame_count(ms)` truncated: the sample index of a position in ms (int or int array)."""
+    if isinstance(ms, np.ndarray):
+        return (ms * (sample_rate / 1000.0)).astype(np.int64)
+    return int(ms * (sample_rate / 1000.0))
+
+
+def _slice_ms(wave: np.ndarray, sample_rate: int, start_ms: int, end_ms: int | None = None) -> np.ndarray:
+    """`segment[start_ms:end_ms]`: positions clamped to the rounded length, samples past the data zeros."""
+    length_ms = _len_ms(len(wave), sample_rate)
+    start = _ms_to_samples(min(start_ms, length_ms), sample_rate)
+    end = _ms_to_samples(min(length_ms if end_ms is None else end_ms, length_ms), sample_rate)
+    piece = wave[start:end]
+    missing = end - start - len(piece)
+    return np.concatenate([piece, np.zeros(missing, dtype=wave.dtype)]) if missing > 0 else piece
+
+
+def _db_to_pcm(db: float) -> float:
+    return 10 ** (db / 20) * _PCM_SCALE
 
 
 def _window_rms(cum_sq: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """RMS of wave[s:e] for each (s, e), from the cumulative sum of squares; 0 for empty windows."""
+    """`audioop.rms` of wave[s:e] for each (s, e) in 16-bit units (truncated to an integer); samples
+    past the data count as zeros, as in a zero-filled slice; 0 for empty windows."""
     counts = ends - starts
-    energy = cum_sq[ends] - cum_sq[starts]
-    return np.sqrt(np.maximum(energy, 0.0) / np.maximum(counts, 1)) * (counts > 0)
+    last = len(cum_sq) - 1
+    energy = cum_sq[np.minimum(ends, last)] - cum_sq[np.minimum(starts, last)]
+    return np.floor(np.sqrt(np.maximum(energy, 0.0) / np.maximum(counts, 1))) * (counts > 0)
 
 
 def _cum_sq(wave: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0.0], np.cumsum(np.square(wave, dtype=np.float64))])
+    return np.concatenate([[0.0], np.cumsum(np.square(wave * np.float64(_PCM_SCALE)))])
 
 
 def _detect_silence(
@@ -237,10 +255,10 @@ def _detect_silence(
     starts_ms = np.asarray(starts, dtype=np.int64)
     rms = _window_rms(
         _cum_sq(wave),
-        _ms_to_sample_index(starts_ms, sample_rate, len(wave)),
-        _ms_to_sample_index(starts_ms + min_silence_ms, sample_rate, len(wave)),
+        _ms_to_samples(starts_ms, sample_rate),
+        _ms_to_samples(starts_ms + min_silence_ms, sample_rate),
     )
-    silence_starts = starts_ms[rms <= _db_to_amplitude(thresh_db)].tolist()
+    silence_starts = starts_ms[rms <= _db_to_pcm(thresh_db)].tolist()
     if not silence_starts:
         return []
 
@@ -288,10 +306,7 @@ def _split_on_silence(
         if following[0] < this[1]:
             this[1] = (this[1] + following[0]) // 2
             following[0] = this[1]
-    return [
-        wave[_ms_to_samples(max(start, 0), sample_rate) : _ms_to_samples(min(end, length_ms), sample_rate)]
-        for start, end in ranges
-    ]
+    return [_slice_ms(wave, sample_rate, max(start, 0), min(end, length_ms)) for start, end in ranges]
 
 
 def _join_until(pieces: list[np.ndarray], sample_rate: int, max_ms: int) -> np.ndarray:
@@ -306,27 +321,34 @@ def _join_until(pieces: list[np.ndarray], sample_rate: int, max_ms: int) -> np.n
     return np.concatenate(joined) if joined else np.zeros(0, dtype=np.float32)
 
 
-def _leading_silence_samples(wave: np.ndarray, sample_rate: int, thresh_db: float, chunk_ms: int = 10) -> int:
-    """pydub.silence.detect_leading_silence, in samples: skip chunk_ms chunks quieter than thresh_db."""
+def _leading_silence_ms(wave: np.ndarray, sample_rate: int, thresh_db: float, chunk_ms: int = 10) -> int:
+    """pydub.silence.detect_leading_silence: skip chunk_ms chunks quieter than thresh_db (dBFS <, a
+    silent chunk is -inf dBFS)."""
     length_ms = _len_ms(len(wave), sample_rate)
     starts_ms = np.arange(0, max(length_ms, 0), chunk_ms, dtype=np.int64)
     if len(starts_ms) == 0:
         return 0
     rms = _window_rms(
         _cum_sq(wave),
-        _ms_to_sample_index(starts_ms, sample_rate, len(wave)),
-        _ms_to_sample_index(starts_ms + chunk_ms, sample_rate, len(wave)),
+        _ms_to_samples(starts_ms, sample_rate),
+        _ms_to_samples(np.minimum(starts_ms + chunk_ms, length_ms), sample_rate),
     )
-    loud = np.flatnonzero(rms >= _db_to_amplitude(thresh_db))
-    trim_ms = int(starts_ms[loud[0]]) if len(loud) else length_ms
-    return _ms_to_samples(min(trim_ms, length_ms), sample_rate)
+    loud = np.flatnonzero(rms >= _db_to_pcm(thresh_db))
+    return min(int(starts_ms[loud[0]]) if len(loud) else length_ms, length_ms)
 
 
 def trim_silence_edges(wave: np.ndarray, sample_rate: int, thresh_db: float = -42.0) -> np.ndarray:
     """Upstream's `remove_silence_edges`: drop leading and trailing 10 ms chunks below thresh_db."""
-    wave = wave[_leading_silence_samples(wave, sample_rate, thresh_db) :]
-    end = _leading_silence_samples(wave[::-1], sample_rate, thresh_db)
-    return wave[: len(wave) - end] if end > 0 else wave
+    wave = _slice_ms(wave, sample_rate, _leading_silence_ms(wave, sample_rate, thresh_db))
+    end_ms = _leading_silence_ms(wave[::-1], sample_rate, thresh_db)
+    return _slice_ms(wave, sample_rate, 0, _len_ms(len(wave), sample_rate) - end_ms) if end_ms > 0 else wave
+
+
+def _appended_silence(ms: int, sample_rate: int) -> np.ndarray:
+    """`AudioSegment.silent(ms)` (made at 11025 Hz) as appended to a clip of `sample_rate` >= 11025 Hz:
+    audioop.ratecv turns its n samples into (n - 1) * rate // 11025 + 1."""
+    n = _ms_to_samples(ms, _PYDUB_SILENCE_RATE)
+    return np.zeros((n - 1) * sample_rate // _PYDUB_SILENCE_RATE + 1, dtype=np.float32)
 
 
 def clip_reference(wave: np.ndarray, sample_rate: int, max_seconds: float = 12.0) -> np.ndarray:
@@ -336,8 +358,10 @@ def clip_reference(wave: np.ndarray, sample_rate: int, max_seconds: float = 12.0
        the result stays <= max_seconds (once over max_seconds / 2, the next piece must still fit);
     2. if still too long, the same with silences >= 100 ms below -40 dBFS;
     3. if still too long, cut at max_seconds.
-    Then leading/trailing silence below -42 dBFS is trimmed and 50 ms of silence appended. Note that
-    step 1 also runs on short clips: silences longer than 2 s shrink to 2 s, as upstream.
+    Then leading/trailing silence below -42 dBFS is trimmed and 50 ms of silence appended (1198
+    samples at 24 kHz: pydub resamples its 11025 Hz silence). Note that step 1 also runs on short
+    clips: silences longer than 2 s shrink to 2 s, as upstream. References below 11025 Hz, which
+    pydub would resample to 11025 Hz first, are clipped at their own rate.
     """
     wave = np.asarray(wave, dtype=np.float32)
     max_ms = int(round(max_seconds * 1000))
@@ -347,8 +371,8 @@ def clip_reference(wave: np.ndarray, sample_rate: int, max_seconds: float = 12.0
         pieces = _split_on_silence(wave, sample_rate, 100, -40.0, 1000, 10)
         clipped = _join_until(pieces, sample_rate, max_ms)
     if _len_ms(len(clipped), sample_rate) > max_ms:
-        clipped = clipped[: _ms_to_samples(max_ms, sample_rate)]
+        clipped = _slice_ms(clipped, sample_rate, 0, max_ms)
 
     clipped = trim_silence_edges(clipped, sample_rate, -42.0)
-    tail = np.zeros(_ms_to_samples(50, sample_rate), dtype=np.float32)
+    tail = _appended_silence(50, sample_rate)
     return np.concatenate([clipped, tail]).astype(np.float32, copy=False)

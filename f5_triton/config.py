@@ -15,6 +15,12 @@ TARGET_RMS = 0.1  # quiet references are raised to this level and the output low
 CROSS_FADE_SECONDS = 0.15
 
 
+def vocoder_samples(frames: int, hop_length: int = HOP_LENGTH) -> int:
+    """Samples Vocos makes of `frames` mel frames: its ISTFT is centred (half a window trimmed at both
+    ends, as the published charactr/vocos-mel-24khz config says), so (frames - 1) * hop."""
+    return max(frames - 1, 0) * hop_length
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Architecture of the F5-TTS DiT backbone; keyword names are upstream's `DiT(**arch)`."""

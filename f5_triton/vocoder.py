@@ -3,6 +3,9 @@
 `VocosDecoder` runs Vocos' backbone and ISTFT head with our `ISTFT` in place of vocos' own, because
 `torch.istft` / `torch.fft.irfft` (complex tensors) do not export to ONNX. Given per-item lengths it
 also keeps padding out of every item's result, so a batch decodes each request as if it were alone.
+
+The head is the published one (`padding: center`, as `torch.istft(center=True)`): n mel frames give
+(n - 1) * 256 samples (`config.vocoder_samples`), and everything downstream counts in that length.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from vocos.feature_extractors import MelSpectrogramFeatures
 from vocos.heads import ISTFTHead
 from vocos.models import VocosBackbone
 
-from f5_triton.config import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
+from f5_triton.config import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, vocoder_samples
 from f5_triton.errors import CheckpointError
 
 CONFIG_FILE = "config.yaml"
@@ -56,11 +59,11 @@ def load_vocos(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
         and isinstance(vocos.backbone, VocosBackbone)
         and not vocos.backbone.adanorm
         and isinstance(vocos.head, ISTFTHead)
-        and vocos.head.istft.padding == "same"
+        and vocos.head.istft.padding == "center"
     ):
         raise CheckpointError(
             f"{config_path} is not a mel Vocos (MelSpectrogramFeatures, VocosBackbone without "
-            f"adanorm, ISTFTHead with padding 'same'); {_HINT}"
+            f"adanorm, ISTFTHead with padding 'center' as published); {_HINT}"
         )
 
     try:
@@ -78,7 +81,7 @@ def load_vocos(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 def vocos_config(small: bool = False) -> dict:
-    """The config.yaml of charactr/vocos-mel-24khz, or a tiny variant with the same structure."""
+    """The config.yaml of charactr/vocos-mel-24khz (as published), or a tiny variant: only the sizes differ."""
     dim, intermediate_dim, num_layers = (64, 192, 2) if small else (512, 1536, 8)
     return {
         "feature_extractor": {
@@ -102,7 +105,7 @@ def vocos_config(small: bool = False) -> dict:
         },
         "head": {
             "class_path": "vocos.heads.ISTFTHead",
-            "init_args": {"dim": dim, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "padding": "same"},
+            "init_args": {"dim": dim, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "padding": "center"},
         },
     }
 
@@ -125,20 +128,22 @@ def make_random_vocos(folder: str | os.PathLike, seed: int = 0, small: bool = Tr
 
 
 class ISTFT(nn.Module):
-    """Inverse STFT equal to `vocos.spectral_ops.ISTFT(padding="same")`, built from ONNX-friendly ops.
+    """Inverse STFT equal to `torch.istft(center=True)` (vocos' ISTFT with padding "center"), built from
+    ONNX-friendly ops.
 
     One `conv_transpose1d` with a fixed [inverse real DFT x hann window] basis does the inverse
     transform, windowing and overlap-add of all frames at once; a second one of window^2 gives the
-    window envelope, for any number of frames. Input is (real, imag) [b, n_fft // 2 + 1, frames];
-    output is [b, frames * hop_length]. An optional frame mask [b, 1, frames] (1 = valid) leaves the
-    masked frames out of the envelope, so a padded item's valid samples match its unpadded result.
+    window envelope, for any number of frames; n_fft / 2 samples are trimmed at both ends. Input is
+    (real, imag) [b, n_fft // 2 + 1, frames]; output is [b, (frames - 1) * hop_length]. An optional
+    frame mask [b, 1, frames] (1 = valid) leaves the masked frames out of the envelope, so a padded
+    item's valid samples match its unpadded result.
     """
 
     def __init__(self, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH):
         super().__init__()
         self.n_fft = n_fft
         self.hop_length = hop_length
-        self.pad = (n_fft - hop_length) // 2
+        self.pad = n_fft // 2
 
         n_bins = n_fft // 2 + 1
         window = torch.hann_window(n_fft, dtype=torch.float64)
@@ -164,26 +169,30 @@ class ISTFT(nn.Module):
         wave = frames / envelope.clamp(min=1e-11)
         return wave[:, 0, self.pad : -self.pad]
 
+    def samples(self, frames: int) -> int:
+        """Output samples of `frames` frames."""
+        return vocoder_samples(frames, self.hop_length)
+
 
 # --------------------------------------------------------------------------------------------
 # Decoder
 
 
 class VocosDecoder(nn.Module):
-    """mel [b, 100, frames] (+ optional lengths [b]) -> wave [b, frames * 256], equal to `Vocos.decode`.
+    """mel [b, 100, frames] (+ optional lengths [b]) -> wave [b, (frames - 1) * 256], equal to `Vocos.decode`.
 
     Without `lengths` the whole tensor is decoded, as Vocos does. With `lengths`, frames past an
     item's length are zeroed before every convolution (Vocos' only cross-frame operations, whose
     zero padding they then reproduce) and left out of the ISTFT, so each item's first
-    lengths[i] * 256 samples equal decoding that item alone.
+    (lengths[i] - 1) * 256 samples equal decoding that item alone.
     """
 
     def __init__(self, vocos: Vocos):
         super().__init__()
         if not isinstance(vocos.backbone, VocosBackbone) or vocos.backbone.adanorm:
             raise CheckpointError("VocosDecoder needs a VocosBackbone without adanorm (mel Vocos)")
-        if not isinstance(vocos.head, ISTFTHead) or vocos.head.istft.padding != "same":
-            raise CheckpointError("VocosDecoder needs an ISTFTHead with padding 'same' (mel Vocos)")
+        if not isinstance(vocos.head, ISTFTHead) or vocos.head.istft.padding != "center":
+            raise CheckpointError("VocosDecoder needs an ISTFTHead with padding 'center' (mel Vocos)")
         self.backbone = vocos.backbone
         self.out = vocos.head.out
         self.istft = ISTFT(n_fft=vocos.head.istft.n_fft, hop_length=vocos.head.istft.hop_length)
@@ -214,14 +223,16 @@ class VocosDecoder(nn.Module):
 
         wave = self.istft(real * mask, imag * mask, mask)
         # Past an item's end only the tails of its last windows remain, divided by a tiny envelope.
+        # Sample s is valid while s < (length - 1) * hop, written without a subtraction that could go negative.
+        hop = self.istft.hop_length
         samples = torch.arange(wave.shape[-1], device=wave.device)
-        valid = samples[None, :] < lengths.to(wave.device)[:, None] * self.istft.hop_length
+        valid = samples[None, :] + hop < lengths.to(wave.device)[:, None] * hop
         return torch.where(valid, wave, torch.zeros_like(wave))  # where, not *: 0/0 is NaN in fp16
 
 
 @torch.inference_mode()
 def decode_batch(decoder: VocosDecoder, mels: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """Decode mels [100, frames_i] in one call; return each item's frames_i * 256 samples (float32).
+    """Decode mels [100, frames_i] in one call; return each item's (frames_i - 1) * 256 samples (float32).
 
     Items are zero-padded to the longest and decoded with their lengths, so each result is the same
     as decoding that mel alone (up to float rounding, ~1e-6).
@@ -234,5 +245,4 @@ def decode_batch(decoder: VocosDecoder, mels: Sequence[torch.Tensor]) -> list[np
     for i, mel in enumerate(mels):
         batch[i, :, : lengths[i]] = mel
     waves = decoder(batch, torch.tensor(lengths, device=param.device))
-    hop = decoder.istft.hop_length
-    return [waves[i, : n * hop].float().cpu().numpy() for i, n in enumerate(lengths)]
+    return [waves[i, : decoder.istft.samples(n)].float().cpu().numpy() for i, n in enumerate(lengths)]

@@ -3,7 +3,8 @@
 
     python scripts/make_random_checkpoint.py --config tiny --output ckpts/tiny
 
-The files load with the same code as the published weights; the audio they make is noise, not speech.
+The files load with the same code as the published weights (vocos/config.yaml is charactr/vocos-mel-24khz's,
+only smaller for tiny); the audio they make is noise, not speech.
 """
 
 import argparse

@@ -207,9 +207,9 @@ def test_duration_by_hand_and_errors():
     # 100 frames for 10 bytes; 20 bytes at speed 2 -> 100 more frames; 5 bytes at speed 0.3 -> 166
     assert estimate_duration(100, "0123456789", "01234567890123456789", 2.0) == 200
     assert estimate_duration(100, "0123456789", "01234", 2.0) == 100 + int(100 / 10 * 5 / 0.3)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="reference_text: must not be empty"):
         estimate_duration(100, "", "hello world", 1.0)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="speed: must be > 0, got 0.0"):
         estimate_duration(100, "ref", "hello world", 0.0)
 
 
@@ -250,6 +250,14 @@ def test_cross_fade_lengths_and_plain_concatenation():
 # Reference clipping
 
 
+def pydub_tail(sr: int) -> np.ndarray:
+    """The 50 ms of silence upstream appends, as pydub makes it at `sr` (11025 Hz silence, resampled)."""
+    from pydub import AudioSegment
+
+    tail = AudioSegment.silent(duration=0, frame_rate=sr) + AudioSegment.silent(duration=50)
+    return np.zeros(int(tail.frame_count()), dtype=np.float32)
+
+
 def burst(seconds: float, sr: int, seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(int(seconds * sr)) * 0.3).astype(np.float32)
 
@@ -268,7 +276,7 @@ def test_long_clip_is_cut_at_a_long_silence():
     speech_part = np.concatenate(parts[1:4])
     assert len(out) <= 12.05 * sr
     np.testing.assert_array_equal(out[: len(speech_part)], speech_part)
-    np.testing.assert_array_equal(out[len(speech_part) :], gap(0.05, sr))
+    np.testing.assert_array_equal(out[len(speech_part) :], pydub_tail(sr))
 
 
 def test_long_clip_without_long_silence_is_cut_at_a_short_one():
@@ -276,7 +284,7 @@ def test_long_clip_without_long_silence_is_cut_at_a_short_one():
     parts = [burst(5, sr, 1), gap(0.3, sr), burst(5, sr, 2), gap(0.3, sr), burst(5, sr, 3)]
     out = clip_reference(np.concatenate(parts), sr)
     speech_part = np.concatenate(parts[:3])
-    assert len(out) == len(speech_part) + int(0.05 * sr)
+    assert len(out) == len(speech_part) + len(pydub_tail(sr))
     np.testing.assert_array_equal(out[: len(speech_part)], speech_part)
 
 
@@ -284,7 +292,7 @@ def test_long_clip_without_silence_is_cut_hard():
     sr = SAMPLE_RATE
     wave = burst(15, sr, 4)
     out = clip_reference(wave, sr)
-    assert len(out) == 12 * sr + int(0.05 * sr)
+    assert len(out) == 12 * sr + len(pydub_tail(sr))
     np.testing.assert_array_equal(out[: 12 * sr], wave[: 12 * sr])
 
 
@@ -292,12 +300,12 @@ def test_long_clip_without_silence_is_cut_hard():
 def test_short_clip_only_loses_silent_edges(sr):
     speech_part = burst(3, sr, 5)
     out = clip_reference(np.concatenate([gap(0.3, sr), speech_part, gap(0.4, sr)]), sr)
-    np.testing.assert_array_equal(out, np.concatenate([speech_part, gap(0.05, sr)]))
+    np.testing.assert_array_equal(out, np.concatenate([speech_part, pydub_tail(sr)]))
     # quiet noise (-60 dBFS) counts as silence at the edges
     noise = (np.random.default_rng(6).standard_normal(int(0.2 * sr)) * 1e-3).astype(np.float32)
     out = clip_reference(np.concatenate([noise, speech_part, noise]), sr)
     np.testing.assert_array_equal(out[: len(speech_part)], speech_part)
-    assert len(out) == len(speech_part) + int(0.05 * sr)
+    assert len(out) == len(speech_part) + len(pydub_tail(sr))
 
 
 def test_clip_reference_on_speech():
@@ -308,3 +316,38 @@ def test_clip_reference_on_speech():
     out = clip_reference(long, sr)
     assert len(out) <= 12.05 * sr
     assert len(out) < 2 * len(wave) + 1.5 * sr  # cut in the second silence, not mid-speech
+
+
+def reference_case(name: str, ref_en) -> tuple[np.ndarray, int]:
+    """16-bit clips that take each branch of upstream's clipping, at 24 kHz and other rates."""
+    wave, sr = sf.read(ref_en, dtype="float32")
+    if name == "speech":
+        return wave, sr
+    if name == "quiet":
+        return wave * 0.05, sr
+    if name in ("16 kHz", "44.1 kHz"):
+        rate = 16000 if name == "16 kHz" else 44100
+        return torchaudio.functional.resample(torch.from_numpy(wave), sr, rate).numpy(), rate
+    if name == "long silences":
+        return np.concatenate([wave, gap(1.5, sr), wave, gap(1.5, sr), wave]), sr
+    if name == "short silences":
+        return np.concatenate([burst(5, sr, 1) * 0.5, gap(0.3, sr), burst(5, sr, 2) * 0.5, gap(0.3, sr),
+                               burst(5, sr, 3) * 0.5]), sr
+    return burst(15, sr, 4) * 0.5, sr  # no silence: a hard cut
+
+
+@pytest.mark.parametrize("name", ["speech", "quiet", "16 kHz", "44.1 kHz", "long silences", "short silences",
+                                  "no silence"])
+def test_clip_reference_equals_upstream_preprocess(tmp_path, ref_en, name):
+    """Sample for sample what upstream's `preprocess_ref_audio_text` writes (pydub on the 16-bit file):
+    pydub's whole-ms lengths, zero-filled slices, integer RMS and resampled 50 ms tail included."""
+    import upstream
+
+    wave, sr = reference_case(name, ref_en)
+    path = tmp_path / "ref.wav"
+    sf.write(path, wave, sr, subtype="PCM_16")
+    clipped_path, _ = upstream.load_infer().preprocess_ref_audio_text(str(path), "x.", show_info=lambda *a: None)
+    expected, rate = sf.read(clipped_path, dtype="float32")
+    got = clip_reference(read_audio(path)[0], sr)
+    assert rate == sr
+    np.testing.assert_array_equal(got, expected)

@@ -74,7 +74,7 @@ def test_plot_results_charts_rows_of_several_runs(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "plot_results.py"), str(one),
                            f"{two}: capped", "--output", str(out)], capture_output=True, text=True, check=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot:" in done.stdout
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing"):
         bench.plot_runs([row], tmp_path / "missing" / "x.png")
 
 

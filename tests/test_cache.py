@@ -60,7 +60,7 @@ def test_disabled_cache_computes_and_stores_nothing():
         assert cache.get_or_compute("k", lambda: calls.append(1) or "v", len) == "v"
         assert cache.get_or_compute("k", lambda: calls.append(1) or "v", len) == "v"
         assert calls == [1, 1] and len(cache) == 0 and not cache.stats().enabled
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="t: cache bounds must be >= 0, got -1 entries"):
         LRUCache("t", -1, 10)
 
 

@@ -90,7 +90,8 @@ def test_any_length_and_batch_runs_with_padding_masks(exported, dit, decoder, le
         got = run_onnx(out / spec.onnx_file, inputs)
         keep = output_valid_mask(spec, expected, lengths).expand_as(expected)
         assert got.shape == expected.shape
-        assert (got - expected).abs()[keep].max() <= TOLERANCE[(spec.name, "fp32")]
+        errors = (got - expected).abs()[keep]
+        assert errors.numel() == 0 or errors.max() <= TOLERANCE[(spec.name, "fp32")]  # 1 frame: no samples
 
 
 def test_fp16_files_keep_fp32_inputs_and_outputs(exported):

@@ -264,7 +264,7 @@ def test_restricted_apis_need_the_admin_key(server: TritonServer) -> None:
             http.get_model_repository_index()
         names = {m["name"] for m in http.get_model_repository_index(headers=server.admin_headers)}
         assert {"double", "add_one", "pipeline"} <= names
-        with pytest.raises(InferenceServerException):
+        with pytest.raises(InferenceServerException, match="restricted"):
             http.update_log_settings({"log_verbose_level": 1})
         http.get_inference_statistics("double")  # statistics stay open
 

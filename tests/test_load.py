@@ -45,9 +45,9 @@ def validated(args: dict):
 
 
 def expected_samples(tts, args: dict) -> int:
-    """Output length of a one-chunk request: its generated frames times the hop."""
+    """Output length of a one-chunk request: Vocos' (generated frames - 1) * hop."""
     (job,) = tts.preprocess(validated(args)).jobs
-    return (job.total_frames - job.ref_frames) * HOP_LENGTH
+    return (job.total_frames - job.ref_frames - 1) * HOP_LENGTH
 
 
 class Clients(threading.local):

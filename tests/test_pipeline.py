@@ -19,14 +19,15 @@ def tts(tiny_ckpt):
 
 
 def expected_samples(wave, ref_text, gen_text, speed=1.0):
-    """Upstream infer_batch_process: duration = ref + ref/ref_bytes*gen_bytes/speed; output = the generated part."""
+    """Upstream infer_batch_process: duration = ref + ref/ref_bytes*gen_bytes/speed; output = Vocos.decode of
+    the generated part, (frames - 1) * hop samples."""
     clipped = audio.clip_reference(wave, SAMPLE_RATE)
     ref_frames = len(clipped) // HOP_LENGTH
     ref = ref_text + ". " if not ref_text.endswith(".") else ref_text + "  "
     gen_bytes = len(gen_text.encode())
     local_speed = 0.3 if gen_bytes < 10 else speed
     duration = ref_frames + int(ref_frames / len(ref.encode()) * gen_bytes / local_speed)
-    return (duration - ref_frames) * HOP_LENGTH
+    return (duration - ref_frames - 1) * HOP_LENGTH
 
 
 def test_output_length_follows_upstream_duration(tts, ref_wave):

@@ -183,7 +183,7 @@ def test_stop_stops_the_background_server(stages):
     result = run(["stop"], stages.env, timeout=150)
     assert result.returncode == 0 and "server stopped" in result.stdout
     assert not (stages.logs / "server.pid").exists()
-    with pytest.raises(ProcessLookupError):
+    with pytest.raises(ProcessLookupError, match="No such process"):
         os.kill(pid, 0)
     assert not port_open(stages.env["HTTP_PORT"]) and not port_open(stages.env["GRPC_PORT"])
 

@@ -113,9 +113,9 @@ def test_on_step_can_cancel(model):
 
     def on_step(i):
         if i == 3:
-            raise Cancelled
+            raise Cancelled(f"at step {i}")
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match="at step 3"):  # on_step's own exception, passed through unchanged
         sampler.sample(model, torch.randn(1, 30, 100), torch.randint(0, 256, (1, 20)), 60, steps=8, on_step=on_step)
 
 

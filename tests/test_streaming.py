@@ -151,23 +151,17 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     assert not (render(RepositoryOptions(**options, streaming=False), tmp_path / "plain") / "f5_tts_streaming").exists()
 
 
-def stream_with_times(server, wave, target_text, **optional):
+def stream_pieces(server, wave, target_text, **optional) -> list[np.ndarray]:
     from f5_triton.client import stream_synthesize
 
-    start = time.perf_counter()
-    pieces, arrivals = [], []
-    for piece in stream_synthesize(server.urls.grpc, wave, REF_TEXT, target_text, timeout=120, **optional):
-        arrivals.append(time.perf_counter() - start)
-        pieces.append(piece)
-    return pieces, arrivals
+    return list(stream_synthesize(server.urls.grpc, wave, REF_TEXT, target_text, timeout=120, **optional))
 
 
 @pytest.mark.server
 def test_server_stream_equals_in_process(streaming_server, tts, streamer, ref_wave, metric_samples):
-    stream_with_times(streaming_server, ref_wave, "Warm up.", nfe_steps=2)  # first-call costs out of the timing
     audio_seconds = ("f5_tts_generated_audio_seconds_total", (("model", "f5_tts_streaming"),))
     before = metric_samples(streaming_server, "f5_tts_generated_audio_seconds").get(audio_seconds, 0)
-    pieces, arrivals = stream_with_times(streaming_server, ref_wave, LONG_TEXT, seed=21, nfe_steps=8, speed=1.1)
+    pieces = stream_pieces(streaming_server, ref_wave, LONG_TEXT, seed=21, nfe_steps=8, speed=1.1)
     request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=21, nfe_steps=8, speed=1.1)
     prepared = streamer.prepare(request)
     assert len(pieces) == len(prepared.chunks) >= 4
@@ -175,8 +169,8 @@ def test_server_stream_equals_in_process(streaming_server, tts, streamer, ref_wa
     joined = np.concatenate(pieces)
     assert joined.shape == expected.shape
     assert np.abs(joined - expected).max() < 1e-4  # another process, same code: float noise at most
-    # one response per chunk, spread over the generation: the first arrives long before the final one
-    assert arrivals[-1] - arrivals[0] > 0.3 * arrivals[-1], arrivals
+    # one response per chunk; that each leaves as soon as its chunk is generated (not all at the end)
+    # is shown without timings by test_cancelling_stops_generation_before_the_last_chunk
     after = metric_samples(streaming_server, "f5_tts_generated_audio_seconds")[audio_seconds]
     assert after - before == pytest.approx(len(joined) / 24000, rel=1e-3)
 
@@ -207,9 +201,9 @@ def test_server_stream_rejects_bad_input(streaming_server, ref_wave):
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException, match="speed: is 5.0; allowed range"):
-        stream_with_times(streaming_server, ref_wave, "Too fast.", speed=5.0)
+        stream_pieces(streaming_server, ref_wave, "Too fast.", speed=5.0)
     with pytest.raises(InferenceServerException, match="target_text: is empty"):
-        stream_with_times(streaming_server, ref_wave, "   ")
+        stream_pieces(streaming_server, ref_wave, "   ")
 
 
 @pytest.mark.server

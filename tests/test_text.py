@@ -251,9 +251,9 @@ def test_invalid_utf8_vocab(tmp_path):
 
 
 def test_from_tokens_validates():
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="vocab file <from_tokens> is empty"):
         Tokenizer.from_tokens([])
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="the first token must be a space"):
         Tokenizer.from_tokens(["a", " "])
 
 
@@ -334,7 +334,7 @@ def test_max_chunk_bytes_matches_upstream(ref_text, n_samples, sr, speed, upstre
 def test_max_chunk_bytes_value_and_errors():
     # "Hello" -> "Hello. " (7 bytes) over 2 s: 7 / 2 * 20 * 1.0 = 70
     assert max_chunk_bytes("Hello", 2.0, 1.0) == 70
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ref_audio_seconds must be positive, got 0.0"):
         max_chunk_bytes("Hello", 0.0, 1.0)
 
 

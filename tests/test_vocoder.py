@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from vocos import Vocos
 from vocos.spectral_ops import ISTFT as VocosISTFT
 
 from f5_triton.audio import MelSpectrogram, read_audio
+from f5_triton.config import vocoder_samples
+from f5_triton.engines.base import VOCODER
 from f5_triton.errors import CheckpointError
 from f5_triton.vocoder import (
     ISTFT,
@@ -20,6 +23,8 @@ from f5_triton.vocoder import (
     make_random_vocos,
     vocos_config,
 )
+
+from conftest import shared_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -58,16 +63,31 @@ def random_mel(batch: int, frames: int, seed: int) -> torch.Tensor:
 # ISTFT and decoder parity
 
 
-@pytest.mark.parametrize("frames", [1, 2, 7, 300])
+@pytest.mark.parametrize("frames", [2, 3, 7, 300])
 def test_istft_equals_vocos_istft(frames):
     gen = torch.Generator().manual_seed(frames)
     mag = torch.exp(torch.randn(2, 513, frames, generator=gen) * 2).clip(max=1e2)  # up to the head's clip
     phase = torch.rand(2, 513, frames, generator=gen) * 2 * torch.pi
-    vocos_istft = VocosISTFT(n_fft=1024, hop_length=256, win_length=1024, padding="same")
+    vocos_istft = VocosISTFT(n_fft=1024, hop_length=256, win_length=1024, padding="center")  # torch.istft
     expected = vocos_istft(torch.polar(mag, phase))
     ours = ISTFT(n_fft=1024, hop_length=256)(mag * torch.cos(phase), mag * torch.sin(phase))
-    assert ours.shape == expected.shape == (2, frames * 256)
-    assert (ours - expected).abs().max().item() < 1e-5  # measured ~2e-6 on signals of peak ~2
+    assert ours.shape == expected.shape == (2, (frames - 1) * 256)
+    assert (ours - expected).abs().max().item() < 1e-5  # measured ~6e-7 on signals of peak ~2
+
+
+def test_one_frame_gives_no_samples():
+    """torch.istft refuses a single centred frame (all of it is trimmed); ours returns 0 samples."""
+    real = torch.randn(1, 513, 1)
+    assert ISTFT()(real, torch.zeros_like(real)).shape == (1, 0)
+    assert vocoder_samples(1) == VOCODER.samples(1) == 0
+
+
+@pytest.mark.parametrize("frames", [0, 1, 2, 50])
+def test_output_lengths_agree(frames):
+    """The length rule, in its three places: config (pipeline, postprocess), ISTFT, the engines' spec."""
+    expected = max(frames - 1, 0) * 256
+    assert vocoder_samples(frames) == ISTFT().samples(frames) == VOCODER.samples(frames) == expected
+    assert VOCODER.samples(torch.tensor([frames])).tolist() == [expected]
 
 
 def test_decoder_equals_vocos_decode_on_speech(vocos, decoder):
@@ -76,18 +96,68 @@ def test_decoder_equals_vocos_decode_on_speech(vocos, decoder):
         expected = vocos.decode(mel)
         ours = decoder(mel)
         ours_with_lengths = decoder(mel, torch.tensor([mel.shape[-1]]))
-    assert ours.shape == expected.shape == (1, mel.shape[-1] * 256)
+    assert ours.shape == expected.shape == (1, (mel.shape[-1] - 1) * 256)
     assert (ours - expected).abs().max().item() < 1e-5
     assert (ours_with_lengths - expected).abs().max().item() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def published_vocos_dir(tmp_path_factory) -> Path:
+    """A Vocos folder as users download it: the published config.yaml itself (byte for byte) and
+    random weights of its shape (vocos' own init, made from that config)."""
+    published = shared_file("vocos-mel-24khz/config.yaml")
+    folder = tmp_path_factory.mktemp("published_vocos")
+    (folder / "config.yaml").write_bytes(published.read_bytes())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        weights = Vocos.from_hparams(str(published)).state_dict()
+    torch.save(weights, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_published_config_loads_and_decodes_as_vocos(published_vocos_dir):
+    vocos = load_vocos(published_vocos_dir)
+    assert vocos.head.istft.padding == "center" and vocos.backbone.convnext[0].dwconv.in_channels == 512
+    decoder = VocosDecoder(vocos).eval()
+    mel = speech_mel(120)
+    with torch.inference_mode():
+        expected = vocos.decode(mel)
+        ours = decoder(mel)
+    assert ours.shape == expected.shape == (1, 119 * 256)
+    assert (ours - expected).abs().max().item() < 1e-5
+
+
+def test_published_config_decodes_batches_as_vocos(published_vocos_dir):
+    vocos = load_vocos(published_vocos_dir)
+    mels = [speech_mel(n)[0] for n in (90, 2, 37)] + [random_mel(1, 64, seed=3)[0]]
+    waves = decode_batch(VocosDecoder(vocos).eval(), mels)
+    for mel, wave in zip(mels, waves):
+        with torch.inference_mode():
+            alone = vocos.decode(mel[None])[0].numpy()
+        assert wave.shape == alone.shape == ((mel.shape[-1] - 1) * 256,)
+        assert np.abs(wave - alone).max() < 1e-5
+
+
+def test_random_vocos_writes_the_published_config(tmp_path):
+    """make_random_vocos(small=False) writes what charactr/vocos-mel-24khz publishes; small only shrinks sizes."""
+    published = yaml.safe_load(shared_file("vocos-mel-24khz/config.yaml").read_text())
+    full = yaml.safe_load((make_random_vocos(tmp_path / "full", seed=1, small=False) / "config.yaml").read_text())
+    assert full == vocos_config(small=False) == published
+    small = yaml.safe_load((make_random_vocos(tmp_path / "small", seed=1) / "config.yaml").read_text())
+    sizes = {("backbone", "dim"), ("backbone", "intermediate_dim"), ("backbone", "num_layers"), ("head", "dim")}
+    for part, args in published.items():
+        assert small[part]["class_path"] == args["class_path"]
+        differing = {key for key, value in args["init_args"].items() if small[part]["init_args"][key] != value}
+        assert differing == {key for p, key in sizes if p == part}, part
+    assert small["head"]["init_args"]["dim"] == small["backbone"]["init_args"]["dim"]
 
 
 def test_full_size_random_vocos_loads_and_decodes(tmp_path):
     folder = make_random_vocos(tmp_path, seed=1, small=False)
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    assert config == vocos_config(small=False)
     backbone = {"input_channels": 100, "dim": 512, "intermediate_dim": 1536, "num_layers": 8}
     assert config["backbone"]["init_args"] == backbone
-    assert config["head"]["init_args"] == {"dim": 512, "n_fft": 1024, "hop_length": 256, "padding": "same"}
+    assert config["head"]["init_args"] == {"dim": 512, "n_fft": 1024, "hop_length": 256, "padding": "center"}
     vocos = load_vocos(folder)
     mel = speech_mel(64)
     with torch.inference_mode():
@@ -105,12 +175,12 @@ def test_random_vocos_is_deterministic(tmp_path):
 
 
 def test_decode_batch_equals_decoding_alone(vocos, decoder):
-    mels = [random_mel(1, n, seed=n)[0] for n in (13, 200, 80, 1)]
+    mels = [random_mel(1, n, seed=n)[0] for n in (13, 200, 80, 2)]
     waves = decode_batch(decoder, mels)
     for mel, wave in zip(mels, waves):
         with torch.inference_mode():
             alone = vocos.decode(mel[None])[0].numpy()
-        assert wave.shape == alone.shape == (mel.shape[-1] * 256,)
+        assert wave.shape == alone.shape == ((mel.shape[-1] - 1) * 256,)
         assert np.abs(wave - alone).max() < 1e-5  # measured ~1e-7: padding does not reach the item
 
 
@@ -122,11 +192,11 @@ def test_padding_without_lengths_would_leak(vocos, decoder):
     batch[0, :, :80], batch[1] = short[0], long[0]
     with torch.inference_mode():
         alone = vocos.decode(short)[0]
-        unmasked = decoder(batch)[0, : 80 * 256]
+        unmasked = decoder(batch)[0, : 79 * 256]
         masked = decoder(batch, torch.tensor([80, 200]))
     assert (unmasked - alone).abs().max().item() > 1e-3
-    assert (masked[0, : 80 * 256] - alone).abs().max().item() < 1e-5
-    assert masked[0, 80 * 256 :].abs().max().item() == 0.0  # nothing past an item's end
+    assert (masked[0, : 79 * 256] - alone).abs().max().item() < 1e-5
+    assert masked[0, 79 * 256 :].abs().max().item() == 0.0  # nothing past an item's end
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +235,7 @@ def test_onnx_export_matches_torch(tmp_path, decoder, dynamo, with_lengths):
         (wave,) = session.run(None, feeds)
         with torch.inference_mode():
             expected = decoder(mel, lengths if with_lengths else None).numpy()
-        assert wave.shape == expected.shape == (batch_size, frames * 256)
+        assert wave.shape == expected.shape == (batch_size, (frames - 1) * 256)
         assert np.abs(wave - expected).max() < 1e-5
 
 
@@ -212,7 +282,7 @@ def test_load_vocos_bad_config(tmp_path):
         load_vocos(folder)
 
     config = vocos_config(small=True)
-    config["head"]["init_args"]["padding"] = "center"
+    config["head"]["init_args"]["padding"] = "same"  # vocos' other ISTFT; no published mel Vocos uses it
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(CheckpointError, match="not a mel Vocos"):
+    with pytest.raises(CheckpointError, match="not a mel Vocos .*padding 'center'"):
         load_vocos(folder)

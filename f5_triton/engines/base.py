@@ -63,6 +63,7 @@ class NetworkSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     samples_per_frame: int = 1  # length of a "samples" axis per frame
+    frames_without_samples: int = 0  # frames a "samples" axis lacks (a centred ISTFT: one, half a window each end)
     batch_per_request: int = 1  # batch rows one request takes (2 for the DiT step: classifier-free guidance)
 
     @property
@@ -80,6 +81,11 @@ class NetworkSpec:
     @property
     def plan_file(self) -> str:
         return f"{self.name}.plan"
+
+    def samples(self, frames):
+        """Length of the "samples" axis for `frames` frames (an int, or a tensor of per-item frames)."""
+        kept = frames - self.frames_without_samples
+        return (kept.clamp(min=0) if torch.is_tensor(kept) else max(kept, 0)) * self.samples_per_frame
 
     def check(self, inputs: Sequence[torch.Tensor]) -> None:
         """Raise TypeError/ValueError unless `inputs` are this network's tensors, in order, with the right ranks."""
@@ -99,7 +105,7 @@ class NetworkSpec:
             for axis, name in spec.dynamic_axes().items():
                 sizes.setdefault(name, int(tensor.shape[axis]))
         if "frames" in sizes:
-            sizes.setdefault("samples", sizes["frames"] * self.samples_per_frame)
+            sizes.setdefault("samples", self.samples(sizes["frames"]))
         return sizes
 
     def pad_frames(self, inputs: Sequence[torch.Tensor], frames: int) -> list[torch.Tensor]:
@@ -123,7 +129,7 @@ class NetworkSpec:
     def trim_frames(self, output: torch.Tensor, frames: int, index: int = 0) -> torch.Tensor:
         """Cut a padded output back to `frames` frames (the inverse of `pad_frames`)."""
         spec = self.outputs[index]
-        for name, length in (("frames", frames), ("samples", frames * self.samples_per_frame)):
+        for name, length in (("frames", frames), ("samples", self.samples(frames))):
             axis = spec.axis(name)
             if axis is not None:
                 output = output.narrow(axis, 0, length)
@@ -152,6 +158,7 @@ VOCODER = NetworkSpec(
     ),
     outputs=(TensorSpec("waveform", torch.float32, ("batch", "samples")),),
     samples_per_frame=HOP_LENGTH,
+    frames_without_samples=1,  # config.vocoder_samples: (frames - 1) * hop
 )
 
 NETWORKS: dict[str, NetworkSpec] = {spec.name: spec for spec in (DIT_STEP, VOCODER)}

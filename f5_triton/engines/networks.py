@@ -104,10 +104,10 @@ def output_valid_mask(spec: NetworkSpec, output: torch.Tensor, lengths: Sequence
     """
     lengths_t = torch.tensor(list(lengths), dtype=torch.int64)
     out_spec = spec.outputs[0]
-    for name, scale in (("frames", 1), ("samples", spec.samples_per_frame)):
+    for name, length in (("frames", lengths_t), ("samples", spec.samples(lengths_t))):
         axis = out_spec.axis(name)
         if axis is not None:
-            keep = valid_mask(lengths_t * scale, output.shape[axis])
+            keep = valid_mask(length, output.shape[axis])
             return keep.view(output.shape[0], *[output.shape[axis] if i == axis else 1
                                                 for i in range(1, output.ndim)])
     return torch.ones((1,) * output.ndim, dtype=torch.bool)

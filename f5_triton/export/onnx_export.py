@@ -288,7 +288,8 @@ class ExportedNetwork:
         return {"network": self.spec.name, "file": self.path.name, "precision": self.precision,
                 "exporter": self.exporter, "opset": self.opset, "inputs": tensors(self.spec.inputs),
                 "outputs": tensors(self.spec.outputs), "batch_per_request": self.spec.batch_per_request,
-                "samples_per_frame": self.spec.samples_per_frame, "max_abs_err": self.max_abs_err,
+                "samples_per_frame": self.spec.samples_per_frame,
+                "frames_without_samples": self.spec.frames_without_samples, "max_abs_err": self.max_abs_err,
                 "errors": [row.as_dict() for row in self.errors]}
 
 

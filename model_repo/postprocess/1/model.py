@@ -21,7 +21,7 @@ import numpy as np
 
 import triton_python_backend_utils as pb_utils
 
-from f5_triton.config import HOP_LENGTH, SAMPLE_RATE
+from f5_triton.config import SAMPLE_RATE, vocoder_samples
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import finish
 from f5_triton.serving import stages, triton_io, wire
@@ -61,4 +61,4 @@ class TritonPythonModel:
         if response.has_error():
             raise RuntimeError(f"vocoder: {response.error().message()}")
         wave = pb_utils.get_output_tensor_by_name(response, "waveform").as_numpy()[0]
-        return wave[: mel.shape[1] * HOP_LENGTH]
+        return wave[: vocoder_samples(mel.shape[1])]
