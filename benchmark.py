@@ -23,13 +23,17 @@ import numpy as np
 from tqdm import tqdm
 
 from f5_triton import bench
+from f5_triton.client import default_url
 from f5_triton.config import SAMPLE_RATE
 
 
 def parse_args(argv=None):
     from f5_triton.cli import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--mode", choices=["offline", "server"], default="offline")
     p.add_argument("--dataset", help="folder or JSONL of (reference audio, reference text, target text)")
     p.add_argument("--reference-audio", help="built-in set: use this reference clip instead of a synthetic one")
@@ -47,11 +51,13 @@ def parse_args(argv=None):
     off.add_argument("--batch-size", default="1", help="batch size, or a comma list for a sweep")
     bench.add_engine_args(p)
     srv = p.add_argument_group("server")
-    srv.add_argument("--server-url", default="localhost:8001")
+    srv.add_argument("--server-url", help="host:port; None: localhost:$GRPC_PORT (8001), or $HTTP_PORT (8000) with --protocol http")
     srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
     srv.add_argument("--model-name", default="f5_tts")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.server_url = args.server_url or default_url(args.protocol)
+    return args
 
 
 def _ints(text: str) -> list[int]:
