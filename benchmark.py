@@ -27,13 +27,17 @@ import numpy as np
 from tqdm import tqdm
 
 from f5_triton import bench
+from f5_triton.client import default_url
 from f5_triton.config import SAMPLE_RATE
 
 
 def parse_args(argv=None):
     from f5_triton.cli import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--mode", choices=["offline", "server"], default="offline")
     p.add_argument("--dataset", help="folder or JSONL of (reference audio, reference text, target text)")
     p.add_argument("--set", default="uniform",
@@ -57,7 +61,7 @@ def parse_args(argv=None):
                           "frame limit) and report how long it took: the first pass is then what a ready server does")
     bench.add_engine_args(p)
     srv = p.add_argument_group("server")
-    srv.add_argument("--server-url", default="localhost:8001")
+    srv.add_argument("--server-url", help="host:port; None: localhost:$GRPC_PORT (8001), or $HTTP_PORT (8000) with --protocol http")
     srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
     srv.add_argument("--model-name", default="f5_tts")
@@ -65,6 +69,7 @@ def parse_args(argv=None):
     unknown = set(args.set.split(",")) - set(bench.BUILTIN_SETS)
     if unknown:
         p.error(f"--set: unknown set(s) {sorted(unknown)}; known: {', '.join(bench.BUILTIN_SETS)}")
+    args.server_url = args.server_url or default_url(args.protocol)
     return args
 
 

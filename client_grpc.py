@@ -5,7 +5,9 @@
     python client_grpc.py --streaming ...   # f5_tts_streaming: pieces as they come, time to first audio
 """
 
+import sys
+
 from f5_triton.client import run_client
 
 if __name__ == "__main__":
-    run_client("grpc")
+    sys.exit(run_client("grpc"))

@@ -4,7 +4,9 @@
     python client_http.py --reference-audio ref.wav --reference-text "..." --target-text "..." -h
 """
 
+import sys
+
 from f5_triton.client import run_client
 
 if __name__ == "__main__":
-    run_client("http")
+    sys.exit(run_client("http"))

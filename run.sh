@@ -5,7 +5,7 @@
 #   bash run.sh <start> <stop> [F5TTS_v1_Base|F5TTS_Base|F5TTS_v1_Small|F5TTS_Small] [options]
 #   bash run.sh serve [model] [options]   stages 0-4: get checkpoints, build what is missing, serve
 #   bash run.sh test [pytest args]        the test suite (bash scripts/test.sh)
-#   bash run.sh stop                      stop a server started in the background (SERVE_DETACH=1)
+#   bash run.sh stop                      stop the server stage 4 started (background or foreground)
 #
 # Stages
 #   0  checkpoints: download (scripts/download_models.py), or a random one with --random-weights
@@ -32,7 +32,8 @@
 #   BUILD_DIR     everything built (build):        ONNX_DIR     $BUILD_DIR/onnx/<model>
 #   ENGINE_ROOT   $BUILD_DIR/engines               ENGINE_DIR   $ENGINE_ROOT/<model>/<GPU model>-<TensorRT>
 #   MODEL_REPO    rendered repository ($BUILD_DIR/model_repo)
-#   LOG_DIR       $BUILD_DIR/logs: server.log (f5-triton serve), tritonserver.log, server.pid
+#   LOG_DIR       $BUILD_DIR/logs: server.log (f5-triton serve), tritonserver.log, server.pid and
+#                 server.model (the model it serves; stages 5-6 use it when no model is given)
 #                 (SERVER_LOG, TRITON_LOG, PID_FILE name them one by one)
 #   OUT_DIR       client outputs, benchmark results (out)
 #   F5_MODEL      model when none is given (F5TTS_v1_Base); RANDOM_WEIGHTS=1 is --random-weights
@@ -42,7 +43,7 @@
 #   NFE DTYPE MAX_BATCH_SIZE GPUS FLOW_INSTANCES REPO_ARGS   model repository settings (stage 3)
 #   MAX_FRAMES TRT_WORKSPACE_GIB                             engine settings (stages 1-2)
 #   F5_TENSORRT   tensorrt | tensorrt-rtx: the TensorRT flavour for builds and engines (default: auto)
-#   REF_AUDIO REF_TEXT TARGET_TEXT                           client tests (stages 5-6)
+#   REF_AUDIO REF_TEXT TARGET_TEXT                           client tests (stages 5-6; examples/basic_ref_en.flac)
 #   BENCH_BATCH_SIZE BENCH_ARGS                              benchmarks (stages 7-8)
 #   PYTHON        interpreter (default: .venv/bin/python, made by scripts/setup_env.sh if missing)
 set -euo pipefail
@@ -99,6 +100,7 @@ elif [ "$COMMAND" = serve ]; then
   START=0 STOP=4 MODEL=${POSITIONAL[0]:-}
   [ ${#POSITIONAL[@]} -le 1 ] || die "serve takes at most a model name, got: ${POSITIONAL[*]}"
 fi
+MODEL_GIVEN=${MODEL:-${F5_MODEL:-}}
 MODEL=${MODEL:-${F5_MODEL:-F5TTS_v1_Base}}
 case "$BACKEND" in auto|torch|trt) ;; pytorch) BACKEND=torch ;; *) die "--backend must be torch or trt, got '$BACKEND'" ;; esac
 case "$TARGET" in ""|cpu|gpu) ;; *) die "--target must be cpu or gpu, got '$TARGET'" ;; esac
@@ -118,6 +120,7 @@ MODEL_REPO=$(user_path "${MODEL_REPO:-}" "$BUILD_DIR/model_repo")
 OUT_DIR=$(user_path "${OUT_DIR:-}" "$ROOT/out")
 LOG_DIR=$(user_path "${LOG_DIR:-}" "$BUILD_DIR/logs")
 PID_FILE=$(user_path "${PID_FILE:-}" "$LOG_DIR/server.pid")
+SERVED_FILE=${PID_FILE%.pid}.model
 SERVER_LOG=$(user_path "${SERVER_LOG:-}" "$LOG_DIR/server.log")
 TRITON_LOG=$(user_path "${TRITON_LOG:-}" "$LOG_DIR/tritonserver.log")
 HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
@@ -257,27 +260,26 @@ vocoder_folder() {
   return 1
 }
 
-find_ref_audio() {
-  local candidate
-  for candidate in "${REF_AUDIO:+$(user_path "$REF_AUDIO" "")}" "$ROOT/../shared/data/basic_ref_en.wav" \
-      "$("$PYTHON" -c 'import f5_tts, os; print(os.path.join(os.path.dirname(f5_tts.__file__), "infer/examples/basic/basic_ref_en.wav"))' 2>/dev/null)"; do
-    if [ -n "$candidate" ] && [ -f "$candidate" ]; then printf '%s' "$candidate"; return; fi
-  done
-  die "no reference clip: set REF_AUDIO to a 3-15 s wav and REF_TEXT to its transcript
-  (F5-TTS's src/f5_tts/infer/examples/basic/basic_ref_en.wav is the usual one)"
+find_ref_audio() {  # REF_AUDIO, else the clip shipped in examples/ (REF_TEXT's default is its transcript)
+  local ref
+  ref=$(user_path "${REF_AUDIO:-}" "$ROOT/examples/basic_ref_en.flac")
+  [ -f "$ref" ] || die "no reference clip at $ref: set REF_AUDIO to a 3-15 s clip and REF_TEXT to its transcript"
+  printf '%s' "$ref"
 }
 
-server_pid() {  # the pid of a background server started by stage 4, if it still runs
+server_pid() {  # the pid of the server stage 4 started (background or foreground), if it still runs
   local pid
   [ -f "$PID_FILE" ] || return 1
   pid=$(cat "$PID_FILE")
   [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  # a stale file's pid may have been reused by another program
+  if [ -r "/proc/$pid/cmdline" ]; then tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "f5_triton.cli serve" || return 1; fi
   printf '%s' "$pid"
 }
 
 stop_server() {
   local pid child waited=0
-  if ! pid=$(server_pid); then say "no background server running (pid file $PID_FILE)"; rm -f "$PID_FILE"; return 0; fi
+  if ! pid=$(server_pid); then say "no server running (pid file $PID_FILE)"; rm -f "$PID_FILE" "$SERVED_FILE"; return 0; fi
   say "stopping the server (pid $pid): in-flight requests finish first"
   kill -TERM "$pid"
   while kill -0 "$pid" 2>/dev/null; do
@@ -290,11 +292,18 @@ stop_server() {
       break
     fi
   done
-  rm -f "$PID_FILE"
+  rm -f "$PID_FILE" "$SERVED_FILE"
   say "server stopped"
 }
 
 if [ "$COMMAND" = stop ]; then stop_server; exit 0; fi
+
+# Client tests alone (stages 5-6) with no model named talk to the running server: name what it serves.
+if [ "$START" -ge 5 ] && [ -z "$MODEL_GIVEN" ] && [ "$RANDOM_WEIGHTS" = 0 ] && server_pid >/dev/null \
+    && [ -f "$SERVED_FILE" ]; then
+  read -r LABEL RANDOM_WEIGHTS < "$SERVED_FILE"
+  [ "$RANDOM_WEIGHTS" = 1 ] || MODEL=$LABEL
+fi
 
 # The interpreter: PYTHON, else this checkout's .venv, else a python3 that has the package (as in the
 # container image); on a fresh checkout, create .venv first (scripts/setup_env.sh: needs PyPI).
@@ -303,7 +312,7 @@ if [ -z "${PYTHON:-}" ]; then
   elif python3 -c "import torch, tritonclient, f5_triton.serving.repository" >/dev/null 2>&1; then PYTHON=python3
   else
     say "no Python environment with f5-triton yet: creating .venv (bash scripts/setup_env.sh, a few minutes)"
-    bash "$ROOT/scripts/setup_env.sh" || die "could not create .venv; install the package yourself (pip install -e '.[serve,onnx]') and set PYTHON"
+    bash "$ROOT/scripts/setup_env.sh" || die "could not create .venv; install the package yourself (pip install -e '.[onnx,serve,gateway]') and set PYTHON"
     PYTHON=$ROOT/.venv/bin/python
   fi
 fi
@@ -354,6 +363,11 @@ if run_stage 0; then
     "$PYTHON" scripts/make_random_checkpoint.py --config "$RANDOM_ARCH" --output "$MODEL_DIR"
   else
     [ "$MODEL_DIR" = "$CKPT_DIR/$MODEL" ] || die "MODEL_DIR=$MODEL_DIR holds no checkpoint (model_*.safetensors|pt, vocab.txt, Vocos)"
+    if ! { [ -d "$CKPT_DIR" ] && [ -w "$CKPT_DIR" ]; } && ! { [ ! -e "$CKPT_DIR" ] && [ -w "$(dirname "$CKPT_DIR")" ]; }; then
+      die "no checkpoint in $MODEL_DIR, and $CKPT_DIR is not writable (a read-only mount?): nothing can be
+  downloaded there. Download first (Docker: docker compose --profile download run --rm download),
+  or mount it writable, or point MODEL_DIR at a folder with the checkpoint"
+    fi
     say "stage 0: downloading $MODEL and Vocos into $CKPT_DIR"
     "$PYTHON" scripts/download_models.py --model "$MODEL" --output "$CKPT_DIR" || die "no checkpoint for $MODEL.
   Without network, put the published files in place and run again:
@@ -440,7 +454,7 @@ if run_stage 4; then
   elif [ "$STOP" -gt 4 ]; then detach=1
   else detach=0; fi
   if pid=$(server_pid); then
-    [ "$detach" = 1 ] || die "a background server is already running (pid $pid); bash run.sh stop"
+    [ "$detach" = 1 ] || die "a server is already running (pid $pid); bash run.sh stop"
     say "stage 4: server already running in the background (pid $pid), reused"
   else
     [ ! -f "$TRITON_LOG" ] || mv -f "$TRITON_LOG" "$TRITON_LOG.1"
@@ -449,7 +463,11 @@ if run_stage 4; then
       [ "$RANDOM_WEIGHTS" = 0 ] || printf '%s\n' "$RANDOM_BANNER"
     } > "$TRITON_LOG"
     say "stage 4: starting the server (tritonserver log: $TRITON_LOG)"
-    [ "$detach" = 1 ] || exec "${serve[@]}"  # foreground: signals (Ctrl-C, docker stop) reach the server
+    printf '%s %s\n' "$LABEL" "$RANDOM_WEIGHTS" > "$SERVED_FILE"
+    if [ "$detach" != 1 ]; then  # foreground: signals (Ctrl-C, docker stop) reach the server; `stop` too
+      echo "$$" > "$PID_FILE"
+      exec "${serve[@]}"
+    fi
     : > "$SERVER_LOG"
     [ "$RANDOM_WEIGHTS" = 0 ] || printf '%s\n' "$RANDOM_BANNER" >> "$SERVER_LOG"
     if command -v setsid >/dev/null 2>&1; then starter=(setsid); else starter=(nohup); fi

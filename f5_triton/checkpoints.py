@@ -76,6 +76,16 @@ def read_model_yaml(path: str | os.PathLike) -> DiTConfig | None:
         raise CheckpointError(f"cannot parse architecture from {path}: {exc}") from exc
 
 
+def is_random_checkpoint(ckpt_path: str | os.PathLike) -> bool:
+    """Whether `make_random_checkpoint` wrote this checkpoint (its model.yaml says so): its audio is noise."""
+    path = Path(ckpt_path).parent / "model.yaml"
+    try:
+        doc = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(doc, dict) and bool((doc.get("model") or {}).get("random_weights", False))
+
+
 def resolve_architecture(ckpt_path: str | os.PathLike, arch: DiTConfig | str | None = None) -> DiTConfig:
     """Explicit config or name > `model.yaml` beside the checkpoint > name of the checkpoint's folder."""
     if isinstance(arch, DiTConfig):
@@ -204,7 +214,9 @@ def make_random_checkpoint(output: str | os.PathLike, name: str = "tiny", vocab_
     else:
         write_vocab(small_vocab(), output / "vocab.txt")
     config = ARCHITECTURES[name].replace(text_num_embeds=Tokenizer(output / "vocab.txt").vocab_size)
-    (output / "model.yaml").write_text(yaml.safe_dump(model_yaml(name, config), sort_keys=False))
+    doc = model_yaml(name, config)
+    doc["model"]["random_weights"] = True  # clients and logs warn that the output is noise (is_random_checkpoint)
+    (output / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     write_checkpoint(random_dit(config, seed), output / f"model.{fmt}", dtype=dtype)
     make_random_vocos(output / "vocos", seed=seed, small=(name == "tiny") if vocoder_small is None else vocoder_small)
     return output

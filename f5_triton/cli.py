@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from f5_triton.errors import CheckpointError, InvalidInputError
@@ -44,6 +45,7 @@ def cmd_synth(args) -> int:
     import torch
 
     from f5_triton.audio import read_audio
+    from f5_triton.checkpoints import is_random_checkpoint
     from f5_triton.config import SAMPLE_RATE
     from f5_triton.pipeline import TTS
     from f5_triton.request import validate_request
@@ -58,10 +60,16 @@ def cmd_synth(args) -> int:
                                cfg_strength=args.cfg, speed=args.speed, seed=args.seed)
     tts = TTS.from_paths(ckpt, vocab, vocoder, arch=args.arch, device=args.device,
                          dtype=getattr(torch, DTYPES[args.dtype]))
+    start = time.perf_counter()
     out = tts.synthesize([request])[0]
+    latency = time.perf_counter() - start
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     sf.write(args.output, out, SAMPLE_RATE)
-    print(f"wrote {args.output}: {len(out) / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz")
+    seconds = len(out) / SAMPLE_RATE
+    print(f"wrote {args.output}: {seconds:.2f} s of audio at {SAMPLE_RATE} Hz in {latency:.2f} s "
+          f"(RTF {latency / seconds:.3f}, model loading not counted)")
+    if is_random_checkpoint(ckpt):
+        print(f"WARNING: {ckpt} holds RANDOM WEIGHTS: the audio is noise, not speech", file=sys.stderr)
     return 0
 
 
@@ -71,16 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="f5-triton", description="Serve F5-TTS with Triton Inference Server")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", help="speak a text in the voice of a reference clip, in process")
+    synth = sub.add_parser("synth", help="speak a text in the voice of a reference clip, in process",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(synth)
-    synth.add_argument("--ref-audio", required=True, help="reference clip (wav/flac/ogg, 3-15 s)")
+    synth.add_argument("--ref-audio", required=True, help="reference clip (wav, flac, ogg or mp3; 3-15 s is best)")
     synth.add_argument("--ref-text", required=True, help="transcript of the reference clip")
     synth.add_argument("--text", required=True, help="text to speak")
-    synth.add_argument("-o", "--output", default="out.wav")
-    synth.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps, help="ODE steps (32; 16 or 7 faster)")
+    synth.add_argument("-o", "--output", default="out.wav", help="wav file to write")
+    synth.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps, help="ODE steps (16 or 7: faster)")
     synth.add_argument("--cfg", type=float, default=DEFAULT_SAMPLING.cfg_strength, help="guidance strength")
-    synth.add_argument("--speed", type=float, default=DEFAULT_SAMPLING.speed)
-    synth.add_argument("--seed", type=int, default=None)
+    synth.add_argument("--speed", type=float, default=DEFAULT_SAMPLING.speed, help="speaking rate")
+    synth.add_argument("--seed", type=int, default=None, help="noise seed (None: random)")
     synth.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     synth.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     synth.set_defaults(func=cmd_synth)

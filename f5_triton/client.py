@@ -8,7 +8,10 @@ so the wire format (names and dtypes from f5_triton.request) is written once.
 from __future__ import annotations
 
 import argparse
+import os
 import queue
+import re
+import sys
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -109,49 +112,108 @@ def stream_synthesize(url: str, wave: np.ndarray, reference_text: str, target_te
         client.close()
 
 
-def add_request_args(parser: argparse.ArgumentParser, default_url: str) -> None:
-    parser.add_argument("--server-url", default=default_url, help="host:port of tritonserver")
-    parser.add_argument("--model-name", help=f"default f5_tts, or {STREAMING_MODEL} with --streaming")
-    parser.add_argument("--reference-audio", required=True, help="reference clip (any common sample rate)")
+RANDOM_WEIGHTS_WARNING = "WARNING: the server runs RANDOM WEIGHTS: its audio is noise, not speech"
+
+
+def random_weights(client, model: str = MODEL) -> bool:
+    """Whether the server's `model` was rendered from a random checkpoint (its config says so)."""
+    config = client.get_model_config(model)
+    if not isinstance(config, dict):  # gRPC: a ModelConfigResponse message
+        parameters = {key: value.string_value for key, value in config.config.parameters.items()}
+    else:
+        parameters = {key: value.get("string_value") for key, value in config.get("parameters", {}).items()}
+    return parameters.get("random_weights") == "true"
+
+
+def server_message(exc: Exception) -> str:
+    """The server's one-line explanation of a failed request (tritonclient errors carry it)."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, InferenceServerException):
+        return re.sub(r"^in ensemble '[^']*', ", "", exc.message() or str(exc))
+    return str(exc) or type(exc).__name__
+
+
+def default_url(protocol: str) -> str:
+    """localhost and the port run.sh serves on: HTTP_PORT (8000) or GRPC_PORT (8001)."""
+    if protocol == "http":
+        return f"localhost:{os.environ.get('HTTP_PORT') or 8000}"
+    return f"localhost:{os.environ.get('GRPC_PORT') or 8001}"
+
+
+def add_request_args(parser: argparse.ArgumentParser, url: str, streaming: bool = False) -> None:
+    parser.add_argument("--server-url", default=url, help="host:port of tritonserver (default: %(default)s)")
+    parser.add_argument("--model-name", help="Triton model (default: f5_tts" + (
+        f", or {STREAMING_MODEL} with --streaming)" if streaming else ")"))
+    parser.add_argument("--reference-audio", required=True,
+                        help="reference clip: wav, flac, ogg or mp3, any sample rate, 0.3-30 s (e.g. "
+                        "examples/basic_ref_en.flac)")
     parser.add_argument("--reference-text", required=True, help="transcript of the reference clip")
     parser.add_argument("--target-text", required=True, help="text to speak")
-    parser.add_argument("--output-audio", default="output.wav")
-    parser.add_argument("--nfe-steps", type=int, help=f"ODE steps (server default, usually {DEFAULT_SAMPLING.nfe_steps})")
-    parser.add_argument("--cfg-strength", type=float)
-    parser.add_argument("--speed", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--timeout", type=float, help="seconds before the client gives up")
+    parser.add_argument("--output-audio", default="output.wav", help="wav file to write, 24 kHz (default: %(default)s)")
+    parser.add_argument("--nfe-steps", type=int,
+                        help=f"ODE steps (default: the server's, {DEFAULT_SAMPLING.nfe_steps} unless rendered otherwise)")
+    parser.add_argument("--cfg-strength", type=float, help=f"guidance strength (default {DEFAULT_SAMPLING.cfg_strength})")
+    parser.add_argument("--speed", type=float, help=f"speaking rate (default {DEFAULT_SAMPLING.speed})")
+    parser.add_argument("--seed", type=int, help="noise seed for reproducible audio (default: random)")
+    parser.add_argument("--timeout", type=float, help="seconds before the client gives up (default: none)")
 
 
-def run_client(protocol: str, argv: list[str] | None = None) -> None:
-    """Body of client_http.py / client_grpc.py: read the reference, request, write the wav."""
+def run_client(protocol: str, argv: list[str] | None = None) -> int:
+    """Body of client_http.py / client_grpc.py: read the reference, request, write the wav.
+
+    Prints the latency and real-time factor; a failed request is one line (the server's message) and
+    exit status 1.
+    """
     import soundfile as sf
+    from tritonclient.utils import InferenceServerException
 
     from f5_triton.audio import read_audio
+    from f5_triton.errors import InvalidInputError
 
-    parser = argparse.ArgumentParser(description=f"F5-TTS over Triton {protocol.upper()}")
-    add_request_args(parser, "localhost:8000" if protocol == "http" else "localhost:8001")
+    prog = f"client_{protocol}.py"
+    parser = argparse.ArgumentParser(prog=prog, description=f"Speak a text in the voice of a reference clip, "
+                                     f"through Triton over {protocol.upper()}.")
+    add_request_args(parser, default_url(protocol), streaming=protocol == "grpc")
     if protocol == "grpc":
         parser.add_argument("--streaming", action="store_true",
                             help=f"stream from {STREAMING_MODEL}; reports the time to first audio")
     args = parser.parse_args(argv)
-    wave, rate = read_audio(args.reference_audio)
-    optional = dict(sample_rate=rate, nfe_steps=args.nfe_steps, cfg_strength=args.cfg_strength, speed=args.speed,
-                    seed=args.seed)
-    if getattr(args, "streaming", False):
+    streaming = getattr(args, "streaming", False)
+    model = args.model_name or (STREAMING_MODEL if streaming else MODEL)
+    try:
+        wave, rate = read_audio(args.reference_audio)
+        optional = dict(sample_rate=rate, nfe_steps=args.nfe_steps, cfg_strength=args.cfg_strength,
+                        speed=args.speed, seed=args.seed)
         start = time.perf_counter()
-        pieces, first = [], None
-        for piece in stream_synthesize(args.server_url, wave, args.reference_text, args.target_text,
-                                       model=args.model_name or STREAMING_MODEL, timeout=args.timeout, **optional):
-            if first is None and len(piece):
-                first = time.perf_counter() - start
-            pieces.append(piece)
-        total = time.perf_counter() - start
-        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        print(f"time to first audio: {1000 * (total if first is None else first):.0f} ms, "
-              f"{len(pieces)} pieces, total {1000 * total:.0f} ms")
-    else:
-        audio = synthesize(args.server_url, wave, args.reference_text, args.target_text, protocol=protocol,
-                           model=args.model_name or MODEL, timeout=args.timeout, **optional)
+        if streaming:
+            pieces, first = [], None
+            for piece in stream_synthesize(args.server_url, wave, args.reference_text, args.target_text,
+                                           model=model, timeout=args.timeout, **optional):
+                if first is None and len(piece):
+                    first = time.perf_counter() - start
+                pieces.append(piece)
+            audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        else:
+            audio = synthesize(args.server_url, wave, args.reference_text, args.target_text, protocol=protocol,
+                               model=model, timeout=args.timeout, **optional)
+        latency = time.perf_counter() - start
+    except (InferenceServerException, InvalidInputError, OSError, TimeoutError) as exc:
+        print(f"{prog}: error: {server_message(exc)}", file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(args.output_audio) or ".", exist_ok=True)
     sf.write(args.output_audio, audio, SAMPLE_RATE)
-    print(f"wrote {args.output_audio}: {len(audio) / SAMPLE_RATE:.2f} s")
+    seconds = len(audio) / SAMPLE_RATE
+    rtf = f"{latency / seconds:.3f}" if seconds else "n/a"
+    print(f"wrote {args.output_audio}: {seconds:.2f} s of audio in {latency:.2f} s (RTF {rtf})")
+    if streaming:
+        ttfa = latency if first is None else first
+        print(f"time to first audio: {1000 * ttfa:.0f} ms, {len(pieces)} pieces")
+    try:
+        with protocol_module(protocol).InferenceServerClient(args.server_url) as client:
+            noise = random_weights(client, model)
+    except (InferenceServerException, OSError):  # a server that does not show its config: no warning to give
+        noise = False
+    if noise:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    return 0

@@ -80,8 +80,8 @@ def _decode_text(field: str, value, limits: Limits) -> str:
             raise InvalidInputError(field, f"is not valid UTF-8 (byte {exc.start})", "bad_utf8") from None
     if not isinstance(value, str):
         raise InvalidInputError(field, f"expected a string, got {type(value).__name__}", "bad_type")
-    if not value.strip():
-        raise InvalidInputError(field, "is empty or only whitespace", "empty_text")
+    if not any(ch.isprintable() and not ch.isspace() for ch in value):
+        raise InvalidInputError(field, "is empty, or only whitespace and control characters", "empty_text")
     size = len(value.encode("utf-8"))
     if size > limits.max_text_bytes:
         raise InvalidInputError(field, f"is {size} bytes; the limit is {limits.max_text_bytes} bytes", "text_too_long")

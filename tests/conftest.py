@@ -142,3 +142,34 @@ def decoder(tiny_ckpt):
     from f5_triton.vocoder import VocosDecoder, load_vocos
 
     return VocosDecoder(load_vocos(tiny_ckpt / "vocos")).eval()
+
+
+@pytest.fixture(scope="session")
+def run_gateway():
+    """`with run_gateway(config) as url:` the gateway app of a GatewayConfig, served by uvicorn on a free port."""
+    import contextlib
+    import threading
+    import time
+
+    @contextlib.contextmanager
+    def run(config):
+        import uvicorn
+
+        from f5_triton.gateway import create_app
+        from f5_triton.serving.launcher import free_port
+
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+    return run

@@ -7,8 +7,6 @@ import io
 import json
 import shutil
 import struct
-import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -30,29 +28,17 @@ QUANTUM = 1 / 32767  # 16-bit output
 
 
 @pytest.fixture(scope="module")
-def gateway(streaming_server, tmp_path_factory, ref_en):
-    """A uvicorn server with the gateway on a free port; one voice, "nature", in its voices folder."""
-    import uvicorn
-
-    from f5_triton.gateway import GatewayConfig, create_app
-    from f5_triton.serving.launcher import free_port
+def gateway(streaming_server, run_gateway, tmp_path_factory, ref_en):
+    """The gateway on a free port, with an API key; one voice, "nature", in its voices folder."""
+    from f5_triton.gateway import GatewayConfig
 
     voices = tmp_path_factory.mktemp("voices")
     shutil.copyfile(ref_en, voices / "nature.wav")
     (voices / "nature.txt").write_text(REF_TEXT + "\n")
     config = GatewayConfig(triton_url=streaming_server.urls.grpc, voices_dir=voices, timeout=120, api_key=API_KEY,
                            max_upload_bytes=2 * 2**20)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with run_gateway(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +118,7 @@ def test_streaming_pcm_and_wav(client, streaming_server, ref_wave):
     ({"speed": 5.0}, 400, "speed", "speed: is 5.0; allowed range is [0.3, 3.0]"),
     ({"speed": 5.0, "extra_body": {"stream": True}}, 400, "speed", "allowed range"),
     ({"input": "x" * 2001}, 400, "input", "input: is 2001 bytes; the limit is 2000 bytes"),
+    ({"input": "\x00\x01\x02\x03"}, 400, "input", "input: is empty, or only whitespace and control characters"),
     ({"instructions": "whisper"}, 400, "instructions", "not supported"),
     ({"extra_body": {"volume": -1}}, 400, "volume", "greater than or equal to 0"),
 ])
@@ -193,6 +180,8 @@ def test_voice_upload_use_and_delete(gateway, client, ref_en, ref_wave):
                                  ({"name": "mute", "transcript": "  "}, {"audio": clip.getvalue()}, "transcript")):
         status, answer = call(gateway, "POST", "/v1/voices", *multipart(fields, files))
         assert status == 400 and answer["error"]["param"] == param, answer
+        if param == "audio" and fields["name"] == "noise":
+            assert "wav, flac, ogg or mp3" in answer["error"]["message"]
     big, kind = multipart({"name": "big", "transcript": "x"}, {"audio": b"0" * (2 * 2**20 + 1)})
     assert call(gateway, "POST", "/v1/voices", big, kind)[0] == 413
 
@@ -211,7 +200,7 @@ def test_models_health_and_unknown_routes(gateway):
     status, models = call(gateway, "GET", "/v1/models")
     assert status == 200 and "tts-1" in {m["id"] for m in models["data"]}
     with urllib.request.urlopen(f"{gateway}/health", timeout=10) as response:  # no API key needed
-        assert json.load(response) == {"status": "ok"}
+        assert json.load(response) == {"status": "ok", "random_weights": True}  # the tiny checkpoint
     status, answer = call(gateway, "GET", "/v1/nothing")
     assert status == 404 and answer["error"]["type"] == "not_found_error"
     # an oversized body is refused from its Content-Length, before it is read (none is sent here)
@@ -238,3 +227,26 @@ def test_unreachable_triton_is_503(ref_wave):
             call_backend()
         assert caught.value.status == 503 and caught.value.type == "service_unavailable_error"
     assert not backend.ready()
+
+
+def test_unknown_voice_says_how_to_register_one(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.", response_format="wav")
+    assert "POST /v1/voices" in error_of(caught)["message"]
+
+
+def test_triton_refuses_control_character_text(streaming_server, ref_wave):
+    """Only control characters is nothing to speak: Triton answers 400 naming the field, as the gateway does."""
+    from tritonclient.utils import InferenceServerException
+
+    from f5_triton.client import synthesize
+
+    for protocol, url in (("grpc", streaming_server.urls.grpc), ("http", streaming_server.urls.http_hostport)):
+        with pytest.raises(InferenceServerException, match="target_text: is empty, or only whitespace and control"):
+            synthesize(url, ref_wave, REF_TEXT, "\x00\x01\x02\x03", protocol=protocol)
+
+
+def test_page_is_served(gateway):
+    with urllib.request.urlopen(f"{gateway}/", timeout=10) as response:  # no API key: the page asks for it
+        assert response.headers["content-type"].startswith("text/html")
+        assert b'id="speak"' in response.read()

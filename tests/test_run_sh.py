@@ -178,6 +178,16 @@ def test_rerun_reuses_finished_artifacts(stages):
     assert stamp.stat().st_mtime_ns == before
 
 
+def test_client_stage_alone_names_the_model_the_server_runs(stages):
+    result = run(["6", "6"], stages.env, timeout=300)  # no model named: the running server's, not F5TTS_v1_Base
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model random-tiny" in result.stdout and "F5TTS_v1_Base" not in result.stdout.replace(
+        "bash run.sh serve F5TTS_v1_Base", "")  # the banner's advice names the real model
+    assert (stages.work / "out" / "client_http_random-tiny.wav").exists()
+    assert "RANDOM WEIGHTS" in result.stderr  # the client's own warning, from the server's config
+    assert re.search(r"s of audio in [\d.]+ s \(RTF [\d.]+\)", result.stdout), result.stdout
+
+
 def test_stop_stops_the_background_server(stages):
     pid = int((stages.logs / "server.pid").read_text())
     result = run(["stop"], stages.env, timeout=150)
@@ -206,7 +216,8 @@ def test_changed_inputs_or_settings_render_again(stages):
 # the foreground server, as the container entrypoint and Kubernetes run it
 
 
-def test_serve_in_the_foreground_stops_cleanly_on_sigterm(stages):
+def test_serve_in_the_foreground_stops_with_run_sh_stop(stages):
+    """`bash run.sh serve &` then `bash run.sh stop`: stop sends SIGTERM to the server, as docker stop does."""
     env = run_sh_env(stages.work, READY_TIMEOUT="240")  # same checkpoint and build folders, fresh ports
     process = subprocess.Popen(["bash", RUN_SH, "serve", "--random-weights", *CPU], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -220,7 +231,8 @@ def test_serve_in_the_foreground_stops_cleanly_on_sigterm(stages):
         assert any("server ready" in line for line in lines), "".join(lines)
         assert RANDOM_LABEL in "".join(lines)
         assert port_open(env["HTTP_PORT"])
-        process.send_signal(signal.SIGTERM)  # docker stop / kubelet: reaches the server directly
+        stopped = run(["stop"], env, timeout=150)
+        assert stopped.returncode == 0 and "server stopped" in stopped.stdout, stopped.stdout + stopped.stderr
         assert process.wait(timeout=90) == 0
         assert not port_open(env["HTTP_PORT"])
     finally:

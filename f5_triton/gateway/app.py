@@ -22,7 +22,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from f5_triton.errors import InvalidInputError
@@ -31,6 +31,7 @@ from f5_triton.gateway.backend import TritonBackend
 from f5_triton.gateway.errors import APIError
 from f5_triton.gateway.voices import UnknownVoice, Voice, VoiceRegistry
 
+PAGE = Path(__file__).with_name("static") / "index.html"
 UPLOAD_FIELDS = {"reference_wav": "audio", "sample_rate": "audio", "reference_text": "transcript", "name": "name"}
 
 
@@ -191,7 +192,16 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
     @app.get("/health")  # no API key: for load balancers
     def health() -> JSONResponse:
         ready = backend.ready()
-        return JSONResponse({"status": "ok" if ready else "triton not ready"}, status_code=200 if ready else 503)
+        body = {"status": "ok" if ready else "triton not ready"}
+        if ready:
+            body["random_weights"] = backend.random_weights()
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    page = PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)  # the page asks for the key itself
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
 
     app.include_router(api)
     return app

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from f5_triton.client import STREAMING_MODEL, stream_synthesize, synthesize
+from f5_triton.client import STREAMING_MODEL, random_weights, stream_synthesize, synthesize
 from f5_triton.gateway.errors import SERVER, UNAVAILABLE, APIError
 from f5_triton.gateway.voices import Voice
 
@@ -95,6 +95,10 @@ class TritonBackend:
             return bool(client.is_model_ready(self.model) and client.is_model_ready(self.streaming_model))
         except Exception:
             return False
+
+    def random_weights(self) -> bool:
+        """Whether the server runs a random checkpoint (noise, not speech), as its config says."""
+        return random_weights(self._shared_client(), self.model)
 
     def close(self) -> None:
         with self._lock:

@@ -74,7 +74,9 @@ class VoiceRegistry:
         try:
             stamp = (wav.stat().st_mtime_ns, txt.stat().st_mtime_ns)
         except FileNotFoundError:
-            raise UnknownVoice(f"no voice named {name!r}; registered: {', '.join(self.names()) or 'none'}") from None
+            raise UnknownVoice(f"no voice named {name!r}; registered: {', '.join(self.names()) or 'none'}. Register "
+                               "one with POST /v1/voices (multipart: name, transcript, audio), the page at /, or "
+                               "<name>.wav + <name>.txt in the gateway's voices folder") from None
         with self._lock:
             cached = self._loaded.get(name)
             if cached is not None and cached[0] == stamp:
@@ -98,7 +100,7 @@ class VoiceRegistry:
             try:
                 wave, rate = read_audio(upload.name)
             except InvalidInputError as exc:  # its message names the temporary file: say it plainly
-                raise InvalidInputError("audio", "is not a readable wav/flac/ogg file with samples",
+                raise InvalidInputError("audio", "is not a readable audio file (wav, flac, ogg or mp3) with samples",
                                         exc.reason) from None
         # the checks a request's reference passes (the target text is not part of a voice)
         request = validate_request(wave, transcript, "-", sample_rate=rate, limits=self.limits)

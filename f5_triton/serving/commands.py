@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+from f5_triton.client import default_url
 
 from f5_triton.errors import InvalidInputError
 
@@ -43,25 +46,32 @@ def cmd_gateway(args) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="start tritonserver on a model repository and wait until ready")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    serve = sub.add_parser("serve", help="start tritonserver on a model repository and wait until ready",
+                           formatter_class=defaults)
     serve.add_argument("--model-repo", required=True, help="repository rendered by scripts/build_model_repo.py")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     serve.add_argument("--log-file", help="tritonserver log, appended to (default: a new temporary file)")
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for all models")
     serve.set_defaults(func=cmd_serve)
 
     gateway = sub.add_parser("gateway", help="OpenAI-compatible POST /v1/audio/speech in front of a running server",
-                             description=f"Set {GATEWAY_KEY_ENV} to require that API key (Bearer).")
-    gateway.add_argument("--triton-url", default="localhost:8001", help="gRPC host:port of tritonserver")
-    gateway.add_argument("--voices", default="voices", help="folder of <name>.wav + <name>.txt reference voices")
-    gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=int, default=8080)
+                             formatter_class=defaults,
+                             description=f"The OpenAI-style speech API and a page to try voices at http://HOST:PORT/. "
+                             f"Set {GATEWAY_KEY_ENV} to require that API key (Bearer).")
+    gateway.add_argument("--triton-url", default=default_url("grpc"),
+                         help="gRPC host:port of tritonserver (GRPC_PORT sets the port)")
+    gateway.add_argument("--voices", default="voices",
+                         help="folder of <name>.wav + <name>.txt reference voices (made if missing; uploads go there)")
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    gateway.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT") or 8080),
+                         help="HTTP port (GATEWAY_PORT sets it too)")
     gateway.add_argument("--model", default="f5_tts", help="Triton model for whole responses")
     gateway.add_argument("--streaming-model", default="f5_tts_streaming", help="Triton model for streamed responses")
     gateway.add_argument("--timeout", type=float, default=300.0, help="seconds per request (or per streamed piece)")
     gateway.add_argument("--no-upload", action="store_true", help="disable POST/DELETE /v1/voices")
-    gateway.add_argument("--log-level", default="info")
+    gateway.add_argument("--log-level", default="info", help="uvicorn's log level")
     gateway.set_defaults(func=cmd_gateway)

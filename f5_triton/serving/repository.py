@@ -135,6 +135,8 @@ def _instances(count: int, kind: str, gpus: list[int]) -> str:
 
 def render(options: RepositoryOptions, output: str | Path, templates: Path = TEMPLATES) -> Path:
     """Write a complete model repository to `output` (replaced if it exists)."""
+    from f5_triton.checkpoints import is_random_checkpoint
+
     output = Path(output)
     if output.exists():
         shutil.rmtree(output)
@@ -197,7 +199,9 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                     "vocoder_engine": options.vocoder_engine,
                     "vocoder_engine_path": options.vocoder_engine_path and Path(options.vocoder_engine_path).resolve()},
     }
-    per_model[STREAMING_MODEL] = {
+    # what a client can read back from the models' config (f5_triton.client.random_weights)
+    weights = {"checkpoint": common["ckpt"], "random_weights": str(is_random_checkpoint(options.ckpt)).lower()}
+    per_model[STREAMING_MODEL] = {**weights,
         **per_model["flow_matching"], "nfe_steps": options.nfe_steps, "sway_sampling_coef": options.sway_sampling_coef,
         # the trt target's Vocos plan runs in process through the tensorrt engine
         **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
@@ -215,6 +219,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
     for name, params in per_model.items():  # the DiT and Vocos keep every core where they run on the CPU
         params["torch_threads"] = (0 if kind == "KIND_CPU" and name in ("flow_matching", "vocoder", STREAMING_MODEL)
                                    else options.torch_threads)
+    per_model["f5_tts"] = weights
     for name in STEP_MODELS + ((STREAMING_MODEL,) if options.streaming else ()):
         source, target = templates / name, output / name
         (target / "1").mkdir(parents=True)
