@@ -29,6 +29,7 @@ wait_ready() {  # until the server is ready (models loaded and warmed up: compil
   local start=$SECONDS
   for _ in $(seq 400); do
     $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$HTTP_PORT/v2/health/ready')" 2>/dev/null && break
+    if [ -n "${server:-}" ] && ! kill -0 "$server" 2>/dev/null; then echo "$1: the server exited"; return 1; fi
     sleep 1
   done
   echo "$1: server ready after $((SECONDS - start)) s"
