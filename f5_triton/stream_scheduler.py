@@ -112,9 +112,10 @@ class StreamScheduler:
             return
         prepared = self.synthesizer.prepare(request)
         with self._changed:
-            if len(self._active) + len(self._waiting) >= self.max_streams + self.max_queued:
-                raise ServerBusyError(f"{len(self._active)} streams are being generated and {len(self._waiting)} "
-                                      f"wait (limits {self.max_streams} and {self.max_queued}); retry later")
+            held = len(self._active) + len(self._waiting)
+            if held >= self.max_streams + self.max_queued:
+                raise ServerBusyError(f"{held} streams held, the limit is {self.max_streams} generated at once and "
+                                      f"{self.max_queued} waiting; retry later")
             self._waiting.append(_Stream(sink, prepared, PieceMaker(prepared, self.synthesizer.cross_fade_seconds),
                                          key, next(self._orders)))
             self._changed.notify()

@@ -119,6 +119,178 @@ def test_streaming_latency_script(tiny_ckpt, ref_en, tmp_path):
     assert len(runs) == 2 and all(0 < r["first_audio_s"] < r["total_s"] and r["audio_s"] > 20 for r in runs)
 
 
+# --------------------------------------------------------------------------- continuous batching, in process
+
+
+class RecordingSink:
+    """A StreamSink that writes every call into a shared event list: (name, "piece", index, final) and so on."""
+
+    def __init__(self, name, events):
+        self.name, self.events, self.cancelled, self.pieces = name, events, False, []
+
+    def wanted(self):
+        return not self.cancelled
+
+    def piece(self, piece):
+        self.pieces.append(piece.audio)
+        self.events.append((self.name, "piece", piece.chunk_index, piece.is_final))
+
+    def dropped(self, sent, chunks):
+        self.events.append((self.name, "dropped", sent, chunks))
+
+    def failed(self, error):
+        self.events.append((self.name, "failed", repr(error), None))
+
+
+def stream_requests(ref_wave):
+    """Three requests of different lengths, seeds and NFE (rows at different steps share DiT calls), each
+    of two chunks or more."""
+    return {"long": validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=5, nfe_steps=6),
+            "short": validate_request(ref_wave, REF_TEXT, "Short one, to start with. Then a second sentence ends it.", seed=6,
+                                      nfe_steps=4),
+            "middle": validate_request(ref_wave, REF_TEXT, LONG_TEXT[:160], seed=7, nfe_steps=5, speed=1.2)}
+
+
+@pytest.fixture(scope="module")
+def alone(streamer, ref_wave):
+    """Each request of `stream_requests` streamed alone (the pre-scheduler path): its joined audio."""
+    return {name: np.concatenate([p.audio for p in streamer.stream(r)]) for name, r in stream_requests(ref_wave).items()}
+
+
+def run_all(scheduler):
+    rounds = 0
+    while scheduler.run_round():
+        rounds += 1
+    return rounds
+
+
+@pytest.mark.parametrize("granularity", ["chunk", "step"])
+def test_scheduled_streams_interleave_and_equal_their_audio_alone(streamer, ref_wave, alone, granularity):
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity=granularity)
+    sinks = {name: RecordingSink(name, events) for name in alone}
+    for name, request in stream_requests(ref_wave).items():
+        scheduler.submit(request, sinks[name])
+    run_all(scheduler)
+    pieces = [e for e in events if e[1] == "piece"]
+    assert len(pieces) == len(events)  # nothing dropped or failed
+    first_final = next(i for i, e in enumerate(pieces) if e[3])
+    # every stream had audio before any stream finished: they advance together, not one after another
+    assert {e[0] for e in pieces[:first_final]} == set(alone)
+    assert [e[2] for e in pieces if e[0] == "long"] == list(range(len(sinks["long"].pieces)))
+    assert all(len(sink.pieces) >= 2 for sink in sinks.values())
+    for name, expected in alone.items():
+        joined = np.concatenate(sinks[name].pieces)
+        assert joined.shape == expected.shape
+        assert np.abs(joined - expected).max() <= 1e-4, name
+    assert scheduler.active == scheduler.waiting == 0
+
+
+def test_step_granularity_joins_at_the_next_step(streamer, ref_wave, alone):
+    """A stream submitted while another is mid-chunk shares the very next DiT call with it."""
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity="step")
+    requests = stream_requests(ref_wave)
+    long_sink, short_sink = RecordingSink("long", events), RecordingSink("short", events)
+    scheduler.submit(requests["long"], long_sink)
+    scheduler.run_round()
+    scheduler.run_round()
+    advanced = []
+    original = streamer.flow_matching.advance
+
+    def recording_advance(rows):
+        advanced.append([row.index for row in rows])
+        original(rows)
+
+    streamer.flow_matching.advance = recording_advance
+    try:
+        scheduler.submit(requests["short"], short_sink)
+        scheduler.run_round()
+    finally:
+        del streamer.flow_matching.advance
+    assert advanced == [[2, 0]]  # the old stream's step 2 and the new stream's step 0 in one call
+    assert events == []  # neither chunk is done yet
+    run_all(scheduler)
+    for name, sink in (("long", long_sink), ("short", short_sink)):
+        assert np.abs(np.concatenate(sink.pieces) - alone[name]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("granularity", ["chunk", "step"])
+def test_cancelled_stream_leaves_while_the_others_go_on(streamer, ref_wave, alone, granularity):
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity=granularity)
+    sinks = {name: RecordingSink(name, events) for name in alone}
+    for name, request in stream_requests(ref_wave).items():
+        scheduler.submit(request, sinks[name])
+    while not sinks["long"].pieces:
+        scheduler.run_round()
+    sinks["long"].cancelled = True
+    run_all(scheduler)
+    dropped = [e for e in events if e[1] == "dropped"]
+    assert len(dropped) == 1 and dropped[0][0] == "long" and 1 <= dropped[0][2] < dropped[0][3]
+    assert not [e for e in events if e[0] == "long" and e[1] == "piece" and e[3]]  # no final piece
+    for name in ("short", "middle"):
+        assert np.abs(np.concatenate(sinks[name].pieces) - alone[name]).max() <= 1e-4
+
+
+def test_first_chunks_go_first_when_a_round_is_full(streamer, ref_wave):
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity="chunk", max_rows=1)
+    requests = stream_requests(ref_wave)
+    scheduler.submit(requests["long"], RecordingSink("long", events))
+    scheduler.run_round()
+    scheduler.submit(requests["short"], RecordingSink("short", events))
+    scheduler.run_round()
+    scheduler.run_round()
+    assert events == [("long", "piece", 0, False), ("short", "piece", 0, False), ("long", "piece", 1, False)]
+
+
+def test_admission_limit_queues_then_refuses(streamer, ref_wave, alone):
+    from f5_triton.errors import ServerBusyError
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity="chunk", max_streams=1, max_queued=1)
+    requests = stream_requests(ref_wave)
+    sinks = {name: RecordingSink(name, events) for name in requests}
+    scheduler.submit(requests["short"], sinks["short"])
+    scheduler.submit(requests["middle"], sinks["middle"])
+    with pytest.raises(ServerBusyError, match="2 streams held, the limit is 1 generated at once and 1 waiting; retry"):
+        scheduler.submit(requests["long"], sinks["long"])
+    scheduler.run_round()
+    assert (scheduler.active, scheduler.waiting) == (1, 1)
+    assert {e[0] for e in events} == {"short"}  # the queued stream has not started
+    run_all(scheduler)
+    # the waiting stream started only once the first had finished, and never more than one ran
+    finals = [i for i, e in enumerate(events) if e[1] == "piece" and e[3]]
+    assert events[finals[0]][0] == "short" and events[finals[0] + 1][0] == "middle"
+    assert np.abs(np.concatenate(sinks["middle"].pieces) - alone["middle"]).max() <= 1e-4
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        StreamScheduler(streamer, granularity="token")
+
+
+def test_scheduler_thread_streams_in_process(streamer, ref_wave, alone):
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    requests = stream_requests(ref_wave)
+    with StreamScheduler(streamer) as scheduler:
+        joined = np.concatenate([p.audio for p in scheduler.stream(requests["short"])])
+        assert np.abs(joined - alone["short"]).max() <= 1e-4
+        pieces = scheduler.stream(requests["long"])
+        assert len(next(pieces).audio) > 0
+        pieces.close()  # leaves at the next round
+        assert np.abs(np.concatenate([p.audio for p in scheduler.stream(requests["middle"])])
+                      - alone["middle"]).max() <= 1e-4
+
+
 # --------------------------------------------------------------------------- Triton
 
 
