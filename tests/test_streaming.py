@@ -395,3 +395,107 @@ def test_client_grpc_streaming(streaming_server, ref_en, tmp_path):
     assert re.search(r"time to first audio: \d+ ms, \d+ pieces", result.stdout), result.stdout
     wave, rate = sf.read(out, dtype="float32")
     assert rate == 24000 and len(wave) > 24000
+
+
+def start_stream(url, wave, target_text, events, name, first_piece=None, **optional):
+    """A thread that streams one request and records ("name", piece number, is final) into `events`;
+    `first_piece` (an Event) is set once it holds audio. Returns (thread, pieces list, errors list)."""
+    import threading
+
+    from f5_triton.client import stream_synthesize
+
+    pieces, errors = [], []
+
+    def run():
+        try:
+            for piece in stream_synthesize(url, wave, REF_TEXT, target_text, timeout=120, **optional):
+                pieces.append(piece)
+                events.append((name, len(pieces)))
+                if first_piece is not None:
+                    first_piece.set()
+        except Exception as exc:
+            errors.append(exc)
+        events.append((name, "end"))
+        if first_piece is not None:
+            first_piece.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, pieces, errors
+
+
+def streamed_alone(streamer, wave, target_text, **optional):
+    request = validate_request(wave, REF_TEXT, target_text, **optional)
+    return np.concatenate([p.audio for p in streamer.stream(request)])
+
+
+@pytest.mark.server
+def test_server_streams_advance_together(streaming_server, streamer, ref_wave):
+    """A long stream is running; two short ones sent after its first piece finish before it does (a server that
+    streamed one request after another could not), and every stream's audio is its audio alone."""
+    import threading
+
+    events = []
+    started = threading.Event()
+    texts = {"long": (LONG_TEXT * 3, 31), "short1": ("Short one, to start with. Then a second sentence ends it.", 32),
+             "short2": ("Another short one here. It also has two sentences.", 33)}
+    runs = {"long": start_stream(streaming_server.urls.grpc, ref_wave, texts["long"][0], events, "long", started,
+                                 seed=texts["long"][1], nfe_steps=8)}
+    assert started.wait(120)
+    for name in ("short1", "short2"):
+        runs[name] = start_stream(streaming_server.urls.grpc, ref_wave, texts[name][0], events, name,
+                                  seed=texts[name][1], nfe_steps=8)
+    for thread, _, _ in runs.values():
+        thread.join(300)
+    assert all(not errors for _, _, errors in runs.values()), runs
+    ends = [e[0] for e in events if e[1] == "end"]
+    assert ends[-1] == "long", events
+    for name, (target_text, seed) in texts.items():
+        expected = streamed_alone(streamer, ref_wave, target_text, seed=seed, nfe_steps=8)
+        joined = np.concatenate(runs[name][1])
+        assert joined.shape == expected.shape and np.abs(joined - expected).max() <= 1e-4, name
+
+
+@pytest.mark.server
+def test_server_cancelled_stream_leaves_the_others_going(streaming_server, streamer, ref_wave):
+    import threading
+
+    from f5_triton.client import stream_synthesize
+
+    events = []
+    started = threading.Event()
+    other = start_stream(streaming_server.urls.grpc, ref_wave, LONG_TEXT, events, "other", started, seed=41,
+                         nfe_steps=8)
+    pieces = stream_synthesize(streaming_server.urls.grpc, ref_wave, REF_TEXT, LONG_TEXT * 2, nfe_steps=8, timeout=120)
+    assert len(next(pieces)) > 0
+    pieces.close()  # cancels this stream only
+    other[0].join(300)
+    assert not other[2] and events[-1] == ("other", "end")
+    expected = streamed_alone(streamer, ref_wave, LONG_TEXT, seed=41, nfe_steps=8)
+    assert np.abs(np.concatenate(other[1]) - expected).max() <= 1e-4
+
+
+@pytest.mark.server
+def test_server_admission_limit_refuses_with_unavailable(tiny_server, streamer, ref_wave):
+    """One stream at a time, none waiting: a second stream while the first runs is refused with a retriable
+    status, and succeeds once the first has finished (chunk granularity here)."""
+    import threading
+
+    from tritonclient.utils import InferenceServerException
+
+    with tiny_server(streaming=True, nfe_steps=4, streaming_granularity="chunk", streaming_max_streams=1,
+                     streaming_max_queued=0, output_cache_entries=0) as server:
+        events = []
+        started = threading.Event()
+        first = start_stream(server.urls.grpc, ref_wave, LONG_TEXT * 3, events, "first", started, seed=51, nfe_steps=8)
+        assert started.wait(120)
+        # UNAVAILABLE on the server; a gRPC stream's error response carries only the message to the client
+        with pytest.raises(InferenceServerException, match="server busy: 1 streams held, the limit is 1 generated "
+                                                           "at once and 0 waiting; retry later"):
+            stream_with_times(server, ref_wave, "Refused.", nfe_steps=4)
+        first[0].join(300)
+        assert not first[2]
+        expected = streamed_alone(streamer, ref_wave, LONG_TEXT * 3, seed=51, nfe_steps=8)
+        assert np.abs(np.concatenate(first[1]) - expected).max() <= 1e-4
+        pieces, _ = stream_with_times(server, ref_wave, "Accepted now.", nfe_steps=4)  # the retry succeeds
+        assert sum(len(p) for p in pieces) > 0
