@@ -6,6 +6,10 @@ Offline (in process, batched):
     python benchmark.py --mode offline --random-weights F5TTS_v1_Base --device cuda --dtype fp16 --nfe 16
 Server (a running Triton, gRPC or HTTP, a concurrency sweep):
     python benchmark.py --mode server --server-url localhost:8001 --concurrency 1,4,16 --num-requests 64
+Streaming (f5_tts_streaming over Triton's gRPC stream, or --mode offline: the stream scheduler in process):
+time to first audio and whole-request percentiles, aggregate audio s/s; --passes 2: a cold then a warm sweep
+    python benchmark.py --mode server --streaming --concurrency 1,4,8,16,32 --num-requests 64 --passes 2
+    python benchmark.py --mode offline --streaming --random-weights F5TTS_v1_Base --concurrency 1,8 --granularity step
 
 Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in set
 (~5 s reference, ~10 s of generated speech). Numbers go to stdout as a table, to --output-json,
@@ -50,8 +54,21 @@ def parse_args(argv=None):
     srv.add_argument("--server-url", default="localhost:8001")
     srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
-    srv.add_argument("--model-name", default="f5_tts")
-    return p.parse_args(argv)
+    srv.add_argument("--model-name", help="default f5_tts, or f5_tts_streaming with --streaming")
+    stream = p.add_argument_group("streaming")
+    stream.add_argument("--streaming", action="store_true",
+                        help="stream each request (server: f5_tts_streaming; offline: the stream scheduler in "
+                             "process, at --concurrency); mixed-length texts unless --dataset")
+    stream.add_argument("--passes", type=int, default=1,
+                        help="run the whole sweep this many times; rows of the first are labelled cold, later warm")
+    stream.add_argument("--granularity", choices=["step", "chunk"], default="step", help="offline --streaming")
+    stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
+    args = p.parse_args(argv)
+    if args.model_name is None:
+        from f5_triton.client import STREAMING_MODEL
+
+        args.model_name = STREAMING_MODEL if args.streaming else "f5_tts"
+    return args
 
 
 def _ints(text: str) -> list[int]:
@@ -59,7 +76,12 @@ def _ints(text: str) -> list[int]:
 
 
 def load_items(args) -> list[bench.Item]:
-    items = bench.load_items(args.dataset) if args.dataset else bench.builtin_items(4, args.reference_audio)
+    if args.dataset:
+        items = bench.load_items(args.dataset)
+    elif args.streaming:
+        items = bench.mixed_items(len(bench.MIXED_TARGETS), args.reference_audio)
+    else:
+        items = bench.builtin_items(4, args.reference_audio)
     return [items[i % len(items)] for i in range(args.num_requests)]
 
 
@@ -149,11 +171,82 @@ def run_server(args, items, concurrency: int, label: str) -> bench.Result:
     return result
 
 
+def run_streaming(args, items, concurrency: int, label: str, open_stream) -> bench.Result:
+    """`concurrency` clients streaming `items`; `open_stream(i, item)` -> iterator of waveform pieces."""
+    import concurrent.futures
+
+    def send(i_item):
+        return bench.time_stream(open_stream(*i_item))
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        if args.enable_warmup:
+            list(pool.map(send, enumerate(items[: max(args.warmup, concurrency)])))
+        result = bench.Result(mode=f"{args.mode} streaming", label=label, requests=len(items), concurrency=concurrency)
+        first_audio = []
+        with bench.GpuSampler() as gpus:
+            start = time.perf_counter()
+            for first, total, seconds in tqdm(pool.map(send, enumerate(items)), total=len(items),
+                                              desc=f"streaming c={concurrency}", unit="req"):
+                first_audio.append(first)
+                result.latencies.append(total)
+                result.audio_seconds += seconds
+            result.wall_seconds = time.perf_counter() - start
+    bench.add_first_audio(result, first_audio)
+    result.gpu_utilization = gpus.mean_utilization()
+    return result
+
+
+def stream_opener(args):
+    """(open_stream for run_streaming, the scheduler to close or None): Triton's gRPC stream or in process."""
+    if args.mode == "server":
+        from f5_triton.client import stream_synthesize
+
+        def open_server(i, item):
+            return stream_synthesize(args.server_url, item.wave, item.reference_text, item.target_text,
+                                     model=args.model_name, timeout=600, sample_rate=item.sample_rate,
+                                     nfe_steps=args.nfe, cfg_strength=args.cfg, seed=args.seed + i)
+
+        return open_server, None
+    from f5_triton.serving.schema import validate_request
+    from f5_triton.stream_scheduler import StreamScheduler
+    from f5_triton.streaming import StreamingSynthesizer
+
+    tts, _ = bench.tts_from_args(args)
+    scheduler = StreamScheduler(StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder),
+                                granularity=args.granularity, max_streams=args.max_streams).start()
+
+    def open_in_process(i, item):
+        request = validate_request(item.wave, item.reference_text, item.target_text, sample_rate=item.sample_rate,
+                                   nfe_steps=args.nfe, cfg_strength=args.cfg, seed=args.seed + i)
+        return (piece.audio for piece in scheduler.stream(request))
+
+    return open_in_process, scheduler
+
+
+def main_streaming(args, items) -> list[bench.Result]:
+    open_stream, scheduler = stream_opener(args)
+    label = args.label or (f"{args.protocol} nfe{args.nfe}" if args.mode == "server"
+                           else f"{args.granularity} nfe{args.nfe}")
+    results = []
+    try:
+        for number in range(args.passes):
+            name = label if args.passes == 1 else f"{label} {'cold' if number == 0 else 'warm'}"
+            results += [run_streaming(args, items, c, name, open_stream) for c in _ints(args.concurrency)]
+    finally:
+        if scheduler is not None:
+            scheduler.close()
+    print(bench.format_streaming_table(results))
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     items = load_items(args)
     results = []
-    if args.mode == "offline":
+    if args.streaming:
+        results = main_streaming(args, items)
+        label = results[0].label
+    elif args.mode == "offline":
         tts, dtype_name = bench.tts_from_args(args)
         args.device = str(tts.flow_matching.device)
         label = args.label or f"{args.dit_engine} {dtype_name} nfe{args.nfe}"
@@ -163,7 +256,8 @@ def main(argv=None) -> int:
         label = args.label or f"{args.protocol} nfe{args.nfe}"
         for concurrency in _ints(args.concurrency):
             results.append(run_server(args, items, concurrency, label))
-    print(bench.format_table(results))
+    if not args.streaming:
+        print(bench.format_table(results))
     if args.output_json:
         with open(args.output_json, "a") as f:
             for r in results:

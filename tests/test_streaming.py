@@ -499,3 +499,34 @@ def test_server_admission_limit_refuses_with_unavailable(tiny_server, streamer, 
         assert np.abs(np.concatenate(first[1]) - expected).max() <= 1e-4
         pieces, _ = stream_with_times(server, ref_wave, "Accepted now.", nfe_steps=4)  # the retry succeeds
         assert sum(len(p) for p in pieces) > 0
+
+
+def check_streaming_rows(out_json, labels, concurrencies):
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [(r["label"], r["concurrency"]) for r in rows] == [(l, c) for l in labels for c in concurrencies]
+    for row in rows:
+        extra = row["extra"]
+        assert 0 < extra["first_audio_p50_s"] <= extra["first_audio_p90_s"] <= extra["first_audio_p99_s"]
+        assert extra["first_audio_p50_s"] <= row["latency_p50_s"] and row["throughput_audio_s_per_s"] > 0
+
+
+@pytest.mark.server
+def test_benchmark_streaming_sweep_through_triton(streaming_server, tmp_path):
+    out = tmp_path / "streaming.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "server", "--streaming", "--server-url",
+         streaming_server.urls.grpc, "--concurrency", "1,2", "--num-requests", "2", "--nfe", "2", "--passes", "2",
+         "--label", "tiny", "--output-json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"tiny warm\s+2\s+2\s+\d+", result.stdout), result.stdout
+    check_streaming_rows(out, ["tiny cold", "tiny warm"], [1, 2])
+
+
+def test_benchmark_streaming_in_process(tiny_ckpt, tmp_path):
+    out = tmp_path / "streaming.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "offline", "--streaming", "--ckpt-dir",
+         str(tiny_ckpt), "--device", "cpu", "--concurrency", "2", "--num-requests", "2", "--nfe", "2",
+         "--granularity", "chunk", "--output-json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check_streaming_rows(out, ["chunk nfe2"], [2])
