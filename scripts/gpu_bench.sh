@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU numbers of docs/benchmarks.md, in one go (random F5TTS_v1_Base weights, NFE 16, ~5 s reference +
 # ~10 s generated): side by side with upstream, offline batch sweep, then Triton gRPC concurrency sweep.
-#   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu
-#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2)
+#   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu stream_sweep
+#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2, and stream_sweep)
+# stream_sweep (issue 18): f5_tts_streaming over gRPC at concurrency 1..32, both scheduler granularities, cold and
+#   warm passes, and f5_tts at concurrency 16 for the throughput ratio; on CPU with the tiny model first:
+#   TARGET=cpu ARCH=tiny FULL_VOCODER=0 NFE=2 STREAM_CONCURRENCY=1,2 STREAM_REQUESTS=2 bash scripts/gpu_bench.sh stream_sweep
 # Wheels for the lent GPU machine: scripts/prepare_gpu_wheels.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -18,7 +21,7 @@ NFE=${NFE:-16}
 wait_ready() {  # until the server is ready (models loaded and warmed up: compile, CUDA graphs); prints how long
   local start=$SECONDS
   for _ in $(seq 400); do
-    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready')" 2>/dev/null && break
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:${HTTP_PORT:-8000}/v2/health/ready')" 2>/dev/null && break
     sleep 1
   done
   echo "$1: server ready after $((SECONDS - start)) s"
@@ -76,6 +79,34 @@ for what in $WHAT; do
         kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
       done
       python3 scripts/plot_results.py "$OUT/multigpu.jsonl" --output "$OUT/multigpu.png" --title "Triton gRPC, $ARCH, NFE $NFE" ;;
+    stream_sweep)
+      ckpt=$(mktemp -d)/ckpt
+      vocoder_flag=--full-vocoder
+      [ "${FULL_VOCODER:-1}" = 0 ] && vocoder_flag=
+      python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag
+      ports="--http-port ${HTTP_PORT:-8000} --grpc-port ${GRPC_PORT:-8001} --metrics-port ${METRICS_PORT:-8002}"
+      compared=0
+      for granularity in ${GRANULARITIES:-step chunk}; do
+        python3 scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-$granularity" \
+          --nfe "$NFE" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" \
+          --max-queue-size 256 --streaming-granularity "$granularity" --streaming-max-streams "${MAX_STREAMS:-32}" > /dev/null
+        # shellcheck disable=SC2086  # $ports: several words
+        PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo-$granularity" $ports \
+          --log-file "$OUT/tritonserver-$granularity.log" > "$OUT/server-$granularity.log" 2>&1 &
+        server=$!
+        wait_ready "$granularity" | tee -a "$OUT/stream_sweep.log"
+        python3 benchmark.py --mode server --streaming --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" \
+          --concurrency "${STREAM_CONCURRENCY:-1,4,8,16,32}" --num-requests "${STREAM_REQUESTS:-48}" --passes 2 \
+          --label "$granularity" --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" \
+          | tee -a "$OUT/stream_sweep.log"
+        if [ "$compared" = 0 ]; then  # the non-streaming model at 16 clients, same server: the throughput target's base
+          python3 benchmark.py --mode server --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" --concurrency "${COMPARE_CONCURRENCY:-16}" \
+            --num-requests "${STREAM_REQUESTS:-48}" --mixed-texts --enable-warmup --warmup 16 --label f5_tts \
+            --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/stream_sweep.log"
+          compared=1
+        fi
+        kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
+      done ;;
     streaming)
       python3 scripts/streaming_latency.py --random-weights "$ARCH" --device cuda --dtype fp16 --nfe "$NFE" \
         --compile --cuda-graphs ${REF_AUDIO:+--reference-audio "$REF_AUDIO"} --json "$OUT/streaming.json" 2>&1 \
