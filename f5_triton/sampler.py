@@ -207,7 +207,7 @@ class Row:
     cond_mask: torch.Tensor  # [n, 1]
     step_cond: torch.Tensor  # [k, n, c]: k = 2 with guidance (conditional, unconditional), else 1
     text_embed: torch.Tensor  # [k, n, d]
-    t: torch.Tensor  # the time grid
+    t: torch.Tensor  # the time grid, on the host (a row's time and step size are picked per step)
     cfg_strength: float | None
     index: int = 0  # the next step
 
@@ -224,12 +224,13 @@ def split_rows(inputs: SamplingInputs) -> list[Row]:
     """The requests of a prepared call as `Row`s, each cut to its own frames."""
     batch = inputs.x.shape[0]
     guided = inputs.cfg_strength is not None
+    t = inputs.t.cpu()
     rows = []
     for i, n in enumerate(inputs.durations):
         branches = [i, batch + i] if guided else [i]
         rows.append(Row(x=inputs.x[i, :n], cond=inputs.cond[i, :n], cond_mask=inputs.cond_mask[i, :n],
                         step_cond=inputs.step_cond[branches, :n], text_embed=inputs.text_embed[branches, :n],
-                        t=inputs.t, cfg_strength=inputs.cfg_strength))
+                        t=t, cfg_strength=inputs.cfg_strength))
     return rows
 
 
@@ -249,7 +250,7 @@ def step_rows(step, rows: Sequence[Row]) -> None:
     guided = [i for i, row in enumerate(rows) if row.cfg_strength is not None]
     branches = [(i, 0) for i in range(len(rows))] + [(i, 1) for i in guided]
     x = padded([row.x for row in rows])
-    times = torch.stack([row.t[row.index] for row in rows])
+    times = torch.stack([row.t[row.index] for row in rows]).to(x.device)
     frames = torch.tensor(lengths, device=x.device)
     mask = None if min(lengths) == longest else lens_to_mask(frames, longest)
     members = torch.tensor([i for i, _ in branches], device=x.device)
@@ -261,7 +262,7 @@ def step_rows(step, rows: Sequence[Row]) -> None:
         pred, null_pred = flow[guided], out[len(rows):]
         cfg = torch.tensor([rows[i].cfg_strength for i in guided], device=x.device, dtype=x.dtype)
         flow = flow.index_copy(0, torch.tensor(guided, device=x.device), pred + (pred - null_pred) * cfg[:, None, None])
-    dt = torch.stack([row.t[row.index + 1] - row.t[row.index] for row in rows])
+    dt = torch.stack([row.t[row.index + 1] - row.t[row.index] for row in rows]).to(x.device)
     x = x + dt[:, None, None] * flow
     for row, n, new in zip(rows, lengths, x):
         row.x = new[:n]

@@ -158,21 +158,26 @@ def alone(streamer, ref_wave):
 
 
 def run_all(scheduler):
-    rounds = 0
     while scheduler.run_round():
-        rounds += 1
-    return rounds
+        pass
+
+
+def submit_all(streamer, ref_wave, granularity, events):
+    """A scheduler holding every request of `stream_requests`, and their recording sinks by name."""
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    scheduler = StreamScheduler(streamer, granularity=granularity)
+    sinks = {}
+    for name, request in stream_requests(ref_wave).items():
+        sinks[name] = RecordingSink(name, events)
+        scheduler.submit(request, sinks[name])
+    return scheduler, sinks
 
 
 @pytest.mark.parametrize("granularity", ["chunk", "step"])
 def test_scheduled_streams_interleave_and_equal_their_audio_alone(streamer, ref_wave, alone, granularity):
-    from f5_triton.stream_scheduler import StreamScheduler
-
     events = []
-    scheduler = StreamScheduler(streamer, granularity=granularity)
-    sinks = {name: RecordingSink(name, events) for name in alone}
-    for name, request in stream_requests(ref_wave).items():
-        scheduler.submit(request, sinks[name])
+    scheduler, sinks = submit_all(streamer, ref_wave, granularity, events)
     run_all(scheduler)
     pieces = [e for e in events if e[1] == "piece"]
     assert len(pieces) == len(events)  # nothing dropped or failed
@@ -221,13 +226,8 @@ def test_step_granularity_joins_at_the_next_step(streamer, ref_wave, alone):
 
 @pytest.mark.parametrize("granularity", ["chunk", "step"])
 def test_cancelled_stream_leaves_while_the_others_go_on(streamer, ref_wave, alone, granularity):
-    from f5_triton.stream_scheduler import StreamScheduler
-
     events = []
-    scheduler = StreamScheduler(streamer, granularity=granularity)
-    sinks = {name: RecordingSink(name, events) for name in alone}
-    for name, request in stream_requests(ref_wave).items():
-        scheduler.submit(request, sinks[name])
+    scheduler, sinks = submit_all(streamer, ref_wave, granularity, events)
     while not sinks["long"].pieces:
         scheduler.run_round()
     sinks["long"].cancelled = True
@@ -304,7 +304,8 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
 
     options = dict(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                    vocoder=tiny_ckpt / "vocos", gpus=[0, 1], streaming_instances_per_device=2, first_chunk_bytes=40,
-                   output_cache_entries=0)
+                   output_cache_entries=0, streaming_granularity="chunk", streaming_max_streams=5,
+                   streaming_max_queued=7)
     repo = render(RepositoryOptions(**options), tmp_path / "repo")
     config = text_format.Parse((repo / "f5_tts_streaming" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.model_transaction_policy.decoupled and config.backend == "python"
@@ -313,6 +314,7 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["first_chunk_bytes"] == "40" and params["output_cache_entries"] == "0"
     assert params["reference_cache_entries"] == "128"
+    assert (params["granularity"], params["max_streams"], params["max_queued"]) == ("chunk", "5", "7")
     group = config.instance_group[0]
     kinds = model_config_pb2.ModelInstanceGroup
     assert group.count == 2 and group.kind == (kinds.KIND_CPU if target == "cpu" else kinds.KIND_GPU)
