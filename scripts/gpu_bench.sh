@@ -96,12 +96,12 @@ for what in $WHAT; do
         server=$!
         wait_ready "$granularity" | tee -a "$OUT/stream_sweep.log"
         python3 benchmark.py --mode server --streaming --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" \
-          --concurrency "${STREAM_CONCURRENCY:-1,4,8,16,32}" --num-requests "${STREAM_REQUESTS:-48}" --passes 2 \
+          --concurrency "${STREAM_CONCURRENCY:-1,4,8,16,32}" --num-requests "${STREAM_REQUESTS:-32}" --passes 2 \
           --label "$granularity" --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" \
           | tee -a "$OUT/stream_sweep.log"
         if [ "$compared" = 0 ]; then  # the non-streaming model at 16 clients, same server: the throughput target's base
           python3 benchmark.py --mode server --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" --concurrency "${COMPARE_CONCURRENCY:-16}" \
-            --num-requests "${STREAM_REQUESTS:-48}" --mixed-texts --enable-warmup --warmup 16 --label f5_tts \
+            --num-requests "${STREAM_REQUESTS:-32}" --mixed-texts --enable-warmup --warmup 16 --label f5_tts \
             --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/stream_sweep.log"
           compared=1
         fi
