@@ -6,6 +6,10 @@ Offline (in process, batched):
     python benchmark.py --mode offline --random-weights F5TTS_v1_Base --device cuda --dtype fp16 --nfe 16
 Server (a running Triton, gRPC or HTTP, a concurrency sweep):
     python benchmark.py --mode server --server-url localhost:8001 --concurrency 1,4,16 --num-requests 64
+Streaming (f5_tts_streaming over Triton's gRPC stream, or --mode offline: the stream scheduler in process):
+time to first audio and whole-request percentiles, aggregate audio s/s; --passes 2: a cold then a warm sweep
+    python benchmark.py --mode server --streaming --concurrency 1,4,8,16,32 --num-requests 64 --passes 2
+    python benchmark.py --mode offline --streaming --random-weights F5TTS_v1_Base --concurrency 1,8 --granularity step
 
 Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in --set:
 "uniform" (~5 s reference, ~10 s of generated speech each) or "mixed" (references of 3-10 s, targets
@@ -29,6 +33,7 @@ from tqdm import tqdm
 from f5_triton import bench
 from f5_triton.client import default_url
 from f5_triton.config import SAMPLE_RATE
+from f5_triton.request import MODEL, STREAMING_MODEL
 
 
 def parse_args(argv=None):
@@ -40,10 +45,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--mode", choices=["offline", "server"], default="offline")
     p.add_argument("--dataset", help="folder or JSONL of (reference audio, reference text, target text)")
-    p.add_argument("--set", default="uniform",
-                   help=f"built-in input set(s) without --dataset: {', '.join(bench.BUILTIN_SETS)}, or a comma list")
-    p.add_argument("--reference-audio", help="uniform set: use this reference clip instead of a synthetic one")
-    p.add_argument("--passes", type=int, default=1, help="run the set this many times, one report row each")
+    p.add_argument("--set", help=f"built-in input set(s) without --dataset: {', '.join(bench.BUILTIN_SETS)}, or a "
+                                 "comma list (None: uniform; paragraphs with --streaming)")
+    p.add_argument("--reference-audio", help="uniform and paragraphs sets: use this reference clip instead of a synthetic one")
+    p.add_argument("--passes", type=int, default=1,
+                   help="run the set this many times, one report row each (the first: cold, after start-up)")
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--enable-warmup", action="store_true", help="run warm-up requests first (not counted)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up batches/requests with --enable-warmup")
@@ -64,12 +70,21 @@ def parse_args(argv=None):
     srv.add_argument("--server-url", help="host:port; None: localhost:$GRPC_PORT (8001), or $HTTP_PORT (8000) with --protocol http")
     srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
-    srv.add_argument("--model-name", default="f5_tts")
+    srv.add_argument("--model-name", help="default f5_tts, or f5_tts_streaming with --streaming")
+    stream = p.add_argument_group("streaming")
+    stream.add_argument("--streaming", action="store_true",
+                        help="stream each request (server: f5_tts_streaming; offline: the stream scheduler in "
+                             "process, at --concurrency)")
+    stream.add_argument("--granularity", choices=["step", "chunk"], default="step", help="offline --streaming")
+    stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
     args = p.parse_args(argv)
+    args.set = args.set or ("paragraphs" if args.streaming else "uniform")
     unknown = set(args.set.split(",")) - set(bench.BUILTIN_SETS)
     if unknown:
         p.error(f"--set: unknown set(s) {sorted(unknown)}; known: {', '.join(bench.BUILTIN_SETS)}")
     args.server_url = args.server_url or default_url(args.protocol)
+    if args.model_name is None:
+        args.model_name = STREAMING_MODEL if args.streaming else MODEL
     return args
 
 
@@ -202,11 +217,83 @@ class Results(list):
                 f.write(json.dumps(result.summary()) + "\n")
 
 
+def run_streaming(args, items, concurrency: int, label: str, open_stream) -> bench.Result:
+    """`concurrency` clients streaming `items`; `open_stream(i, item)` -> iterator of waveform pieces."""
+    import concurrent.futures
+
+    def send(i_item):
+        return bench.time_stream(open_stream(*i_item))
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        if args.enable_warmup:
+            list(pool.map(send, enumerate(items[: max(args.warmup, concurrency)])))
+        result = bench.Result(mode=f"{args.mode} streaming", label=label, requests=len(items), concurrency=concurrency)
+        first_audio = []
+        with bench.GpuSampler() as gpus:
+            start = time.perf_counter()
+            for first, total, seconds in tqdm(pool.map(send, enumerate(items)), total=len(items),
+                                              desc=f"streaming c={concurrency}", unit="req"):
+                first_audio.append(first)
+                result.latencies.append(total)
+                result.audio_seconds += seconds
+            result.wall_seconds = time.perf_counter() - start
+    bench.add_first_audio(result, first_audio)
+    result.gpu_utilization = gpus.mean_utilization()
+    return result
+
+
+def stream_opener(args):
+    """(open_stream for run_streaming, the scheduler to close or None): Triton's gRPC stream or in process."""
+    if args.mode == "server":
+        from f5_triton.client import stream_synthesize
+
+        def open_server(i, item):  # no seed: the server's output cache replays seeded repeats (a warm pass)
+            return stream_synthesize(args.server_url, item.wave, item.reference_text, item.target_text,
+                                     model=args.model_name, timeout=600, sample_rate=item.sample_rate,
+                                     nfe_steps=args.nfe, cfg_strength=args.cfg)
+
+        return open_server, None
+    from f5_triton.request import validate_request
+    from f5_triton.stream_scheduler import StreamScheduler
+    from f5_triton.streaming import StreamingSynthesizer
+
+    tts, _ = bench.tts_from_args(args)
+    scheduler = StreamScheduler(StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder),
+                                granularity=args.granularity, max_streams=args.max_streams).start()
+
+    def open_in_process(i, item):
+        request = validate_request(item.wave, item.reference_text, item.target_text, sample_rate=item.sample_rate,
+                                   nfe_steps=args.nfe, cfg_strength=args.cfg, seed=args.seed + i)
+        return (piece.audio for piece in scheduler.stream(request))
+
+    return open_in_process, scheduler
+
+
+def main_streaming(args, sets: list[str], results: list) -> str:
+    """Streaming sweeps, one per pass over each set (the first pass right after start-up: cold); returns the label."""
+    open_stream, scheduler = stream_opener(args)
+    label = args.label or (f"{args.protocol} nfe{args.nfe}" if args.mode == "server"
+                           else f"{args.granularity} nfe{args.nfe}")
+    try:
+        for set_name in sets:
+            items = load_items(args, set_name)
+            for name in _pass_labels(args, label, set_name):
+                for concurrency in _ints(args.concurrency):
+                    results.append(run_streaming(args, items, concurrency, name, open_stream))
+    finally:
+        if scheduler is not None:
+            scheduler.close()
+    print(bench.format_streaming_table(results))
+    return label
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sets = ["dataset"] if args.dataset else args.set.split(",")
     results = Results(args.output_json)
-    if args.mode == "offline":
+    if args.streaming:
+        label = main_streaming(args, sets, results)
+    elif args.mode == "offline":
         tts, dtype_name = bench.tts_from_args(args)
         args.device = str(tts.flow_matching.device)
         label = args.label or f"{args.dit_engine} {dtype_name} nfe{args.nfe}"
@@ -224,7 +311,8 @@ def main(argv=None) -> int:
             for concurrency in _ints(args.concurrency):
                 for name in _pass_labels(args, label, set_name):
                     results.append(run_server(args, items, concurrency, name))
-    print(bench.format_table(results))
+    if not args.streaming:
+        print(bench.format_table(results))
     if args.plot:
         print(f"plot: {bench.plot_sweep(results, args.plot, title=label)}")
     bad = [r for r in results if not np.isfinite(r.rtf)]

@@ -163,14 +163,35 @@ def mixed_items(count: int, seed: int = MIXED_SET_SEED) -> list[Item]:
     return items
 
 
-BUILTIN_SETS = ("uniform", "mixed")
+# The paragraphs set: texts of one short sentence to a long paragraph (about 2 to 25 s of speech) with the
+# uniform set's reference, several sentences each, so that streaming has pieces to send and streams of
+# different lengths share the scheduler's batched rounds.
+PARAGRAPHS = [
+    "Hello, how can I help you today?",
+    BUILTIN_TARGETS[0],
+    " ".join(BUILTIN_TARGETS[1:3]),
+    " ".join(BUILTIN_TARGETS),
+    " ".join(BUILTIN_TARGETS[2:] + BUILTIN_TARGETS[:2] + BUILTIN_TARGETS[1:3]),
+]
+
+
+def paragraph_items(count: int, ref_audio: str | None = None) -> list[Item]:
+    """`count` items cycling through `PARAGRAPHS` with the uniform set's first reference."""
+    base = builtin_items(1, ref_audio)[0]
+    return [Item(base.wave, base.sample_rate, base.reference_text, PARAGRAPHS[i % len(PARAGRAPHS)],
+                 name=f"paragraph-{i}") for i in range(count)]
+
+
+BUILTIN_SETS = ("uniform", "mixed", "paragraphs")
 
 
 def builtin_set(name: str, count: int, ref_audio: str | None = None) -> list[Item]:
     """benchmark.py's built-in sets: "uniform" (every request ~5 s reference, ~10 s target; `ref_audio`
-    replaces the synthetic reference) or "mixed" (`mixed_items`)."""
+    replaces the synthetic reference), "mixed" (`mixed_items`) or "paragraphs" (`paragraph_items`)."""
     if name == "mixed":
         return mixed_items(count)
+    if name == "paragraphs":
+        return paragraph_items(count, ref_audio)
     if name == "uniform":
         items = builtin_items(4, ref_audio)
         return [items[i % len(items)] for i in range(count)]
@@ -262,6 +283,14 @@ class Result:
         return row
 
 
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the first is the header) as aligned text columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(results: list[Result]) -> str:
     header = ("mode", "label", "bs/conc", "reqs", "RTF", "audio s/s", "p50 s", "p90 s", "p99 s", "stages (s)",
               "GPU MiB")
@@ -271,10 +300,34 @@ def format_table(results: list[Result]) -> str:
         rows.append((r.mode, r.label, str(r.batch_size or r.concurrency), str(r.requests), f"{r.rtf:.4f}",
                      f"{r.throughput:.1f}", f"{r.percentile(50):.3f}", f"{r.percentile(90):.3f}",
                      f"{r.percentile(99):.3f}", stages or "-", f"{r.gpu_peak_mib:.0f}" if r.gpu_peak_mib else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _columns(rows)
+
+
+def time_stream(pieces) -> tuple[float, float, float]:
+    """(seconds to the first non-empty piece, seconds to the end, audio seconds) of an iterator of pieces
+    (float arrays), timed from this call."""
+    start = time.perf_counter()
+    first, samples = None, 0
+    for piece in pieces:
+        samples += len(piece)
+        if first is None and len(piece):
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return (total if first is None else first), total, samples / SAMPLE_RATE
+
+
+def add_first_audio(result: Result, first_audio: list[float]) -> None:
+    """Time-to-first-audio percentiles of a streaming run, in the row's `extra`."""
+    result.extra.update({f"first_audio_p{q}_s": float(np.percentile(first_audio, q)) for q in (50, 90, 99)})
+
+
+def format_streaming_table(results: list[Result]) -> str:
+    """Streaming runs: time to first audio and whole request (ms), aggregate audio seconds per second."""
+    header = ("label", "conc", "reqs", "first audio p50 ms", "p90 ms", "p99 ms", "whole p50 s", "p90 s", "audio s/s")
+    rows = [header] + [(r.label, str(r.concurrency), str(r.requests), f"{1000 * r.extra['first_audio_p50_s']:.0f}",
+                        f"{1000 * r.extra['first_audio_p90_s']:.0f}", f"{1000 * r.extra['first_audio_p99_s']:.0f}",
+                        f"{r.percentile(50):.2f}", f"{r.percentile(90):.2f}", f"{r.throughput:.1f}") for r in results]
+    return _columns(rows)
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -18,3 +18,12 @@ class InvalidInputError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint, vocab or vocoder folder could not be loaded as published."""
+
+
+class ServerBusyError(RuntimeError):
+    """No room for the request now (an admission limit is reached); the same request may succeed later.
+
+    Adapters map it to UNAVAILABLE (HTTP 503), the status clients retry on.
+    """
+
+    reason = "busy"  # metrics label

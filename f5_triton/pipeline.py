@@ -27,7 +27,7 @@ from f5_triton import audio, text
 from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, HOP_LENGTH, N_MELS, SAMPLE_RATE, Limits
 from f5_triton.errors import InvalidInputError
 from f5_triton.request import SynthesisRequest
-from f5_triton.sampler import sample
+from f5_triton.sampler import Row, prepare, sample, split_rows, step_rows
 
 
 @dataclass
@@ -172,28 +172,46 @@ class FlowMatcher:
         (per-job noise and masks).
         """
         results: list[torch.Tensor | None] = [None] * len(jobs)
+        for members, batch, arguments in self._groups(jobs):
+            declined: set[int] = set()
+            hook = on_step if keep is None else _KeepHook(batch, keep, declined, on_step)
+            try:
+                mel = sample(self.model, **arguments, on_step=hook)
+            except _AllDeclined:
+                continue
+            for i, (job, row) in enumerate(zip(batch, mel)):
+                if i not in declined:
+                    results[members[i]] = generated(job, row)
+        return results
+
+    def _groups(self, jobs: list[Job]):
+        """(positions, jobs, `sampler.sample` arguments) of each group of jobs sharing sampling settings."""
         groups = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[(job.nfe_steps, job.cfg_strength, job.sway_sampling_coef)].append(i)
         for (steps, cfg, sway), members in groups.items():
             batch = [jobs[i] for i in members]
-            declined: set[int] = set()
-            hook = on_step if keep is None else _KeepHook(batch, keep, declined, on_step)
             cond = torch.nn.utils.rnn.pad_sequence([j.ref_mel for j in batch], batch_first=True)
             tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(j.tokens, dtype=torch.long) for j in batch],
                                                      batch_first=True, padding_value=-1)
-            try:
-                mel = sample(
-                    self.model, cond.to(self.device, self.dtype), tokens.to(self.device),
-                    torch.tensor([j.duration for j in batch]), steps=steps, cfg_strength=cfg,
-                    sway_sampling_coef=sway, seed=[j.seed for j in batch],
-                    lens=torch.tensor([j.ref_mel.shape[0] for j in batch]), on_step=hook)
-            except _AllDeclined:
-                continue
-            for i, (job, row) in enumerate(zip(batch, mel)):
-                if i not in declined:
-                    results[members[i]] = row[job.ref_frames:job.total_frames].float()
-        return results
+            yield members, batch, dict(
+                cond=cond.to(self.device, self.dtype), text=tokens.to(self.device),
+                duration=torch.tensor([j.duration for j in batch]), steps=steps, cfg_strength=cfg,
+                sway_sampling_coef=sway, seed=[j.seed for j in batch],
+                lens=torch.tensor([j.ref_mel.shape[0] for j in batch]))
+
+    def start(self, jobs: list[Job]) -> list[Row]:
+        """Jobs as `sampler.Row`s to advance one ODE step at a time (`advance`), in job order: noise and
+        text embeddings made here, once (one call per group of sampling settings)."""
+        rows: list[Row | None] = [None] * len(jobs)
+        for members, _, arguments in self._groups(jobs):
+            for i, row in zip(members, split_rows(prepare(self.model, **arguments))):
+                rows[i] = row
+        return rows
+
+    def advance(self, rows: list[Row]) -> None:
+        """One ODE step of every row (each at its own step) in one DiT call."""
+        step_rows(self.model.step, rows)
 
     def warm_up(self, max_requests: int, nfe_steps: int = DEFAULT_SAMPLING.nfe_steps, longest: int = 1200,
                 mel_dim: int = N_MELS, log: Callable[[str], None] | None = None,
@@ -233,6 +251,11 @@ class FlowMatcher:
                 log(f"warm-up: every shape of up to {max_requests} requests x {max_frames} frames covered "
                     f"({made} more), {time.perf_counter() - start:.1f} s")
         return results
+
+
+def generated(job: Job, mel: torch.Tensor) -> torch.Tensor:
+    """The frames a job generated ([frames, n_mels] float32), out of its sampled mel (reference included)."""
+    return mel[job.ref_frames:job.total_frames].float()
 
 
 class _AllDeclined(Exception):

@@ -12,6 +12,7 @@ sampler lays the 2B sequences end to end without padding, and `step` gets a `Pac
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -96,32 +97,36 @@ def euler_solve(step, x: torch.Tensor, cond: torch.Tensor, text_embed: torch.Ten
     return x
 
 
-@torch.inference_mode()
-def sample(
-    model,
-    cond: torch.Tensor,
-    text: torch.Tensor,
-    duration: int | torch.Tensor,
-    *,
-    steps: int = 32,
-    cfg_strength: float = 2.0,
-    sway_sampling_coef: float | None = -1.0,
-    noise: torch.Tensor | None = None,
-    seed: int | Sequence[int | None] | None = None,
-    lens: torch.Tensor | None = None,
-    use_epss: bool = True,
-    max_duration: int = 65536,
-    on_step: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Generate mel frames conditioned on a reference mel and text.
+@dataclass
+class SamplingInputs:
+    """What the Euler loop integrates, made once per call by `prepare` (see `sample` for the arguments).
 
-    cond: [b, n_ref, mel_dim] reference mel (padded); text: [b, nt] token ids padded with -1;
-    duration: total frames (reference + generated) per request; lens: reference frames per request.
-    noise: optional [b, max_duration, mel_dim] starting noise, for exact reproduction.
-    seed: one seed for all requests or one per request.
-    on_step(i): called before step i (cancellation and deadlines raise from here).
-    Returns the mel [b, max_duration, mel_dim] with the reference region restored.
+    x: [b, n, c] starting noise; cond: [b, n, c] reference mel (padded to n); cond_mask: [b, n, 1] True on
+    the reference frames; step_cond, text_embed, mask: the DiT step's conditions, 2b rows (conditional then
+    unconditional) with guidance; t: the time grid; cfg_strength: None without guidance; durations: frames per row.
     """
+
+    x: torch.Tensor
+    cond: torch.Tensor
+    cond_mask: torch.Tensor
+    step_cond: torch.Tensor
+    text_embed: torch.Tensor
+    mask: torch.Tensor | None
+    t: torch.Tensor
+    cfg_strength: float | None
+    durations: list[int]
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampled mel with the reference region restored."""
+        return torch.where(self.cond_mask, self.cond, x)
+
+
+@torch.inference_mode()
+def prepare(model, cond: torch.Tensor, text: torch.Tensor, duration: int | torch.Tensor, *, steps: int = 32,
+            cfg_strength: float = 2.0, sway_sampling_coef: float | None = -1.0, noise: torch.Tensor | None = None,
+            seed: int | Sequence[int | None] | None = None, lens: torch.Tensor | None = None, use_epss: bool = True,
+            max_duration: int = 65536) -> SamplingInputs:
+    """Noise, masks, text embeddings (once per request) and the time grid of a `sample` call."""
     batch, cond_len, channels = cond.shape
     device = cond.device
     if lens is None:
@@ -157,17 +162,125 @@ def sample(
         mask = None if mask is None else torch.cat((mask, mask))
 
     t = time_grid(steps, sway_sampling_coef, use_epss, device=device, dtype=cond.dtype)
+    return SamplingInputs(x, cond, cond_mask, step_cond, text_embed, mask, t, cfg_strength if use_cfg else None,
+                          durations)
+
+
+@torch.inference_mode()
+def sample(
+    model,
+    cond: torch.Tensor,
+    text: torch.Tensor,
+    duration: int | torch.Tensor,
+    *,
+    steps: int = 32,
+    cfg_strength: float = 2.0,
+    sway_sampling_coef: float | None = -1.0,
+    noise: torch.Tensor | None = None,
+    seed: int | Sequence[int | None] | None = None,
+    lens: torch.Tensor | None = None,
+    use_epss: bool = True,
+    max_duration: int = 65536,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Generate mel frames conditioned on a reference mel and text.
+
+    cond: [b, n_ref, mel_dim] reference mel (padded); text: [b, nt] token ids padded with -1;
+    duration: total frames (reference + generated) per request; lens: reference frames per request.
+    noise: optional [b, max_duration, mel_dim] starting noise, for exact reproduction.
+    seed: one seed for all requests or one per request.
+    on_step(i): called before step i (cancellation and deadlines raise from here).
+    Returns the mel [b, max_duration, mel_dim] with the reference region restored.
+    """
+    inputs = prepare(model, cond, text, duration, steps=steps, cfg_strength=cfg_strength,
+                     sway_sampling_coef=sway_sampling_coef, noise=noise, seed=seed, lens=lens, use_epss=use_epss,
+                     max_duration=max_duration)
     # An engine may integrate the whole grid itself (the torch engine replays it as CUDA graphs).
     solve = getattr(model, "solve", None) or functools.partial(euler_solve, model.step)
-    guidance = cfg_strength if use_cfg else None
     packs = getattr(model, "packs", None)
-    if packs is not None and packs(step_cond.shape[0]):
-        valid = lens_to_mask(duration, max_len)
-        step_valid = torch.cat((valid, valid)) if use_cfg else valid
-        packing = Packing.of(durations * (2 if use_cfg else 1), device)
-        x = x.masked_scatter(valid.unsqueeze(-1), solve(x[valid], step_cond[step_valid], text_embed[step_valid],
-                                                        packing, t, guidance, on_step))
+    if packs is not None and packs(inputs.step_cond.shape[0]):
+        x = inputs.x
+        valid = lens_to_mask(torch.tensor(inputs.durations, device=x.device), x.shape[1])
+        step_valid = valid if inputs.cfg_strength is None else torch.cat((valid, valid))
+        packing = Packing.of(inputs.durations * (1 if inputs.cfg_strength is None else 2), x.device)
+        x = x.masked_scatter(valid.unsqueeze(-1), solve(x[valid], inputs.step_cond[step_valid],
+                                                        inputs.text_embed[step_valid], packing, inputs.t,
+                                                        inputs.cfg_strength, on_step))
     else:
-        x = solve(x, step_cond, text_embed, mask, t, guidance, on_step)
+        x = solve(inputs.x, inputs.step_cond, inputs.text_embed, inputs.mask, inputs.t, inputs.cfg_strength, on_step)
+    return inputs.finish(x)
 
-    return torch.where(cond_mask, cond, x)
+
+@dataclass
+class Row:
+    """One request's sampling advanced step by step (`step_rows`), beside rows at other steps.
+
+    Cut to the request's own frames: alone or batched with others its flow is the same (padding is
+    masked), so its result equals `sample` of the request alone.
+    """
+
+    x: torch.Tensor  # [n, c]
+    cond: torch.Tensor  # [n, c]
+    cond_mask: torch.Tensor  # [n, 1]
+    step_cond: torch.Tensor  # [k, n, c]: k = 2 with guidance (conditional, unconditional), else 1
+    text_embed: torch.Tensor  # [k, n, d]
+    t: torch.Tensor  # the time grid, on the host (a row's time and step size are picked per step)
+    cfg_strength: float | None
+    index: int = 0  # the next step
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.t.shape[0] - 1
+
+    def result(self) -> torch.Tensor:
+        """The sampled mel [n, c] with the reference region restored."""
+        return torch.where(self.cond_mask, self.cond, self.x)
+
+
+def split_rows(inputs: SamplingInputs) -> list[Row]:
+    """The requests of a prepared call as `Row`s, each cut to its own frames."""
+    batch = inputs.x.shape[0]
+    guided = inputs.cfg_strength is not None
+    t = inputs.t.cpu()
+    rows = []
+    for i, n in enumerate(inputs.durations):
+        branches = [i, batch + i] if guided else [i]
+        rows.append(Row(x=inputs.x[i, :n], cond=inputs.cond[i, :n], cond_mask=inputs.cond_mask[i, :n],
+                        step_cond=inputs.step_cond[branches, :n], text_embed=inputs.text_embed[branches, :n],
+                        t=t, cfg_strength=inputs.cfg_strength))
+    return rows
+
+
+@torch.inference_mode()
+def step_rows(step, rows: Sequence[Row]) -> None:
+    """One Euler step of every row in one DiT call, each row at its own time: `euler_solve`'s arithmetic.
+
+    step: the DiT's `step(x, cond, text_embed, time, mask)`. Rows are padded to the longest (masked);
+    conditional rows come first, then the unconditional rows of the guided ones.
+    """
+    lengths = [row.x.shape[0] for row in rows]
+    longest = max(lengths)
+
+    def padded(tensors):
+        return torch.stack([torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for v in tensors])
+
+    guided = [i for i, row in enumerate(rows) if row.cfg_strength is not None]
+    branches = [(i, 0) for i in range(len(rows))] + [(i, 1) for i in guided]
+    x = padded([row.x for row in rows])
+    times = torch.stack([row.t[row.index] for row in rows]).to(x.device)
+    frames = torch.tensor(lengths, device=x.device)
+    mask = None if min(lengths) == longest else lens_to_mask(frames, longest)
+    members = torch.tensor([i for i, _ in branches], device=x.device)
+    out = step(x[members], padded([rows[i].step_cond[b] for i, b in branches]),
+               padded([rows[i].text_embed[b] for i, b in branches]), times[members],
+               None if mask is None else mask[members])
+    flow = out[: len(rows)]
+    if guided:
+        pred, null_pred = flow[guided], out[len(rows):]
+        cfg = torch.tensor([rows[i].cfg_strength for i in guided], device=x.device, dtype=x.dtype)
+        flow = flow.index_copy(0, torch.tensor(guided, device=x.device), pred + (pred - null_pred) * cfg[:, None, None])
+    dt = torch.stack([row.t[row.index + 1] - row.t[row.index] for row in rows]).to(x.device)
+    x = x + dt[:, None, None] * flow
+    for row, n, new in zip(rows, lengths, x):
+        row.x = new[:n]
+        row.index += 1

@@ -82,6 +82,26 @@ def _level(wave: np.ndarray, ref_rms: float) -> np.ndarray:
     return np.asarray(audio.restore_rms(wave, ref_rms), dtype=np.float32)
 
 
+class PieceMaker:
+    """A request's chunk waveforms, given in chunk order, -> its `Piece`s (cross-faded, at the reference's level)."""
+
+    def __init__(self, prepared: Prepared, cross_fade_seconds: float = CROSS_FADE_SECONDS):
+        self.ref_rms = prepared.ref_rms
+        self.chunks = len(prepared.jobs)
+        self.fader = CrossFadeStream(cross_fade_seconds)
+        self.made: list[Piece] = []
+
+    def add(self, wave: np.ndarray) -> Piece:
+        """The piece that the next chunk's waveform releases."""
+        index = len(self.made)
+        out = self.fader.push(wave)
+        if index == self.chunks - 1:
+            out = np.concatenate([out, self.fader.flush()])
+        piece = Piece(_level(out, self.ref_rms), index, self.chunks)
+        self.made.append(piece)
+        return piece
+
+
 class StreamingSynthesizer:
     """Request -> `Piece`s, one per text chunk, each as soon as its chunk is generated.
 
@@ -119,26 +139,26 @@ class StreamingSynthesizer:
 
     def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None) -> Iterator[Piece]:
         """Pieces of `request`'s audio; the last has `is_final`. `on_step(i)` may raise to cancel."""
-        key = self._output_key(request)
-        if key is not None:
-            cached = self.output_cache.get(key)
-            if cached is not None:
-                yield from cached
-                return
+        key, cached = self.cached(request)
+        if cached is not None:
+            yield from cached
+            return
         prepared = self.prepare(request)
-        fader = CrossFadeStream(self.cross_fade_seconds)
-        pieces = []
-        chunks = len(prepared.jobs)
+        pieces = PieceMaker(prepared, self.cross_fade_seconds)
         for job in prepared.jobs:
             mel = check_finite(self.flow_matching([job], on_step=on_step))
-            wave = fader.push(self.vocoder(mel)[0])
-            if job.chunk_index == chunks - 1:
-                wave = np.concatenate([wave, fader.flush()])
-            piece = Piece(_level(wave, prepared.ref_rms), job.chunk_index, chunks)
-            pieces.append(piece)
-            yield piece
+            yield pieces.add(self.vocoder(mel)[0])
+        self.remember(key, pieces.made)
+
+    def remember(self, key: str | None, pieces: list[Piece]) -> None:
+        """Keep a finished request's pieces for replay (`key`: `cached`'s, None when not cached)."""
         if key is not None:
             self.output_cache.put(key, tuple(pieces), sum(p.audio.nbytes for p in pieces) + 64 * len(pieces))
+
+    def cached(self, request: SynthesisRequest) -> tuple[str | None, tuple[Piece, ...] | None]:
+        """(output-cache key or None, the cached pieces of `request` or None)."""
+        key = self._output_key(request)
+        return key, (None if key is None else self.output_cache.get(key))
 
     def synthesize(self, request: SynthesisRequest) -> np.ndarray:
         """The whole streamed audio, joined."""

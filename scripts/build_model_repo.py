@@ -53,6 +53,12 @@ def main() -> None:
                         help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
                              "targets)")
     parser.add_argument("--no-streaming", action="store_true", help="leave out the f5_tts_streaming model")
+    parser.add_argument("--streaming-granularity", choices=["step", "chunk"], default="step",
+                        help="f5_tts_streaming: a new stream joins the batch at the next ODE step or the next chunk")
+    parser.add_argument("--streaming-max-streams", type=int, default=16,
+                        help="f5_tts_streaming: streams generated together per instance (more wait)")
+    parser.add_argument("--streaming-max-queued", type=int, default=64,
+                        help="f5_tts_streaming: streams waiting per instance; more are refused with UNAVAILABLE")
     parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
     args = parser.parse_args()
     try:
@@ -68,7 +74,9 @@ def main() -> None:
             vocoder_engine_path=args.vocoder_engine_path, vocoder_plan=args.vocoder_plan,
             vocoder_in_flow=args.vocoder_in_flow,
             dit_graph_steps=args.graph_steps, dit_graph_max_rows=args.graph_max_rows, dit_fp8=args.fp8,
-            warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback)
+            warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback,
+            streaming_granularity=args.streaming_granularity, streaming_max_streams=args.streaming_max_streams,
+            streaming_max_queued=args.streaming_max_queued)
         out = render(options, args.output)
     except (ValueError, InvalidInputError, CheckpointError) as exc:
         sys.exit(f"error: {exc}")

@@ -2,13 +2,17 @@
 # The GPU numbers of docs/benchmarks.md, in one go (random F5TTS_v1_Base weights, NFE 16, ~5 s reference +
 # ~10 s generated): side by side with upstream, offline batch sweep, then Triton gRPC concurrency sweep.
 #   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu traffic
-#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2, and traffic)
+#     stream_sweep
+#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2, traffic and stream_sweep)
 # traffic (issue 17, one device call of ~9 min): the uniform and the mixed-length sets side by side, offline batch
 #   1 and 16, Triton gRPC concurrency 1, 16, 64, each as a first pass after "ready" (cold) and a second (warm);
 #   time to ready in traffic-offline.log / traffic-server.log. Its two halves alone: traffic-offline (cut at
 #   TRAFFIC_OFFLINE_S seconds, rows kept as measured), traffic-server. A dry run on the CPU:
 #   ARCH=tiny NFE=2 TARGET=cpu TRAFFIC_REQUESTS=4 TRAFFIC_CONCURRENCY=1,2 PY=.venv/bin/python \
 #     HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002 bash scripts/gpu_bench.sh traffic
+# stream_sweep (issue 18): f5_tts_streaming over gRPC at concurrency 1..32, both scheduler granularities, cold and
+#   warm passes, and f5_tts at concurrency 16 for the throughput ratio; on CPU with the tiny model first:
+#   TARGET=cpu ARCH=tiny FULL_VOCODER=0 NFE=2 STREAM_CONCURRENCY=1,2 STREAM_REQUESTS=2 bash scripts/gpu_bench.sh stream_sweep
 # Wheels for the lent GPU machine: scripts/prepare_gpu_wheels.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -110,6 +114,34 @@ for what in $WHAT; do
         --concurrency "${TRAFFIC_CONCURRENCY:-1,16,64}" --num-requests "${TRAFFIC_SERVER_REQUESTS:-64}" --passes 2 \
         --output-json "$OUT/traffic-server.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
       kill -TERM $server; wait $server ;;
+    stream_sweep)
+      ckpt=$(mktemp -d)/ckpt
+      vocoder_flag=--full-vocoder
+      [ "${FULL_VOCODER:-1}" = 0 ] && vocoder_flag=
+      $PY scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag
+      ports="--http-port ${HTTP_PORT:-8000} --grpc-port ${GRPC_PORT:-8001} --metrics-port ${METRICS_PORT:-8002}"
+      compared=0
+      for granularity in ${GRANULARITIES:-step chunk}; do
+        $PY scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-$granularity" \
+          --nfe "$NFE" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" \
+          --max-queue-size 256 --streaming-granularity "$granularity" --streaming-max-streams "${MAX_STREAMS:-32}" > /dev/null
+        # shellcheck disable=SC2086  # $ports: several words
+        PYTHONPATH=$SERVER_PYTHONPATH $PY -m f5_triton.cli serve --model-repo "$OUT/repo-$granularity" $ports \
+          --log-file "$OUT/tritonserver-$granularity.log" > "$OUT/server-$granularity.log" 2>&1 &
+        server=$!
+        wait_ready "$granularity" | tee -a "$OUT/stream_sweep.log"
+        $PY benchmark.py --mode server --streaming --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" \
+          --concurrency "${STREAM_CONCURRENCY:-1,4,8,16,32}" --num-requests "${STREAM_REQUESTS:-32}" --passes 2 \
+          --label "$granularity" --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" \
+          | tee -a "$OUT/stream_sweep.log"
+        if [ "$compared" = 0 ]; then  # the non-streaming model at 16 clients, same server: the throughput target's base
+          $PY benchmark.py --mode server --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" --concurrency "${COMPARE_CONCURRENCY:-16}" \
+            --num-requests "${STREAM_REQUESTS:-32}" --set paragraphs --enable-warmup --warmup 16 --label f5_tts \
+            --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/stream_sweep.log"
+          compared=1
+        fi
+        kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
+      done ;;
     streaming)
       python3 scripts/streaming_latency.py --random-weights "$ARCH" --device cuda --dtype fp16 --nfe "$NFE" \
         --compile --cuda-graphs ${REF_AUDIO:+--reference-audio "$REF_AUDIO"} --json "$OUT/streaming.json" 2>&1 \

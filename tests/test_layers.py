@@ -1,7 +1,7 @@
 """The layering contract of the package (docs/architecture.md): every import runs downward.
 
 ground (config, errors) → domain (text, audio, model, vocoder, request; sampler and checkpoints over them)
-→ engines → export → cache, guards → pipeline → streaming → hosts (client, serving) → gateway → cli
+→ engines → export → cache, guards → pipeline → streaming → stream_scheduler → hosts (client, serving) → gateway → cli
 → bench. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
 never one ranked the same or higher. A new module must be given its place here.
 """
@@ -25,6 +25,7 @@ RANKS: dict[str, int] = {
     "f5_triton.cache": 5, "f5_triton.guards": 5,
     "f5_triton.pipeline": 6,
     "f5_triton.streaming": 7,
+    "f5_triton.stream_scheduler": 8,
     "f5_triton.client": 9, "f5_triton.serving": 9,
     "f5_triton.gateway": 10,
     "f5_triton.cli": 11,

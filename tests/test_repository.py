@@ -173,7 +173,7 @@ def test_trt_repository_passes_tritonserver_config_parsing(tmp_path, tiny_ckpt, 
 
 
 @pytest.mark.parametrize("target, warmup, flow_requests, streaming_requests", [
-    ("cpu", None, "0", "0"), ("gpu", None, "8", "1"), ("gpu", False, "0", "0"), ("cpu", True, "4", "1")])
+    ("cpu", None, "0", "0"), ("gpu", None, "8", "16"), ("gpu", False, "0", "0"), ("cpu", True, "4", "16")])
 def test_warmup_is_on_for_gpus_and_sized_by_the_batch(tmp_path, tiny_ckpt, target, warmup, flow_requests,
                                                       streaming_requests):
     out = render(RepositoryOptions(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
@@ -181,7 +181,7 @@ def test_warmup_is_on_for_gpus_and_sized_by_the_batch(tmp_path, tiny_ckpt, targe
     flow = parse(out / "flow_matching" / "config.pbtxt").parameters
     streaming = parse(out / "f5_tts_streaming" / "config.pbtxt").parameters
     assert flow["warmup_requests"].string_value == flow_requests and flow["warmup_nfe_steps"].string_value == "16"
-    assert streaming["warmup_requests"].string_value == streaming_requests
+    assert streaming["warmup_requests"].string_value == streaming_requests  # f5_tts_streaming batches max_streams
 
 
 def test_stage_warm_up_runs_flow_matching_and_vocoder(tiny_ckpt):

@@ -119,6 +119,178 @@ def test_streaming_latency_script(tiny_ckpt, ref_en, tmp_path):
     assert len(runs) == 2 and all(0 < r["first_audio_s"] < r["total_s"] and r["audio_s"] > 20 for r in runs)
 
 
+# --------------------------------------------------------------------------- continuous batching, in process
+
+
+class RecordingSink:
+    """A StreamSink that writes every call into a shared event list: (name, "piece", index, final) and so on."""
+
+    def __init__(self, name, events):
+        self.name, self.events, self.cancelled, self.pieces = name, events, False, []
+
+    def wanted(self):
+        return not self.cancelled
+
+    def piece(self, piece):
+        self.pieces.append(piece.audio)
+        self.events.append((self.name, "piece", piece.chunk_index, piece.is_final))
+
+    def dropped(self, sent, chunks):
+        self.events.append((self.name, "dropped", sent, chunks))
+
+    def failed(self, error):
+        self.events.append((self.name, "failed", repr(error), None))
+
+
+def stream_requests(ref_wave):
+    """Three requests of different lengths, seeds and NFE (rows at different steps share DiT calls), each
+    of two chunks or more."""
+    return {"long": validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=5, nfe_steps=6),
+            "short": validate_request(ref_wave, REF_TEXT, "Short one, to start with. Then a second sentence ends it.", seed=6,
+                                      nfe_steps=4),
+            "middle": validate_request(ref_wave, REF_TEXT, LONG_TEXT[:160], seed=7, nfe_steps=5, speed=1.2)}
+
+
+@pytest.fixture(scope="module")
+def alone(streamer, ref_wave):
+    """Each request of `stream_requests` streamed alone (the pre-scheduler path): its joined audio."""
+    return {name: np.concatenate([p.audio for p in streamer.stream(r)]) for name, r in stream_requests(ref_wave).items()}
+
+
+def run_all(scheduler):
+    while scheduler.run_round():
+        pass
+
+
+def submit_all(streamer, ref_wave, granularity, events):
+    """A scheduler holding every request of `stream_requests`, and their recording sinks by name."""
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    scheduler = StreamScheduler(streamer, granularity=granularity)
+    sinks = {}
+    for name, request in stream_requests(ref_wave).items():
+        sinks[name] = RecordingSink(name, events)
+        scheduler.submit(request, sinks[name])
+    return scheduler, sinks
+
+
+@pytest.mark.parametrize("granularity", ["chunk", "step"])
+def test_scheduled_streams_interleave_and_equal_their_audio_alone(streamer, ref_wave, alone, granularity):
+    events = []
+    scheduler, sinks = submit_all(streamer, ref_wave, granularity, events)
+    run_all(scheduler)
+    pieces = [e for e in events if e[1] == "piece"]
+    assert len(pieces) == len(events)  # nothing dropped or failed
+    first_final = next(i for i, e in enumerate(pieces) if e[3])
+    # every stream had audio before any stream finished: they advance together, not one after another
+    assert {e[0] for e in pieces[:first_final]} == set(alone)
+    assert [e[2] for e in pieces if e[0] == "long"] == list(range(len(sinks["long"].pieces)))
+    assert all(len(sink.pieces) >= 2 for sink in sinks.values())
+    for name, expected in alone.items():
+        joined = np.concatenate(sinks[name].pieces)
+        assert joined.shape == expected.shape
+        assert np.abs(joined - expected).max() <= 1e-4, name
+    assert scheduler.active == scheduler.waiting == 0
+
+
+def test_step_granularity_joins_at_the_next_step(streamer, ref_wave, alone):
+    """A stream submitted while another is mid-chunk shares the very next DiT call with it."""
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity="step")
+    requests = stream_requests(ref_wave)
+    long_sink, short_sink = RecordingSink("long", events), RecordingSink("short", events)
+    scheduler.submit(requests["long"], long_sink)
+    scheduler.run_round()
+    scheduler.run_round()
+    advanced = []
+    original = streamer.flow_matching.advance
+
+    def recording_advance(rows):
+        advanced.append([row.index for row in rows])
+        original(rows)
+
+    streamer.flow_matching.advance = recording_advance
+    try:
+        scheduler.submit(requests["short"], short_sink)
+        scheduler.run_round()
+    finally:
+        del streamer.flow_matching.advance
+    assert advanced == [[2, 0]]  # the old stream's step 2 and the new stream's step 0 in one call
+    assert events == []  # neither chunk is done yet
+    run_all(scheduler)
+    for name, sink in (("long", long_sink), ("short", short_sink)):
+        assert np.abs(np.concatenate(sink.pieces) - alone[name]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("granularity", ["chunk", "step"])
+def test_cancelled_stream_leaves_while_the_others_go_on(streamer, ref_wave, alone, granularity):
+    events = []
+    scheduler, sinks = submit_all(streamer, ref_wave, granularity, events)
+    while not sinks["long"].pieces:
+        scheduler.run_round()
+    sinks["long"].cancelled = True
+    run_all(scheduler)
+    dropped = [e for e in events if e[1] == "dropped"]
+    assert len(dropped) == 1 and dropped[0][0] == "long" and 1 <= dropped[0][2] < dropped[0][3]
+    assert not [e for e in events if e[0] == "long" and e[1] == "piece" and e[3]]  # no final piece
+    for name in ("short", "middle"):
+        assert np.abs(np.concatenate(sinks[name].pieces) - alone[name]).max() <= 1e-4
+
+
+def test_first_chunks_go_first_when_a_round_is_full(streamer, ref_wave):
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity="chunk", max_rows=1)
+    requests = stream_requests(ref_wave)
+    scheduler.submit(requests["long"], RecordingSink("long", events))
+    scheduler.run_round()
+    scheduler.submit(requests["short"], RecordingSink("short", events))
+    scheduler.run_round()
+    scheduler.run_round()
+    assert events == [("long", "piece", 0, False), ("short", "piece", 0, False), ("long", "piece", 1, False)]
+
+
+def test_admission_limit_queues_then_refuses(streamer, ref_wave, alone):
+    from f5_triton.errors import ServerBusyError
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity="chunk", max_streams=1, max_queued=1)
+    requests = stream_requests(ref_wave)
+    sinks = {name: RecordingSink(name, events) for name in requests}
+    scheduler.submit(requests["short"], sinks["short"])
+    scheduler.submit(requests["middle"], sinks["middle"])
+    with pytest.raises(ServerBusyError, match="2 streams held, the limit is 1 generated at once and 1 waiting; retry"):
+        scheduler.submit(requests["long"], sinks["long"])
+    scheduler.run_round()
+    assert (scheduler.active, scheduler.waiting) == (1, 1)
+    assert {e[0] for e in events} == {"short"}  # the queued stream has not started
+    run_all(scheduler)
+    # the waiting stream started only once the first had finished, and never more than one ran
+    finals = [i for i, e in enumerate(events) if e[1] == "piece" and e[3]]
+    assert events[finals[0]][0] == "short" and events[finals[0] + 1][0] == "middle"
+    assert np.abs(np.concatenate(sinks["middle"].pieces) - alone["middle"]).max() <= 1e-4
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        StreamScheduler(streamer, granularity="token")
+
+
+def test_scheduler_thread_streams_in_process(streamer, ref_wave, alone):
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    requests = stream_requests(ref_wave)
+    with StreamScheduler(streamer) as scheduler:
+        joined = np.concatenate([p.audio for p in scheduler.stream(requests["short"])])
+        assert np.abs(joined - alone["short"]).max() <= 1e-4
+        pieces = scheduler.stream(requests["long"])
+        assert len(next(pieces).audio) > 0
+        pieces.close()  # leaves at the next round
+        assert np.abs(np.concatenate([p.audio for p in scheduler.stream(requests["middle"])])
+                      - alone["middle"]).max() <= 1e-4
+
+
 # --------------------------------------------------------------------------- Triton
 
 
@@ -132,7 +304,8 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
 
     options = dict(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                    vocoder=tiny_ckpt / "vocos", gpus=[0, 1], streaming_instances_per_device=2, first_chunk_bytes=40,
-                   output_cache_entries=0)
+                   output_cache_entries=0, streaming_granularity="chunk", streaming_max_streams=5,
+                   streaming_max_queued=7)
     repo = render(RepositoryOptions(**options), tmp_path / "repo")
     config = text_format.Parse((repo / "f5_tts_streaming" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.model_transaction_policy.decoupled and config.backend == "python"
@@ -141,6 +314,7 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["first_chunk_bytes"] == "40" and params["output_cache_entries"] == "0"
     assert params["reference_cache_entries"] == "128"
+    assert (params["granularity"], params["max_streams"], params["max_queued"]) == ("chunk", "5", "7")
     group = config.instance_group[0]
     kinds = model_config_pb2.ModelInstanceGroup
     assert group.count == 2 and group.kind == (kinds.KIND_CPU if target == "cpu" else kinds.KIND_GPU)
@@ -217,3 +391,138 @@ def test_client_grpc_streaming(streaming_server, ref_en, tmp_path):
     assert re.search(r"time to first audio: \d+ ms, \d+ pieces", result.stdout), result.stdout
     wave, rate = sf.read(out, dtype="float32")
     assert rate == 24000 and len(wave) > 24000
+
+
+def start_stream(url, wave, target_text, events, name, first_piece=None, **optional):
+    """A thread that streams one request and records ("name", piece number, is final) into `events`;
+    `first_piece` (an Event) is set once it holds audio. Returns (thread, pieces list, errors list)."""
+    import threading
+
+    from f5_triton.client import stream_synthesize
+
+    pieces, errors = [], []
+
+    def run():
+        try:
+            for piece in stream_synthesize(url, wave, REF_TEXT, target_text, timeout=120, **optional):
+                pieces.append(piece)
+                events.append((name, len(pieces)))
+                if first_piece is not None:
+                    first_piece.set()
+        except Exception as exc:
+            errors.append(exc)
+        events.append((name, "end"))
+        if first_piece is not None:
+            first_piece.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, pieces, errors
+
+
+def streamed_alone(streamer, wave, target_text, **optional):
+    request = validate_request(wave, REF_TEXT, target_text, **optional)
+    return np.concatenate([p.audio for p in streamer.stream(request)])
+
+
+@pytest.mark.server
+def test_server_streams_advance_together(streaming_server, streamer, ref_wave):
+    """A long stream is running; two short ones sent after its first piece finish before it does (a server that
+    streamed one request after another could not), and every stream's audio is its audio alone."""
+    import threading
+
+    events = []
+    started = threading.Event()
+    texts = {"long": (LONG_TEXT * 3, 31), "short1": ("Short one, to start with. Then a second sentence ends it.", 32),
+             "short2": ("Another short one here. It also has two sentences.", 33)}
+    runs = {"long": start_stream(streaming_server.urls.grpc, ref_wave, texts["long"][0], events, "long", started,
+                                 seed=texts["long"][1], nfe_steps=8)}
+    assert started.wait(120)
+    for name in ("short1", "short2"):
+        runs[name] = start_stream(streaming_server.urls.grpc, ref_wave, texts[name][0], events, name,
+                                  seed=texts[name][1], nfe_steps=8)
+    for thread, _, _ in runs.values():
+        thread.join(300)
+    assert all(not errors for _, _, errors in runs.values()), runs
+    ends = [e[0] for e in events if e[1] == "end"]
+    assert ends[-1] == "long", events
+    for name, (target_text, seed) in texts.items():
+        expected = streamed_alone(streamer, ref_wave, target_text, seed=seed, nfe_steps=8)
+        joined = np.concatenate(runs[name][1])
+        assert joined.shape == expected.shape and np.abs(joined - expected).max() <= 1e-4, name
+
+
+@pytest.mark.server
+def test_server_cancelled_stream_leaves_the_others_going(streaming_server, streamer, ref_wave):
+    import threading
+
+    from f5_triton.client import stream_synthesize
+
+    events = []
+    started = threading.Event()
+    other = start_stream(streaming_server.urls.grpc, ref_wave, LONG_TEXT, events, "other", started, seed=41,
+                         nfe_steps=8)
+    pieces = stream_synthesize(streaming_server.urls.grpc, ref_wave, REF_TEXT, LONG_TEXT * 2, nfe_steps=8, timeout=120)
+    assert len(next(pieces)) > 0
+    pieces.close()  # cancels this stream only
+    other[0].join(300)
+    assert not other[2] and events[-1] == ("other", "end")
+    expected = streamed_alone(streamer, ref_wave, LONG_TEXT, seed=41, nfe_steps=8)
+    assert np.abs(np.concatenate(other[1]) - expected).max() <= 1e-4
+
+
+@pytest.mark.server
+def test_server_admission_limit_refuses_with_unavailable(tiny_server, streamer, ref_wave):
+    """One stream at a time, none waiting: a second stream while the first runs is refused with a retriable
+    status, and succeeds once the first has finished (chunk granularity here)."""
+    import threading
+
+    from tritonclient.utils import InferenceServerException
+
+    with tiny_server(streaming=True, nfe_steps=4, streaming_granularity="chunk", streaming_max_streams=1,
+                     streaming_max_queued=0, output_cache_entries=0) as server:
+        events = []
+        started = threading.Event()
+        first = start_stream(server.urls.grpc, ref_wave, LONG_TEXT * 3, events, "first", started, seed=51, nfe_steps=8)
+        assert started.wait(120)
+        # UNAVAILABLE on the server; a gRPC stream's error response carries only the message to the client
+        with pytest.raises(InferenceServerException, match="server busy: 1 streams held, the limit is 1 generated "
+                                                           "at once and 0 waiting; retry later"):
+            stream_with_times(server, ref_wave, "Refused.", nfe_steps=4)
+        first[0].join(300)
+        assert not first[2]
+        expected = streamed_alone(streamer, ref_wave, LONG_TEXT * 3, seed=51, nfe_steps=8)
+        assert np.abs(np.concatenate(first[1]) - expected).max() <= 1e-4
+        pieces, _ = stream_with_times(server, ref_wave, "Accepted now.", nfe_steps=4)  # the retry succeeds
+        assert sum(len(p) for p in pieces) > 0
+
+
+def check_streaming_rows(out_json, labels, concurrencies):
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [(r["label"], r["concurrency"]) for r in rows] == [(l, c) for l in labels for c in concurrencies]
+    for row in rows:
+        extra = row["extra"]
+        assert 0 < extra["first_audio_p50_s"] <= extra["first_audio_p90_s"] <= extra["first_audio_p99_s"]
+        assert extra["first_audio_p50_s"] <= row["latency_p50_s"] and row["throughput_audio_s_per_s"] > 0
+
+
+@pytest.mark.server
+def test_benchmark_streaming_sweep_through_triton(streaming_server, tmp_path):
+    out = tmp_path / "streaming.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "server", "--streaming", "--server-url",
+         streaming_server.urls.grpc, "--concurrency", "1,2", "--num-requests", "2", "--nfe", "2", "--passes", "2",
+         "--label", "tiny", "--output-json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"tiny warm\s+2\s+2\s+\d+", result.stdout), result.stdout
+    check_streaming_rows(out, ["tiny cold", "tiny warm"], [1, 2])
+
+
+def test_benchmark_streaming_in_process(tiny_ckpt, tmp_path):
+    out = tmp_path / "streaming.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "offline", "--streaming", "--ckpt-dir",
+         str(tiny_ckpt), "--device", "cpu", "--concurrency", "2", "--num-requests", "2", "--nfe", "2",
+         "--granularity", "chunk", "--output-json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check_streaming_rows(out, ["chunk nfe2"], [2])

@@ -28,7 +28,7 @@ import yaml
 import upstream
 from f5_triton.audio import read_audio
 from f5_triton.config import SAMPLE_RATE
-from f5_triton.serving.schema import validate_request
+from f5_triton.request import validate_request
 
 REF_TEXT_EN = "Some call me nature, others call me mother nature."
 REF_TEXT_ZH = "对，这就是我，万人敬仰的太乙真人。"

@@ -14,7 +14,8 @@ Triton's registry merges families of equal name, kind and description, and each 
   f5_tts_rejected_requests_total{model,reason}  counter    requests answered with an error; reason
                                                            is InvalidInputError.reason ("empty_text",
                                                            "audio_too_long", ...), or "cancelled",
-                                                           "deadline_exceeded", "not_finite_output",
+                                                           "deadline_exceeded", "busy" (admission limit),
+                                                           "not_finite_output",
                                                            "internal"
 
 Imported only inside tritonserver's python backend (`triton_python_backend_utils`).
@@ -25,7 +26,7 @@ from __future__ import annotations
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.cache import EVICTION, HIT, MISS, Observer
-from f5_triton.errors import InvalidInputError
+from f5_triton.errors import InvalidInputError, ServerBusyError
 
 AUDIO_SECONDS = "f5_tts_generated_audio_seconds_total"
 REAL_TIME_FACTOR = "f5_tts_real_time_factor"
@@ -43,7 +44,7 @@ def reason_of(exc: BaseException) -> str:
     """The `reason` label of a failed request."""
     from f5_triton.guards import GenerationError
 
-    if isinstance(exc, InvalidInputError):
+    if isinstance(exc, (InvalidInputError, ServerBusyError)):
         return exc.reason
     if isinstance(exc, GenerationError):
         return NOT_FINITE_OUTPUT

@@ -78,7 +78,10 @@ class RepositoryOptions:
     queue_timeout_us: int = 60_000_000
     limits: dict[str, str] = field(default_factory=dict)  # Limits overrides, e.g. {"max_text_bytes": "1000"}
     streaming: bool = True  # render f5_tts_streaming
-    streaming_instances_per_device: int = 1  # each runs one stream at a time, with its own DiT + vocoder
+    streaming_instances_per_device: int = 1  # each batches its streams (stream_scheduler), with its own DiT + vocoder
+    streaming_granularity: str = "step"  # streams join the batch at the next ODE "step" or the next "chunk"
+    streaming_max_streams: int = 16  # streams generated together per instance; more wait
+    streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
     first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (sentence boundaries)
     reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
     reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
@@ -207,8 +210,10 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
            if options.target == "trt" else
            {k: v for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine")}),
-        "warmup_requests": 1 if options.warmup else 0,  # one stream at a time
+        "warmup_requests": options.streaming_max_streams if options.warmup else 0,
         "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
+        "granularity": options.streaming_granularity, "max_streams": options.streaming_max_streams,
+        "max_queued": options.streaming_max_queued,
         "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
     # vocode: flow_matching loads its own Vocoder (stages.load_flow_vocoder), with the vocoder model's engine settings

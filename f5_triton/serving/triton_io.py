@@ -14,7 +14,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from f5_triton.errors import InvalidInputError
+from f5_triton.errors import InvalidInputError, ServerBusyError
 from f5_triton.serving import metrics as metric_names
 
 log = logging.getLogger("f5_triton.serving")
@@ -95,7 +95,8 @@ def response(arrays: dict[str, np.ndarray]):
 
 
 def error_response(exc: Exception, metrics=None):
-    """Bad input -> INVALID_ARG (HTTP 400); anything else -> INTERNAL, logged with its traceback.
+    """Bad input -> INVALID_ARG (HTTP 400); an admission limit -> UNAVAILABLE (retriable); anything else ->
+    INTERNAL, logged with its traceback.
 
     `metrics` (a `metrics.Metrics`) counts the failure under its reason.
     """
@@ -103,6 +104,9 @@ def error_response(exc: Exception, metrics=None):
         metrics.rejected(metric_names.reason_of(exc))
     if isinstance(exc, InvalidInputError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(exc, ServerBusyError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"server busy: {exc}",
+                                                                     pb_utils.TritonError.UNAVAILABLE))
     log.exception("request failed")
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}",
                                                                  pb_utils.TritonError.INTERNAL))

@@ -1,9 +1,12 @@
-"""Triton adapter (decoupled): stream a request's audio chunk by chunk (f5_triton.streaming).
+"""Triton adapter (decoupled): stream requests' audio chunk by chunk, all streams batched together.
 
-Flow matching and the vocoder run in this model, loaded once: a chunk goes out as soon as it is
-generated, without the queue delays of the batching `flow_matching` / `vocoder` models. A
-cancelled request (client gone, or `stop_stream(cancel_requests=True)`) or one past its Triton
-timeout stops at the next ODE step. Audio seconds, RTF and rejections go to `serving.metrics`.
+Flow matching and the vocoder run in this model, loaded once. `execute` validates and preprocesses each
+request, hands it to a background `f5_triton.stream_scheduler.StreamScheduler` and returns: the scheduler
+advances every active stream in the same batched DiT call and sends each piece through the request's
+response sender as soon as its chunk is vocoded. A cancelled request (client gone, or
+`stop_stream(cancel_requests=True)`) or one past its Triton timeout leaves at the next round (ODE step);
+beyond `max_streams` active and `max_queued` waiting streams a request is refused with UNAVAILABLE.
+Audio seconds, RTF and rejections go to `serving.metrics`.
 """
 
 import os
@@ -24,14 +27,43 @@ from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS, validate_request
 from f5_triton.serving import metrics, stages, triton_io
+from f5_triton.stream_scheduler import StreamScheduler
 from f5_triton.streaming import DEFAULT_FIRST_CHUNK_BYTES, StreamingSynthesizer
 from f5_triton.text import Tokenizer
 
 DROPPED = {metrics.CANCELLED: "cancelled by the client", metrics.DEADLINE_EXCEEDED: "past its deadline"}
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-class _Dropped(Exception):
-    """The request was cancelled or its Triton timeout passed: stop generating."""
+class TritonSink:
+    """One request's stream as the scheduler sees it (`stream_scheduler.StreamSink`)."""
+
+    def __init__(self, request, metrics_: metrics.Metrics):
+        self.sender = request.get_response_sender()
+        self.watch = triton_io.RequestWatch([request])
+        self.metrics = metrics_
+        self.start = time.time()
+        self.audio_seconds = 0.0
+
+    def wanted(self) -> bool:
+        return self.watch.alive(0)
+
+    def piece(self, piece) -> None:
+        audio = check_finite_audio(piece.audio)
+        self.audio_seconds += len(audio) / SAMPLE_RATE
+        if piece.is_final:  # counted before the client can see the end of its stream
+            self.metrics.generated(self.audio_seconds, time.time() - self.start)
+        self.sender.send(triton_io.response({"waveform": audio, "is_final": np.array([piece.is_final])}),
+                         flags=FINAL if piece.is_final else 0)
+
+    def dropped(self, sent: int, chunks: int) -> None:
+        response = self.watch.error_response(0, self.metrics)  # counted before the log line tests wait for
+        pb_utils.Logger.log_info(f"f5_tts_streaming: request {DROPPED[self.watch.dropped[0]]} after {sent} of "
+                                 f"{chunks} pieces; generation stopped")
+        self.sender.send(response, flags=FINAL)
+
+    def failed(self, error: Exception) -> None:
+        self.sender.send(triton_io.error_response(error, self.metrics), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -47,48 +79,30 @@ class TritonPythonModel:
         preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params), cache=reference_cache)
         flow_matcher, vocoder = stages.load_flow_matcher(params, device), stages.load_vocoder(params, device)
         stages.warm_up(params, flow_matcher, vocoder, name=model)
-        self.streamer = StreamingSynthesizer(
+        streamer = StreamingSynthesizer(
             preprocess, flow_matcher, vocoder,
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
+        self.scheduler = StreamScheduler(
+            streamer, granularity=params.get("granularity", "step"), max_streams=int(params.get("max_streams", 16)),
+            max_queued=int(params.get("max_queued", 64))).start()
         self.metrics = metrics.Metrics(model)
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", DEFAULT_SAMPLING.sway_sampling_coef))
         self.default_nfe_steps = int(params.get("nfe_steps", DEFAULT_SAMPLING.nfe_steps))
 
     def execute(self, requests):
         for request in requests:
-            self._stream(request, request.get_response_sender())
+            sink = TritonSink(request, self.metrics)
+            try:
+                fields = triton_io.inputs(request, [f.name for f in INPUTS])
+                if fields["nfe_steps"] is None:
+                    fields["nfe_steps"] = self.default_nfe_steps
+                synthesis = validate_request(**fields, limits=self.scheduler.synthesizer.preprocess.limits)
+                synthesis.sway_sampling_coef = self.sway_sampling_coef
+                self.scheduler.submit(synthesis, sink)
+            except Exception as exc:
+                sink.failed(exc)
         return None
 
-    def _stream(self, request, sender):
-        watch = triton_io.RequestWatch([request])
-        start = time.time()
-
-        def check_wanted(_step=None):
-            if not watch.alive(0):
-                raise _Dropped()
-
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        sent, chunks, audio_seconds = 0, "?", 0.0
-        try:
-            fields = triton_io.inputs(request, [f.name for f in INPUTS])
-            if fields["nfe_steps"] is None:
-                fields["nfe_steps"] = self.default_nfe_steps
-            synthesis = validate_request(**fields, limits=self.streamer.preprocess.limits)
-            synthesis.sway_sampling_coef = self.sway_sampling_coef
-            for piece in self.streamer.stream(synthesis, on_step=check_wanted):
-                chunks = piece.chunks
-                check_wanted()
-                audio = check_finite_audio(piece.audio)
-                sender.send(triton_io.response({"waveform": audio, "is_final": np.array([piece.is_final])}),
-                            flags=final if piece.is_final else 0)
-                sent += 1
-                audio_seconds += len(audio) / SAMPLE_RATE
-            self.metrics.generated(audio_seconds, time.time() - start)
-        except _Dropped:
-            response = watch.error_response(0, self.metrics)  # counted before the log line tests wait for
-            pb_utils.Logger.log_info(f"f5_tts_streaming: request {DROPPED[watch.dropped[0]]} after {sent} of "
-                                     f"{chunks} pieces; generation stopped")
-            sender.send(response, flags=final)
-        except Exception as exc:
-            sender.send(triton_io.error_response(exc, self.metrics), flags=final)
+    def finalize(self):
+        self.scheduler.close()

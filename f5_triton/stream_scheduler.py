@@ -1,0 +1,294 @@
+"""Continuous batching across streams: every active stream advances in the same batched DiT call.
+
+`StreamScheduler` holds the streams a host gave it (`submit`) and runs rounds, in a background thread
+(`start`) or one at a time (`run_round`, for tests). Each round:
+
+  1. streams whose sink no longer wants them (cancelled, past their deadline) leave; waiting streams are
+     admitted up to `max_streams` active ones, oldest first;
+  2. the next chunk of every active stream goes through one batched flow-matching call, first chunks
+     first (at most `max_rows` chunks a round, if set);
+  3. the chunks that finished go through the vocoder in one call, and each stream gets its piece.
+
+Granularity "chunk": a round is one whole chunk (all NFE steps) of every stream; a new stream waits for the
+running round to end. Granularity "step": a round is one ODE step, rows at different steps share the DiT
+call (the DiT takes a time per row), so a new stream starts at the next step and a finished chunk is
+vocoded at once. Both give each stream exactly its audio alone (per-request noise and masked padding):
+the pieces are `StreamingSynthesizer.stream`'s.
+
+Hosts see a stream through a `StreamSink`; the Triton model `f5_tts_streaming` is one host, `stream` (an
+iterator of pieces) another, for the CLI, benchmarks and tests. Nothing here knows Triton.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from f5_triton.errors import ServerBusyError
+from f5_triton.guards import check_finite
+from f5_triton.pipeline import Job, Prepared, generated
+from f5_triton.request import SynthesisRequest
+from f5_triton.sampler import Row
+from f5_triton.streaming import Piece, PieceMaker, StreamingSynthesizer
+
+log = logging.getLogger(__name__)
+
+GRANULARITIES = ("chunk", "step")
+
+
+class StreamSink(Protocol):
+    """Where a stream's pieces go; called from the scheduler's thread."""
+
+    def wanted(self) -> bool:
+        """False once the client cancelled or the deadline passed: the stream then leaves."""
+
+    def piece(self, piece: Piece) -> None:
+        """The stream's next piece (the last has `is_final`)."""
+
+    def dropped(self, sent: int, chunks: int) -> None:
+        """The stream left because `wanted` said no, after `sent` of its `chunks` pieces."""
+
+    def failed(self, error: Exception) -> None:
+        """Generation failed for this stream; no more calls follow."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    sink: StreamSink
+    prepared: Prepared
+    pieces: PieceMaker
+    cache_key: str | None
+    order: int  # admission order: older streams first when a round is full
+    row: Row | None = field(default=None, repr=False)  # step granularity: the running chunk
+
+    @property
+    def job(self) -> Job:
+        return self.prepared.jobs[len(self.pieces.made)]
+
+
+class StreamScheduler:
+    """Runs many streams of one `StreamingSynthesizer` (its stages, settings and output cache) together.
+
+    max_streams: streams generated at once; max_queued: streams waiting beyond them (more are refused with
+    `ServerBusyError`); max_rows: chunks per round at most (None: one per active stream).
+    """
+
+    def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = "chunk", max_streams: int = 16,
+                 max_queued: int = 64, max_rows: int | None = None):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if max_streams < 1 or max_queued < 0 or (max_rows is not None and max_rows < 1):
+            raise ValueError(f"need max_streams >= 1, max_queued >= 0, max_rows >= 1 or None; got {max_streams}, "
+                             f"{max_queued}, {max_rows}")
+        self.synthesizer = synthesizer
+        self.granularity = granularity
+        self.max_streams, self.max_queued, self.max_rows = max_streams, max_queued, max_rows
+        self._waiting: deque[_Stream] = deque()
+        self._active: list[_Stream] = []
+        self._orders = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ hosts
+
+    def submit(self, request: SynthesisRequest, sink: StreamSink) -> None:
+        """Take a validated request: it joins at the next round (or waits for a place).
+
+        Runs preprocessing in the caller's thread, so bad input raises `InvalidInputError` here; raises
+        `ServerBusyError` when `max_streams` streams run and `max_queued` wait. A request whose pieces are in
+        the output cache gets them at once, here.
+        """
+        key, cached = self.synthesizer.cached(request)
+        if cached is not None:
+            for piece in cached:
+                sink.piece(piece)
+            return
+        prepared = self.synthesizer.prepare(request)
+        with self._changed:
+            held = len(self._active) + len(self._waiting)
+            if held >= self.max_streams + self.max_queued:
+                raise ServerBusyError(f"{held} streams held, the limit is {self.max_streams} generated at once and "
+                                      f"{self.max_queued} waiting; retry later")
+            self._waiting.append(_Stream(sink, prepared, PieceMaker(prepared, self.synthesizer.cross_fade_seconds),
+                                         key, next(self._orders)))
+            self._changed.notify()
+
+    def stream(self, request: SynthesisRequest) -> Iterator[Piece]:
+        """`request`'s pieces as the rounds make them (needs `start`); closing the iterator early cancels it."""
+        sink = QueueSink()
+        self.submit(request, sink)
+        try:
+            while True:
+                item = sink.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.is_final:
+                    return
+        finally:
+            sink.cancelled.set()
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> "StreamScheduler":
+        """Run rounds in a background thread while there are streams."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="stream-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread after its round; streams still held are failed."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for stream in [*self._active, *self._waiting]:
+            stream.sink.failed(RuntimeError("the streaming scheduler was shut down"))
+        self._active.clear()
+        self._waiting.clear()
+
+    def __enter__(self) -> "StreamScheduler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while True:
+            with self._changed:
+                while not (self._closing or self._active or self._waiting):
+                    self._changed.wait()
+                if self._closing:
+                    return
+            try:
+                self.run_round()
+            except Exception:  # a bug here must not kill the thread that serves every stream
+                log.exception("streaming round failed")
+
+    # ------------------------------------------------------------------ rounds
+
+    def run_round(self) -> bool:
+        """One round (see the module doc); False when there was nothing to do."""
+        self._admit()
+        if not self._active:
+            return False
+        rows = sorted(self._active, key=lambda s: (len(s.pieces.made) > 0, s.order))[: self.max_rows]
+        try:
+            if self.granularity == "chunk":
+                finished = self._chunk_round(rows)
+            else:
+                finished = self._step_round(rows)
+            self._deliver(finished)
+        except Exception as exc:  # the whole batched call failed: every stream in it fails
+            for stream in rows:
+                self._leave(stream)
+                stream.sink.failed(exc)
+        return True
+
+    def _admit(self) -> None:
+        with self._changed:
+            for stream in [s for s in self._waiting if not s.sink.wanted()]:
+                self._waiting.remove(stream)
+                stream.sink.dropped(0, len(stream.prepared.jobs))
+            for stream in [s for s in self._active if not s.sink.wanted()]:
+                self._active.remove(stream)
+                stream.sink.dropped(len(stream.pieces.made), len(stream.prepared.jobs))
+            while self._waiting and len(self._active) < self.max_streams:
+                self._active.append(self._waiting.popleft())
+
+    def _leave(self, stream: _Stream) -> None:
+        with self._changed:
+            if stream in self._active:
+                self._active.remove(stream)
+
+    def _chunk_round(self, streams: list[_Stream]) -> list[tuple[_Stream, object]]:
+        """Every stream's next chunk, all NFE steps, in one batched flow-matching call."""
+        jobs = [stream.job for stream in streams]
+        owner = {id(job): stream for job, stream in zip(jobs, streams)}
+        mels = self.synthesizer.flow_matching(jobs, keep=lambda job: owner[id(job)].sink.wanted())
+        finished = []
+        for stream, mel in zip(streams, mels):
+            if mel is None:  # declined between two steps: it leaves at once
+                self._leave(stream)
+                stream.sink.dropped(len(stream.pieces.made), len(stream.prepared.jobs))
+            else:
+                finished.append((stream, mel))
+        return finished
+
+    def _step_round(self, streams: list[_Stream]) -> list[tuple[_Stream, object]]:
+        """One ODE step of every stream's running chunk, starting the chunks of streams that have none."""
+        starting = [stream for stream in streams if stream.row is None]
+        if starting:
+            for stream, row in zip(starting, self.synthesizer.flow_matching.start([s.job for s in starting])):
+                stream.row = row
+        self.synthesizer.flow_matching.advance([stream.row for stream in streams])
+        finished = []
+        for stream in streams:
+            if stream.row.done:
+                finished.append((stream, generated(stream.job, stream.row.result())))
+                stream.row = None
+        return finished
+
+    def _deliver(self, finished: list[tuple[_Stream, object]]) -> None:
+        """Vocode the finished chunks in one call and send each stream its piece."""
+        good = []
+        for stream, mel in finished:
+            try:
+                check_finite([mel])
+                good.append((stream, mel))
+            except Exception as exc:
+                self._leave(stream)
+                stream.sink.failed(exc)
+        if not good:
+            return
+        waves = self.synthesizer.vocoder([mel for _, mel in good])
+        for (stream, _), wave in zip(good, waves):
+            piece = stream.pieces.add(wave)
+            try:
+                stream.sink.piece(piece)
+            except Exception as exc:  # the host could not send it: this stream ends, the others go on
+                self._leave(stream)
+                stream.sink.failed(exc)
+                continue
+            if piece.is_final:
+                self._leave(stream)
+                self.synthesizer.remember(stream.cache_key, stream.pieces.made)
+
+
+class QueueSink:
+    """A `StreamSink` for in-process hosts: pieces and the error, if any, in `queue`; set `cancelled` to stop."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+
+    def wanted(self) -> bool:
+        return not self.cancelled.is_set()
+
+    def piece(self, piece: Piece) -> None:
+        self.queue.put(piece)
+
+    def dropped(self, sent: int, chunks: int) -> None:
+        self.queue.put(StreamDropped(f"stream stopped after {sent} of {chunks} pieces"))
+
+    def failed(self, error: Exception) -> None:
+        self.queue.put(error)
+
+
+class StreamDropped(RuntimeError):
+    """An in-process stream was cancelled."""
