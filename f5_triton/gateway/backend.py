@@ -1,4 +1,5 @@
-"""The gateway's way to Triton: gRPC through `f5_triton.client`, errors turned into `APIError`s."""
+"""The gateway's way to Triton: gRPC through `f5_triton.client` (which retries once when Triton is busy or
+a model process is restarting), errors turned into `APIError`s."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from f5_triton.client import STREAMING_MODEL, stream_synthesize, synthesize
+from f5_triton.client import STREAMING_MODEL, StreamInterrupted, model_restarting, stream_synthesize, synthesize
 from f5_triton.gateway.errors import SERVER, UNAVAILABLE, APIError
 from f5_triton.gateway.voices import Voice
 
@@ -23,6 +24,8 @@ def api_error(exc: Exception) -> APIError:
     """A tritonclient error (or a lost connection) as the HTTP error the client should see."""
     from tritonclient.utils import InferenceServerException
 
+    if isinstance(exc, StreamInterrupted):
+        return APIError(502, str(exc), type=SERVER, code="stream_interrupted")
     if isinstance(exc, TimeoutError):
         return APIError(504, f"Triton did not answer in time: {exc}", type=UNAVAILABLE, code="timeout")
     if not isinstance(exc, InferenceServerException):
@@ -37,6 +40,9 @@ def api_error(exc: Exception) -> APIError:
         if match:  # "speed: is 5.0; ..." keeps its wording, named as the API names it
             message = message[:match.start()] + f"{param}: " + message[match.end():]
         return APIError(400, message, param=param, code="invalid_value")
+    if model_restarting(exc):  # INTERNAL from Triton 2.51's python backend; the launcher reloads the model
+        return APIError(503, f"the model is restarting, retry shortly: {message}", type=UNAVAILABLE,
+                        code="restarting")
     if "UNAVAILABLE" in status or "RESOURCE_EXHAUSTED" in status:
         return APIError(503, f"Triton is unavailable or busy: {message}", type=UNAVAILABLE, code="unavailable")
     if "DEADLINE_EXCEEDED" in status:

@@ -26,6 +26,8 @@ INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "samplin
 
 class TritonPythonModel:
     def initialize(self, args):
+        if triton_io.is_passive(args):  # the standby: holds the model up while a dead instance is replaced
+            return
         params = triton_io.parameters(args)
         triton_io.set_torch_threads(params)
         device = triton_io.device(args)
