@@ -115,6 +115,15 @@ class Report:
     concurrency: int
     outcomes: list[Outcome] = field(repr=False)
     memory: list[dict] = field(repr=False)
+    killed_at: float | None = None  #: when a flow_matching stub was killed (`soak(kill_after=...)`)
+
+    @property
+    def recovery_s(self) -> float | None:
+        """Seconds from the kill to the first answer to a request sent after it."""
+        if self.killed_at is None:
+            return None
+        served = [o.start + o.latency for o in self.outcomes if o.error is None and o.start >= self.killed_at]
+        return min(served) - self.killed_at if served else None
 
     @property
     def failures(self) -> list[Outcome]:
@@ -146,10 +155,13 @@ class Report:
 
     def summary(self) -> dict:
         latencies = [o.latency for o in self.outcomes if o.error is None]
+        refusals = [o.latency for o in self.failures]
         return {"seconds": self.seconds, "concurrency": self.concurrency, "requests": len(self.outcomes),
                 "failures": len(self.failures), "errors": sorted({o.error for o in self.failures})[:10],
                 "p50_s": float(np.percentile(latencies, 50)) if latencies else None,
                 "p99_s": float(np.percentile(latencies, 99)) if latencies else None,
+                "failure_p99_s": float(np.percentile(refusals, 99)) if refusals else None,
+                "killed_at_s": self.killed_at, "recovery_s": self.recovery_s,
                 "per_minute": self.per_minute(), "rss_growth_after_first_minute": self.growth(),
                 "gpu_growth_after_first_minute": self.growth("gpu_used_mib"), "memory": self.memory}
 
@@ -191,10 +203,23 @@ class Report:
         return _save(fig, path)
 
 
+def kill_flow_stub(server_pid: int) -> int:
+    """SIGKILL an active flow_matching stub (as the OOM killer would); returns its pid."""
+    import os
+    import signal
+
+    pid = next(pid for pid, role in process_roles(server_pid).items()
+               if role.startswith("flow_matching_") and "standby" not in role)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 def soak(url: str, server_pid: int, items: list[Item], seconds: float, concurrency: int = 4,
-         protocol: str = "grpc", memory_interval: float = 5.0, timeout: float = 120.0, **optional) -> Report:
+         protocol: str = "grpc", memory_interval: float = 5.0, timeout: float = 120.0,
+         kill_after: float | None = None, **optional) -> Report:
     """Send `items` round-robin from `concurrency` threads for `seconds` (each request its own seed);
-    no retries, so that every failure is counted."""
+    no retries, so that every failure is counted. `kill_after`: kill a flow_matching stub that many
+    seconds in (`Report.recovery_s`)."""
     from f5_triton.client import protocol_module, synthesize
 
     module = protocol_module(protocol)
@@ -220,11 +245,23 @@ def soak(url: str, server_pid: int, items: list[Item], seconds: float, concurren
                 with lock:
                     outcomes.append(Outcome(start - begin, time.monotonic() - start, error))
 
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        kill_flow_stub(server_pid)
+        killed_at.append(time.monotonic() - begin)
+
+    killer = threading.Timer(kill_after, kill) if kill_after is not None else None
     sampler.start()
     try:
+        if killer is not None:
+            killer.start()
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             for future in [pool.submit(worker) for _ in range(concurrency)]:
                 future.result()
     finally:
+        if killer is not None:
+            killer.cancel()
         sampler.stop()
-    return Report(time.monotonic() - begin, concurrency, sorted(outcomes, key=lambda o: o.start), sampler.samples)
+    return Report(time.monotonic() - begin, concurrency, sorted(outcomes, key=lambda o: o.start), sampler.samples,
+                  killed_at[0] if killed_at else None)

@@ -7,6 +7,10 @@ Against a running server (its pid is found from the listening port when --server
 Or start one on a repository first (scripts/build_model_repo.py):
     python scripts/soak.py --model-repo model_repo_cpu --minutes 10 --json soak.json --plot soak.png
 
+Also for faults and overload: --kill-after 60 kills a flow_matching process a minute in (failures and the
+recovery time in the report); a --concurrency far beyond the queue limits shows refusals and the p99 of
+the admitted requests.
+
 Exit status 1 when a request failed or the memory grew by more than --max-growth after the first minute.
 """
 
@@ -42,6 +46,8 @@ def main() -> int:
     parser.add_argument("--nfe-steps", type=int, help="ODE steps per request (server default if not given)")
     parser.add_argument("--memory-interval", type=float, default=5.0, help="seconds between memory samples")
     parser.add_argument("--max-growth", type=float, default=0.10, help="allowed RSS growth after the first minute")
+    parser.add_argument("--kill-after", type=float,
+                        help="SIGKILL a flow_matching stub this many seconds in; reports the recovery time")
     parser.add_argument("--json", default="soak.json")
     parser.add_argument("--plot", help="PNG of latency percentiles and memory over time")
     args = parser.parse_args()
@@ -62,7 +68,8 @@ def main() -> int:
             url = args.server_url
             pid = args.server_pid or listening_pid(int(url.rsplit(":", 1)[1]))
         report = soak.soak(url, pid, items, args.minutes * 60, concurrency=args.concurrency,
-                           memory_interval=args.memory_interval, nfe_steps=args.nfe_steps)
+                           memory_interval=args.memory_interval, kill_after=args.kill_after,
+                           nfe_steps=args.nfe_steps)
     report.write(args.json, args.plot)
     summary = {k: v for k, v in report.summary().items() if k != "memory"}
     print(json.dumps(summary, indent=1))
