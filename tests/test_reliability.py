@@ -578,6 +578,7 @@ def test_a_killed_stub_fails_only_its_own_requests_and_is_replaced(server, ref_w
     from tritonclient.utils import InferenceServerException
 
     from f5_triton.client import is_retriable, model_restarting
+    from f5_triton.gateway.backend import api_error
 
     assert list(flow_stubs(server).values()) == ["flow_matching_cpu_0_0"]
     start = time.monotonic()
@@ -587,7 +588,7 @@ def test_a_killed_stub_fails_only_its_own_requests_and_is_replaced(server, ref_w
         assert isinstance(outcome, InferenceServerException), "the stub was killed after its batch had finished"
         assert model_restarting(outcome) and is_retriable(outcome), outcome
         assert "Stub process 'flow_matching_cpu_0_0' is not healthy" in outcome.message()
-    # requests that arrived while it was replaced waited for the new instance (and shared a batch there)
+        assert api_error(outcome).status == 503 and "the model is restarting" in api_error(outcome).message    # requests that arrived while it was replaced waited for the new instance (and shared a batch there)
     for outcome in arriving:
         assert isinstance(outcome, np.ndarray), outcome
         np.testing.assert_allclose(outcome, baseline, atol=1e-4, rtol=0)
