@@ -131,7 +131,8 @@ class Report:
 
     def per_minute(self) -> list[dict]:
         rows = []
-        for minute in range(int(np.ceil(self.seconds / 60))):
+        last = max((o.start for o in self.outcomes), default=0.0)
+        for minute in range(int(last // 60) + 1):
             inside = [o for o in self.outcomes if minute * 60 <= o.start < (minute + 1) * 60]
             latencies = [o.latency for o in inside if o.error is None]
             row = {"minute": minute + 1, "requests": len(inside), "failures": sum(o.error is not None for o in inside)}
