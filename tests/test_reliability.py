@@ -615,3 +615,18 @@ def test_with_two_flow_instances_and_client_retries_nothing_fails(tiny_server, r
         assert len({o.shape for o in in_flight}) == 1
         assert [r.error for r in srv.stub_replacements] == [None]
         np.testing.assert_array_equal(synthesize(srv, good_fields(ref_wave)), expected)
+
+
+@pytest.mark.server
+def test_a_killed_preprocess_stub_has_its_group_made_anew(server, ref_wave, baseline):
+    """Models of one instance group (here preprocess) are recovered by the same in-place update."""
+    from f5_triton.serving.launcher import _stub_instance, python_stubs
+
+    (stub,) = [pid for pid, (state, model) in python_stubs(server.pid).items() if model == "preprocess" and state != "Z"]
+    known = len(server.stub_replacements)
+    os.kill(stub, signal.SIGKILL)
+    replacement = wait_until(lambda: server.stub_replacements[known:], what="the preprocess replacement")[0]
+    assert (replacement.model, replacement.instance, replacement.error) == ("preprocess", "preprocess_0_0", None)
+    (new,) = [pid for pid, (state, model) in python_stubs(server.pid).items() if model == "preprocess" and state != "Z"]
+    assert new != stub and _stub_instance(new) == "preprocess_0_0"
+    np.testing.assert_array_equal(synthesize(server, good_fields(ref_wave)), baseline)
