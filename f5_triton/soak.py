@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -219,9 +220,10 @@ def soak(url: str, server_pid: int, items: list[Item], seconds: float, concurren
          protocol: str = "grpc", memory_interval: float = 5.0, timeout: float = 120.0,
          kill_after: float | None = None, **optional) -> Report:
     """Send `items` round-robin from `concurrency` threads for `seconds` (each request its own seed);
-    no retries, so that every failure is counted. `kill_after`: kill a flow_matching stub that many
-    seconds in (`Report.recovery_s`)."""
-    from f5_triton.client import protocol_module, synthesize
+    no retries, so that every failure is counted; a thread whose request failed pauses as the bundled client
+    would before a retry (else refused requests come back at once, and a storm of refusals starves the host).
+    `kill_after`: kill a flow_matching stub that many seconds in (`Report.recovery_s`)."""
+    from f5_triton.client import RETRY_BACKOFF_S, protocol_module, synthesize
 
     module = protocol_module(protocol)
     sampler = MemorySampler(server_pid, memory_interval)
@@ -245,6 +247,8 @@ def soak(url: str, server_pid: int, items: list[Item], seconds: float, concurren
                     error = f"{type(exc).__name__}: {getattr(exc, 'message', lambda: str(exc))()}"
                 with lock:
                     outcomes.append(Outcome(start - begin, time.monotonic() - start, error))
+                if error is not None:
+                    time.sleep(RETRY_BACKOFF_S * (1.0 + random.random()))
 
     killed_at: list[float] = []
 
