@@ -3,13 +3,20 @@
 `client_http.py`, `client_grpc.py`, `benchmark.py`, the gateway and the tests all go through here,
 so the wire format (names and dtypes from f5_triton.request) is written once.
 `stream_synthesize` talks to the decoupled `f5_tts_streaming` model over a gRPC stream.
+
+Both retry a request once when the server says it may succeed later (`is_retriable`: UNAVAILABLE, e.g.
+a full queue, or a model process that died and is being restarted), after a short backoff and only
+within the caller's `timeout`. A stream that already delivered audio is never retried: it ends with
+`StreamInterrupted`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
+import random
 import re
 import sys
 import time
@@ -19,12 +26,55 @@ from types import ModuleType
 import numpy as np
 
 from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
-from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL
+from f5_triton.request import INPUTS, MODEL, STREAM_OUTPUTS, STREAMING_MODEL
 
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_STRING": object}
 WIRE_TYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_STRING": "BYTES"}
 FIELDS = {f.name: f for f in INPUTS}
 
+# tritonserver 2.51's python backend answers INTERNAL for the requests of an instance whose stub process
+# died (it is reloaded by the launcher's watchdog): a restart, not a bug in the request.
+_DEAD_PROCESS = ("Stub process", "is not healthy")
+RETRY_BACKOFF_S = 0.5  # first retry after 0.5-1 s (jittered, so that refused clients do not return together)
+
+
+class StreamInterrupted(RuntimeError):
+    """A stream failed after some of its audio was delivered; not retried (the listener has heard it)."""
+
+    def __init__(self, model: str, pieces: int, cause: Exception):
+        self.pieces, self.cause = pieces, cause
+        reason = getattr(cause, "message", lambda: str(cause))() or str(cause)
+        super().__init__(f"{model} failed after {pieces} piece(s) of audio were sent; the stream is incomplete "
+                         f"and was not retried: {reason}")
+
+
+def model_restarting(exc: BaseException) -> bool:
+    """Whether `exc` is Triton's answer for a request whose model process died (the model is reloaded)."""
+    message = getattr(exc, "message", lambda: "")() or ""
+    return all(part in message for part in _DEAD_PROCESS)
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether sending the same request again may succeed: the server was busy or a model process restarted.
+
+    A request that ran out of its own deadline is not retriable.
+    """
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(exc, InferenceServerException):
+        return False
+    status, message = str(exc.status() or ""), exc.message() or ""
+    if "deadline exceeded" in message:
+        return False
+    return "UNAVAILABLE" in status or status == "503" or model_restarting(exc)
+
+
+def _retry_delay(deadline: float | None, backoff: float) -> float | None:
+    """Seconds to wait before the retry, or None when the caller's deadline leaves no room for one."""
+    delay = backoff * (1.0 + random.random())
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        return None
+    return delay
 
 
 def protocol_module(protocol: str) -> ModuleType:
@@ -57,29 +107,69 @@ def build_inputs(module: ModuleType, wave: np.ndarray, reference_text: str, targ
 
 
 def synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str, protocol: str = "grpc",
-               model: str = MODEL, timeout: float | None = None, client=None, **optional) -> np.ndarray:
-    """Send one request and return the 24 kHz waveform. Pass `client` to reuse a connection."""
+               model: str = MODEL, timeout: float | None = None, client=None, retries: int = 1,
+               backoff: float = RETRY_BACKOFF_S, **optional) -> np.ndarray:
+    """Send one request and return the 24 kHz waveform. Pass `client` to reuse a connection.
+
+    `timeout` bounds the whole call, retries included; a retriable error (`is_retriable`) is retried up
+    to `retries` times after `backoff`-`2 * backoff` s when the deadline leaves room.
+    """
     module = protocol_module(protocol)
     inputs = build_inputs(module, wave, reference_text, target_text, **optional)
     outputs = [module.InferRequestedOutput("waveform")]
-    kwargs = {"client_timeout": timeout} if timeout is not None else {}
-    if client is not None:
-        return client.infer(model, inputs, outputs=outputs, **kwargs).as_numpy("waveform").reshape(-1)
-    with module.InferenceServerClient(url) as own:
-        return own.infer(model, inputs, outputs=outputs, **kwargs).as_numpy("waveform").reshape(-1)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    own = None if client is not None else module.InferenceServerClient(url)
+    attempt = 0
+    try:
+        while True:
+            kwargs = {} if deadline is None else {"client_timeout": max(deadline - time.monotonic(), 0.001)}
+            try:
+                result = (client or own).infer(model, inputs, outputs=outputs, **kwargs)
+                return result.as_numpy("waveform").reshape(-1)
+            except Exception as exc:
+                delay = _retry_delay(deadline, backoff) if attempt < retries and is_retriable(exc) else None
+                if delay is None:
+                    raise
+            attempt += 1
+            time.sleep(delay)
+    finally:
+        if own is not None:
+            own.close()
 
 
 def stream_synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str,
-                      model: str = STREAMING_MODEL, timeout: float | None = None, **optional) -> Iterator[np.ndarray]:
+                      model: str = STREAMING_MODEL, timeout: float | None = None, retries: int = 1,
+                      backoff: float = RETRY_BACKOFF_S, **optional) -> Iterator[np.ndarray]:
     """Pieces of the 24 kHz waveform from the streaming model, as they arrive (gRPC).
 
     Joined, they are the request's audio. `timeout` bounds the wait for each piece. Closing the
-    generator early cancels the request on the server.
+    generator early cancels the request on the server. A retriable error before any audio arrived
+    starts the stream again `retries` times (after `backoff`-`2 * backoff` s); after audio arrived it
+    raises `StreamInterrupted`.
     """
     import tritonclient.grpc as grpcclient
 
     inputs = build_inputs(grpcclient, wave, reference_text, target_text, **optional)
     outputs = [grpcclient.InferRequestedOutput(f.name) for f in STREAM_OUTPUTS]
+    for attempt in range(retries + 1):
+        pieces = 0
+        try:
+            with contextlib.closing(_stream_once(url, grpcclient, model, inputs, outputs, timeout)) as stream:
+                for piece in stream:
+                    pieces += 1
+                    yield piece
+            return
+        except Exception as exc:
+            if pieces:
+                raise StreamInterrupted(model, pieces, exc) from exc
+            delay = _retry_delay(None, backoff) if attempt < retries and is_retriable(exc) else None
+            if delay is None:
+                raise
+        time.sleep(delay)
+
+
+def _stream_once(url: str, grpcclient: ModuleType, model: str, inputs: list, outputs: list,
+                 timeout: float | None) -> Iterator[np.ndarray]:
     results: queue.Queue = queue.Queue()
     finished = False
     client = grpcclient.InferenceServerClient(url)

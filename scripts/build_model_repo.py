@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--queue-timeout-us", type=int, default=60_000_000, help="queued longer -> rejected")
     parser.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                         help="GPU ids for flow-matching and vocoder instances, e.g. 0,1")
-    parser.add_argument("--flow-instances", type=int, default=1, help="flow-matching instances per GPU")
+    parser.add_argument("--flow-instances", type=int, default=1,
+                        help="flow-matching instances per GPU (or on the CPU); 2: a dead one leaves one serving")
     parser.add_argument("--vocoder-instances", type=int, default=1, help="vocoder instances per GPU")
     parser.add_argument("--preprocess-instances", type=int, default=2)
     parser.add_argument("--postprocess-instances", type=int, default=2)

@@ -2,8 +2,8 @@
 # The GPU numbers of docs/benchmarks.md, in one go (random F5TTS_v1_Base weights, NFE 16, ~5 s reference +
 # ~10 s generated): side by side with upstream, offline batch sweep, then Triton gRPC concurrency sweep.
 #   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu traffic
-#     stream_sweep
-#   (default: all but multigpu, which wants a machine of several GPUs: kind nvidia-h200-x2, traffic and stream_sweep)
+#     stream_sweep redundancy soak kill (the last three: docs/reliability.md)
+#   (default: side offline server streaming; each other mode is a device call of its own)
 # traffic (issue 17, one device call of ~9 min): the uniform and the mixed-length sets side by side, offline batch
 #   1 and 16, Triton gRPC concurrency 1, 16, 64, each as a first pass after "ready" (cold) and a second (warm);
 #   time to ready in traffic-offline.log / traffic-server.log. Its two halves alone: traffic-offline (cut at
@@ -60,6 +60,34 @@ for what in $WHAT; do
         | grep -v -E "req/s|s/req|[Ww]arn" | tee "$OUT/server.log.txt"
       kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
       tail -5 "$OUT/server.log" ;;
+    redundancy|soak|kill)
+      # issue 22. redundancy: one vs two flow-matching instances on GPU 0, throughput at c16/c32 and GPU memory.
+      # soak: 5 minutes of mixed load (GPU memory included). kill: 3 minutes, a flow process killed 60 s in.
+      ckpt=$(mktemp -d)/ckpt
+      python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
+      counts=${FLOW_INSTANCES:-2}
+      [ "$what" = redundancy ] && counts="1 2"
+      for n in $counts; do
+        python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-flow$n" --nfe "$NFE" \
+          --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
+          --flow-instances "$n" --no-streaming > /dev/null
+        PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo-flow$n" \
+          --log-file "$OUT/tritonserver-$what-flow$n.log" > "$OUT/server-$what-flow$n.log" 2>&1 &
+        server=$!
+        wait_ready "$what flow instances=$n" | tee -a "$OUT/$what.log"
+        echo "flow instances=$n: GPU memory used after warm-up: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader -i 0)" \
+          | tee -a "$OUT/$what.log"
+        case $what in
+          redundancy) python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency 16,32 \
+                        --num-requests 128 --enable-warmup --warmup 32 --label "flow=$n" --output-json "$OUT/redundancy.jsonl" 2>&1 \
+                        | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/$what.log" ;;
+          soak) python3 scripts/soak.py --server-url localhost:8001 --minutes 5 --concurrency 16 --json "$OUT/soak.json" \
+                  --plot "$OUT/soak.png" > "$OUT/soak.txt" 2>&1; head -12 "$OUT/soak.txt" | tee -a "$OUT/$what.log" ;;
+          kill) python3 scripts/soak.py --server-url localhost:8001 --minutes 3 --concurrency 16 --kill-after 60 \
+                  --json "$OUT/kill.json" --plot "$OUT/kill.png" > "$OUT/kill.txt" 2>&1; head -16 "$OUT/kill.txt" | tee -a "$OUT/$what.log" ;;
+        esac
+        kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
+      done ;;
     multigpu)
       # issue 9: aggregate throughput at high concurrency, one GPU vs all visible GPUs, same machine and run
       ckpt=$(mktemp -d)/ckpt

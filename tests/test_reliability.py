@@ -514,41 +514,119 @@ def test_a_missing_engine_without_fallback_fails_fast(tiny_server, tmp_path):
 
 # -- real server: a stub killed mid-run (last: it disturbs the server) -------------------------------------
 
+def flow_stubs(server) -> dict[int, str]:
+    """Live flow_matching stubs that serve requests (the standby aside): pid -> instance name."""
+    from f5_triton.serving.launcher import _stub_instance, python_stubs
+
+    stubs = {pid: _stub_instance(pid) for pid, (state, model) in python_stubs(server.pid).items()
+             if model == "flow_matching" and state != "Z"}
+    return {pid: name for pid, name in stubs.items() if name and "standby" not in name}
+
+
+def wait_until(condition, timeout: float = 120.0, what: str = "the server"):
+    """Poll a server signal (metrics, process table) until `condition()` returns something true; return it."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"{what} did not get there in {timeout:.0f} s"
+        time.sleep(0.05)
+    return result
+
+
+def cpu_seconds(pids) -> dict[int, float]:
+    import psutil
+
+    return {pid: sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids}
+
+
+def computing_stub(server, sent: int, before: dict):
+    """The flow stub running a batch once all `sent` requests passed preprocess and none waits in
+    flow_matching's queue (the batch is inside a stub's process): the one whose CPU time grows. Else None."""
+    done = metrics(server, "nv_inference_request_success")[frozenset({("model", "preprocess"), ("version", "1")})]
+    pending = metrics(server, "nv_inference_pending_request_count")[frozenset({("model", "flow_matching"),
+                                                                               ("version", "1")})]
+    if done - before["preprocess"] < sent or pending:
+        return None
+    busy = [pid for pid, cpu in cpu_seconds(before["cpu"]).items() if cpu > before["cpu"][pid] + 0.5]
+    return busy[0] if len(busy) == 1 else None
+
+
+def kill_during_batch(server, ref_wave, in_flight: int, arriving: int, retries: int = 0):
+    """SIGKILL the flow_matching stub in which `in_flight` long requests run, then send `arriving` more at
+    once. Returns (killed pid, in-flight outcomes, arriving outcomes); an outcome is audio or the exception."""
+    from f5_triton.client import synthesize as client_synthesize
+
+    before = {"preprocess": metrics(server, "nv_inference_request_success")[
+        frozenset({("model", "preprocess"), ("version", "1")})], "cpu": cpu_seconds(flow_stubs(server))}
+
+    def attempt(target: str, nfe: int):
+        try:
+            return client_synthesize(server.urls.grpc, ref_wave, REF_TEXT, target, seed=7, nfe_steps=nfe,
+                                     retries=retries, timeout=300)
+        except Exception as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(in_flight + arriving) as pool:
+        first = [pool.submit(attempt, LONG_TEXT, 16) for _ in range(in_flight)]
+        stub = wait_until(lambda: computing_stub(server, in_flight, before), what="the batch")
+        os.kill(stub, signal.SIGKILL)
+        later = [pool.submit(attempt, "Reliable servers answer every request.", NFE) for _ in range(arriving)]
+        return stub, [f.result() for f in first], [f.result() for f in later]
+
+
 @pytest.mark.server
-def test_a_killed_stub_is_reloaded_and_the_server_keeps_answering(server, ref_wave, baseline):
+def test_a_killed_stub_fails_only_its_own_requests_and_is_replaced(server, ref_wave, baseline):
     from tritonclient.utils import InferenceServerException
 
-    from f5_triton.serving.launcher import python_stubs
+    from f5_triton.client import is_retriable, model_restarting
+    from f5_triton.gateway.backend import api_error
 
-    stubs = [pid for pid, (state, model) in python_stubs(server.pid).items()
-             if model == "flow_matching" and state != "Z"]
-    assert len(stubs) == 1
-    fields = good_fields(ref_wave, target=LONG_TEXT, nfe_steps=i32(16))
+    assert list(flow_stubs(server).values()) == ["flow_matching_cpu_0_0"]
+    start = time.monotonic()
+    stub, in_flight, arriving = kill_during_batch(server, ref_wave, in_flight=4, arriving=4)
+    # the batch inside the dead process fails, with an error clients retry
+    for outcome in in_flight:
+        assert isinstance(outcome, InferenceServerException), "the stub was killed after its batch had finished"
+        assert model_restarting(outcome) and is_retriable(outcome), outcome
+        assert "Stub process 'flow_matching_cpu_0_0' is not healthy" in outcome.message()
+        assert api_error(outcome).status == 503 and "the model is restarting" in api_error(outcome).message    # requests that arrived while it was replaced waited for the new instance (and shared a batch there)
+    for outcome in arriving:
+        assert isinstance(outcome, np.ndarray), outcome
+        np.testing.assert_allclose(outcome, baseline, atol=1e-4, rtol=0)
+    print(f"kill -> {len(arriving)} requests sent after the kill served in {time.monotonic() - start:.1f} s")
+    (replacement,) = server.stub_replacements
+    assert (replacement.model, replacement.instance, replacement.dead_pid, replacement.error) == (
+        "flow_matching", "flow_matching_cpu_0_0", stub, None)
+    assert list(flow_stubs(server).values()) == ["flow_matching_cpu_0_0"] and stub not in flow_stubs(server)
+    for protocol in ("http", "grpc"):
+        np.testing.assert_array_equal(synthesize(server, good_fields(ref_wave), protocol), baseline)
 
-    def attempt(arrays=fields):
-        try:
-            return synthesize(server, arrays)
-        except InferenceServerException as exc:
-            return str(exc.status()), exc.message()
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        in_flight = [pool.submit(attempt) for _ in range(4)]
-        time.sleep(0.7)  # batched and running (queue delay 0.2 s, seconds of work)
-        os.kill(stubs[0], signal.SIGKILL)
-        outcomes = [f.result() for f in in_flight]
-    failures = [o for o in outcomes if isinstance(o, tuple)]
-    assert failures, "the stub was killed after the requests had finished"
-    unhealthy = (INTERNAL["grpc"], "Stub process 'flow_matching_0_0' is not healthy.")
-    assert all(f[0] == unhealthy[0] and unhealthy[1] in f[1] for f in failures), failures
+@pytest.mark.server
+def test_with_two_flow_instances_and_client_retries_nothing_fails(tiny_server, ref_wave):
+    with tiny_server(nfe_steps=NFE, max_batch_size=4, preferred_batch_sizes=[4], queue_delay_us=200_000,
+                     flow_instances_per_device=2, preprocess_instances=1, postprocess_instances=1,
+                     exit_timeout_secs=5) as srv:
+        expected = synthesize(srv, good_fields(ref_wave))
+        assert sorted(flow_stubs(srv).values()) == ["flow_matching_cpu_0_0", "flow_matching_cpu_1_0"]
+        stub, in_flight, arriving = kill_during_batch(srv, ref_wave, in_flight=4, arriving=4, retries=1)
+        assert all(isinstance(o, np.ndarray) for o in in_flight + arriving), in_flight + arriving
+        for outcome in arriving:
+            np.testing.assert_allclose(outcome, expected, atol=1e-4, rtol=0)
+        assert len({o.shape for o in in_flight}) == 1
+        assert [r.error for r in srv.stub_replacements] == [None]
+        np.testing.assert_array_equal(synthesize(srv, good_fields(ref_wave)), expected)
 
-    # what a client sees until the watchdog's reload is done: the same INTERNAL error; then audio again
-    deadline = time.monotonic() + 120
-    while isinstance(result := attempt(good_fields(ref_wave)), tuple):
-        assert result[0] == unhealthy[0] and unhealthy[1] in result[1], result
-        assert time.monotonic() < deadline, "flow_matching did not come back"
-        time.sleep(0.5)
-    np.testing.assert_array_equal(result, baseline)
-    reloads = server.stub_reloads
-    assert [(r.model, r.dead_pid, r.error) for r in reloads] == [("flow_matching", stubs[0], None)]
-    for _ in range(2):
-        np.testing.assert_array_equal(synthesize(server, good_fields(ref_wave), "http"), baseline)
+
+@pytest.mark.server
+def test_a_killed_preprocess_stub_has_its_group_made_anew(server, ref_wave, baseline):
+    """Models of one instance group (here preprocess) are recovered by the same in-place update."""
+    from f5_triton.serving.launcher import _stub_instance, python_stubs
+
+    (stub,) = [pid for pid, (state, model) in python_stubs(server.pid).items() if model == "preprocess" and state != "Z"]
+    known = len(server.stub_replacements)
+    os.kill(stub, signal.SIGKILL)
+    replacement = wait_until(lambda: server.stub_replacements[known:], what="the preprocess replacement")[0]
+    assert (replacement.model, replacement.instance, replacement.error) == ("preprocess", "preprocess_0_0", None)
+    (new,) = [pid for pid, (state, model) in python_stubs(server.pid).items() if model == "preprocess" and state != "Z"]
+    assert new != stub and _stub_instance(new) == "preprocess_0_0"
+    np.testing.assert_array_equal(synthesize(server, good_fields(ref_wave)), baseline)

@@ -133,8 +133,14 @@ def test_gpus_place_instances(tmp_path, tiny_ckpt):
     out = render(RepositoryOptions(target="gpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                    vocoder=tiny_ckpt / "vocos", gpus=[0, 1], flow_instances_per_device=2),
                  tmp_path / "repo")
-    group = parse(out / "flow_matching" / "config.pbtxt").instance_group[0]
-    assert list(group.gpus) == [0, 1] and group.count == 2
+    groups = parse(out / "flow_matching" / "config.pbtxt").instance_group
+    # one group per instance, told apart by their host-policy names (the watchdog replaces one alone)
+    active = [(g.name, list(g.gpus), g.count, g.host_policy) for g in groups if not g.passive]
+    assert active == [(f"flow_matching_gpu{d}_{s}", [d], 1, f"flow_matching_gpu{d}_{s}") for d in (0, 1) for s in (0, 1)]
+    (standby,) = [g for g in groups if g.passive]  # loads nothing: the model stays valid while one is replaced
+    assert standby.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU and standby.count == 1
+    # model.py compiled at render: a stub writing __pycache__ would make Triton reload the whole model
+    assert list((out / "flow_matching" / "1" / "__pycache__").glob("model.*.pyc"))
 
 
 def test_trt_target_needs_engines(tiny_ckpt):

@@ -1,4 +1,5 @@
-"""The gateway's way to Triton: gRPC through `f5_triton.client`, errors turned into `APIError`s."""
+"""The gateway's way to Triton: gRPC through `f5_triton.client` (which retries once when Triton is busy or
+a model process is restarting), errors turned into `APIError`s."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from f5_triton.client import STREAMING_MODEL, random_weights, stream_synthesize, synthesize
+from f5_triton.client import (STREAMING_MODEL, StreamInterrupted, model_restarting, random_weights, stream_synthesize,
+                              synthesize)
 from f5_triton.gateway.errors import SERVER, UNAVAILABLE, APIError
 from f5_triton.gateway.voices import Voice
 
@@ -19,10 +21,14 @@ _FIELD_IN_MESSAGE = re.compile(r"\b(" + "|".join(API_FIELDS) + r"): ")
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 
-def api_error(exc: Exception) -> APIError:
-    """A tritonclient error (or a lost connection) as the HTTP error the client should see."""
+def api_error(exc: Exception, queue_limit: int | None = None) -> APIError:
+    """A tritonclient error (or a lost connection) as the HTTP error the client should see.
+
+    `queue_limit`: the models' max_queue_size, named when Triton refused a request for a full queue."""
     from tritonclient.utils import InferenceServerException
 
+    if isinstance(exc, StreamInterrupted):
+        return APIError(502, str(exc), type=SERVER, code="stream_interrupted")
     if isinstance(exc, TimeoutError):
         return APIError(504, f"Triton did not answer in time: {exc}", type=UNAVAILABLE, code="timeout")
     if not isinstance(exc, InferenceServerException):
@@ -37,6 +43,13 @@ def api_error(exc: Exception) -> APIError:
         if match:  # "speed: is 5.0; ..." keeps its wording, named as the API names it
             message = message[:match.start()] + f"{param}: " + message[match.end():]
         return APIError(400, message, param=param, code="invalid_value")
+    if model_restarting(exc):  # INTERNAL from Triton 2.51's python backend; the launcher reloads the model
+        return APIError(503, f"the model is restarting, retry shortly: {message}", type=UNAVAILABLE,
+                        code="restarting")
+    if "Exceeds maximum queue size" in message:
+        limit = f" of {queue_limit} requests" if queue_limit else ""
+        return APIError(503, f"the server is at capacity: its queue limit{limit} (max_queue_size) is reached; "
+                        "retry later", type=UNAVAILABLE, code="queue_full")
     if "UNAVAILABLE" in status or "RESOURCE_EXHAUSTED" in status:
         return APIError(503, f"Triton is unavailable or busy: {message}", type=UNAVAILABLE, code="unavailable")
     if "DEADLINE_EXCEEDED" in status:
@@ -54,6 +67,7 @@ class TritonBackend:
         self.streaming_model = streaming_model
         self.timeout = timeout
         self._client = None
+        self._queue_limit: int | None = None
         self._lock = threading.Lock()
 
     def _shared_client(self):
@@ -71,7 +85,19 @@ class TritonBackend:
                               timeout=self.timeout, client=self._shared_client(), sample_rate=voice.sample_rate,
                               **optional)
         except Exception as exc:
-            raise api_error(exc) from exc
+            raise api_error(exc, self.queue_limit()) from exc
+
+    def queue_limit(self) -> int | None:
+        """max_queue_size of the ensemble's first step (every step is rendered with the same), or None."""
+        if self._queue_limit is None:
+            try:
+                client = self._shared_client()
+                steps = client.get_model_config(self.model, as_json=True)["config"]["ensemble_scheduling"]["step"]
+                step = client.get_model_config(steps[0]["model_name"], as_json=True)["config"]
+                self._queue_limit = int(step["dynamic_batching"]["default_queue_policy"]["max_queue_size"])
+            except Exception:  # not an ensemble of queued steps, or Triton unreachable: the message says less
+                return None
+        return self._queue_limit
 
     def stream(self, voice: Voice, text: str, **optional) -> Iterator[np.ndarray]:
         """Waveform pieces as Triton sends them; errors raise `APIError`. Close it to cancel."""

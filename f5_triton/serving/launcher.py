@@ -24,11 +24,15 @@ a request-size cap where the binary has one), waits for readiness and stops it a
 
 Python-backend stubs that die (kill -9, the OOM killer, a segfault in an extension)
 are not restarted by tritonserver 2.51: the python backend dropped its restart in
-24.06, and the model keeps answering "Stub process '<instance>' is not healthy"
-(INTERNAL) to every request while the health endpoints still say ready. Unless
-``recover_stubs=False``, :class:`TritonServer` therefore runs Triton with explicit
-model control (the repository API stays behind the admin key) and a watchdog
-thread that reloads the model of a dead stub (:meth:`TritonServer.reload_model`).
+24.06, and the dead instance keeps taking batches and answering each, after a second,
+"Stub process '<instance>' is not healthy" (INTERNAL) while the health endpoints still
+say ready. Unless ``recover_stubs=False``, :class:`TritonServer` therefore runs Triton
+with explicit model control (the repository API stays behind the admin key) and a
+watchdog thread that replaces the dead instance (:meth:`TritonServer.replace_instance`):
+a load with the model's configuration changed only in its instance groups, which Triton
+applies in place -- the other instances keep serving, and a model rendered with one group
+per instance plus a passive standby (f5_triton.serving.repository) has the dead one taken
+out of service at once, so that requests wait in the queue for its replacement.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import site
@@ -67,7 +72,7 @@ __all__ = [
     "DEFAULT_RESTRICTED_APIS",
     "GRPC_ADMIN_KEY_HEADER",
     "ServerUrls",
-    "StubReload",
+    "StubReplacement",
     "StubWatchdog",
     "TritonInstall",
     "TritonNotFoundError",
@@ -696,34 +701,63 @@ class TritonServer:
             return process.returncode if process is not None else None
 
     @property
-    def stub_reloads(self) -> list[StubReload]:
-        """Models reloaded because a python-backend stub died, oldest first."""
-        return list(self._watchdog.reloads) if self._watchdog is not None else []
+    def stub_replacements(self) -> list[StubReplacement]:
+        """Instances replaced because their python-backend stub died, oldest first."""
+        return list(self._watchdog.replacements) if self._watchdog is not None else []
 
-    def reload_model(self, name: str, timeout: float = 600.0) -> None:
-        """Load model ``name`` again (explicit model control; uses the admin key).
+    def model_config(self, name: str) -> dict:
+        """The configuration of loaded model ``name`` (Triton's JSON form)."""
+        with _NO_PROXY_OPENER.open(f"{self.urls.http}/v2/models/{name}/config", timeout=30) as response:
+            return dict(json.loads(response.read()))
 
-        Triton ignores a load request for a loaded model whose files did not change, so the
-        model's current configuration is passed as an override: that makes a real reload, with
-        new python-backend stubs. The old instances serve until the new ones are ready.
+    def load_model(self, name: str, config: Mapping | None = None, timeout: float = 600.0) -> None:
+        """Load model ``name``, with ``config`` overriding its configuration (uses the admin key).
+
+        A configuration that differs from the loaded one only in ``instance_group`` is applied in place:
+        instances whose group settings (name and count aside) are unchanged keep running, the others are
+        created or removed.
 
         Raises:
             TritonServerError: the server refused or failed the load.
         """
-        base = f"{self.urls.http}/v2"
+        body = json.dumps({"parameters": {"config": json.dumps(config)}} if config is not None else {}).encode()
+        request = urllib.request.Request(f"{self.urls.http}/v2/repository/models/{name}/load", data=body,
+                                         method="POST", headers={"Content-Type": "application/json",
+                                                                 **self.admin_headers})
         try:
-            with _NO_PROXY_OPENER.open(f"{base}/models/{name}/config", timeout=30) as response:
-                config = response.read().decode()
-            body = json.dumps({"parameters": {"config": config}}).encode()
-            request = urllib.request.Request(f"{base}/repository/models/{name}/load", data=body, method="POST",
-                                             headers={"Content-Type": "application/json", **self.admin_headers})
             with _NO_PROXY_OPENER.open(request, timeout=timeout):
                 pass
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
-            raise TritonServerError(f"reloading {name} failed: HTTP {exc.code} {detail}") from None
+            raise TritonServerError(f"loading {name} failed: HTTP {exc.code} {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise TritonServerError(f"reloading {name} failed: {exc}") from exc
+            raise TritonServerError(f"loading {name} failed: {exc}") from exc
+
+    def replace_instance(self, model: str, instance: str, generation: int = 1) -> int:
+        """Replace instance ``instance`` of ``model`` (its stub died) by a new one; returns the loads made.
+
+        An instance alone in its group, beside other groups, is replaced in two loads: without its group
+        (Triton stops giving it requests; with no active instance left, requests queue) and with it again
+        (a new instance). Otherwise its whole group is made anew, under a host-policy name marked with
+        ``generation``, while the dead instance keeps failing the batches it takes.
+
+        Raises:
+            TritonServerError: no group holds ``instance``, or a load failed.
+        """
+        config = self.model_config(model)
+        groups = config.get("instance_group", [])
+        owners = [g for g in groups if instance.startswith(g["name"] + "_")]
+        if not owners:
+            raise TritonServerError(f"no instance group of {model} holds instance {instance}")
+        group = max(owners, key=lambda g: len(g["name"]))
+        if group["count"] == 1 and len(groups) > 1:
+            self.load_model(model, {**config, "instance_group": [g for g in groups if g is not group]})
+            self.load_model(model, config)
+            return 2
+        policy = re.sub(r"~\d+$", "", group.get("host_policy") or group["name"]) + f"~{generation}"
+        self.load_model(model, {**config, "instance_group": [{**g, "host_policy": policy} if g is group else g
+                                                            for g in groups]})
+        return 1
 
     def kill(self) -> int | None:
         """Stop the server at once (SIGKILL to its whole process group); idempotent."""
@@ -759,33 +793,37 @@ class TritonServer:
 
 
 @dataclass(frozen=True)
-class StubReload:
+class StubReplacement:
     """One recovery by :class:`StubWatchdog`."""
 
     model: str
+    instance: str  #: e.g. flow_matching_cpu_0_0
     dead_pid: int
-    at: float  #: time.time() of the reload's start
-    seconds: float  #: how long the reload took
+    at: float  #: time.time() when the death was seen
+    seconds: float  #: how long the replacement took (the new instance loaded)
     error: str | None = None  #: why it failed, or None
 
 
 class StubWatchdog(threading.Thread):
-    """Reloads the model of any python-backend stub of ``server`` that died.
+    """Replaces any python-backend stub of ``server`` that died, by :meth:`TritonServer.replace_instance`.
 
-    Every ``interval`` seconds the server's child processes are read from /proc. A stub's
-    command line names its model file (``<repo>/<model>/<version>/model.py``). tritonserver
-    reaps the stubs it ends itself (unloads, the short-lived auto-complete stubs) but not one
-    that died under it, which stays a zombie: a known stub turned zombie has its model reloaded
-    through :meth:`TritonServer.reload_model`; a failed reload is retried after ``retry_after``
-    seconds. Recoveries are recorded in ``reloads``.
+    The server's child processes are read from /proc at start and every ``interval`` seconds, and the
+    watchdog also wakes the moment a known stub exits (a pidfd per stub). A stub's command line names
+    its model file (``<repo>/<model>/<version>/model.py``) and its instance. tritonserver reaps the
+    stubs it ends itself (unloads, replacements, the short-lived auto-complete stubs) but not one that
+    died under it, which stays a zombie: a known stub still a zombie ``debounce`` seconds after it
+    exited has its instance replaced; a failed replacement is tried again after ``retry_after``
+    seconds. Recoveries are recorded in ``replacements``.
     """
 
-    def __init__(self, server: TritonServer, interval: float = 1.0, retry_after: float = 10.0):
+    def __init__(self, server: TritonServer, interval: float = 1.0, retry_after: float = 10.0,
+                 debounce: float = 0.2):
         super().__init__(name=f"stub-watchdog-{server.pid}", daemon=True)
         self.server = server
         self.interval = interval
         self.retry_after = retry_after
-        self.reloads: list[StubReload] = []
+        self.debounce = debounce
+        self.replacements: list[StubReplacement] = []
         self._stopped = threading.Event()
 
     def stop(self) -> None:
@@ -794,35 +832,81 @@ class StubWatchdog(threading.Thread):
             self.join()
 
     def run(self) -> None:
-        live: dict[int, str] = {}  # stub pid -> model
-        failed: dict[str, tuple[int, float]] = {}  # model -> (dead pid, when its reload failed)
-        while not self._stopped.wait(self.interval):
-            pid = self.server.pid
-            if pid is None or not self.server.is_running():
-                return
-            stubs = python_stubs(pid)
-            for stub, (state, model) in stubs.items():
-                if state != "Z" and model:
-                    live[stub] = model
-            for stub in [stub for stub in live if stub not in stubs]:  # ended and reaped by tritonserver
-                del live[stub]
-            dead = {stub: live.pop(stub) for stub in list(live) if stubs[stub][0] == "Z"}
-            due = {model: stub for stub, model in dead.items()}
-            due.update({m: p for m, (p, when) in failed.items() if time.time() - when >= self.retry_after})
-            for model, stub in due.items():
-                if self._stopped.is_set():
+        live: dict[int, tuple[str, str, int | None]] = {}  # stub pid -> (model, instance, pidfd)
+        failed: dict[tuple[str, str], tuple[int, float]] = {}  # (model, instance) -> (dead pid, when it failed)
+        try:
+            while not self._stopped.is_set():
+                pid = self.server.pid
+                if pid is None or not self.server.is_running():
                     return
-                failed.pop(model, None)
-                LOGGER.warning("python backend stub %d of model %s died; reloading the model", stub, model)
-                start = time.time()
-                try:
-                    self.server.reload_model(model)
-                    error = None
-                except TritonServerError as exc:
-                    error = str(exc)
-                    failed[model] = (stub, time.time())
-                    LOGGER.error("%s", error)
-                self.reloads.append(StubReload(model, stub, start, time.time() - start, error))
+                stubs = python_stubs(pid)
+                if any(stubs.get(stub, ("?",))[0] == "Z" for stub in live):
+                    # exited just now: give tritonserver a moment to reap a stub it ended itself
+                    if self._stopped.wait(self.debounce):
+                        return
+                    stubs = python_stubs(pid)
+                for stub, (state, model) in stubs.items():
+                    if state != "Z" and model and stub not in live:
+                        instance = _stub_instance(stub)
+                        if instance:
+                            live[stub] = (model, instance, _pidfd(stub))
+                for stub in [stub for stub in live if stub not in stubs]:  # ended and reaped by tritonserver
+                    _close(live.pop(stub)[2])
+                due = {}
+                for stub in [stub for stub in live if stubs[stub][0] == "Z"]:
+                    model, instance, fd = live.pop(stub)
+                    _close(fd)
+                    due[(model, instance)] = stub
+                due.update({key: p for key, (p, when) in failed.items() if time.time() - when >= self.retry_after})
+                for (model, instance), stub in due.items():
+                    if self._stopped.is_set():
+                        return
+                    failed.pop((model, instance), None)
+                    LOGGER.warning("python backend stub %d (%s of %s) died; replacing the instance", stub,
+                                   instance, model)
+                    start = time.time()
+                    try:
+                        self.server.replace_instance(model, instance, generation=len(self.replacements) + 1)
+                        error = None
+                    except TritonServerError as exc:
+                        error = str(exc)
+                        failed[(model, instance)] = (stub, time.time())
+                        LOGGER.error("%s", error)
+                    self.replacements.append(StubReplacement(model, instance, stub, start, time.time() - start,
+                                                             error))
+                fds = [fd for _, _, fd in live.values() if fd is not None]
+                if fds:
+                    select.select(fds, [], [], self.interval)
+                elif self._stopped.wait(self.interval):
+                    return
+        finally:
+            for _, _, fd in live.values():
+                _close(fd)
+
+
+def _stub_instance(pid: int) -> str | None:
+    """The model instance a python-backend stub serves (its 8th argument), e.g. ``flow_matching_cpu_0_0``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return os.fsdecode(argv[8]) if len(argv) > 8 else None
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when process ``pid`` exits (Linux 5.3+), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def python_stubs(server_pid: int) -> dict[int, tuple[str, str | None]]:

@@ -13,10 +13,16 @@ restores level and cross-fades; off, postprocess calls the `vocoder` model per c
 
 Besides the `f5_tts` ensemble and its steps, `f5_tts_streaming` (decoupled, one response per text
 chunk) is rendered unless `streaming=False`. Cache sizes of 0 turn the reference / output caches off.
+
+flow_matching's instances are one instance group each, told apart by a host-policy name of their own, so
+that the launcher's watchdog can replace a dead one alone (`launcher.StubWatchdog`): Triton keeps the
+others serving. A passive `standby` instance (it loads nothing) keeps the model valid while its last active
+instance is replaced, so that requests queue meanwhile instead of failing.
 """
 
 from __future__ import annotations
 
+import py_compile
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +56,8 @@ class RepositoryOptions:
     vocoder_max_batch_size: int = 8
     vocoder_queue_delay_us: int = 500
     gpus: list[int] = field(default_factory=lambda: [0])
-    flow_instances_per_device: int = 1
+    flow_instances_per_device: int = 1  # 2: one death leaves one serving (twice the model's memory)
+    flow_standby: bool = True  # the passive flow_matching instance that lets requests wait out a restart
     vocoder_instances_per_device: int = 1
     preprocess_instances: int = 2
     postprocess_instances: int = 2
@@ -136,6 +143,25 @@ def _instances(count: int, kind: str, gpus: list[int]) -> str:
     return f"  {{ count: {count} kind: KIND_GPU gpus: [ {devices} ] }}"
 
 
+STANDBY_GROUP = "standby"
+
+
+def _flow_instances(model: str, count: int, kind: str, gpus: list[int], standby: bool) -> str:
+    """One group per instance (`<model>_<device>_<slot>`), each with its own host-policy name: Triton tells
+    instances of a model apart by their group's settings (name and count aside), and the watchdog
+    removes or adds exactly one. The policy names are not defined on the command line, so they set nothing."""
+    devices = ["cpu"] if kind == "KIND_CPU" else [f"gpu{g}" for g in gpus]
+    rows = []
+    for device in devices:
+        placement = "kind: KIND_CPU" if device == "cpu" else f"kind: KIND_GPU gpus: [ {device[3:]} ]"
+        for slot in range(count):
+            name = f"{model}_{device}_{slot}"
+            rows.append(f'  {{ name: "{name}" count: 1 {placement} host_policy: "{name}" }}')
+    if standby:
+        rows.append(f'  {{ name: "{model}_{STANDBY_GROUP}" count: 1 kind: KIND_CPU passive: true }}')
+    return ",\n".join(rows)
+
+
 def render(options: RepositoryOptions, output: str | Path, templates: Path = TEMPLATES) -> Path:
     """Write a complete model repository to `output` (replaced if it exists)."""
     from f5_triton.checkpoints import is_random_checkpoint
@@ -175,7 +201,8 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "vocoder_queue_delay_us": options.vocoder_queue_delay_us,
         "preprocess_instances": options.preprocess_instances,
         "postprocess_instances": options.postprocess_instances,
-        "flow_matching_instances": _instances(options.flow_instances_per_device, kind, options.gpus),
+        "flow_matching_instances": _flow_instances("flow_matching", options.flow_instances_per_device, kind,
+                                                   options.gpus, options.flow_standby),
         "vocoder_instances": _instances(options.vocoder_instances_per_device, kind, options.gpus),
         "streaming_instances": _instances(options.streaming_instances_per_device, kind, options.gpus),
     }
@@ -238,4 +265,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
             shutil.copyfile(options.vocoder_plan, target / "1" / "model.plan")
         elif (source / "1" / "model.py").exists():
             shutil.copyfile(source / "1" / "model.py", target / "1" / "model.py")
+            # A stub writing __pycache__ into the version folder would make Triton see the model as modified,
+            # and turn the watchdog's replacement of one instance into a reload of the whole model.
+            py_compile.compile(str(target / "1" / "model.py"), doraise=True)
     return output

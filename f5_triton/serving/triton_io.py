@@ -56,6 +56,14 @@ def parameters(args: dict) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
+def is_passive(args: dict) -> bool:
+    """Whether this instance is in a passive instance group: loaded but never given requests (the standby of
+    `repository._flow_instances`), so it should load nothing."""
+    name = args["model_instance_name"]
+    groups = json.loads(args["model_config"]).get("instance_group", [])
+    return any(group.get("passive") and name.startswith(group["name"] + "_") for group in groups)
+
+
 def set_torch_threads(params: dict[str, str]) -> None:
     """Apply the `torch_threads` parameter (0 or absent: torch's default, one thread per core).
 

@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 from f5_triton.config import SAMPLE_RATE, vocoder_samples
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import finish
-from f5_triton.serving import stages, triton_io, wire
+from f5_triton.serving import triton_io, wire
 from f5_triton.serving.metrics import Metrics
 
 INPUT_NAMES = tuple(f.name for f in wire.MEL_FIELDS + wire.WAVE_FIELDS) + ("ref_rms", triton_io.RECEIVED_AT)
