@@ -2,7 +2,7 @@
 
 ground (config, errors) → domain (text, audio, model, vocoder, request; sampler and checkpoints over them)
 → engines → export → cache, guards → pipeline → streaming → stream_scheduler → hosts (client, serving) → gateway → cli
-→ bench. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
+→ bench → soak. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
 never one ranked the same or higher. A new module must be given its place here.
 """
 
@@ -30,6 +30,7 @@ RANKS: dict[str, int] = {
     "f5_triton.gateway": 10,
     "f5_triton.cli": 11,
     "f5_triton.bench": 12,
+    "f5_triton.soak": 13,
 }
 
 

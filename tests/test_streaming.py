@@ -488,13 +488,19 @@ def test_server_admission_limit_refuses_with_unavailable(tiny_server, streamer, 
         # UNAVAILABLE on the server; a gRPC stream's error response carries only the message to the client
         with pytest.raises(InferenceServerException, match="server busy: 1 streams held, the limit is 1 generated "
                                                            "at once and 0 waiting; retry later"):
-            stream_with_times(server, ref_wave, "Refused.", nfe_steps=4)
+            stream_pieces(server, ref_wave, "Refused.", nfe_steps=4)
         first[0].join(300)
         assert not first[2]
         expected = streamed_alone(streamer, ref_wave, LONG_TEXT * 3, seed=51, nfe_steps=8)
         assert np.abs(np.concatenate(first[1]) - expected).max() <= 1e-4
-        pieces, _ = stream_with_times(server, ref_wave, "Accepted now.", nfe_steps=4)  # the retry succeeds
+        pieces = stream_pieces(server, ref_wave, "Accepted now.", nfe_steps=4)  # the retry succeeds
         assert sum(len(p) for p in pieces) > 0
+
+
+def stream_pieces(server, wave, target_text, **optional) -> list[np.ndarray]:
+    from f5_triton.client import stream_synthesize
+
+    return list(stream_synthesize(server.urls.grpc, wave, REF_TEXT, target_text, timeout=120, **optional))
 
 
 def check_streaming_rows(out_json, labels, concurrencies):
@@ -514,8 +520,8 @@ def test_benchmark_streaming_sweep_through_triton(streaming_server, tmp_path):
          streaming_server.urls.grpc, "--concurrency", "1,2", "--num-requests", "2", "--nfe", "2", "--passes", "2",
          "--label", "tiny", "--output-json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"tiny warm\s+2\s+2\s+\d+", result.stdout), result.stdout
-    check_streaming_rows(out, ["tiny cold", "tiny warm"], [1, 2])
+    assert re.search(r"tiny paragraphs pass2\s+2\s+2\s+\d+", result.stdout), result.stdout
+    check_streaming_rows(out, ["tiny paragraphs pass1", "tiny paragraphs pass2"], [1, 2])
 
 
 def test_benchmark_streaming_in_process(tiny_ckpt, tmp_path):
@@ -525,4 +531,4 @@ def test_benchmark_streaming_in_process(tiny_ckpt, tmp_path):
          str(tiny_ckpt), "--device", "cpu", "--concurrency", "2", "--num-requests", "2", "--nfe", "2",
          "--granularity", "chunk", "--output-json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    check_streaming_rows(out, ["chunk nfe2"], [2])
+    check_streaming_rows(out, ["chunk nfe2 paragraphs"], [2])
