@@ -150,9 +150,10 @@ for what in $WHAT; do
       ports="--http-port ${HTTP_PORT:-8000} --grpc-port ${GRPC_PORT:-8001} --metrics-port ${METRICS_PORT:-8002}"
       compared=0
       for granularity in ${GRANULARITIES:-step chunk}; do
+        # shellcheck disable=SC2086  # $PY and $REPO_ARGS: several words (e.g. REPO_ARGS="--graph-max-rows 2")
         $PY scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-$granularity" \
           --nfe "$NFE" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" \
-          --max-queue-size 256 --streaming-granularity "$granularity" --streaming-max-streams "${MAX_STREAMS:-32}" > /dev/null
+          --max-queue-size 256 --streaming-granularity "$granularity" --streaming-max-streams "${MAX_STREAMS:-32}" ${REPO_ARGS:-} > /dev/null
         # shellcheck disable=SC2086  # $ports: several words
         PYTHONPATH=$SERVER_PYTHONPATH $PY -m f5_triton.cli serve --model-repo "$OUT/repo-$granularity" $ports \
           --log-file "$OUT/tritonserver-$granularity.log" > "$OUT/server-$granularity.log" 2>&1 &
