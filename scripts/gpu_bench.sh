@@ -32,7 +32,7 @@ GRPC_PORT=${GRPC_PORT:-8001}
 wait_ready() {  # until the server is ready (models loaded and warmed up: compile, CUDA graphs); prints how long
   local start=$SECONDS
   for _ in $(seq 400); do
-    $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$HTTP_PORT/v2/health/ready')" 2>/dev/null && break
+    "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$HTTP_PORT/v2/health/ready')" 2>/dev/null && break
     if [ -n "${server:-}" ] && ! kill -0 "$server" 2>/dev/null; then echo "$1: the server exited"; return 1; fi
     sleep 1
   done
@@ -121,24 +121,24 @@ for what in $WHAT; do
       python3 scripts/plot_results.py "$OUT/multigpu.jsonl" --output "$OUT/multigpu.png" --title "Triton gRPC, $ARCH, NFE $NFE" ;;
     traffic-offline)
       # the server's warm-up first (its time is "ready"), then each set, each batch size, two passes
-      timeout "${TRAFFIC_OFFLINE_S:-300}" $PY benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" \
+      timeout "${TRAFFIC_OFFLINE_S:-300}" "$PY" benchmark.py --mode offline --random-weights "$ARCH" --nfe "$NFE" \
         --set uniform,mixed --batch-size "${TRAFFIC_BATCH_SIZES:-1,16}" --num-requests "${TRAFFIC_REQUESTS:-32}" \
         --passes 2 --compile --cuda-graphs --server-warmup --output-json "$OUT/traffic-offline.jsonl" 2>&1 \
         | grep -v -E "batch/s|it/s|[Ww]arn" | tee "$OUT/traffic-offline.log" ;;
     traffic-server)
       ckpt=$(mktemp -d)/ckpt
-      $PY scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder > /dev/null
-      $PY scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-traffic" --nfe "$NFE" \
+      "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder > /dev/null
+      "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-traffic" --nfe "$NFE" \
         --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
         --no-streaming > /dev/null
-      PYTHONPATH=$SERVER_PYTHONPATH $PY -m f5_triton.cli serve --model-repo "$OUT/repo-traffic" --http-port "$HTTP_PORT" \
+      PYTHONPATH=$SERVER_PYTHONPATH "$PY" -m f5_triton.cli serve --model-repo "$OUT/repo-traffic" --http-port "$HTTP_PORT" \
         --grpc-port "$GRPC_PORT" --metrics-port "${METRICS_PORT:-8002}" --log-file "$OUT/tritonserver-traffic.log" \
         > "$OUT/server-traffic.log" 2>&1 &
       server=$!
       wait_ready traffic | tee "$OUT/traffic-server.log"
       grep -E "warm-up|warmed up|covered" "$OUT/tritonserver-traffic.log" | tail -8 | tee -a "$OUT/traffic-server.log"
       # no --enable-warmup: the first pass is the first traffic after "ready"
-      $PY benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set uniform,mixed \
+      "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set uniform,mixed \
         --concurrency "${TRAFFIC_CONCURRENCY:-1,16,64}" --num-requests "${TRAFFIC_SERVER_REQUESTS:-64}" --passes 2 \
         --output-json "$OUT/traffic-server.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
       kill -TERM $server; wait $server ;;
@@ -146,25 +146,25 @@ for what in $WHAT; do
       ckpt=$(mktemp -d)/ckpt
       vocoder_flag=--full-vocoder
       [ "${FULL_VOCODER:-1}" = 0 ] && vocoder_flag=
-      $PY scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag
+      "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag
       ports="--http-port ${HTTP_PORT:-8000} --grpc-port ${GRPC_PORT:-8001} --metrics-port ${METRICS_PORT:-8002}"
       compared=0
       for granularity in ${GRANULARITIES:-step chunk}; do
-        # shellcheck disable=SC2086  # $PY and $REPO_ARGS: several words (e.g. REPO_ARGS="--graph-max-rows 2")
-        $PY scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-$granularity" \
+        # shellcheck disable=SC2086  # "$PY" and $REPO_ARGS: several words (e.g. REPO_ARGS="--graph-max-rows 2")
+        "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-$granularity" \
           --nfe "$NFE" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" \
           --max-queue-size 256 --streaming-granularity "$granularity" --streaming-max-streams "${MAX_STREAMS:-32}" ${REPO_ARGS:-} > /dev/null
         # shellcheck disable=SC2086  # $ports: several words
-        PYTHONPATH=$SERVER_PYTHONPATH $PY -m f5_triton.cli serve --model-repo "$OUT/repo-$granularity" $ports \
+        PYTHONPATH=$SERVER_PYTHONPATH "$PY" -m f5_triton.cli serve --model-repo "$OUT/repo-$granularity" $ports \
           --log-file "$OUT/tritonserver-$granularity.log" > "$OUT/server-$granularity.log" 2>&1 &
         server=$!
         wait_ready "$granularity" | tee -a "$OUT/stream_sweep.log"
-        $PY benchmark.py --mode server --streaming --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" \
+        "$PY" benchmark.py --mode server --streaming --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" \
           --concurrency "${STREAM_CONCURRENCY:-1,4,8,16,32}" --num-requests "${STREAM_REQUESTS:-32}" --passes 2 \
           --label "$granularity" --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" \
           | tee -a "$OUT/stream_sweep.log"
         if [ "$compared" = 0 ]; then  # the non-streaming model at 16 clients, same server: the throughput target's base
-          $PY benchmark.py --mode server --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" --concurrency "${COMPARE_CONCURRENCY:-16}" \
+          "$PY" benchmark.py --mode server --server-url "localhost:${GRPC_PORT:-8001}" --nfe "$NFE" --concurrency "${COMPARE_CONCURRENCY:-16}" \
             --num-requests "${STREAM_REQUESTS:-32}" --set paragraphs --enable-warmup --warmup 16 --label f5_tts \
             --output-json "$OUT/stream_sweep.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/stream_sweep.log"
           compared=1
