@@ -75,7 +75,7 @@ def parse_args(argv=None):
     stream.add_argument("--streaming", action="store_true",
                         help="stream each request (server: f5_tts_streaming; offline: the stream scheduler in "
                              "process, at --concurrency)")
-    stream.add_argument("--granularity", choices=["step", "chunk"], default="step", help="offline --streaming")
+    stream.add_argument("--granularity", choices=["step", "chunk"], default="chunk", help="offline --streaming")
     stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
     args = p.parse_args(argv)
     args.set = args.set or ("paragraphs" if args.streaming else "uniform")

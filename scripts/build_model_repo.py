@@ -46,7 +46,7 @@ def main() -> None:
                              "(default: on for gpu, off for cpu; trt: off, its vocoder is a tensorrt_plan model)")
     parser.add_argument("--graph-steps", type=int, default=8,
                         help="gpu target: ODE steps per CUDA-graph replay (requests cancel between replays); 0 = per step")
-    parser.add_argument("--graph-max-rows", type=int, default=8,
+    parser.add_argument("--graph-max-rows", type=int, default=2,
                         help="gpu target: DiT batches of more rows (2 per request) run without CUDA graphs")
     parser.add_argument("--fp8", action="store_true",
                         help="torch DiT engine: FP8 matrix multiplies in the transformer blocks (Hopper/Ada; not exact)")
@@ -54,7 +54,7 @@ def main() -> None:
                         help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
                              "targets)")
     parser.add_argument("--no-streaming", action="store_true", help="leave out the f5_tts_streaming model")
-    parser.add_argument("--streaming-granularity", choices=["step", "chunk"], default="step",
+    parser.add_argument("--streaming-granularity", choices=["step", "chunk"], default="chunk",
                         help="f5_tts_streaming: a new stream joins the batch at the next ODE step or the next chunk")
     parser.add_argument("--streaming-max-streams", type=int, default=16,
                         help="f5_tts_streaming: streams generated together per instance (more wait)")

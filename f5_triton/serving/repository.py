@@ -65,7 +65,7 @@ class RepositoryOptions:
     dit_engine_path: Path | None = None
     dit_compile: bool | None = None  # torch engine on GPU: torch.compile the DiT step (default on for gpu)
     dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
-    dit_graph_max_rows: int = 8  # with CUDA graphs: larger DiT batches (2 rows per request) run without graphs
+    dit_graph_max_rows: int = 2  # with CUDA graphs: larger DiT batches (2 rows per request) run packed, without graphs
     dit_fp8: bool = False  # torch engine: FP8 matrix multiplies in the DiT blocks (Hopper/Ada; not exact)
     dit_graph_steps: int = 8  # with CUDA graphs: ODE steps per graph replay (cancellation granularity); 0 = per step
     # flow matching runs synthetic batches at load (compile, graph captures) before the server reports ready;
@@ -86,7 +86,7 @@ class RepositoryOptions:
     limits: dict[str, str] = field(default_factory=dict)  # Limits overrides, e.g. {"max_text_bytes": "1000"}
     streaming: bool = True  # render f5_tts_streaming
     streaming_instances_per_device: int = 1  # each batches its streams (stream_scheduler), with its own DiT + vocoder
-    streaming_granularity: str = "step"  # streams join the batch at the next ODE "step" or the next "chunk"
+    streaming_granularity: str = "chunk"  # streams join the batch at the next "chunk" or the next ODE "step"
     streaming_max_streams: int = 16  # streams generated together per instance; more wait
     streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
     first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (sentence boundaries)

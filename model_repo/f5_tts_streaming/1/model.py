@@ -84,7 +84,7 @@ class TritonPythonModel:
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
         self.scheduler = StreamScheduler(
-            streamer, granularity=params.get("granularity", "step"), max_streams=int(params.get("max_streams", 16)),
+            streamer, granularity=params.get("granularity", "chunk"), max_streams=int(params.get("max_streams", 16)),
             max_queued=int(params.get("max_queued", 64))).start()
         self.metrics = metrics.Metrics(model)
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", DEFAULT_SAMPLING.sway_sampling_coef))
