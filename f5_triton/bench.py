@@ -392,6 +392,29 @@ def plot_runs(rows: list[dict], path: str | Path, title: str = "f5-triton") -> P
     return _save(fig, path)
 
 
+def plot_streaming(rows: list[dict], path: str | Path, title: str = "f5_tts_streaming") -> Path:
+    """Streaming sweeps (benchmark.py --streaming JSON rows), one line per label: time to first audio p90 and
+    streamed audio seconds per second against the number of concurrent streams."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (first, rate) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in sorted({r["label"] for r in rows}):
+        sweep = sorted((r for r in rows if r["label"] == label), key=lambda r: r["concurrency"])
+        streams = [r["concurrency"] for r in sweep]
+        first.plot(streams, [1000 * r["extra"]["first_audio_p90_s"] for r in sweep], marker="o", label=label)
+        rate.plot(streams, [r["throughput_audio_s_per_s"] for r in sweep], marker="o", label=label)
+    first.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="time to first audio, p90 (ms)")
+    rate.set(xscale="log", xlabel="concurrent streams", ylabel="streamed audio seconds per second")
+    for ax in (first, rate):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def gpu_time_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     """Mean milliseconds of `fn()` on the current CUDA stream, timed with CUDA events after `warmup` calls."""
     import torch

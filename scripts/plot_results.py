@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Bar chart of benchmark.py JSON rows (`--output-json`) from one or more runs, e.g. one GPU vs two.
+"""Bar chart of benchmark.py JSON rows (`--output-json`) from one or more runs, e.g. one GPU vs two; streaming
+rows (`--streaming`) as first-audio and throughput curves over the concurrency sweep.
 
     python scripts/plot_results.py bench_out/multigpu.jsonl --output multigpu.png
     python scripts/plot_results.py before.jsonl:" (before)" after.jsonl --output compare.png
@@ -10,7 +11,7 @@ A `file:suffix` argument appends the suffix to that file's labels.
 import argparse
 import json
 
-from f5_triton.bench import plot_runs
+from f5_triton.bench import plot_runs, plot_streaming
 
 
 def main() -> None:
@@ -24,7 +25,9 @@ def main() -> None:
         path, _, suffix = spec.partition(":")
         with open(path) as f:
             rows += [{**row, "label": row["label"] + suffix} for row in map(json.loads, filter(str.strip, f))]
-    print(f"plot: {plot_runs(rows, args.output, args.title)}")
+    streaming = [r for r in rows if "first_audio_p90_s" in (r.get("extra") or {})]
+    plot = plot_streaming(streaming, args.output, args.title) if streaming else plot_runs(rows, args.output, args.title)
+    print(f"plot: {plot}")
 
 
 if __name__ == "__main__":
