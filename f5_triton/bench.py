@@ -40,8 +40,6 @@ def add_engine_args(parser) -> None:
     group.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (timing only)")
     group.add_argument("--device", default=None, help="cuda when a GPU is visible, else cpu")
     group.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on GPU")
-    group.add_argument("--fp8", action="store_true",
-                       help="FP8 matrix multiplies in the DiT's transformer blocks (Hopper/Ada; not exact)")
     group.add_argument("--dit-engine", "--backend-type", dest="dit_engine", default="torch",
                        choices=["torch", "onnxruntime", "tensorrt", *ENGINE_ALIASES],
                        help="engine of the DiT step (upstream's names accepted: pytorch, trt)")
@@ -82,10 +80,10 @@ def tts_from_args(args):
         from f5_triton.cli import resolve_model_paths
 
         ckpt, vocab, vocoder_dir = resolve_model_paths(args)
-    tts = TTS.from_paths(ckpt, vocab, vocoder_dir, arch=args.arch, device=device, dtype=dtype, fp8=args.fp8,
+    tts = TTS.from_paths(ckpt, vocab, vocoder_dir, arch=args.arch, device=device, dtype=dtype,
                          engine=lambda model: make_dit_runner(model, dit),
                          vocoder_engine=lambda decoder: make_vocoder_runner(decoder, vocoder))
-    return tts, dtype_name + ("+fp8" if args.fp8 else "")
+    return tts, dtype_name
 
 
 @dataclass

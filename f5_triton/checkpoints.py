@@ -106,9 +106,8 @@ def resolve_architecture(ckpt_path: str | os.PathLike, arch: DiTConfig | str | N
 
 
 def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | str | None = None,
-             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, fp8: bool = False) -> DiT:
-    """Build the DiT for `ckpt_path` and load its weights strictly; `fp8`: FP8 matrix multiplies
-    (`DiT.use_fp8_gemms`, not exact; emulated off the GPU)."""
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
+    """Build the DiT for `ckpt_path` and load its weights strictly."""
     config = resolve_architecture(ckpt_path, arch).replace(text_num_embeds=vocab_size)
     weights = transformer_state_dict(read_raw_state_dict(ckpt_path))
     table = weights.get("text_embed.text_embed.weight")
@@ -124,7 +123,7 @@ def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | st
     model = model.to(device=device, dtype=dtype).eval()
     if torch.device(device).type == "cuda":
         model.fuse_projections().select_attention_kernels().use_gemm_epilogues()
-    return model.use_fp8_gemms() if fp8 else model
+    return model
 
 
 def find_checkpoint(folder: str | os.PathLike) -> Path:

@@ -311,13 +311,13 @@ class TTS:
     @classmethod
     def from_paths(cls, ckpt: str | Path, vocab: str | Path, vocoder: str | Path, *, arch=None,
                    device: str = "cpu", dtype: torch.dtype = torch.float32, engine=None, vocoder_engine=None,
-                   fp8: bool = False, **kwargs) -> "TTS":
+                   **kwargs) -> "TTS":
         """Load a checkpoint, its vocab and a Vocos folder; `engine(dit)` / `vocoder_engine(decoder)` wrap them."""
         from f5_triton.checkpoints import load_dit
         from f5_triton.vocoder import VocosDecoder, load_vocos
 
         tokenizer = text.Tokenizer(vocab)
-        model = load_dit(ckpt, tokenizer.vocab_size, arch=arch, device=device, dtype=dtype, fp8=fp8)
+        model = load_dit(ckpt, tokenizer.vocab_size, arch=arch, device=device, dtype=dtype)
         if engine is not None:
             model = engine(model)
         decoder = VocosDecoder(load_vocos(vocoder, device=device)).to(device).eval()

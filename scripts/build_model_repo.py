@@ -48,8 +48,6 @@ def main() -> None:
                         help="gpu target: ODE steps per CUDA-graph replay (requests cancel between replays); 0 = per step")
     parser.add_argument("--graph-max-rows", type=int, default=2,
                         help="gpu target: DiT batches of more rows (2 per request) run without CUDA graphs")
-    parser.add_argument("--fp8", action="store_true",
-                        help="torch DiT engine: FP8 matrix multiplies in the transformer blocks (Hopper/Ada; not exact)")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                         help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
                              "targets)")
@@ -74,7 +72,7 @@ def main() -> None:
             dit_engine_path=args.dit_engine_path, vocoder_engine=args.vocoder_engine,
             vocoder_engine_path=args.vocoder_engine_path, vocoder_plan=args.vocoder_plan,
             vocoder_in_flow=args.vocoder_in_flow,
-            dit_graph_steps=args.graph_steps, dit_graph_max_rows=args.graph_max_rows, dit_fp8=args.fp8,
+            dit_graph_steps=args.graph_steps, dit_graph_max_rows=args.graph_max_rows,
             warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback,
             streaming_granularity=args.streaming_granularity, streaming_max_streams=args.streaming_max_streams,
             streaming_max_queued=args.streaming_max_queued)

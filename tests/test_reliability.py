@@ -429,12 +429,16 @@ def test_a_cancelled_request_is_dropped_between_steps_and_its_batch_goes_on(serv
     before = rejected(server, "flow_matching")
 
     results: queue.Queue = queue.Queue()
+    idle = cpu_seconds(flow_stubs(server))
     with tritonclient.grpc.InferenceServerClient(server.urls.grpc) as client:
         doomed = client.async_infer("flow_matching", infer_inputs(tritonclient.grpc, long_job),
                                     callback=lambda result, error: results.put(("long", result, error)))
         client.async_infer("flow_matching", infer_inputs(tritonclient.grpc, short_job),
                            callback=lambda result, error: results.put(("short", result, error)))
-        time.sleep(1.0)  # both run in one batch by now (queue delay 0.2 s), for a few seconds
+        # both were sent within the batcher's 0.2 s queue delay: once a stub has computed for half a second
+        # they run as one batch, which the long job keeps busy for a few seconds more
+        wait_until(lambda: any(cpu > idle[pid] + 0.5 for pid, cpu in cpu_seconds(idle).items()),
+                   what="flow_matching starting the batch")
         doomed.cancel()
         answers = {name: (result, error) for name, result, error in (results.get(timeout=120) for _ in range(2))}
     assert answers["long"][0] is None  # the client saw its cancellation at once

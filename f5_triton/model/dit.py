@@ -324,7 +324,6 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.cudnn_masked = False  # set by DiT.select_attention_kernels: key_mask is then an additive bias
         self.packed_kernel = "per_sequence"  # set by DiT.select_attention_kernels (PACKED_ATTENTION_KERNELS)
-        self.qkv_fp8 = None  # set by DiT.use_fp8_gemms
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """t: [..., n, heads, dim_head]; cos, sin: [n, 1, dim_head]."""
@@ -344,7 +343,7 @@ class Attention(nn.Module):
     def _qkv(self, x, rope):
         """Normed, rotated q, k, v of x [..., n, dim], each [..., n, heads, dim_head]."""
         if hasattr(self, "qkv_weight"):
-            qkv = self.qkv_fp8(x) if self.qkv_fp8 is not None else F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
             q, k, v = qkv.unflatten(-1, (3, self.heads, self.dim_head)).unbind(-3)
         else:
             q, k, v = (proj(x).unflatten(-1, (self.heads, self.dim_head)) for proj in (self.to_q, self.to_k, self.to_v))
@@ -489,28 +488,7 @@ class DiT(nn.Module):
         """On CUDA: the feed-forward's GELU runs in its first GEMM's epilogue. CUDA only (elsewhere that op's GELU is
         the exact one, not upstream's tanh approximation)."""
         for block in self.transformer_blocks:
-            block.ff.gelu_epilogue = (enable and next(self.parameters()).is_cuda
-                                      and isinstance(block.ff.ff[0][0], nn.Linear))  # not after use_fp8_gemms
-        return self
-
-    def use_fp8_gemms(self) -> "DiT":
-        """FP8 matrix multiplies (`f5_triton.model.fp8`) for every block's q/k/v, output and feed-forward
-        linears, the bulk of the FLOPs. Not exact, opt-in, one way; call after loading weights and .to()."""
-        from f5_triton.model.fp8 import Fp8Linear, fp8_supported
-
-        device = next(self.parameters()).device
-        if not fp8_supported(device):
-            raise ValueError(f"FP8 matrix multiplies need compute capability 8.9 or later; {device} has "
-                             f"{torch.cuda.get_device_capability(device)}")
-        for block in self.transformer_blocks:
-            attn, ff = block.attn, block.ff
-            if not hasattr(attn, "qkv_weight"):
-                attn.fuse_projections()
-            attn.qkv_fp8 = Fp8Linear(attn.qkv_weight, attn.qkv_bias)
-            attn.to_out[0] = Fp8Linear.from_linear(attn.to_out[0])
-            ff.ff[0][0] = Fp8Linear.from_linear(ff.ff[0][0])
-            ff.ff[2] = Fp8Linear.from_linear(ff.ff[2])
-            ff.gelu_epilogue = False
+            block.ff.gelu_epilogue = enable and next(self.parameters()).is_cuda
         return self
 
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):

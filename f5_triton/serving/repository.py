@@ -66,7 +66,6 @@ class RepositoryOptions:
     dit_compile: bool | None = None  # torch engine on GPU: torch.compile the DiT step (default on for gpu)
     dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
     dit_graph_max_rows: int = 2  # with CUDA graphs: larger DiT batches (2 rows per request) run packed, without graphs
-    dit_fp8: bool = False  # torch engine: FP8 matrix multiplies in the DiT blocks (Hopper/Ada; not exact)
     dit_graph_steps: int = 8  # with CUDA graphs: ODE steps per graph replay (cancellation granularity); 0 = per step
     # flow matching runs synthetic batches at load (compile, graph captures) before the server reports ready;
     # default on for GPU targets, where otherwise the first requests wait minutes for torch.compile
@@ -219,7 +218,6 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                                                  else options.dit_cuda_graphs).lower(),
                           "dit_graph_steps": options.dit_graph_steps,
                           "dit_graph_max_rows": options.dit_graph_max_rows,
-                          "dit_fp8": str(options.dit_fp8).lower(),
                           "warmup_requests": options.max_batch_size if options.warmup else 0,
                           "warmup_nfe_steps": options.nfe_steps,
                           "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},

@@ -53,7 +53,7 @@ def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
 
     dtype = DTYPES[params.get("dtype", "fp32")] if device.startswith("cuda") else torch.float32
     model = load_dit(params["ckpt"], Tokenizer(params["vocab"]).vocab_size, arch=params.get("arch") or None,
-                     device=device, dtype=dtype, fp8=_bool(params.get("dit_fp8"), False))
+                     device=device, dtype=dtype)
     runner = make_dit_runner(model, engine_config(params, "dit", device))
     return FlowMatcher(runner, device=device, dtype=dtype)
 
