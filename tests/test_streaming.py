@@ -497,12 +497,6 @@ def test_server_admission_limit_refuses_with_unavailable(tiny_server, streamer, 
         assert sum(len(p) for p in pieces) > 0
 
 
-def stream_pieces(server, wave, target_text, **optional) -> list[np.ndarray]:
-    from f5_triton.client import stream_synthesize
-
-    return list(stream_synthesize(server.urls.grpc, wave, REF_TEXT, target_text, timeout=120, **optional))
-
-
 def check_streaming_rows(out_json, labels, concurrencies):
     rows = [json.loads(line) for line in out_json.read_text().splitlines()]
     assert [(r["label"], r["concurrency"]) for r in rows] == [(l, c) for l in labels for c in concurrencies]
