@@ -129,6 +129,20 @@ def test_conv_position_embedding_as_matmul_equals_conv():
             assert (module.forward_as_matmul(x, k) - module(x, k)).abs().max() < 1e-5
 
 
+def test_depthwise_conv_as_shifted_sums_equals_conv1d():
+    """The text blocks' depthwise convolution written as shifted multiply-adds equals nn.Conv1d (upstream's op)."""
+    from f5_triton.model.dit import depthwise_conv1d
+
+    torch.manual_seed(11)
+    conv = torch.nn.Conv1d(32, 32, kernel_size=7, padding=3, groups=32)
+    x = torch.randn(2, 41, 32)
+    with torch.no_grad():
+        expected = conv(x.transpose(1, 2)).transpose(1, 2)
+        assert (depthwise_conv1d(x, conv) - expected).abs().max() < 1e-5
+        half = depthwise_conv1d(x.bfloat16(), conv)  # accumulated in fp32: only the output's rounding
+        assert half.dtype == torch.bfloat16 and (half.float() - expected).abs().max() < 0.05
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cudnn_masked_attention_equals_the_key_bias_channel_on_gpu(dit):
     """select_attention_kernels swaps the key-bias channel for cuDNN's masked attention: same padded-batch output."""

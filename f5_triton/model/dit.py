@@ -65,6 +65,19 @@ class GRN(nn.Module):
         return self.gamma * (x * scaled) + self.beta + x
 
 
+def depthwise_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """`conv` (depthwise, stride 1, 'same' zero padding) on channels-last x [b, n, c]: k shifted multiply-adds,
+    accumulated in fp32. Written out because cuDNN builds a plan for every new (batch, length) of an fp16
+    depthwise convolution, which each request of a new length would wait for (docs/benchmarks.md)."""
+    k, pad, n = conv.kernel_size[0], conv.padding[0], x.shape[1]
+    padded = F.pad(x.float(), (0, 0, pad, pad))
+    weight = conv.weight.float()[:, 0, :]  # [c, k]
+    out = padded[:, :n] * weight[:, 0] + conv.bias.float()
+    for j in range(1, k):
+        out.addcmul_(padded[:, j:j + n], weight[:, j])
+    return out.to(x.dtype)
+
+
 class ConvNeXtV2Block(nn.Module):
     def __init__(self, dim: int, intermediate_dim: int):
         super().__init__()
@@ -77,7 +90,7 @@ class ConvNeXtV2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         residual = x
-        x = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
+        x = depthwise_conv1d(x, self.dwconv)
         x = self.act(self.pwconv1(self.norm(x)))
         x = x * valid  # GRN's norm spans the sequence: padded rows must not count
         x = self.pwconv2(self.grn(x))
