@@ -77,6 +77,8 @@ def parse_args(argv=None):
                              "process, at --concurrency)")
     stream.add_argument("--granularity", choices=["step", "chunk"], default="chunk", help="offline --streaming")
     stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
+    stream.add_argument("--first-chunk-steps", type=int, default=None,
+                        help="offline --streaming, step granularity: a first chunk's ODE steps per round")
     args = p.parse_args(argv)
     args.set = args.set or ("paragraphs" if args.streaming else "uniform")
     unknown = set(args.set.split(",")) - set(bench.BUILTIN_SETS)
@@ -259,7 +261,9 @@ def stream_opener(args):
 
     tts, _ = bench.tts_from_args(args)
     scheduler = StreamScheduler(StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder),
-                                granularity=args.granularity, max_streams=args.max_streams).start()
+                                granularity=args.granularity, max_streams=args.max_streams,
+                                **({} if args.first_chunk_steps is None else
+                                   {"first_chunk_steps": args.first_chunk_steps})).start()
 
     def open_in_process(i, item):
         request = validate_request(item.wave, item.reference_text, item.target_text, sample_rate=item.sample_rate,

@@ -211,7 +211,7 @@ class FlowMatcher:
 
     def advance(self, rows: list[Row]) -> None:
         """One ODE step of every row (each at its own step) in one DiT call."""
-        step_rows(self.model.step, rows)
+        step_rows(self.model, rows)
 
     def warm_up(self, max_requests: int, nfe_steps: int = DEFAULT_SAMPLING.nfe_steps, longest: int = 1200,
                 mel_dim: int = N_MELS, log: Callable[[str], None] | None = None,

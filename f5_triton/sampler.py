@@ -252,35 +252,39 @@ def split_rows(inputs: SamplingInputs) -> list[Row]:
 
 
 @torch.inference_mode()
-def step_rows(step, rows: Sequence[Row]) -> None:
+def step_rows(model, rows: Sequence[Row]) -> None:
     """One Euler step of every row in one DiT call, each row at its own time: `euler_solve`'s arithmetic.
 
-    step: the DiT's `step(x, cond, text_embed, time, mask)`. Rows are padded to the longest (masked);
-    conditional rows come first, then the unconditional rows of the guided ones.
+    model: the DiT or an engine runner. Conditional branches come first, then the unconditional ones of the
+    guided rows. Packed (no padding, one compiled graph for any rows) where the model's step takes a `Packing`
+    (`accepts_packed`), else padded to the longest row (masked).
     """
-    lengths = [row.x.shape[0] for row in rows]
-    longest = max(lengths)
-
-    def padded(tensors):
-        return torch.stack([torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for v in tensors])
-
     guided = [i for i, row in enumerate(rows) if row.cfg_strength is not None]
     branches = [(i, 0) for i in range(len(rows))] + [(i, 1) for i in guided]
-    x = padded([row.x for row in rows])
-    times = torch.stack([row.t[row.index] for row in rows]).to(x.device)
-    frames = torch.tensor(lengths, device=x.device)
-    mask = None if min(lengths) == longest else lens_to_mask(frames, longest)
-    members = torch.tensor([i for i, _ in branches], device=x.device)
-    out = step(x[members], padded([rows[i].step_cond[b] for i, b in branches]),
-               padded([rows[i].text_embed[b] for i, b in branches]), times[members],
-               None if mask is None else mask[members])
-    flow = out[: len(rows)]
-    if guided:
-        pred, null_pred = flow[guided], out[len(rows):]
-        cfg = torch.tensor([rows[i].cfg_strength for i in guided], device=x.device, dtype=x.dtype)
-        flow = flow.index_copy(0, torch.tensor(guided, device=x.device), pred + (pred - null_pred) * cfg[:, None, None])
-    dt = torch.stack([row.t[row.index + 1] - row.t[row.index] for row in rows]).to(x.device)
-    x = x + dt[:, None, None] * flow
-    for row, n, new in zip(rows, lengths, x):
-        row.x = new[:n]
+    members = [i for i, _ in branches]
+    device = rows[0].x.device
+    times = torch.stack([rows[i].t[rows[i].index] for i in members]).to(device)
+    if getattr(model, "accepts_packed", False):
+        out = model.step(torch.cat([rows[i].x for i in members]),
+                         torch.cat([rows[i].step_cond[b] for i, b in branches]),
+                         torch.cat([rows[i].text_embed[b] for i, b in branches]), times,
+                         Packing.of([rows[i].x.shape[0] for i in members], device))
+        flows = list(out.split([rows[i].x.shape[0] for i in members]))
+    else:
+        longest = max(row.x.shape[0] for row in rows)
+
+        def padded(tensors):
+            return torch.stack([torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for v in tensors])
+
+        frames = torch.tensor([rows[i].x.shape[0] for i in members], device=device)
+        mask = None if int(frames.min()) == longest else lens_to_mask(frames, longest)
+        out = model.step(padded([rows[i].x for i in members]), padded([rows[i].step_cond[b] for i, b in branches]),
+                         padded([rows[i].text_embed[b] for i, b in branches]), times, mask)
+        flows = [flow[:rows[i].x.shape[0]] for flow, i in zip(out, members)]
+    for i, row in enumerate(rows):
+        flow = flows[i]
+        if row.cfg_strength is not None:
+            null_flow = flows[len(rows) + guided.index(i)]
+            flow = flow + (flow - null_flow) * row.cfg_strength
+        row.x = row.x + (row.t[row.index + 1] - row.t[row.index]).to(device) * flow
         row.index += 1

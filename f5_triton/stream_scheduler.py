@@ -10,10 +10,12 @@
   3. the chunks that finished go through the vocoder in one call, and each stream gets its piece.
 
 Granularity "chunk": a round is one whole chunk (all NFE steps) of every stream; a new stream waits for the
-running round to end. Granularity "step": a round is one ODE step, rows at different steps share the DiT
-call (the DiT takes a time per row), so a new stream starts at the next step and a finished chunk is
-vocoded at once. Both give each stream exactly its audio alone (per-request noise and masked padding):
-the pieces are `StreamingSynthesizer.stream`'s.
+running round to end. Granularity "step": a round is one ODE step of every stream, rows at different steps
+sharing the (packed) DiT call (the DiT takes a time per row), so a new stream starts at the next step and a
+finished chunk is vocoded at once; streams still on their first chunk then take `first_chunk_steps - 1` more
+steps among themselves, so a newcomer's first audio comes that many times sooner while every other stream
+still advances each round. Both give each stream exactly its audio alone (per-request noise, no padding in
+any sequence-wide operation): the pieces are `StreamingSynthesizer.stream`'s.
 
 Hosts see a stream through a `StreamSink`; the Triton model `f5_tts_streaming` is one host, `stream` (an
 iterator of pieces) another, for the CLI, benchmarks and tests. Nothing here knows Triton.
@@ -30,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS
 from f5_triton.errors import ServerBusyError
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import Job, Prepared, generated
@@ -76,19 +79,21 @@ class StreamScheduler:
     """Runs many streams of one `StreamingSynthesizer` (its stages, settings and output cache) together.
 
     max_streams: streams generated at once; max_queued: streams waiting beyond them (more are refused with
-    `ServerBusyError`); max_rows: chunks per round at most (None: one per active stream).
+    `ServerBusyError`); max_rows: chunks per round at most (None: one per active stream); first_chunk_steps
+    (step granularity): ODE steps a first chunk takes per round, the others taking one.
     """
 
     def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = "chunk", max_streams: int = 16,
-                 max_queued: int = 64, max_rows: int | None = None):
+                 max_queued: int = 64, max_rows: int | None = None, first_chunk_steps: int = DEFAULT_FIRST_CHUNK_STEPS):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if max_streams < 1 or max_queued < 0 or (max_rows is not None and max_rows < 1):
-            raise ValueError(f"need max_streams >= 1, max_queued >= 0, max_rows >= 1 or None; got {max_streams}, "
-                             f"{max_queued}, {max_rows}")
+        if max_streams < 1 or max_queued < 0 or (max_rows is not None and max_rows < 1) or first_chunk_steps < 1:
+            raise ValueError(f"need max_streams >= 1, max_queued >= 0, max_rows >= 1 or None, first_chunk_steps >= 1;"
+                             f" got {max_streams}, {max_queued}, {max_rows}, {first_chunk_steps}")
         self.synthesizer = synthesizer
         self.granularity = granularity
         self.max_streams, self.max_queued, self.max_rows = max_streams, max_queued, max_rows
+        self.first_chunk_steps = first_chunk_steps
         self._waiting: deque[_Stream] = deque()
         self._active: list[_Stream] = []
         self._orders = itertools.count()
@@ -231,11 +236,22 @@ class StreamScheduler:
         return finished
 
     def _step_round(self, streams: list[_Stream]) -> list[tuple[_Stream, object]]:
-        """One ODE step of every stream's running chunk, starting the chunks of streams that have none."""
+        """One ODE step of every stream's running chunk (starting the chunks of streams that have none), then up to
+        `first_chunk_steps - 1` more of the first chunks still running."""
         starting = [stream for stream in streams if stream.row is None]
         if starting:
             for stream, row in zip(starting, self.synthesizer.flow_matching.start([s.job for s in starting])):
                 stream.row = row
+        finished = self._advance(streams)
+        for _ in range(self.first_chunk_steps - 1):
+            first = [stream for stream in streams if stream.row is not None and not stream.pieces.made]
+            if not first:
+                break
+            finished += self._advance(first)
+        return finished
+
+    def _advance(self, streams: list[_Stream]) -> list[tuple[_Stream, object]]:
+        """One ODE step of these streams' rows; the chunks that finished, as (stream, mel), their rows cleared."""
         self.synthesizer.flow_matching.advance([stream.row for stream in streams])
         finished = []
         for stream in streams:

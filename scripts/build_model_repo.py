@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from f5_triton.cli import add_model_args, resolve_model_paths
+from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS
 from f5_triton.errors import CheckpointError, InvalidInputError
 from f5_triton.serving.repository import TARGETS, RepositoryOptions, render
 
@@ -58,6 +59,9 @@ def main() -> None:
                         help="f5_tts_streaming: streams generated together per instance (more wait)")
     parser.add_argument("--streaming-max-queued", type=int, default=64,
                         help="f5_tts_streaming: streams waiting per instance; more are refused with UNAVAILABLE")
+    parser.add_argument("--streaming-first-chunk-steps", type=int, default=DEFAULT_FIRST_CHUNK_STEPS,
+                        help="f5_tts_streaming, step granularity: ODE steps a stream's first chunk takes per round "
+                             "(the other streams take one)")
     parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
     args = parser.parse_args()
     try:
@@ -75,7 +79,8 @@ def main() -> None:
             dit_graph_steps=args.graph_steps, dit_graph_max_rows=args.graph_max_rows,
             warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback,
             streaming_granularity=args.streaming_granularity, streaming_max_streams=args.streaming_max_streams,
-            streaming_max_queued=args.streaming_max_queued)
+            streaming_max_queued=args.streaming_max_queued,
+            streaming_first_chunk_steps=args.streaming_first_chunk_steps)
         out = render(options, args.output)
     except (ValueError, InvalidInputError, CheckpointError) as exc:
         sys.exit(f"error: {exc}")

@@ -10,6 +10,8 @@
 #   TRAFFIC_OFFLINE_S seconds, rows kept as measured), traffic-server. A dry run on the CPU:
 #   ARCH=tiny NFE=2 TARGET=cpu TRAFFIC_REQUESTS=4 TRAFFIC_CONCURRENCY=1,2 PY=.venv/bin/python \
 #     HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002 bash scripts/gpu_bench.sh traffic
+#   traffic-server with STREAM_CONCURRENCY (e.g. 1,8,16): f5_tts_streaming (GRANULARITY, default step) on the same
+#   server, its cold and warm passes after the traffic rows, then f5_tts at 16 on the same texts (the ratio's base).
 # stream_sweep (issue 18): f5_tts_streaming over gRPC at concurrency 1..32, both scheduler granularities, cold and
 #   warm passes, and f5_tts at concurrency 16 for the throughput ratio; on CPU with the tiny model first:
 #   TARGET=cpu ARCH=tiny FULL_VOCODER=0 NFE=2 STREAM_CONCURRENCY=1,2 STREAM_REQUESTS=2 bash scripts/gpu_bench.sh stream_sweep
@@ -128,19 +130,33 @@ for what in $WHAT; do
     traffic-server)
       ckpt=$(mktemp -d)/ckpt
       "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder > /dev/null
+      streaming_args=--no-streaming  # with STREAM_CONCURRENCY: f5_tts_streaming on the same server, measured after
+      [ -n "${STREAM_CONCURRENCY:-}" ] && streaming_args="--streaming-granularity ${GRANULARITY:-step} --streaming-max-streams ${MAX_STREAMS:-32}"
+      # shellcheck disable=SC2086  # $streaming_args, $REPO_ARGS: several words
       "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-traffic" --nfe "$NFE" \
         --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
-        --no-streaming > /dev/null
+        $streaming_args ${REPO_ARGS:-} > /dev/null
       PYTHONPATH=$SERVER_PYTHONPATH "$PY" -m f5_triton.cli serve --model-repo "$OUT/repo-traffic" --http-port "$HTTP_PORT" \
         --grpc-port "$GRPC_PORT" --metrics-port "${METRICS_PORT:-8002}" --log-file "$OUT/tritonserver-traffic.log" \
         > "$OUT/server-traffic.log" 2>&1 &
       server=$!
       wait_ready traffic | tee "$OUT/traffic-server.log"
       grep -E "warm-up|warmed up|covered" "$OUT/tritonserver-traffic.log" | tail -8 | tee -a "$OUT/traffic-server.log"
+      command -v nvidia-smi > /dev/null && echo "GPU memory used when ready: $(nvidia-smi --query-gpu=memory.used \
+        --format=csv,noheader -i 0)" | tee -a "$OUT/traffic-server.log"
       # no --enable-warmup: the first pass is the first traffic after "ready"
       "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set uniform,mixed \
         --concurrency "${TRAFFIC_CONCURRENCY:-1,16,64}" --num-requests "${TRAFFIC_SERVER_REQUESTS:-64}" --passes 2 \
         --output-json "$OUT/traffic-server.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
+      if [ -n "${STREAM_CONCURRENCY:-}" ]; then  # the streaming model's own first traffic, then f5_tts on its texts
+        "$PY" benchmark.py --mode server --streaming --server-url "localhost:$GRPC_PORT" --nfe "$NFE" \
+          --concurrency "$STREAM_CONCURRENCY" --num-requests "${STREAM_REQUESTS:-32}" --passes 2 \
+          --label "${GRANULARITY:-step}" --output-json "$OUT/traffic-stream.jsonl" 2>&1 \
+          | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
+        "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set paragraphs \
+          --concurrency "${COMPARE_CONCURRENCY:-16}" --num-requests "${STREAM_REQUESTS:-32}" --label f5_tts \
+          --output-json "$OUT/traffic-stream.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
+      fi
       kill -TERM $server; wait $server ;;
     stream_sweep)
       ckpt=$(mktemp -d)/ckpt

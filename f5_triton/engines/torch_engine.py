@@ -92,6 +92,11 @@ class TorchEngine:
                     f"{_reserved_mib(self.device) - memory:.0f} MiB more reserved on the GPU")
         return captured
 
+    @property
+    def accepts_packed(self) -> bool:
+        """Whether calls may pass a `Packing` in place of the mask: the DiT step's module takes one."""
+        return self.spec.batch_per_request == 2
+
     def packs(self, sequences: int) -> bool:
         """Whether a DiT step over `sequences` sequences should run packed: unless a CUDA graph covers it."""
         graphs = self.solver or self._graphs

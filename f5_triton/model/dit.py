@@ -471,6 +471,8 @@ class DiT(nn.Module):
         self.norm_out = AdaLayerNorm(dim, chunks=2)
         self.proj_out = nn.Linear(dim, mel_dim)
 
+    accepts_packed = True  # `step` takes a `Packing` in place of the mask
+
     def packs(self, sequences: int) -> bool:
         """Whether a step over `sequences` sequences should run packed (the sampler asks): always."""
         return True

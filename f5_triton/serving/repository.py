@@ -29,7 +29,7 @@ from pathlib import Path
 from string import Template
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
-from f5_triton.config import DEFAULT_SAMPLING, N_MELS
+from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS, DEFAULT_SAMPLING, N_MELS
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
@@ -88,6 +88,7 @@ class RepositoryOptions:
     streaming_granularity: str = "chunk"  # streams join the batch at the next "chunk" or the next ODE "step"
     streaming_max_streams: int = 16  # streams generated together per instance; more wait
     streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
+    streaming_first_chunk_steps: int = DEFAULT_FIRST_CHUNK_STEPS  # step granularity: a first chunk's steps per round
     first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (sentence boundaries)
     reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
     reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
@@ -238,7 +239,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "warmup_requests": options.streaming_max_streams if options.warmup else 0,
         "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
         "granularity": options.streaming_granularity, "max_streams": options.streaming_max_streams,
-        "max_queued": options.streaming_max_queued,
+        "max_queued": options.streaming_max_queued, "first_chunk_steps": options.streaming_first_chunk_steps,
         "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
     # vocode: flow_matching loads its own Vocoder (stages.load_flow_vocoder), with the vocoder model's engine settings

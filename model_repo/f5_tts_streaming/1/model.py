@@ -22,7 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
-from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
+from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS, DEFAULT_SAMPLING, SAMPLE_RATE
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS, validate_request
@@ -85,7 +85,8 @@ class TritonPythonModel:
             output_cache=output_cache)
         self.scheduler = StreamScheduler(
             streamer, granularity=params.get("granularity", "chunk"), max_streams=int(params.get("max_streams", 16)),
-            max_queued=int(params.get("max_queued", 64))).start()
+            max_queued=int(params.get("max_queued", 64)),
+            first_chunk_steps=int(params.get("first_chunk_steps", DEFAULT_FIRST_CHUNK_STEPS))).start()
         self.metrics = metrics.Metrics(model)
         self.sway_sampling_coef = float(params.get("sway_sampling_coef", DEFAULT_SAMPLING.sway_sampling_coef))
         self.default_nfe_steps = int(params.get("nfe_steps", DEFAULT_SAMPLING.nfe_steps))
