@@ -216,8 +216,8 @@ class FlowMatcher:
     def warm_up(self, max_requests: int, nfe_steps: int = DEFAULT_SAMPLING.nfe_steps, longest: int = 1200,
                 mel_dim: int = N_MELS, log: Callable[[str], None] | None = None,
                 max_frames: int | None = None) -> list[torch.Tensor | None]:
-        """Run synthetic batches once, so that `torch.compile` (a static then a dynamic-shape compile, padded and
-        packed) and the CUDA-graph captures happen before a server reports ready, not during its first requests.
+        """Run synthetic batches once, so that `torch.compile` (graphs for any length: padded, packed small and
+        packed large) and the CUDA-graph captures happen before a server reports ready, not during its first requests.
 
         Batches of 1, 2 (ragged: the masked path), `max_requests` and `max_requests - 1` jobs (packed when no
         graph covers them: two token counts, so the packed step compiles for any), of different lengths up to

@@ -66,26 +66,33 @@ for what in $WHAT; do
       # issue 22. redundancy: one vs two flow-matching instances on GPU 0, throughput at c16/c32 and GPU memory.
       # soak: 5 minutes of mixed load (GPU memory included). kill: 3 minutes, a flow process killed 60 s in.
       ckpt=$(mktemp -d)/ckpt
-      python3 scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder
+      "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder > /dev/null
       counts=${FLOW_INSTANCES:-2}
       [ "$what" = redundancy ] && counts="1 2"
       for n in $counts; do
-        python3 scripts/build_model_repo.py --target gpu --ckpt-dir "$ckpt" --output "$OUT/repo-flow$n" --nfe "$NFE" \
+        "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-flow$n" --nfe "$NFE" \
           --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
           --flow-instances "$n" --no-streaming > /dev/null
-        PYTHONPATH=$SERVER_PYTHONPATH python3 -m f5_triton.cli serve --model-repo "$OUT/repo-flow$n" \
+        PYTHONPATH=$SERVER_PYTHONPATH "$PY" -m f5_triton.cli serve --model-repo "$OUT/repo-flow$n" --http-port "$HTTP_PORT" \
+          --grpc-port "$GRPC_PORT" --metrics-port "${METRICS_PORT:-8002}" \
           --log-file "$OUT/tritonserver-$what-flow$n.log" > "$OUT/server-$what-flow$n.log" 2>&1 &
         server=$!
         wait_ready "$what flow instances=$n" | tee -a "$OUT/$what.log"
-        echo "flow instances=$n: GPU memory used after warm-up: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader -i 0)" \
+        command -v nvidia-smi > /dev/null && echo "flow instances=$n: GPU memory used after warm-up: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader -i 0)" \
+          "per process: $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | tr '\n' ';')" \
           | tee -a "$OUT/$what.log"
+        if [ "$what" = soak ]; then  # the first traffic after "ready" (cold), both sets, before the soak
+          "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set uniform,mixed --concurrency 16 \
+            --num-requests 64 --label "flow=$n" --output-json "$OUT/soak-traffic.jsonl" 2>&1 \
+            | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/$what.log"
+        fi
         case $what in
-          redundancy) python3 benchmark.py --mode server --server-url localhost:8001 --nfe "$NFE" --concurrency 16,32 \
+          redundancy) "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --concurrency 16,32 \
                         --num-requests 128 --enable-warmup --warmup 32 --label "flow=$n" --output-json "$OUT/redundancy.jsonl" 2>&1 \
                         | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/$what.log" ;;
-          soak) python3 scripts/soak.py --server-url localhost:8001 --minutes 5 --concurrency 16 --json "$OUT/soak.json" \
+          soak) "$PY" scripts/soak.py --server-url "localhost:$GRPC_PORT" --minutes "${SOAK_MINUTES:-5}" --concurrency 16 --json "$OUT/soak.json" \
                   --plot "$OUT/soak.png" > "$OUT/soak.txt" 2>&1; head -12 "$OUT/soak.txt" | tee -a "$OUT/$what.log" ;;
-          kill) python3 scripts/soak.py --server-url localhost:8001 --minutes 3 --concurrency 16 --kill-after 60 \
+          kill) "$PY" scripts/soak.py --server-url "localhost:$GRPC_PORT" --minutes 3 --concurrency 16 --kill-after 60 \
                   --json "$OUT/kill.json" --plot "$OUT/kill.png" > "$OUT/kill.txt" 2>&1; head -16 "$OUT/kill.txt" | tee -a "$OUT/$what.log" ;;
         esac
         kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT

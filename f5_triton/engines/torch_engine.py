@@ -66,8 +66,7 @@ class TorchEngine:
                         spec.name, self.device)
             return
         if config.compile:
-            # dynamic=None: the first new shape recompiles with symbolic sizes, so frames do not recompile forever
-            self._forward = torch.compile(self.module)
+            self._forward = _lengths_dynamic(torch.compile(self.module), spec)
         if config.cuda_graphs:
             self._graphs = _CudaGraphs(self._forward, spec, config.frame_buckets, config.graph_max_rows)
             if spec.batch_per_request == 2 and config.graph_steps > 0:  # the DiT step
@@ -120,6 +119,30 @@ class TorchEngine:
         with torch.inference_mode(), _on(self.device), _noting_compiles(
                 lambda: f"{self.spec.name}: packed, {packing.sequences} sequences, {packing.tokens} tokens"):
             return self._forward(*tensors, packing)
+
+
+def _lengths_dynamic(compiled: Callable[..., torch.Tensor], spec: NetworkSpec) -> Callable[..., torch.Tensor]:
+    """`compiled` with the lengths of every call marked dynamic: the frames axis of a padded call, the token and
+    sequence axes of a packed one. Otherwise torch.compile specializes its first graph of each kind on the warm-up
+    call's lengths, and the first request of another length compiles again while users wait (tens of seconds)."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    axes = [tensor.axis("frames") for tensor in spec.inputs]
+
+    def forward(*inputs):
+        if isinstance(inputs[-1], Packing):
+            packing = inputs[-1]
+            for tensor in (*inputs[:-1], packing.cu_seqlens, packing.sequence_ids, packing.positions,
+                           packing.gapped_index, packing.gapped_valid):
+                if tensor.ndim:
+                    maybe_mark_dynamic(tensor, 0)
+        else:
+            for tensor, axis in zip(inputs, axes):
+                if axis is not None and torch.is_tensor(tensor):
+                    maybe_mark_dynamic(tensor, axis)
+        return compiled(*inputs)
+
+    return forward
 
 
 def _reserved_mib(device: torch.device) -> float:
