@@ -36,6 +36,9 @@ FIELDS = {f.name: f for f in INPUTS}
 # died (it is reloaded by the launcher's watchdog): a restart, not a bug in the request.
 _DEAD_PROCESS = ("Stub process", "is not healthy")
 RETRY_BACKOFF_S = 0.5  # first retry after 0.5-1 s (jittered, so that refused clients do not return together)
+# After a model process died: Triton routes batches to the dead instance until the watchdog's first reload leaves it
+# out (seconds), so a quicker retry can meet the same dead process.
+RESTART_BACKOFF_S = 2.0
 
 
 class StreamInterrupted(RuntimeError):
@@ -69,9 +72,9 @@ def is_retriable(exc: BaseException) -> bool:
     return "UNAVAILABLE" in status or status == "503" or model_restarting(exc)
 
 
-def _retry_delay(deadline: float | None, backoff: float) -> float | None:
-    """Seconds to wait before the retry, or None when the caller's deadline leaves no room for one."""
-    delay = backoff * (1.0 + random.random())
+def _retry_delay(deadline: float | None, backoff: float, exc: BaseException) -> float | None:
+    """Seconds to wait before retrying after `exc`, or None when the caller's deadline leaves no room for it."""
+    delay = (max(backoff, RESTART_BACKOFF_S) if model_restarting(exc) else backoff) * (1.0 + random.random())
     if deadline is not None and time.monotonic() + delay >= deadline:
         return None
     return delay
@@ -127,7 +130,7 @@ def synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str
                 result = (client or own).infer(model, inputs, outputs=outputs, **kwargs)
                 return result.as_numpy("waveform").reshape(-1)
             except Exception as exc:
-                delay = _retry_delay(deadline, backoff) if attempt < retries and is_retriable(exc) else None
+                delay = _retry_delay(deadline, backoff, exc) if attempt < retries and is_retriable(exc) else None
                 if delay is None:
                     raise
             attempt += 1
@@ -162,7 +165,7 @@ def stream_synthesize(url: str, wave: np.ndarray, reference_text: str, target_te
         except Exception as exc:
             if pieces:
                 raise StreamInterrupted(model, pieces, exc) from exc
-            delay = _retry_delay(None, backoff) if attempt < retries and is_retriable(exc) else None
+            delay = _retry_delay(None, backoff, exc) if attempt < retries and is_retriable(exc) else None
             if delay is None:
                 raise
         time.sleep(delay)

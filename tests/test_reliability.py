@@ -619,7 +619,9 @@ def test_with_two_flow_instances_and_client_retries_nothing_fails(tiny_server, r
         expected = synthesize(srv, good_fields(ref_wave))
         assert sorted(flow_stubs(srv).values()) == ["flow_matching_cpu_0_0", "flow_matching_cpu_1_0"]
         stub, in_flight, arriving = kill_during_batch(srv, ref_wave, in_flight=4, arriving=4, retries=1)
-        assert all(isinstance(o, np.ndarray) for o in in_flight + arriving), in_flight + arriving
+        assert all(isinstance(o, np.ndarray) for o in in_flight + arriving), [
+            o.shape if isinstance(o, np.ndarray) else (type(o).__name__, getattr(o, "status", str)(),
+                                                        getattr(o, "message", str)()) for o in in_flight + arriving]
         for outcome in arriving:
             np.testing.assert_allclose(outcome, expected, atol=1e-4, rtol=0)
         assert len({o.shape for o in in_flight}) == 1
