@@ -121,7 +121,7 @@ def test_a_burst_beyond_the_queue_limit_is_refused_cleanly(server, tiny_tts, ref
     np.testing.assert_allclose(send(Clients(server), "http", args), served[0], atol=1e-4, rtol=0)
 
 
-SOAK_SECONDS = 150  # CI's short soak: the first minute settles (caches, allocator), the rest must stay flat
+SOAK_SECONDS = 120  # CI's short soak: the first minute settles (caches, allocator), the rest must stay flat
 
 
 def test_a_short_soak_has_no_failures_and_flat_memory(server, ref_wave, tmp_path):
@@ -133,7 +133,7 @@ def test_a_short_soak_has_no_failures_and_flat_memory(server, ref_wave, tmp_path
     summary = report.summary()
     print({k: summary[k] for k in ("requests", "failures", "p50_s", "p99_s", "rss_growth_after_first_minute")})
     assert not report.failures, summary["errors"]
-    assert [row["requests"] > 0 for row in report.per_minute()] == [True, True, True]
+    assert [row["requests"] > 0 for row in report.per_minute()] == [True, True]
     growth = report.growth()
     assert {"tritonserver", "flow_matching_cpu_0_0", "preprocess_0_0", "total"} <= set(growth)
     assert growth["total"] <= 0.10, growth  # the server with all its model processes
