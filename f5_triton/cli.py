@@ -76,7 +76,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from f5_triton.serving.launcher import TritonServer, run_forever
+    from f5_triton.supervisor.server import TritonServer
+    from f5_triton.supervisor.service import run_forever
 
     repo = Path(args.model_repo)
     if not repo.is_dir():

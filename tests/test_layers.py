@@ -26,7 +26,7 @@ RANKS: dict[str, int] = {
     "f5_triton.pipeline": 6,
     "f5_triton.streaming": 7,
     "f5_triton.stream_scheduler": 8,
-    "f5_triton.client": 9, "f5_triton.serving": 9,
+    "f5_triton.client": 9, "f5_triton.serving": 9, "f5_triton.supervisor": 9,
     "f5_triton.gateway": 10,
     "f5_triton.cli": 11,
     "f5_triton.bench": 12,

@@ -15,7 +15,7 @@ Besides the `f5_tts` ensemble and its steps, `f5_tts_streaming` (decoupled, one 
 chunk) is rendered unless `streaming=False`. Cache sizes of 0 turn the reference / output caches off.
 
 flow_matching's instances are one instance group each, told apart by a host-policy name of their own, so
-that the launcher's watchdog can replace a dead one alone (`launcher.StubWatchdog`): Triton keeps the
+that the supervisor's watchdog can replace a dead one alone (`supervisor.watchdog.StubWatchdog`): Triton keeps the
 others serving. A passive `standby` instance (it loads nothing) keeps the model valid while its last active
 instance is replaced, so that requests queue meanwhile instead of failing.
 """
