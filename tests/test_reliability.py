@@ -2,7 +2,7 @@
 field and the limit, and the server keeps serving everyone else.
 
 In process: the frame limit of a job, FlowMatcher dropping jobs between ODE steps, request-size
-limits, the launcher's flags. Against the real tritonserver (cpu target, tiny checkpoint): a table
+limits, the supervisor's flags. Against the real tritonserver (cpu target, tiny checkpoint): a table
 of malformed requests over HTTP and gRPC, good and bad requests sharing a dynamic batch, request
 cancellation and deadlines between ODE steps, NaN weights, an engine that fails to load, a
 python-backend stub killed mid-run, and the custom metrics on /metrics.
@@ -197,7 +197,7 @@ def test_request_size_limits_follow_the_request_limits():
     assert DEFAULT_LIMITS.max_request_bytes("json") > 5 * binary
 
 
-def test_launcher_passes_size_limits_where_the_binary_has_the_flags(tmp_path):
+def test_supervisor_passes_size_limits_where_the_binary_has_the_flags(tmp_path):
     from f5_triton.supervisor.install import TritonInstall
     from f5_triton.supervisor.server import TritonServer
 

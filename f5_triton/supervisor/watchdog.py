@@ -136,24 +136,36 @@ def _close(fd: int | None) -> None:
             pass
 
 
+def child_processes(parent: int) -> dict[int, tuple[str, str]]:
+    """The child processes of ``parent`` from /proc: pid -> (state, command name)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split at the last ')'
+            head, tail = stat.read_text().rsplit(")", 1)
+            state, ppid = tail.split()[:2]
+            if int(ppid) == parent:
+                children[int(stat.parent.name)] = (state, head.split("(", 1)[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return children
+
+
 def python_stubs(server_pid: int) -> dict[int, tuple[str, str | None]]:
     """Child processes of ``server_pid`` that are python-backend stubs: pid -> (state, model name).
 
     The model name is None for zombies, whose command line is gone.
     """
     stubs = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid, (state, comm) in child_processes(server_pid).items():
+        if not comm.startswith("triton_python"):
+            continue
         try:
-            # "pid (comm) state ppid ...": comm may hold spaces, so split at the last ')'
-            head, tail = stat.read_text().rsplit(")", 1)
-            state, ppid = tail.split()[:2]
-            if int(ppid) != server_pid or not head.split("(", 1)[1].startswith("triton_python"):
-                continue
-            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
             continue
         model = None
         if len(argv) > 1 and argv[1].endswith(b".py"):
             model = Path(os.fsdecode(argv[1])).parents[1].name
-        stubs[int(stat.parent.name)] = (state, model)
+        stubs[pid] = (state, model)
     return stubs
