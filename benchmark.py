@@ -37,7 +37,7 @@ from f5_triton.request import MODEL, STREAMING_MODEL
 
 
 def parse_args(argv=None):
-    from f5_triton.cli import add_model_args
+    from f5_triton.model_paths import add_model_args
 
     class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass

@@ -55,7 +55,7 @@ def add_engine_args(parser) -> None:
 
 
 def tts_from_args(args):
-    """(TTS, dtype name) for `add_engine_args` + `cli.add_model_args` options."""
+    """(TTS, dtype name) for `add_engine_args` + `model_paths.add_model_args` options."""
     import tempfile
 
     import torch
@@ -77,7 +77,7 @@ def tts_from_args(args):
                                         vocoder_small=False)
         ckpt, vocab, vocoder_dir = folder / "model.safetensors", folder / "vocab.txt", folder / "vocos"
     else:
-        from f5_triton.cli import resolve_model_paths
+        from f5_triton.model_paths import resolve_model_paths
 
         ckpt, vocab, vocoder_dir = resolve_model_paths(args)
     tts = TTS.from_paths(ckpt, vocab, vocoder_dir, arch=args.arch, device=device, dtype=dtype,

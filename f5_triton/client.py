@@ -33,7 +33,7 @@ WIRE_TYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
 FIELDS = {f.name: f for f in INPUTS}
 
 # tritonserver 2.51's python backend answers INTERNAL for the requests of an instance whose stub process
-# died (it is reloaded by the launcher's watchdog): a restart, not a bug in the request.
+# died (it is replaced by the supervisor's watchdog): a restart, not a bug in the request.
 _DEAD_PROCESS = ("Stub process", "is not healthy")
 RETRY_BACKOFF_S = 0.5  # first retry after 0.5-1 s (jittered, so that refused clients do not return together)
 

@@ -124,7 +124,7 @@ def wait_for_gateway(process: subprocess.Popen, port: int, timeout: float = 120)
 
 
 def free_ports(count: int) -> list[int]:
-    from f5_triton.serving.launcher import free_port
+    from f5_triton.supervisor.server import free_port
 
     ports: set[int] = set()
     while len(ports) < count:  # free_port() may hand out the same port twice

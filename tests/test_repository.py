@@ -152,7 +152,7 @@ def test_trt_target_needs_engines(tiny_ckpt):
 @pytest.mark.server
 def test_trt_repository_passes_tritonserver_config_parsing(tmp_path, tiny_ckpt, plans):
     """The bundled server has no TensorRT backend: every model must load or fail only for that reason."""
-    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.supervisor.server import TritonServer, free_port
 
     repo = render(RepositoryOptions(target="trt", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                     vocoder=tiny_ckpt / "vocos", dit_engine_path=plans[0], vocoder_plan=plans[1],
