@@ -128,3 +128,36 @@ class ModelPaths:
     vocoder: str
     arch: DiTConfig | None = None  # None: read model.yaml beside the checkpoint or infer from weights
     extra: dict = field(default_factory=dict)
+
+
+# Settings arrive as strings (Triton model-config parameters) or typed values (CLI flags): these read both.
+
+# Precision names of CLI flags and model parameters -> torch dtype attribute (`engines.base.torch_dtype`).
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def parse_bool(value, default: bool | None = None) -> bool:
+    """A setting as a bool: "true"/"1"/"yes"/"on" or "false"/"0"/"no"/"off"/"" (any case), or a bool. None (not
+    set) gives `default` when there is one; any other string raises ValueError."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ValueError(f"not a boolean: {value!r}")
+    return bool(value)
+
+
+def settings_from(params: dict[str, str], defaults, prefix: str = ""):
+    """`defaults` (a dataclass instance: `DEFAULT_LIMITS`, `DEFAULT_SAMPLING`) with every `<prefix><field>` of
+    `params` applied, each converted to its field's type."""
+    changes = {}
+    for f in dataclasses.fields(defaults):
+        value = params.get(prefix + f.name)
+        if value is not None:
+            kind = type(getattr(defaults, f.name))
+            changes[f.name] = parse_bool(value) if kind is bool else kind(value)
+    return dataclasses.replace(defaults, **changes)

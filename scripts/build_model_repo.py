@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from f5_triton.cli import add_model_args, resolve_model_paths
+from f5_triton.config import DEFAULT_SAMPLING, DTYPES
 from f5_triton.errors import CheckpointError, InvalidInputError
 from f5_triton.serving.repository import TARGETS, RepositoryOptions, render
 
@@ -19,8 +20,8 @@ def main() -> None:
     parser.add_argument("--target", required=True, choices=TARGETS)
     parser.add_argument("--output", required=True, help="repository folder to write (replaced)")
     add_model_args(parser)
-    parser.add_argument("--nfe", type=int, default=32, help="default ODE steps when a request sends none")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="GPU precision (default fp16)")
+    parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps, help="default ODE steps when a request sends none")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="GPU precision (default fp16)")
     parser.add_argument("--max-batch-size", type=int, help="flow-matching dynamic batch (default 4 cpu, 8 gpu)")
     parser.add_argument("--preferred-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--queue-delay-us", type=int, default=500,

@@ -25,6 +25,12 @@ from f5_triton.config import DiTConfig
 from f5_triton.model.packing import Packing
 
 
+def lens_to_mask(lens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """[b, length] bool, True where a position is inside its item's length (`length`: the longest by default)."""
+    length = int(lens.max()) if length is None else length
+    return torch.arange(length, device=lens.device)[None, :] < lens[:, None]
+
+
 def sinusoidal_embedding(time: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
     half_dim = dim // 2
     exponent = math.log(10000) / (half_dim - 1)
@@ -99,8 +105,7 @@ class TextEmbedding(nn.Module):
         """text: [b, nt] token ids with -1 as batch padding; seq_lens: [b] mel frames of each request."""
         text = text[:, :max_len] + 1  # filler/padding -1 -> 0; text longer than the audio is cut
         text = F.pad(text, (0, max_len - text.shape[1]), value=0)
-        positions = torch.arange(max_len, device=text.device)
-        valid = positions.unsqueeze(0) < seq_lens.to(text.device).unsqueeze(1)  # [b, n]
+        valid = lens_to_mask(seq_lens.to(text.device), max_len)  # [b, n]
         text = text.masked_fill(~valid, 0)
         keep = (text != 0) if self.mask_padding else valid
         keep = keep.unsqueeze(-1)
