@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Audio: Vocos mel-24khz features, as every released F5-TTS checkpoint uses.
 SAMPLE_RATE = 24_000
@@ -66,12 +66,6 @@ ARCHITECTURES: dict[str, DiTConfig] = {
     "tiny": DiTConfig(dim=64, depth=2, heads=2, dim_head=32, text_dim=32, conv_layers=1, text_num_embeds=256),
 }
 
-# Official checkpoint file names in SWivid/F5-TTS, per released architecture.
-OFFICIAL_CHECKPOINTS: dict[str, str] = {
-    "F5TTS_v1_Base": "F5TTS_v1_Base/model_1250000.safetensors",
-    "F5TTS_Base": "F5TTS_Base/model_1200000.safetensors",
-}
-
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -81,7 +75,6 @@ class SamplingConfig:
     cfg_strength: float = 2.0
     sway_sampling_coef: float = -1.0
     speed: float = 1.0
-    use_epss: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,16 +111,6 @@ DEFAULT_LIMITS = Limits()
 CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))
 DEFAULT_SAMPLING = SamplingConfig()
 
-
-@dataclass
-class ModelPaths:
-    """Where a loaded model comes from: a checkpoint, its vocab and a Vocos folder."""
-
-    ckpt: str
-    vocab: str
-    vocoder: str
-    arch: DiTConfig | None = None  # None: read model.yaml beside the checkpoint or infer from weights
-    extra: dict = field(default_factory=dict)
 
 
 # Settings arrive as strings (Triton model-config parameters) or typed values (CLI flags): these read both.
