@@ -47,7 +47,8 @@ def add_engine_args(parser) -> None:
     group.add_argument("--dit-engine-path", help=".onnx / .plan of the DiT step")
     group.add_argument("--vocoder-engine", default="torch", choices=ENGINE_KINDS)
     group.add_argument("--vocoder-engine-path", help=".onnx / .plan of the vocoder")
-    group.add_argument("--compile", dest="dit_compile", action="store_true", help="torch engine: torch.compile the DiT step")
+    group.add_argument("--compile", dest="dit_compile", action="store_true",
+                       help="torch engine: torch.compile the DiT step")
     group.add_argument("--cuda-graphs", dest="dit_cuda_graphs", action="store_true",
                        help="torch engine: CUDA graphs per frame bucket")
     group.add_argument("--graph-steps", dest="dit_graph_steps", type=int, default=EngineConfig.graph_steps,

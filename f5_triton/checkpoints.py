@@ -107,7 +107,8 @@ def resolve_architecture(ckpt_path: str | os.PathLike, arch: DiTConfig | str | N
 
 def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | str | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
-    """Build the DiT for `ckpt_path`, load its weights strictly and optimize it for `device` and `dtype` (`DiT.optimize_for`)."""
+    """Build the DiT for `ckpt_path`, load its weights strictly and optimize it for `device` and `dtype`
+    (`DiT.optimize_for`)."""
     config = resolve_architecture(ckpt_path, arch).replace(text_num_embeds=vocab_size)
     weights = transformer_state_dict(read_raw_state_dict(ckpt_path))
     table = weights.get("text_embed.text_embed.weight")

@@ -76,7 +76,8 @@ class Reference:
         return self.mel.numel() * self.mel.element_size() + len(self.text.encode("utf-8")) + 64
 
 
-Chunker = Callable[[str, int], list[str]]  # (target text, max bytes per chunk) -> chunks; offline: upstream's chunk_text
+# (target text, max bytes per chunk) -> chunks; offline: text.chunk_text, as upstream's infer_process
+Chunker = Callable[[str, int], list[str]]
 
 
 class Preprocessor:

@@ -20,7 +20,8 @@ def main() -> None:
     parser.add_argument("--target", required=True, choices=TARGETS)
     parser.add_argument("--output", required=True, help="repository folder to write (replaced)")
     add_model_args(parser)
-    parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps, help="default ODE steps when a request sends none")
+    parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps,
+                        help="default ODE steps when a request sends none")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="GPU precision (default fp16)")
     parser.add_argument("--max-batch-size", type=int, help="flow-matching dynamic batch (default 4 cpu, 8 gpu)")
     parser.add_argument("--preferred-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])

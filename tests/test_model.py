@@ -103,7 +103,8 @@ def test_fused_projections_are_upstreams_and_the_state_dict_round_trips():
     again.load_state_dict(state, strict=True)
     assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
     attn, theirs = model.transformer_blocks[0].attn, ref.transformer_blocks[0].attn
-    x, rope = torch.randn(2, 30, model.dim), (torch.ones(30, model.config.dim_head), torch.zeros(30, model.config.dim_head))
+    head = model.config.dim_head
+    x, rope = torch.randn(2, 30, model.dim), (torch.ones(30, head), torch.zeros(30, head))
     with torch.no_grad():
         fused = attn._qkv(x, rope)
         plain = [proj(x).unflatten(-1, (attn.heads, attn.dim_head)) for proj in (theirs.to_q, theirs.to_k, theirs.to_v)]
@@ -125,7 +126,7 @@ def test_fused_projections_start_as_three_linear_layers():
 
 
 def test_kernels_are_the_plain_path_off_the_gpu():
-    """Off the GPU `optimize_for` keeps the plain path (there the fused GELU op is the exact one, not upstream's tanh)."""
+    """Off the GPU `optimize_for` keeps the plain path (the fused GELU op there is the exact one, not the tanh one)."""
     from f5_triton.model.dit import Kernels
 
     model = random_dit(ARCHITECTURES["tiny"], seed=8)

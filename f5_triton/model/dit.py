@@ -384,7 +384,8 @@ class Attention(nn.Module):
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
     def forward_packed(self, x, rope, packing: Packing, kernel: str = "per_sequence"):
-        """x: [tokens, dim] packed; rope: cos, sin [tokens, dim_head] at each token's own position; kernel: `Kernels.packed`."""
+        """x: [tokens, dim] packed; rope: cos, sin [tokens, dim_head] at each token's own position;
+        kernel: `Kernels.packed`."""
         q, k, v = self._qkv(x, rope)
         out = packed_attention(q, k, v, packing, kernel)
         return self.to_out[0](out.flatten(1).to(x.dtype))
