@@ -340,7 +340,7 @@ class Attention(nn.Module):
         self.dim_head = dim_head
         self.pe_attn_head = pe_attn_head
         inner = heads * dim_head
-        projections = [nn.Linear(dim, inner) for _ in self.PROJECTIONS]  # initialised as upstream's, in its order
+        projections = [nn.Linear(dim, inner) for _ in self.PROJECTIONS]  # initialised as three layers, as before fusing
         self.qkv_weight = nn.Parameter(torch.cat([p.weight.detach() for p in projections]))
         self.qkv_bias = nn.Parameter(torch.cat([p.bias.detach() for p in projections]))
         if qk_norm is None:
