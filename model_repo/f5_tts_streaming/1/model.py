@@ -83,9 +83,9 @@ class TritonPythonModel:
             preprocess, flow_matcher, vocoder,
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
-        self.scheduler = StreamScheduler(
-            streamer, granularity=params.get("granularity", "chunk"), max_streams=int(params.get("max_streams", 16)),
-            max_queued=int(params.get("max_queued", 64))).start()
+        options = {name: kind(params[name]) for name, kind in (("granularity", str), ("max_streams", int),
+                                                               ("max_queued", int)) if name in params}
+        self.scheduler = StreamScheduler(streamer, **options).start()  # StreamScheduler's defaults otherwise
         self.metrics = metrics.Metrics(model)
         self.sampling = stages.sampling_from_params(params)
 
