@@ -111,6 +111,8 @@ def test_fused_projections_are_upstreams_and_the_state_dict_round_trips():
     assert all((a - b).abs().max() <= 1e-5 for a, b in zip(fused, plain))
     with pytest.raises(RuntimeError, match="to_q.weight"):
         DiT.from_config(model.config).load_state_dict({k: v for k, v in state.items() if "to_k." not in k})
+    live = model.state_dict(keep_vars=True)  # what tracers (the ONNX exporter) map parameters by
+    assert live["transformer_blocks.0.attn.qkv_weight"] is model.transformer_blocks[0].attn.qkv_weight
 
 
 def test_fused_projections_start_as_three_linear_layers():

@@ -353,10 +353,13 @@ class Attention(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """Upstream's layout: the fused weight as to_q, to_k, to_v (copies, so that checkpoint writers, which
-        refuse tensors sharing memory, take them)."""
+        refuse tensors sharing memory, take them). With `keep_vars` (the live parameters, as tracers and
+        exporters ask for them) the fused parameters themselves."""
+        if keep_vars:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, weight, bias in zip(self.PROJECTIONS, self.qkv_weight.chunk(3), self.qkv_bias.chunk(3)):
             for kind, value in (("weight", weight), ("bias", bias)):
-                destination[f"{prefix}{name}.{kind}"] = value if keep_vars else value.detach().clone()
+                destination[f"{prefix}{name}.{kind}"] = value.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Fuse upstream's to_q, to_k, to_v as they load (a state dict without them is left to the strict check)."""
