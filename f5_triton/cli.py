@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 from f5_triton.build import BuildError
+from f5_triton.config import DTYPES
 from f5_triton.errors import CheckpointError, InvalidInputError
 from f5_triton.model_paths import add_model_args, resolve_model_paths
 from f5_triton.supervisor.errors import TritonServerError
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def cmd_synth(args) -> int:
@@ -25,6 +24,7 @@ def cmd_synth(args) -> int:
     from f5_triton.audio import read_audio
     from f5_triton.checkpoints import is_random_checkpoint
     from f5_triton.config import SAMPLE_RATE
+    from f5_triton.engines import torch_dtype
     from f5_triton.pipeline import TTS
     from f5_triton.request import validate_request
 
@@ -37,7 +37,7 @@ def cmd_synth(args) -> int:
     request = validate_request(wave, args.ref_text, args.text, sample_rate=rate, nfe_steps=args.nfe,
                                cfg_strength=args.cfg, speed=args.speed, seed=args.seed)
     tts = TTS.from_paths(ckpt, vocab, vocoder, arch=args.arch, device=args.device,
-                         dtype=getattr(torch, DTYPES[args.dtype]))
+                         dtype=torch_dtype(args.dtype))
     start = time.perf_counter()
     out = tts.synthesize([request])[0]
     latency = time.perf_counter() - start

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import numpy as np
 
-from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
+from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE, parse_bool
 from f5_triton.request import INPUTS, MODEL, STREAM_OUTPUTS, STREAMING_MODEL
 
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_STRING": object}
@@ -212,7 +212,7 @@ def random_weights(client, model: str = MODEL) -> bool:
         parameters = {key: value.string_value for key, value in config.config.parameters.items()}
     else:
         parameters = {key: value.get("string_value") for key, value in config.get("parameters", {}).items()}
-    return parameters.get("random_weights") == "true"
+    return parse_bool(parameters.get("random_weights"), False)
 
 
 def server_message(exc: Exception) -> str:

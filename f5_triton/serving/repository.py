@@ -30,7 +30,7 @@ from pathlib import Path
 from string import Template
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
-from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS, DEFAULT_SAMPLING, N_MELS
+from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS, DEFAULT_SAMPLING, DTYPES, N_MELS
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
@@ -167,8 +167,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a rendered repository as command-line arguments (scripts/build_model_repo.py,
     `f5-triton build repository`); :func:`options_from_args` turns them into :class:`RepositoryOptions`."""
     parser.add_argument("--target", required=True, choices=TARGETS)
-    parser.add_argument("--nfe", type=int, default=32, help="default ODE steps when a request sends none")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="GPU precision (default fp16)")
+    parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps,
+                        help="default ODE steps when a request sends none")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="GPU precision (default fp16)")
     parser.add_argument("--max-batch-size", type=int, help="flow-matching dynamic batch (default 4 cpu, 8 gpu)")
     parser.add_argument("--preferred-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--queue-delay-us", type=int, default=500,
