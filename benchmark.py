@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from f5_triton import bench
 from f5_triton.client import default_url
-from f5_triton.config import SAMPLE_RATE
+from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
 from f5_triton.request import MODEL, STREAMING_MODEL
 
 
 def parse_args(argv=None):
-    from f5_triton.cli import add_model_args
+    from f5_triton.model_paths import add_model_args
 
     class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--enable-warmup", action="store_true", help="run warm-up requests first (not counted)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up batches/requests with --enable-warmup")
     p.add_argument("--nfe", type=int, default=16)
-    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--cfg", type=float, default=DEFAULT_SAMPLING.cfg_strength)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="", help="name of this configuration in the report")
     p.add_argument("--output-json", help="append results as JSON lines")

@@ -7,6 +7,9 @@
 #   bash run.sh test [pytest args]        the test suite (bash scripts/test.sh)
 #   bash run.sh stop                      stop the server stage 4 started (background or foreground)
 #
+# run.sh picks the stages; each is an f5-triton command of the package: `f5-triton build checkpoint|dit|
+# vocoder|repository` (stages 0-3, f5_triton/build.py), `f5-triton serve` (4), `f5-triton stop`.
+#
 # Stages
 #   0  checkpoints: download (scripts/download_models.py), or a random one with --random-weights
 #   1  DiT: export ONNX, build the TensorRT engine           (trt backend only)
@@ -26,7 +29,7 @@
 #   --random-weights      a tiny random checkpoint: runs the whole path offline, output is NOT speech
 #
 # Finished artifacts are reused: a step is skipped when its output exists, is newer than its
-# inputs and was made with the same settings. Relative paths in the variables below are taken
+# inputs and was made with the same settings (a stamp beside it; builds of one folder hold its lock). Relative paths in the variables below are taken
 # from the directory run.sh is called from; the defaults live in this checkout.
 #   CKPT_DIR      checkpoints (ckpts)              MODEL_DIR    one model's folder ($CKPT_DIR/<model>)
 #   BUILD_DIR     everything built (build):        ONNX_DIR     $BUILD_DIR/onnx/<model>
@@ -139,126 +142,7 @@ RANDOM_BANNER="
 ##  For real speech: bash run.sh serve $MODEL   (needs the published checkpoint)
 ################################################################################"
 
-# Batch sizes for TensorRT engines, which need them up front: the flow-matching batch of the
-# rendered repository (MAX_BATCH_SIZE, else the repository's GPU default) and its vocoder batch.
-engine_batches() {
-  "$PYTHON" -c "import sys; from f5_triton.serving.repository import RepositoryOptions as R
-o = R('gpu', '', '', '', max_batch_size=int(sys.argv[1]) or None); print(o.max_batch_size, o.vocoder_max_batch_size)" \
-    "${MAX_BATCH_SIZE:-0}"
-}
-
-# Engines run only on the GPU model and TensorRT version they were built with: cache them per both.
-engine_dir() {
-  local key
-  if [ -n "${ENGINE_DIR:-}" ]; then user_path "$ENGINE_DIR" ""; return; fi
-  key=$("$PYTHON" "$ROOT/scripts/engine_key.py") || die "cannot tell the GPU model for the engine cache (see above)"
-  printf '%s' "$ENGINE_ROOT/$LABEL/$key"
-}
-
-checkpoint_files() {  # newest official checkpoint (model_<step>.*) or the random one (model.*), and the vocab
-  local files=()
-  shopt -s nullglob
-  files=("$MODEL_DIR"/model_*.safetensors "$MODEL_DIR"/model_*.pt "$MODEL_DIR"/model.safetensors "$MODEL_DIR"/model.pt)
-  shopt -u nullglob
-  [ ${#files[@]} -gt 0 ] || return 1
-  printf '%s\n' "${files[@]}" | sort -V | tail -1
-  printf '%s\n' "$MODEL_DIR/vocab.txt"
-}
-
-# up_to_date OUTPUT SETTINGS INPUT...: OUTPUT exists, its stamp (OUTPUT.stamp) records SETTINGS and
-# nothing among the inputs (files or folders) changed since.
-up_to_date() {
-  local out=$1 settings=$2 stamp="$1.stamp" input
-  shift 2
-  [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$settings" ] || return 1
-  for input in "$@"; do
-    [ -e "$input" ] || return 1
-    if [ -d "$input" ]; then
-      [ -z "$(find "$input" -newer "$stamp" -print -quit)" ] || return 1
-    else
-      [ "$stamp" -nt "$input" ] || return 1
-    fi
-  done
-}
-
-# Serialize builds of one output folder (several pods may share an engine cache volume).
-lock_dir() { mkdir -p "$1"; if command -v flock >/dev/null 2>&1; then exec 9>"$1/.lock"; flock 9; fi; }
-unlock_dir() { if command -v flock >/dev/null 2>&1; then flock -u 9; exec 9>&-; fi; }
-
-# export_onnx NETWORK: ONNX_DIR/NETWORK$ONNX_SUFFIX.onnx from the checkpoint (fp16 or fp32), written atomically.
-export_onnx() {
-  local network=$1 out="$ONNX_DIR/$1$ONNX_SUFFIX.onnx" settings="export $1 $ENGINE_PRECISION" tmp file inputs=()
-  local fp16_args=()
-  [ "$ENGINE_PRECISION" = fp32 ] || fp16_args=(--fp16)
-  if [ "$network" = dit_step ]; then
-    mapfile -t inputs < <(checkpoint_files)
-    [ ${#inputs[@]} -gt 0 ] || die "no checkpoint in $MODEL_DIR; run stage 0"
-  else
-    inputs=("$(vocoder_folder)") || true
-    [ -n "${inputs[0]}" ] || die "no Vocos folder in or beside $MODEL_DIR; run stage 0"
-  fi
-  lock_dir "$ONNX_DIR"
-  if up_to_date "$out" "$settings" "${inputs[@]}"; then
-    say "$out is up to date"
-  else
-    tmp=$(mktemp -d "$ONNX_DIR/.tmp.XXXXXX")
-    "$PYTHON" scripts/export_onnx.py --ckpt-dir "$MODEL_DIR" "${ARCH_ARGS[@]}" --output-dir "$tmp" \
-      --networks "$network" "${fp16_args[@]}" || { rm -rf "$tmp"; die "ONNX export of $network failed"; }
-    # external-data files (if the exporter wrote any) first, the .onnx itself last
-    for file in "$tmp"/*; do
-      case "${file##*/}" in
-        "${out##*/}") ;;
-        export_info.json) mv -f "$file" "$ONNX_DIR/export_info.$network.json" ;;
-        *) mv -f "$file" "$ONNX_DIR/" ;;
-      esac
-    done
-    mv -f "$tmp/${out##*/}" "$out"
-    rm -rf "$tmp"
-    printf '%s' "$settings" > "$out.stamp"
-    say "wrote $out"
-  fi
-  unlock_dir
-}
-
-# build_engine NETWORK REQUESTS: ENGINE_DIR/NETWORK.plan from its ONNX file, written atomically.
-build_engine() {
-  local network=$1 requests=$2 dir=$ENGINE_DIR out settings tmp
-  out="$dir/$network.plan"
-  settings="--max-requests $requests --max-frames $MAX_FRAMES --workspace-gib $TRT_WORKSPACE_GIB"
-  [ -z "$ONNX_SUFFIX" ] || settings+=" --onnx-suffix $ONNX_SUFFIX"
-  lock_dir "$dir"
-  if up_to_date "$out" "$settings" "$ONNX_DIR/$network$ONNX_SUFFIX.onnx"; then
-    say "$out is up to date"
-  else
-    say "building the $network TensorRT engine (minutes; cached in $dir)"
-    tmp=$(mktemp -d "$dir/.tmp.XXXXXX")
-    # shellcheck disable=SC2086  # settings are words
-    "$PYTHON" scripts/build_engines.py --onnx-dir "$ONNX_DIR" --output-dir "$tmp" --networks "$network" \
-      --timing-cache "$dir/timing.cache" $settings || { rm -rf "$tmp"; die "TensorRT build of $network failed"; }
-    mv -f "$tmp/build_info.json" "$dir/build_info.$network.json"
-    mv -f "$tmp/$network.plan" "$out"
-    rm -rf "$tmp"
-    printf '%s' "$settings" > "$out.stamp"
-    say "wrote $out"
-  fi
-  unlock_dir
-}
-
-# The TensorRT flavour that built ENGINE_DIR's vocoder plan (tensorrt | tensorrt-rtx), from its build info.
-plan_flavour() {
-  local info="$ENGINE_DIR/build_info.vocoder.json"
-  if [ -f "$info" ]; then
-    "$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['vocoder']['flavour'])" "$info"
-  else printf '%s' tensorrt; fi
-}
-
-vocoder_folder() {
-  local candidate
-  for candidate in "$MODEL_DIR/vocos" "$MODEL_DIR/../vocos-mel-24khz" "$MODEL_DIR/vocos-mel-24khz"; do
-    if [ -d "$candidate" ]; then (cd "$candidate" && pwd); return; fi
-  done
-  return 1
-}
+f5() { "$PYTHON" -m f5_triton.cli "$@"; }  # the f5-triton command of this environment
 
 find_ref_audio() {  # REF_AUDIO, else the clip shipped in examples/ (REF_TEXT's default is its transcript)
   local ref
@@ -268,35 +152,23 @@ find_ref_audio() {  # REF_AUDIO, else the clip shipped in examples/ (REF_TEXT's 
 }
 
 server_pid() {  # the pid of the server stage 4 started (background or foreground), if it still runs
-  local pid
-  [ -f "$PID_FILE" ] || return 1
-  pid=$(cat "$PID_FILE")
-  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-  # a stale file's pid may have been reused by another program
-  if [ -r "/proc/$pid/cmdline" ]; then tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "f5_triton.cli serve" || return 1; fi
-  printf '%s' "$pid"
+  f5 status --pid-file "$PID_FILE" 2>/dev/null
 }
 
-stop_server() {
-  local pid child waited=0
-  if ! pid=$(server_pid); then say "no server running (pid file $PID_FILE)"; rm -f "$PID_FILE" "$SERVED_FILE"; return 0; fi
-  say "stopping the server (pid $pid): in-flight requests finish first"
-  kill -TERM "$pid"
-  while kill -0 "$pid" 2>/dev/null; do
-    sleep 1; waited=$((waited + 1))
-    if [ "$waited" -ge 90 ]; then
-      say "still running after ${waited}s, killing it"
-      # tritonserver runs in its own process group (a child of f5-triton serve): kill that group too
-      for child in $(pgrep -P "$pid" 2>/dev/null || true); do kill -KILL -- "-$child" 2>/dev/null || true; done
-      kill -KILL "$pid" 2>/dev/null || true
-      break
-    fi
-  done
-  rm -f "$PID_FILE" "$SERVED_FILE"
-  say "server stopped"
-}
+# The interpreter: PYTHON, else this checkout's .venv, else a python3 that has the package (as in the
+# container image); on a fresh checkout, create .venv first (scripts/setup_env.sh: needs PyPI).
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python
+  elif python3 -c "import torch, tritonclient, f5_triton.serving.repository" >/dev/null 2>&1; then PYTHON=python3
+  elif [ "$COMMAND" = stop ]; then die "no Python environment with f5-triton (set PYTHON): no server of this checkout runs"
+  else
+    say "no Python environment with f5-triton yet: creating .venv (bash scripts/setup_env.sh, a few minutes)"
+    bash "$ROOT/scripts/setup_env.sh" || die "could not create .venv; install the package yourself (pip install -e '.[onnx,serve,gateway]') and set PYTHON"
+    PYTHON=$ROOT/.venv/bin/python
+  fi
+fi
 
-if [ "$COMMAND" = stop ]; then stop_server; exit 0; fi
+if [ "$COMMAND" = stop ]; then f5 stop --pid-file "$PID_FILE"; exit; fi
 
 # Client tests alone (stages 5-6) with no model named talk to the running server: name what it serves.
 if [ "$START" -ge 5 ] && [ -z "$MODEL_GIVEN" ] && [ "$RANDOM_WEIGHTS" = 0 ] && server_pid >/dev/null \
@@ -305,139 +177,66 @@ if [ "$START" -ge 5 ] && [ -z "$MODEL_GIVEN" ] && [ "$RANDOM_WEIGHTS" = 0 ] && s
   [ "$RANDOM_WEIGHTS" = 1 ] || MODEL=$LABEL
 fi
 
-# The interpreter: PYTHON, else this checkout's .venv, else a python3 that has the package (as in the
-# container image); on a fresh checkout, create .venv first (scripts/setup_env.sh: needs PyPI).
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python
-  elif python3 -c "import torch, tritonclient, f5_triton.serving.repository" >/dev/null 2>&1; then PYTHON=python3
-  else
-    say "no Python environment with f5-triton yet: creating .venv (bash scripts/setup_env.sh, a few minutes)"
-    bash "$ROOT/scripts/setup_env.sh" || die "could not create .venv; install the package yourself (pip install -e '.[onnx,serve,gateway]') and set PYTHON"
-    PYTHON=$ROOT/.venv/bin/python
-  fi
-fi
-
-have_gpu() {
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then return 0; fi
-  [ -e /etc/nv_tegra_release ]  # Jetson: nvidia-smi may be missing, the iGPU is there
-}
-
-if [ "$BACKEND" = auto ]; then
-  if have_gpu && "$PYTHON" -c "import sys; from f5_triton.engines.tensorrt_engine import runs_here
-sys.exit(not runs_here())" >/dev/null 2>&1; then BACKEND=trt
-  else BACKEND=torch; fi
-fi
-# Plans take their precision from the ONNX file they are built from: the fp16 export unless DTYPE=fp32.
-if [ "${DTYPE:-}" = fp32 ]; then ENGINE_PRECISION=fp32 ONNX_SUFFIX=""; else ENGINE_PRECISION=fp16 ONNX_SUFFIX=.fp16; fi
-if [ -z "$TARGET" ]; then
-  if [ "$BACKEND" = trt ] || have_gpu; then TARGET=gpu; else TARGET=cpu; fi
-fi
-[ "$BACKEND" != trt ] || [ "$TARGET" = gpu ] || die "the trt backend runs on a GPU; use --backend torch for --target cpu"
-
-# The architecture comes from model.yaml beside a checkpoint (random ones have it), else from the name.
+# Backend and target: given, or what this machine runs (trt when a GPU and a TensorRT that runs on it are
+# present). The architecture comes from model.yaml beside a checkpoint (random ones have it), else from the name.
 ARCH_ARGS=()
+model_check=()
 if [ "$RANDOM_WEIGHTS" = 0 ]; then
-  "$PYTHON" -c "import sys; from f5_triton.config import ARCHITECTURES as A; sys.exit(sys.argv[1] not in A)" "$MODEL" \
-    || die "unknown model '$MODEL': F5TTS_v1_Base, F5TTS_Base, F5TTS_v1_Small or F5TTS_Small"
+  model_check=(--model "$MODEL")
   [ -f "$MODEL_DIR/model.yaml" ] || ARCH_ARGS=(--arch "$MODEL")
 fi
+chosen=$(f5 build backend --backend "$BACKEND" --target "$TARGET" "${model_check[@]}") || exit 1
+read -r BACKEND TARGET <<< "$chosen"
 
 run_stage() { [ "$START" -le "$1" ] && [ "$STOP" -ge "$1" ]; }
 
 say "stages $START-$STOP, model $LABEL, backend $BACKEND, target $TARGET"
 if [ "$TARGET" = gpu ] && { { [ "$BACKEND" = trt ] && { run_stage 1 || run_stage 2 || run_stage 3; }; } || run_stage 7; }; then
-  ENGINE_DIR=$(engine_dir)
-  batches=$(engine_batches)
-  read -r FLOW_BATCH VOCODER_BATCH <<< "$batches"
+  # Engines run only on the GPU model and TensorRT version they were built with: cached per both.
+  if [ -n "${ENGINE_DIR:-}" ]; then ENGINE_DIR=$(user_path "$ENGINE_DIR" "")
+  else ENGINE_DIR=$(f5 build engine-dir --engine-root "$ENGINE_ROOT" --label "$LABEL") || exit 1; fi
 fi
 [ "$RANDOM_WEIGHTS" = 0 ] || printf '%s\n' "$RANDOM_BANNER"
+
+# What stages 1-3 are built from and with (f5-triton build: each output is remade only when stale).
+build_args=(--model-dir "$MODEL_DIR" "${ARCH_ARGS[@]}")
+[ -z "${MAX_BATCH_SIZE:-}" ] || build_args+=(--max-batch-size "$MAX_BATCH_SIZE")
+[ -z "${DTYPE:-}" ] || build_args+=(--dtype "$DTYPE")
 
 # ---------------------------------------------------------------------------------------------
 # 0: checkpoints
 
 if run_stage 0; then
-  if checkpoint_files >/dev/null && [ -f "$MODEL_DIR/vocab.txt" ] && vocoder_folder >/dev/null; then
-    say "stage 0: checkpoint found in $MODEL_DIR"
-  elif [ "$RANDOM_WEIGHTS" = 1 ]; then
-    say "stage 0: writing a random '$RANDOM_ARCH' checkpoint to $MODEL_DIR (NOT speech)"
-    "$PYTHON" scripts/make_random_checkpoint.py --config "$RANDOM_ARCH" --output "$MODEL_DIR"
-  else
-    [ "$MODEL_DIR" = "$CKPT_DIR/$MODEL" ] || die "MODEL_DIR=$MODEL_DIR holds no checkpoint (model_*.safetensors|pt, vocab.txt, Vocos)"
-    if ! { [ -d "$CKPT_DIR" ] && [ -w "$CKPT_DIR" ]; } && ! { [ ! -e "$CKPT_DIR" ] && [ -w "$(dirname "$CKPT_DIR")" ]; }; then
-      die "no checkpoint in $MODEL_DIR, and $CKPT_DIR is not writable (a read-only mount?): nothing can be
-  downloaded there. Download first (Docker: docker compose --profile download run --rm download),
-  or mount it writable, or point MODEL_DIR at a folder with the checkpoint"
-    fi
-    say "stage 0: downloading $MODEL and Vocos into $CKPT_DIR"
-    "$PYTHON" scripts/download_models.py --model "$MODEL" --output "$CKPT_DIR" || die "no checkpoint for $MODEL.
-  Without network, put the published files in place and run again:
-    $CKPT_DIR/$MODEL/model_<step>.safetensors and vocab.txt   (huggingface.co/SWivid/F5-TTS)
-    $CKPT_DIR/vocos-mel-24khz/config.yaml and pytorch_model.bin (huggingface.co/charactr/vocos-mel-24khz)
-  or point MODEL_DIR at a folder that has them (Vocos in MODEL_DIR/vocos/ or beside it).
-  To try the whole path without any download: bash run.sh serve --random-weights (output is noise, not speech)"
-  fi
+  say "stage 0: checkpoint"
+  random_args=()
+  [ "$RANDOM_WEIGHTS" = 0 ] || random_args=(--random-weights)
+  f5 build checkpoint --model "$MODEL" --ckpt-dir "$CKPT_DIR" --model-dir "$MODEL_DIR" "${random_args[@]}" || exit 1
 fi
 
 # ---------------------------------------------------------------------------------------------
 # 1-2: TensorRT engines (GPU-specific: built on the serving GPU, cached per GPU model)
 
-if run_stage 1; then
-  if [ "$BACKEND" = trt ]; then
-    say "stage 1: DiT ONNX + TensorRT engine"
-    export_onnx dit_step
-    build_engine dit_step "$FLOW_BATCH"
-  else
-    say "stage 1: skipped (backend $BACKEND needs no engine)"
-  fi
-fi
+engine_stage() {  # engine_stage STAGE NETWORK
+  if [ "$BACKEND" != trt ]; then say "stage $1: skipped (backend $BACKEND needs no engine)"; return; fi
+  say "stage $1: $2 ONNX + TensorRT engine"
+  f5 build "$2" "${build_args[@]}" --onnx-dir "$ONNX_DIR" --engine-dir "$ENGINE_DIR" --max-frames "$MAX_FRAMES" \
+    --workspace-gib "$TRT_WORKSPACE_GIB" || exit 1
+}
 
-if run_stage 2; then
-  if [ "$BACKEND" = trt ]; then
-    say "stage 2: vocoder ONNX + TensorRT engine"
-    export_onnx vocoder
-    build_engine vocoder "$VOCODER_BATCH"
-  else
-    say "stage 2: skipped (backend $BACKEND needs no engine)"
-  fi
-fi
+if run_stage 1; then engine_stage 1 dit; fi
+if run_stage 2; then engine_stage 2 vocoder; fi
 
 # ---------------------------------------------------------------------------------------------
 # 3: model repository
 
 if run_stage 3; then
-  mapfile -t ckpt_inputs < <(checkpoint_files) || true
-  [ ${#ckpt_inputs[@]} -gt 0 ] || die "no checkpoint in $MODEL_DIR; run stage 0 (bash run.sh 0 0 $MODEL)"
-  repo_args=(--ckpt-dir "$MODEL_DIR" "${ARCH_ARGS[@]}")
-  inputs=("${ckpt_inputs[@]}" "$ROOT/model_repo" "$ROOT/f5_triton/serving/repository.py")
-  if [ "$BACKEND" = trt ] && [ "$(plan_flavour)" = tensorrt-rtx ]; then
-    # Triton's TensorRT backend (the image's libnvinfer) cannot load TensorRT-RTX plans: both run in python models
-    repo_args+=(--target gpu --max-batch-size "$FLOW_BATCH" --dit-engine tensorrt
-                --dit-engine-path "$ENGINE_DIR/dit_step.plan" --vocoder-engine tensorrt
-                --vocoder-engine-path "$ENGINE_DIR/vocoder.plan")
-    inputs+=("$ENGINE_DIR/dit_step.plan" "$ENGINE_DIR/vocoder.plan")
-  elif [ "$BACKEND" = trt ]; then
-    repo_args+=(--target trt --max-batch-size "$FLOW_BATCH" --dit-engine-path "$ENGINE_DIR/dit_step.plan"
-                --vocoder-plan "$ENGINE_DIR/vocoder.plan")
-    inputs+=("$ENGINE_DIR/dit_step.plan" "$ENGINE_DIR/vocoder.plan")
-  else
-    repo_args+=(--target "$TARGET")
-    [ -z "${MAX_BATCH_SIZE:-}" ] || repo_args+=(--max-batch-size "$MAX_BATCH_SIZE")
-  fi
+  say "stage 3: model repository"
+  repo_args=(--output "$MODEL_REPO" --backend "$BACKEND" --target "$TARGET" --repo-args="${REPO_ARGS:-}")
+  [ "$BACKEND" != trt ] || repo_args+=(--engine-dir "$ENGINE_DIR")
   [ -z "${NFE:-}" ] || repo_args+=(--nfe "$NFE")
-  [ -z "${DTYPE:-}" ] || repo_args+=(--dtype "$DTYPE")
   [ -z "${GPUS:-}" ] || repo_args+=(--gpus "$GPUS")
   [ -z "${FLOW_INSTANCES:-}" ] || repo_args+=(--flow-instances "$FLOW_INSTANCES")
-  # shellcheck disable=SC2206  # REPO_ARGS: extra build_model_repo.py arguments, split on spaces
-  [ -z "${REPO_ARGS:-}" ] || repo_args+=(${REPO_ARGS})
-  if up_to_date "$MODEL_REPO" "${repo_args[*]}" "${inputs[@]}"; then
-    say "stage 3: $MODEL_REPO is up to date"
-  else
-    say "stage 3: rendering the model repository at $MODEL_REPO"
-    mkdir -p "$(dirname "$MODEL_REPO")"
-    rm -f "$MODEL_REPO.stamp"
-    "$PYTHON" scripts/build_model_repo.py --output "$MODEL_REPO" "${repo_args[@]}"
-    printf '%s' "${repo_args[*]}" > "$MODEL_REPO.stamp"
-  fi
+  f5 build repository "${build_args[@]}" "${repo_args[@]}" || exit 1
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -445,10 +244,9 @@ fi
 
 if run_stage 4; then
   [ -d "$MODEL_REPO" ] || die "no model repository at $MODEL_REPO; run stage 3 first"
-  mkdir -p "$LOG_DIR" "$(dirname "$TRITON_LOG")" "$(dirname "$SERVER_LOG")" "$(dirname "$PID_FILE")"
-  serve=("$PYTHON" -m f5_triton.cli serve --model-repo "$MODEL_REPO" --http-port "$HTTP_PORT"
-         --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --log-file "$TRITON_LOG"
-         --ready-timeout "$READY_TIMEOUT")
+  mkdir -p "$LOG_DIR" "$(dirname "$TRITON_LOG")" "$(dirname "$SERVER_LOG")"
+  serve=(serve --model-repo "$MODEL_REPO" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT"
+         --metrics-port "$METRICS_PORT" --log-file "$TRITON_LOG" --ready-timeout "$READY_TIMEOUT" --pid-file "$PID_FILE")
   # Later stages need the prompt back: then the server goes to the background unless told otherwise.
   if [ -n "${SERVE_DETACH:-}" ]; then detach=$SERVE_DETACH
   elif [ "$STOP" -gt 4 ]; then detach=1
@@ -463,31 +261,15 @@ if run_stage 4; then
       [ "$RANDOM_WEIGHTS" = 0 ] || printf '%s\n' "$RANDOM_BANNER"
     } > "$TRITON_LOG"
     say "stage 4: starting the server (tritonserver log: $TRITON_LOG)"
+    mkdir -p "$(dirname "$PID_FILE")"
     printf '%s %s\n' "$LABEL" "$RANDOM_WEIGHTS" > "$SERVED_FILE"
-    if [ "$detach" != 1 ]; then  # foreground: signals (Ctrl-C, docker stop) reach the server; `stop` too
-      echo "$$" > "$PID_FILE"
-      exec "${serve[@]}"
-    fi
+    # foreground: signals (Ctrl-C, docker stop) and `bash run.sh stop` reach f5-triton serve itself
+    [ "$detach" = 1 ] || exec "$PYTHON" -m f5_triton.cli "${serve[@]}"
     : > "$SERVER_LOG"
     [ "$RANDOM_WEIGHTS" = 0 ] || printf '%s\n' "$RANDOM_BANNER" >> "$SERVER_LOG"
-    if command -v setsid >/dev/null 2>&1; then starter=(setsid); else starter=(nohup); fi
-    "${starter[@]}" "${serve[@]}" >> "$SERVER_LOG" 2>&1 < /dev/null &
-    pid=$!
-    echo "$pid" > "$PID_FILE"
-    waited=0
-    until grep -q "f5-triton: server ready" "$SERVER_LOG"; do
-      if ! kill -0 "$pid" 2>/dev/null; then
-        rm -f "$PID_FILE"
-        tail -n 40 "$SERVER_LOG" >&2
-        die "the server exited before it was ready (logs: $SERVER_LOG, $TRITON_LOG)"
-      fi
-      if [ "$waited" -ge "$READY_TIMEOUT" ]; then
-        tail -n 40 "$SERVER_LOG" >&2
-        die "server not ready after ${READY_TIMEOUT}s; it is still running (pid $pid): bash run.sh stop"
-      fi
-      sleep 1; waited=$((waited + 1))
-    done
-    say "stage 4: server ready in the background (pid $pid in $PID_FILE; stop it with: bash run.sh stop)"
+    f5 "${serve[@]}" --detach "$SERVER_LOG" \
+      || die "no server ready (logs: $SERVER_LOG, $TRITON_LOG; if it still runs: bash run.sh stop)"
+    say "stage 4: server ready in the background ($PID_FILE; stop it with: bash run.sh stop)"
     say "  http=$SERVER_HOST:$HTTP_PORT grpc=$SERVER_HOST:$GRPC_PORT metrics=http://$SERVER_HOST:$METRICS_PORT/metrics"
   fi
 fi

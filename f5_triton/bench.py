@@ -31,45 +31,44 @@ BUILTIN_TARGETS = [
 ]
 
 
-ENGINE_ALIASES = {"pytorch": "torch", "trt": "tensorrt"}  # upstream benchmark.py's --backend-type names
-
-
 def add_engine_args(parser) -> None:
-    """Options that pick the weights, device, precision and engines of an in-process pipeline."""
+    """Options that pick the weights, device, precision and engines of an in-process pipeline; their names are the
+    model parameters' (`EngineConfig.from_settings`)."""
+    from f5_triton.config import DTYPES
+    from f5_triton.engines import ENGINE_ALIASES, ENGINE_KINDS, EngineConfig
+
     group = parser.add_argument_group("engines")
     group.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (timing only)")
     group.add_argument("--device", default=None, help="cuda when a GPU is visible, else cpu")
-    group.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on GPU")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on GPU")
     group.add_argument("--dit-engine", "--backend-type", dest="dit_engine", default="torch",
-                       choices=["torch", "onnxruntime", "tensorrt", *ENGINE_ALIASES],
+                       choices=[*ENGINE_KINDS, *ENGINE_ALIASES],
                        help="engine of the DiT step (upstream's names accepted: pytorch, trt)")
     group.add_argument("--dit-engine-path", help=".onnx / .plan of the DiT step")
-    group.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    group.add_argument("--vocoder-engine", default="torch", choices=ENGINE_KINDS)
     group.add_argument("--vocoder-engine-path", help=".onnx / .plan of the vocoder")
-    group.add_argument("--compile", action="store_true", help="torch engine: torch.compile the DiT step")
-    group.add_argument("--cuda-graphs", action="store_true", help="torch engine: CUDA graphs per frame bucket")
-    group.add_argument("--graph-steps", type=int, default=8,
+    group.add_argument("--compile", dest="dit_compile", action="store_true",
+                       help="torch engine: torch.compile the DiT step")
+    group.add_argument("--cuda-graphs", dest="dit_cuda_graphs", action="store_true",
+                       help="torch engine: CUDA graphs per frame bucket")
+    group.add_argument("--graph-steps", dest="dit_graph_steps", type=int, default=EngineConfig.graph_steps,
                        help="with --cuda-graphs: ODE steps per graph replay (0 = a graph per DiT call)")
-    group.add_argument("--graph-max-rows", type=int, default=8,
+    group.add_argument("--graph-max-rows", dest="dit_graph_max_rows", type=int, default=EngineConfig.graph_max_rows,
                        help="with --cuda-graphs: DiT batches of more rows (2 per request) run without graphs")
 
 
 def tts_from_args(args):
-    """(TTS, dtype name) for `add_engine_args` + `cli.add_model_args` options."""
+    """(TTS, dtype name) for `add_engine_args` + `model_paths.add_model_args` options."""
     import tempfile
 
     import torch
 
-    from f5_triton.engines import EngineConfig, make_dit_runner, make_vocoder_runner
+    from f5_triton.engines import EngineConfig, make_dit_runner, make_vocoder_runner, torch_dtype
     from f5_triton.pipeline import TTS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    dit = EngineConfig(kind=ENGINE_ALIASES.get(args.dit_engine, args.dit_engine), path=args.dit_engine_path,
-                       device=device, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                       graph_steps=args.graph_steps, graph_max_rows=args.graph_max_rows)
-    vocoder = EngineConfig(kind=args.vocoder_engine, path=args.vocoder_engine_path, device=device)
+    dit, vocoder = (EngineConfig.from_settings(vars(args), network, device) for network in ("dit", "vocoder"))
     if args.random_weights:
         from f5_triton.checkpoints import make_random_checkpoint
 
@@ -77,10 +76,10 @@ def tts_from_args(args):
                                         vocoder_small=False)
         ckpt, vocab, vocoder_dir = folder / "model.safetensors", folder / "vocab.txt", folder / "vocos"
     else:
-        from f5_triton.cli import resolve_model_paths
+        from f5_triton.model_paths import resolve_model_paths
 
         ckpt, vocab, vocoder_dir = resolve_model_paths(args)
-    tts = TTS.from_paths(ckpt, vocab, vocoder_dir, arch=args.arch, device=device, dtype=dtype,
+    tts = TTS.from_paths(ckpt, vocab, vocoder_dir, arch=args.arch, device=device, dtype=torch_dtype(dtype_name),
                          engine=lambda model: make_dit_runner(model, dit),
                          vocoder_engine=lambda decoder: make_vocoder_runner(decoder, vocoder))
     return tts, dtype_name

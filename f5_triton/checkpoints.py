@@ -107,7 +107,8 @@ def resolve_architecture(ckpt_path: str | os.PathLike, arch: DiTConfig | str | N
 
 def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | str | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
-    """Build the DiT for `ckpt_path` and load its weights strictly."""
+    """Build the DiT for `ckpt_path`, load its weights strictly and optimize it for `device` and `dtype`
+    (`DiT.optimize_for`)."""
     config = resolve_architecture(ckpt_path, arch).replace(text_num_embeds=vocab_size)
     weights = transformer_state_dict(read_raw_state_dict(ckpt_path))
     table = weights.get("text_embed.text_embed.weight")
@@ -120,10 +121,7 @@ def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | st
         model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {ckpt_path} does not match architecture {config}: {exc}") from exc
-    model = model.to(device=device, dtype=dtype).eval()
-    if torch.device(device).type == "cuda":
-        model.fuse_projections().select_attention_kernels().use_gemm_epilogues()
-    return model
+    return model.optimize_for(device, dtype)
 
 
 def find_checkpoint(folder: str | os.PathLike) -> Path:

@@ -1,5 +1,6 @@
-"""`f5-triton` command line: synth (in process), serve (tritonserver on a model repository), gateway (the
-OpenAI-style speech API in front of it)."""
+"""`f5-triton` command line: synth (in process), serve / status / stop (tritonserver on a model repository,
+through f5_triton.supervisor), build (run.sh's stages 0-3, through f5_triton.build), gateway (the OpenAI-style
+speech API in front of a server)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+from f5_triton.build import BuildError
+from f5_triton.config import DTYPES
 from f5_triton.errors import CheckpointError, InvalidInputError
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--ckpt-dir", help="folder with model.* + vocab.txt + vocos/ (as make_random_checkpoint writes)")
-    group.add_argument("--ckpt", help="checkpoint file (model_*.safetensors or .pt)")
-    group.add_argument("--vocab", help="vocab.txt of the checkpoint")
-    group.add_argument("--vocoder", help="Vocos folder (config.yaml + pytorch_model.bin)")
-    group.add_argument("--arch", help="architecture name when no model.yaml is beside the checkpoint")
-
-
-def resolve_model_paths(args) -> tuple[Path, Path, Path]:
-    """--ckpt/--vocab/--vocoder, each defaulting to its place inside --ckpt-dir."""
-    from f5_triton.checkpoints import find_checkpoint
-
-    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else None
-    if ckpt_dir is None and not (args.ckpt and args.vocab and args.vocoder):
-        raise InvalidInputError("--ckpt-dir", "give --ckpt-dir, or all of --ckpt, --vocab and --vocoder")
-    if ckpt_dir is not None and not ckpt_dir.is_dir():
-        raise InvalidInputError("--ckpt-dir", f"{ckpt_dir} is not a folder")
-    ckpt = Path(args.ckpt) if args.ckpt else find_checkpoint(ckpt_dir)
-    vocab = Path(args.vocab) if args.vocab else ckpt.parent / "vocab.txt"
-    if args.vocoder:
-        vocoder = Path(args.vocoder)
-    else:
-        candidates = [ckpt_dir / "vocos", ckpt_dir.parent / "vocos-mel-24khz", ckpt_dir / "vocos-mel-24khz"]
-        vocoder = next((c for c in candidates if c.is_dir()), candidates[0])
-    return ckpt, vocab, vocoder
+from f5_triton.model_paths import add_model_args, resolve_model_paths
+from f5_triton.supervisor.errors import TritonServerError
 
 
 def cmd_synth(args) -> int:
@@ -49,6 +24,7 @@ def cmd_synth(args) -> int:
     from f5_triton.audio import read_audio
     from f5_triton.checkpoints import is_random_checkpoint
     from f5_triton.config import SAMPLE_RATE
+    from f5_triton.engines import torch_dtype
     from f5_triton.pipeline import TTS
     from f5_triton.request import validate_request
 
@@ -61,7 +37,7 @@ def cmd_synth(args) -> int:
     request = validate_request(wave, args.ref_text, args.text, sample_rate=rate, nfe_steps=args.nfe,
                                cfg_strength=args.cfg, speed=args.speed, seed=args.seed)
     tts = TTS.from_paths(ckpt, vocab, vocoder, arch=args.arch, device=args.device,
-                         dtype=getattr(torch, DTYPES[args.dtype]))
+                         dtype=torch_dtype(args.dtype))
     start = time.perf_counter()
     out = tts.synthesize([request])[0]
     latency = time.perf_counter() - start
@@ -76,14 +52,50 @@ def cmd_synth(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from f5_triton.serving.launcher import TritonServer, run_forever
+    from f5_triton.supervisor.server import TritonServer
+    from f5_triton.supervisor.service import PidFile, detach, run_forever
 
     repo = Path(args.model_repo)
     if not repo.is_dir():
         raise InvalidInputError("--model-repo", f"{repo} is not a folder; render one with scripts/build_model_repo.py")
-    server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                          log_verbose=args.log_verbose, log_path=args.log_file)
-    return run_forever(server, ready_timeout=args.ready_timeout)
+    if args.detach:
+        serve_args = ["--model-repo", str(repo), "--http-port", str(args.http_port), "--grpc-port", str(args.grpc_port),
+                      "--metrics-port", str(args.metrics_port), "--log-verbose", str(args.log_verbose),
+                      "--ready-timeout", str(args.ready_timeout)]
+        for flag, value in (("--log-file", args.log_file), ("--pid-file", args.pid_file)):
+            if value:
+                serve_args += [flag, str(value)]
+        pid = detach(serve_args, Path(args.detach), args.ready_timeout)
+        print(f"f5-triton: server ready in the background (pid {pid}, output in {args.detach})")
+        return 0
+    pid_file = PidFile(args.pid_file) if args.pid_file else None
+    if pid_file is not None:
+        pid_file.write()
+    try:
+        server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, log_verbose=args.log_verbose, log_path=args.log_file)
+        return run_forever(server, ready_timeout=args.ready_timeout)
+    finally:
+        if pid_file is not None:
+            pid_file.remove(only_pid=os.getpid())
+
+
+def cmd_stop(args) -> int:
+    from f5_triton.supervisor.service import PidFile, stop
+
+    stop(PidFile(args.pid_file), timeout=args.timeout)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from f5_triton.supervisor.service import PidFile
+
+    pid = PidFile(args.pid_file).running_pid()
+    if pid is None:
+        print(f"no server running (pid file {args.pid_file})", file=sys.stderr)
+        return 1
+    print(pid)
+    return 0
 
 
 GATEWAY_KEY_ENV = "F5_TRITON_GATEWAY_KEY"
@@ -118,7 +130,20 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     serve.add_argument("--log-file", help="tritonserver log, appended to (default: a new temporary file)")
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for all models")
+    serve.add_argument("--pid-file", help="write this process's pid there while it runs (for f5-triton stop)")
+    serve.add_argument("--detach", metavar="LOG", help="run in the background, in a session of its own, its output "
+                       "appended to LOG; return once the server is ready")
     serve.set_defaults(func=cmd_serve)
+
+    stop = sub.add_parser("stop", help="stop the server whose pid file is given (SIGTERM, SIGKILL after --timeout)",
+                          formatter_class=defaults)
+    stop.add_argument("--pid-file", required=True, help="the --pid-file of f5-triton serve")
+    stop.add_argument("--timeout", type=float, default=90.0, help="seconds for in-flight requests before SIGKILL")
+    stop.set_defaults(func=cmd_stop)
+
+    status = sub.add_parser("status", help="print the pid of the server whose pid file is given; exit 1 if none runs")
+    status.add_argument("--pid-file", required=True, help="the --pid-file of f5-triton serve")
+    status.set_defaults(func=cmd_status)
 
     gateway = sub.add_parser("gateway", help="OpenAI-compatible POST /v1/audio/speech in front of a running server",
                              formatter_class=defaults,
@@ -137,6 +162,102 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     gateway.add_argument("--no-upload", action="store_true", help="disable POST/DELETE /v1/voices")
     gateway.add_argument("--log-level", default="info", help="uvicorn's log level")
     gateway.set_defaults(func=cmd_gateway)
+
+
+def _engine_dir(args) -> Path:
+    from f5_triton.build import engine_dir
+
+    if args.engine_dir:
+        return Path(args.engine_dir)
+    if not (args.engine_root and args.label):
+        raise BuildError("give --engine-dir, or --engine-root and --label")
+    return engine_dir(Path(args.engine_root), args.label)
+
+
+def cmd_build(args) -> int:
+    from f5_triton import build
+
+    if args.step == "checkpoint":
+        build.prepare_checkpoint(args.model, Path(args.ckpt_dir), Path(args.model_dir or Path(args.ckpt_dir) / args.model),
+                                 random_weights=args.random_weights)
+    elif args.step == "backend":
+        if args.model and args.model not in build.known_models():
+            raise BuildError(f"unknown model '{args.model}': {', '.join(build.known_models())}")
+        print(*build.choose_backend(args.backend, args.target))
+    elif args.step == "engine-dir":
+        print(_engine_dir(args))
+    elif args.step in ("dit", "vocoder"):
+        network = "dit_step" if args.step == "dit" else "vocoder"
+        precision = "fp32" if args.dtype == "fp32" else "fp16"
+        engines = _engine_dir(args)
+        files = build.ModelFiles.require(Path(args.model_dir))
+        build.export_onnx(network, files, Path(args.onnx_dir), precision, arch=args.arch)
+        build.build_plan(network, Path(args.onnx_dir), engines, build.engine_batches(args.max_batch_size)[network],
+                         precision, max_frames=args.max_frames, workspace_gib=args.workspace_gib)
+    else:  # repository
+        settings = build.RepositorySettings(
+            args.backend, args.target, arch=args.arch, engines=_engine_dir(args) if args.backend == "trt" else None,
+            max_batch_size=args.max_batch_size, nfe=args.nfe, dtype=args.dtype, gpus=args.gpus,
+            flow_instances=args.flow_instances, extra=tuple(args.repo_args.split()))
+        build.render_repository(Path(args.output), Path(args.model_dir), settings)
+    return 0
+
+
+def add_build_commands(sub: argparse._SubParsersAction) -> None:
+    """build checkpoint|dit|vocoder|repository|engine-dir|backend: run.sh's stages 0-3, each made only when stale."""
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    build = sub.add_parser("build", help="make what a server needs, each step only when it is stale (run.sh stages 0-3)")
+    steps = build.add_subparsers(dest="step", required=True)
+
+    def step(name: str, help: str) -> argparse.ArgumentParser:
+        parser = steps.add_parser(name, help=help, formatter_class=defaults)
+        parser.set_defaults(func=cmd_build)
+        return parser
+
+    def engine_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--engine-dir", help="folder of the plans (default: ENGINE_ROOT/LABEL/<engine key>)")
+        parser.add_argument("--engine-root", help="engine cache, one folder per model and engine key")
+        parser.add_argument("--label", help="the model's folder name in the engine cache")
+
+    def model_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model-dir", required=True, help="checkpoint folder (model_*.safetensors, vocab.txt)")
+        parser.add_argument("--arch", help="architecture when no model.yaml is beside the checkpoint")
+        parser.add_argument("--max-batch-size", type=int, help="flow-matching batch (default: the repository's)")
+        parser.add_argument("--dtype", choices=sorted(DTYPES), help="precision (engines: fp16 unless fp32)")
+
+    checkpoint = step("checkpoint", "stage 0: find the checkpoint, or download it, or write a random one")
+    checkpoint.add_argument("--model", required=True, help="published model name (F5TTS_v1_Base, ...)")
+    checkpoint.add_argument("--ckpt-dir", required=True, help="checkpoints folder (downloads go there)")
+    checkpoint.add_argument("--model-dir", help="the model's folder (default: CKPT_DIR/MODEL)")
+    checkpoint.add_argument("--random-weights", action="store_true", help="a random tiny checkpoint: NOT speech")
+
+    for name, what in (("dit", "stage 1: the DiT step"), ("vocoder", "stage 2: the vocoder")):
+        network = step(name, f"{what}: ONNX export and TensorRT plan, each only when stale")
+        model_args(network)
+        network.add_argument("--onnx-dir", required=True, help="folder of the ONNX files")
+        engine_args(network)
+        network.add_argument("--max-frames", type=int, default=4096, help="longest mel the plans take")
+        network.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace")
+
+    repository = step("repository", "stage 3: render the model repository, only when stale")
+    repository.add_argument("--output", required=True, help="repository folder (replaced)")
+    model_args(repository)
+    repository.add_argument("--backend", choices=["torch", "trt"], required=True)
+    repository.add_argument("--target", choices=["cpu", "gpu"], required=True)
+    engine_args(repository)
+    repository.add_argument("--nfe", type=int, help="default ODE steps")
+    repository.add_argument("--gpus", help="GPU ids, e.g. 0,1")
+    repository.add_argument("--flow-instances", type=int, help="flow-matching instances per device")
+    repository.add_argument("--repo-args", default="", help="further scripts/build_model_repo.py arguments, split "
+                            "on spaces (--repo-args='--no-streaming ...')")
+
+    directory = step("engine-dir", "print the folder of this machine's plans of a model")
+    engine_args(directory)
+
+    backend = step("backend", "print the backend and target to use here: trt gpu, torch gpu or torch cpu")
+    backend.add_argument("--backend", default="auto", help="auto, torch or trt")
+    backend.add_argument("--target", default="", help="cpu or gpu (default: gpu when one is visible)")
+    backend.add_argument("--model", help="check that this model name is known")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     add_serving_commands(sub)
+    add_build_commands(sub)
     return parser
 
 
@@ -168,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InvalidInputError, CheckpointError) as exc:
+    except (InvalidInputError, CheckpointError, BuildError, TritonServerError) as exc:
         print(f"f5-triton: error: {exc}", file=sys.stderr)
         return 2
 

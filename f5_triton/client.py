@@ -25,7 +25,7 @@ from types import ModuleType
 
 import numpy as np
 
-from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
+from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE, parse_bool
 from f5_triton.request import INPUTS, MODEL, STREAM_OUTPUTS, STREAMING_MODEL
 
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_STRING": object}
@@ -33,7 +33,7 @@ WIRE_TYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
 FIELDS = {f.name: f for f in INPUTS}
 
 # tritonserver 2.51's python backend answers INTERNAL for the requests of an instance whose stub process
-# died (it is reloaded by the launcher's watchdog): a restart, not a bug in the request.
+# died (it is replaced by the supervisor's watchdog): a restart, not a bug in the request.
 _DEAD_PROCESS = ("Stub process", "is not healthy")
 RETRY_BACKOFF_S = 0.5  # first retry after 0.5-1 s (jittered, so that refused clients do not return together)
 # After a model process died: Triton routes batches to the dead instance until the watchdog's first reload leaves it
@@ -215,7 +215,7 @@ def random_weights(client, model: str = MODEL) -> bool:
         parameters = {key: value.string_value for key, value in config.config.parameters.items()}
     else:
         parameters = {key: value.get("string_value") for key, value in config.get("parameters", {}).items()}
-    return parameters.get("random_weights") == "true"
+    return parse_bool(parameters.get("random_weights"), False)
 
 
 def server_message(exc: Exception) -> str:

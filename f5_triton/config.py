@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Audio: Vocos mel-24khz features, as every released F5-TTS checkpoint uses.
 SAMPLE_RATE = 24_000
@@ -66,12 +66,6 @@ ARCHITECTURES: dict[str, DiTConfig] = {
     "tiny": DiTConfig(dim=64, depth=2, heads=2, dim_head=32, text_dim=32, conv_layers=1, text_num_embeds=256),
 }
 
-# Official checkpoint file names in SWivid/F5-TTS, per released architecture.
-OFFICIAL_CHECKPOINTS: dict[str, str] = {
-    "F5TTS_v1_Base": "F5TTS_v1_Base/model_1250000.safetensors",
-    "F5TTS_Base": "F5TTS_Base/model_1200000.safetensors",
-}
-
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -81,7 +75,6 @@ class SamplingConfig:
     cfg_strength: float = 2.0
     sway_sampling_coef: float = -1.0
     speed: float = 1.0
-    use_epss: bool = True
 
 
 @dataclass(frozen=True)
@@ -121,12 +114,35 @@ DEFAULT_SAMPLING = SamplingConfig()
 DEFAULT_FIRST_CHUNK_STEPS = 4
 
 
-@dataclass
-class ModelPaths:
-    """Where a loaded model comes from: a checkpoint, its vocab and a Vocos folder."""
 
-    ckpt: str
-    vocab: str
-    vocoder: str
-    arch: DiTConfig | None = None  # None: read model.yaml beside the checkpoint or infer from weights
-    extra: dict = field(default_factory=dict)
+# Settings arrive as strings (Triton model-config parameters) or typed values (CLI flags): these read both.
+
+# Precision names of CLI flags and model parameters -> torch dtype attribute (`engines.base.torch_dtype`).
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def parse_bool(value, default: bool | None = None) -> bool:
+    """A setting as a bool: "true"/"1"/"yes"/"on" or "false"/"0"/"no"/"off"/"" (any case), or a bool. None (not
+    set) gives `default` when there is one; any other string raises ValueError."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ValueError(f"not a boolean: {value!r}")
+    return bool(value)
+
+
+def settings_from(params: dict[str, str], defaults, prefix: str = ""):
+    """`defaults` (a dataclass instance: `DEFAULT_LIMITS`, `DEFAULT_SAMPLING`) with every `<prefix><field>` of
+    `params` applied, each converted to its field's type."""
+    changes = {}
+    for f in dataclasses.fields(defaults):
+        value = params.get(prefix + f.name)
+        if value is not None:
+            kind = type(getattr(defaults, f.name))
+            changes[f.name] = parse_bool(value) if kind is bool else kind(value)
+    return dataclasses.replace(defaults, **changes)

@@ -76,12 +76,8 @@ class Reference:
         return self.mel.numel() * self.mel.element_size() + len(self.text.encode("utf-8")) + 64
 
 
-Chunker = Callable[[str, int], list[str]]  # (target text, max bytes per chunk) -> chunks
-
-
-def sentence_chunks(target_text: str, max_bytes: int) -> list[str]:
-    """The offline chunking, as upstream `infer_process`."""
-    return text.chunk_text(target_text, max_chars=max_bytes)
+# (target text, max bytes per chunk) -> chunks; offline: text.chunk_text, as upstream's infer_process
+Chunker = Callable[[str, int], list[str]]
 
 
 class Preprocessor:
@@ -121,7 +117,7 @@ class Preprocessor:
         return Reference(mel=ref_mel, frames=wave.shape[-1] // HOP_LENGTH, seconds=wave.shape[-1] / SAMPLE_RATE,
                          rms=float(rms), text=text.fix_reference_text(request.reference_text))
 
-    def __call__(self, request: SynthesisRequest, chunker: Chunker = sentence_chunks) -> Prepared:
+    def __call__(self, request: SynthesisRequest, chunker: Chunker = text.chunk_text) -> Prepared:
         ref = self.reference(request)
         max_bytes = text.max_chunk_bytes(request.reference_text, ref.seconds, request.speed)
         chunks = chunker(request.target_text, max_bytes) or [request.target_text.strip()]

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from f5_triton.model.dit import lens_to_mask
 from f5_triton.model.packing import Packing
 
 # Empirically pruned step sampling (EPSS): upstream's grids, in 1/32 units, for low NFE.
@@ -40,11 +41,6 @@ def time_grid(steps: int, sway_sampling_coef: float | None = -1.0, use_epss: boo
     if sway_sampling_coef is not None:
         t = t + sway_sampling_coef * (torch.cos(torch.pi / 2 * t) - 1 + t)
     return t
-
-
-def lens_to_mask(lens: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    length = int(lens.max()) if length is None else length
-    return torch.arange(length, device=lens.device)[None, :] < lens[:, None]
 
 
 def make_noise(durations: Sequence[int], channels: int, seeds: Sequence[int | None], device, dtype) -> torch.Tensor:

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/upstream.py: upstream loader
 
 from f5_triton import bench  # noqa: E402
-from f5_triton.config import ARCHITECTURES, HOP_LENGTH, SAMPLE_RATE  # noqa: E402
+from f5_triton.config import ARCHITECTURES, DEFAULT_SAMPLING, HOP_LENGTH, SAMPLE_RATE  # noqa: E402
+from f5_triton.engines import torch_dtype  # noqa: E402
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, object]:
@@ -63,7 +64,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
 
     from f5_triton.checkpoints import make_random_checkpoint
     from f5_triton.engines import EngineConfig, make_dit_runner
@@ -128,7 +129,8 @@ def main() -> None:
         def run_upstream():
             with torch.inference_mode():
                 mel, _ = model.sample(cond=cond, text=tokens, duration=job.duration, steps=args.nfe,
-                                      cfg_strength=2.0, sway_sampling_coef=-1.0, seed=1)
+                                      cfg_strength=DEFAULT_SAMPLING.cfg_strength,
+                                      sway_sampling_coef=DEFAULT_SAMPLING.sway_sampling_coef, seed=1)
                 mel = mel.float()[:, job.ref_frames:].permute(0, 2, 1)
                 return vocos.decode(mel)[0].cpu().numpy()
 

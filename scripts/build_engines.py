@@ -23,7 +23,6 @@ builder needs no GPU.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def main() -> int:
         return 3
     print(f"build_engines: {describe(trt)} ({trt.__file__})")
 
-    from f5_triton.export.tensorrt_build import BUILD_INFO_FILE, BuildOptions, ShapeRange, build_engine
+    from f5_triton.export.tensorrt_build import BuildOptions, ShapeRange, build_engines
 
     try:
         options = BuildOptions(
@@ -70,12 +69,7 @@ def main() -> int:
             frames=ShapeRange(args.min_frames, args.opt_frames or min(1024, args.max_frames), args.max_frames),
             tensorrt=args.tensorrt, workspace_gib=args.workspace_gib,
             timing_cache=args.timing_cache or Path(args.output_dir) / "timing.cache", verbose=args.verbose)
-        reports = {}
-        for name in args.networks:
-            spec = NETWORKS[name]
-            onnx_path = Path(args.onnx_dir) / f"{name}{args.onnx_suffix}.onnx"
-            reports[name] = build_engine(onnx_path, Path(args.output_dir) / spec.plan_file, spec, options).to_json()
-        (Path(args.output_dir) / BUILD_INFO_FILE).write_text(json.dumps(reports, indent=2) + "\n")
+        build_engines(args.onnx_dir, args.output_dir, args.networks, options, args.onnx_suffix)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"build_engines: error: {exc}", file=sys.stderr)
         return 2

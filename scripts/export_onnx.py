@@ -13,11 +13,10 @@ Build strongly typed TensorRT engines from them with scripts/build_engines.py: f
 """
 
 import argparse
-import dataclasses
 import sys
 
-from f5_triton.cli import add_model_args, resolve_model_paths
 from f5_triton.errors import CheckpointError, InvalidInputError
+from f5_triton.model_paths import add_model_args, resolve_model_paths
 
 
 def main() -> int:
@@ -31,23 +30,12 @@ def main() -> int:
     parser.add_argument("--networks", nargs="+", default=["dit_step", "vocoder"], choices=["dit_step", "vocoder"])
     args = parser.parse_args()
 
-    from f5_triton.checkpoints import load_dit
-    from f5_triton.export.onnx_export import ExportError, export_models
-    from f5_triton.text import Tokenizer
-    from f5_triton.vocoder import VocosDecoder, load_vocos
+    from f5_triton.export.onnx_export import ExportError, export_checkpoint
 
     try:
         ckpt, vocab, vocoder = resolve_model_paths(args)
-        modules = []
-        metadata = {"checkpoint": str(ckpt), "vocoder": str(vocoder)}
-        if "dit_step" in args.networks:
-            dit = load_dit(ckpt, Tokenizer(vocab).vocab_size, arch=args.arch)
-            metadata["architecture"] = dataclasses.asdict(dit.config)
-            modules.append(dit)
-        if "vocoder" in args.networks:
-            modules.append(VocosDecoder(load_vocos(vocoder)).eval())
-        export_models(modules, args.output_dir, fp16=args.fp16, opset=args.opset, exporter=args.exporter,
-                      metadata=metadata)
+        export_checkpoint(ckpt, vocab, vocoder, args.output_dir, networks=args.networks, arch=args.arch,
+                          fp16=args.fp16, opset=args.opset, exporter=args.exporter)
     except (InvalidInputError, CheckpointError, ExportError, ValueError) as exc:
         print(f"export_onnx: error: {exc}", file=sys.stderr)
         return 2

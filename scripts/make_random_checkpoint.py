@@ -9,10 +9,9 @@ only smaller for tiny); the audio they make is noise, not speech.
 
 import argparse
 
-import torch
-
 from f5_triton.checkpoints import make_random_checkpoint
 from f5_triton.config import ARCHITECTURES
+from f5_triton.engines import torch_dtype
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-vocoder", action="store_true", help="full-size random Vocos even for tiny")
     args = parser.parse_args()
-    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    dtype = torch_dtype(args.dtype)
     out = make_random_checkpoint(args.output, args.config, args.vocab, seed=args.seed, fmt=args.format,
                                  dtype=dtype, vocoder_small=False if args.full_vocoder else None)
     print(f"wrote random {args.config} checkpoint to {out} (model.{args.format}, model.yaml, vocab.txt, vocos/)")

@@ -167,9 +167,8 @@ def main():
         for requests in requests_list:
             bench_attention(requests, config.heads, config.dim_head, rows)
     if "steps" in args.parts:
-        model = random_dit(config).to("cuda", torch.float16).eval().fuse_projections().select_attention_kernels()
-        model.use_gemm_epilogues(True)
-        print(f"\npacked attention kernel: {model.transformer_blocks[0].attn.packed_kernel}")
+        model = random_dit(config).optimize_for("cuda", torch.float16)
+        print(f"\npacked attention kernel: {model.kernels.packed}")
         bench_steps(model, config, requests_list, args.launch.split(","), rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Wheels the lent H200 machine lacks, for scripts/gpu_bench.sh: run here (with network), then carry the
-# folder to the GPU machine and `source DEST/setup-on-gpu.sh` there.
-#   bash scripts/prepare_gpu_wheels.sh [DEST=.whl-gpu]     (add DEST to .git/info/exclude)
-# On top of ../shared/device/prepare-wheels.sh (tritonserver, tritonclient, vocos, text frontend): cffi for
+# A tool for this project's own GPU test machine (a lent H200 without network), not for users of the package:
+# it downloads the wheels that machine lacks, for scripts/gpu_bench.sh. Run it here (with network), then carry
+# the folder to the GPU machine and `source DEST/setup-on-gpu.sh` there.
+#   PREPARE_WHEELS=/path/to/prepare-wheels.sh bash scripts/prepare_gpu_wheels.sh [DEST=.whl-gpu]
+#   (add DEST to .git/info/exclude)
+# PREPARE_WHEELS is the test machine's own base script (tritonserver, tritonclient, vocos, text frontend),
+# which lives outside this repository. On top of it: cffi for
 # soundfile, numpy<2 (Triton 2.51's python-backend stub crashes on BYTES inputs under numpy 2, which the GPU
 # image has), and upstream f5-tts with the modules its model imports (for scripts/bench_vs_upstream.py).
 # The carried tree must stay under 64 MiB: numpy is stripped of its tests (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.whl-gpu}
-bash ../shared/device/prepare-wheels.sh "$DEST" > /dev/null
+PREPARE_WHEELS=${PREPARE_WHEELS:?set PREPARE_WHEELS to the prepare-wheels.sh of the GPU test machine (see the header)}
+[ -f "$PREPARE_WHEELS" ] || { echo "prepare_gpu_wheels.sh: no file $PREPARE_WHEELS (PREPARE_WHEELS)" >&2; exit 1; }
+bash "$PREPARE_WHEELS" "$DEST" > /dev/null
 dl() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --abi cp312 --abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -3,9 +3,10 @@
 
     python scripts/profile_dit.py --arch F5TTS_v1_Base --frames 1361 --requests 1,8,16 [--json out.json]
 
-Variants (each on the same random weights): `base` = fused q/k/v + cuDNN masked attention (what load_dit
-did before GEMM epilogues), `epilogue` = + GELU in the feed-forward GEMM's epilogue (what load_dit does now),
-`keybias` = epilogue, with masked steps through the key-bias channel (flash) instead of cuDNN.
+Variants (each on the same random weights, optimized for the GPU as load_dit does: `DiT.optimize_for`):
+`base` = without the GELU GEMM epilogue, `epilogue` = the kernels load_dit chooses, `sdpa` = epilogue, with masked
+steps through SDPA's own choice for a boolean mask instead of cuDNN. The variants replace the model's `kernels`
+(`model.dit.Kernels`): a knob for this profiling script only; the package chooses them once, in `optimize_for`.
 `--launch graph,plain,dynamic,dynamic8` also times each variant compiled without a CUDA graph, static or with
 symbolic shapes (the engine's compiled step after its second shape: batches above `graph_max_rows`);
 `dynamic8` passes frames as [frames / 8, 8] so the compiled step knows they are a multiple of 8.
@@ -13,6 +14,7 @@ symbolic shapes (the engine's compiled step after its second shape: batches abov
 
 import argparse
 import copy
+import dataclasses
 import json
 
 import torch
@@ -22,15 +24,14 @@ from f5_triton.bench import dit_step_flops, gpu_time_ms, matmul_peak_tflops
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 
-VARIANTS = {"base": lambda m: m.use_gemm_epilogues(False), "epilogue": lambda m: m.use_gemm_epilogues(True),
-            "keybias": lambda m: with_cudnn_mask(copy.deepcopy(m).use_gemm_epilogues(True), False)}
+VARIANTS = {"base": {"gelu_epilogue": False}, "epilogue": {}, "sdpa": {"padded": "sdpa"}}
 
 
-def with_cudnn_mask(model, enable: bool):
-    """Masked steps through cuDNN's masked attention (enable) or the key-bias channel (flash)."""
-    for block in model.transformer_blocks:
-        block.attn.cudnn_masked = enable
-    return model
+def with_kernels(model, **changes):
+    """A copy of `model` (sharing its weights) whose kernels differ from those `optimize_for` chose by `changes`."""
+    variant = copy.copy(model)
+    variant.kernels = dataclasses.replace(model.kernels, **changes)
+    return variant
 
 
 def plain(fn, *args):
@@ -82,7 +83,7 @@ def main():
     args = p.parse_args()
     dtype = torch.float16
     config = ARCHITECTURES[args.arch]
-    model = random_dit(config).to("cuda", dtype).eval().fuse_projections().select_attention_kernels()
+    model = random_dit(config).optimize_for("cuda", dtype)
     n = args.frames
     torch.backends.cudnn.benchmark = True
     peak = matmul_peak_tflops()
@@ -97,7 +98,7 @@ def main():
         print(f"\n== {requests} requests (batch {b}) x {n} frames")
         reference = None
         for variant in args.variants.split(","):
-            variant_model = VARIANTS[variant](model)
+            variant_model = with_kernels(model, **VARIANTS[variant])
             for launch in args.launch.split(","):
                 torch._dynamo.reset()
                 fn = frames_by_8(variant_model.step) if launch == "dynamic8" else variant_model.step

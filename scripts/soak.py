@@ -59,7 +59,7 @@ def main() -> int:
     items = soak.mixed_items(wave, rate)
     with contextlib.ExitStack() as stack:
         if args.model_repo:
-            from f5_triton.serving.launcher import TritonServer, free_port
+            from f5_triton.supervisor.server import TritonServer, free_port
 
             server = stack.enter_context(TritonServer(args.model_repo, http_port=free_port(), grpc_port=free_port(),
                                                       metrics_port=free_port()))

@@ -4,7 +4,7 @@
     python scripts/streaming_latency.py --ckpt-dir ckpts/F5TTS_v1_Base --device cuda --dtype fp16 --nfe 16
     python scripts/streaming_latency.py --random-weights F5TTS_v1_Base --device cuda --nfe 32 --json out.json
 
-The default text makes about 30 s of audio; the reference defaults to ../shared/data/basic_ref_en.wav.
+The default text makes about 30 s of audio; the reference defaults to examples/basic_ref_en.flac.
 Prints the median / min / max time to first audio and the total time and real-time factor. Against a
 running server use `client_grpc.py --streaming` instead (it reports the same first-audio time).
 """
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = REPO.parent / "shared" / "data" / "basic_ref_en.wav"
+DEFAULT_REFERENCE = REPO / "examples" / "basic_ref_en.flac"
 DEFAULT_REFERENCE_TEXT = "Some call me nature, others call me mother nature."
 # 300 bytes: about 30 s of audio with the default reference (durations follow the reference's pace).
 THIRTY_SECONDS = (
@@ -39,7 +39,8 @@ def build(args):
 
 def main(argv: list[str] | None = None) -> int:
     from f5_triton.bench import add_engine_args
-    from f5_triton.cli import add_model_args
+    from f5_triton.config import DEFAULT_SAMPLING
+    from f5_triton.model_paths import add_model_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-audio", default=str(DEFAULT_REFERENCE))
     parser.add_argument("--reference-text", default=DEFAULT_REFERENCE_TEXT)
     parser.add_argument("--text", default=THIRTY_SECONDS, help="text to speak (default: ~30 s of speech)")
-    parser.add_argument("--nfe", type=int, default=32)
+    parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps)
     parser.add_argument("--first-chunk-bytes", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)

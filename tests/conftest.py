@@ -56,7 +56,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def streaming_server(tiny_ckpt, tmp_path_factory):
     """tritonserver with `f5_tts` and `f5_tts_streaming` (cpu target, tiny checkpoint, nfe 4 unless a
     request says otherwise, small caches), shared by the streaming, cache and gateway tests."""
-    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.supervisor.server import TritonServer, free_port
     from f5_triton.serving.repository import RepositoryOptions, render
 
     repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
@@ -81,7 +81,7 @@ def tiny_server(tiny_ckpt, tmp_path_factory):
     import contextlib
     import os
 
-    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.supervisor.server import TritonServer, free_port
     from f5_triton.serving.repository import RepositoryOptions, render
 
     @contextlib.contextmanager
@@ -156,7 +156,7 @@ def run_gateway():
         import uvicorn
 
         from f5_triton.gateway import create_app
-        from f5_triton.serving.launcher import free_port
+        from f5_triton.supervisor.server import free_port
 
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))

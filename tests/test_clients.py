@@ -32,7 +32,7 @@ def test_refused_request_is_one_line(streaming_server, ref_en, tmp_path, script)
 
 
 def test_unreachable_server_is_one_line(ref_en, tmp_path):
-    from f5_triton.serving.launcher import free_port
+    from f5_triton.supervisor.server import free_port
 
     result = client("client_http.py", f"127.0.0.1:{free_port()}", ref_en, "Hello.", tmp_path / "never.wav")
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr

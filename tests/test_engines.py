@@ -81,6 +81,21 @@ def test_engine_config_validates_and_reads_strings():
     assert config.providers == ("CPUExecutionProvider",)
     with pytest.raises(ValueError, match="unknown engine options"):
         EngineConfig.from_mapping({"kind": "torch", "precision": "fp16"})
+    with pytest.raises(ValueError, match="not a boolean"):
+        EngineConfig.from_mapping({"compile": "maybe"})
+
+
+def test_engine_config_from_model_parameters_and_command_options():
+    """One reading of settings: a model's string parameters and a command's parsed options name them alike."""
+    params = {"dit_engine": "trt", "dit_engine_path": "", "dit_cuda_graphs": "true", "dit_graph_steps": "4",
+              "engine_fallback": "0", "vocoder_engine": "onnxruntime", "vocoder_engine_path": "v.onnx"}
+    dit, vocoder = (EngineConfig.from_settings(params, network, "cuda:0") for network in ("dit", "vocoder"))
+    assert (dit.kind, dit.path, dit.cuda_graphs, dit.compile, dit.graph_steps, dit.fallback, dit.device) == (
+        "tensorrt", None, True, False, 4, False, "cuda:0")
+    assert (vocoder.kind, str(vocoder.path), vocoder.cuda_graphs, vocoder.fallback) == ("onnxruntime", "v.onnx", False,
+                                                                                         False)
+    options = {"dit_engine": "torch", "dit_compile": True, "dit_graph_max_rows": 16, "dit_engine_path": None}
+    assert EngineConfig.from_settings(options, "dit", "cpu") == EngineConfig(compile=True, graph_max_rows=16)
 
 
 @pytest.mark.parametrize("spec", [DIT_STEP, VOCODER])

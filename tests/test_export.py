@@ -108,10 +108,10 @@ def test_fp16_files_keep_fp32_inputs_and_outputs(exported):
 def test_fp16_copy_keeps_islands_and_buffers_in_fp32(dit):
     half = half_with_fp32_islands(DiTStep(dit))
     block = half.network.model.transformer_blocks[0]
-    assert block.attn.to_q.weight.dtype == torch.float16
+    assert block.attn.qkv_weight.dtype == torch.float16
     assert block.ff_norm.inner.__class__.__name__ == "LayerNorm"  # inside a Float32Island
     assert half.network.model.rotary_embed.inv_freq.dtype == torch.float32
-    assert dit.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32  # the original is untouched
+    assert dit.transformer_blocks[0].attn.qkv_weight.dtype == torch.float32  # the original is untouched
 
 
 @pytest.mark.parametrize("variant,exporter", [

@@ -1,8 +1,8 @@
 """The layering contract of the package (docs/architecture.md): every import runs downward.
 
 ground (config, errors) → domain (text, audio, model, vocoder, request; sampler and checkpoints over them)
-→ engines → export → cache, guards → pipeline → streaming → stream_scheduler → hosts (client, serving) → gateway → cli
-→ bench → soak. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
+→ model_paths, engines → export → cache, guards → pipeline → streaming → stream_scheduler → hosts (client, serving,
+supervisor) → gateway, build → cli → bench → soak. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
 never one ranked the same or higher. A new module must be given its place here.
 """
 
@@ -20,14 +20,14 @@ RANKS: dict[str, int] = {
     "f5_triton.text": 1, "f5_triton.audio": 1, "f5_triton.model": 1, "f5_triton.vocoder": 1,
     "f5_triton.request": 1,
     "f5_triton.sampler": 2, "f5_triton.checkpoints": 2,
-    "f5_triton.engines": 3,
+    "f5_triton.engines": 3, "f5_triton.model_paths": 3,
     "f5_triton.export": 4,
     "f5_triton.cache": 5, "f5_triton.guards": 5,
     "f5_triton.pipeline": 6,
     "f5_triton.streaming": 7,
     "f5_triton.stream_scheduler": 8,
-    "f5_triton.client": 9, "f5_triton.serving": 9,
-    "f5_triton.gateway": 10,
+    "f5_triton.client": 9, "f5_triton.serving": 9, "f5_triton.supervisor": 9,
+    "f5_triton.gateway": 10, "f5_triton.build": 10,
     "f5_triton.cli": 11,
     "f5_triton.bench": 12,
     "f5_triton.soak": 13,
@@ -88,3 +88,11 @@ def test_the_contract_sees_every_import_form(tmp_path):
     assert [m for _, m in imported_modules(sample)] == ["f5_triton.cli", "f5_triton.audio", "f5_triton.pipeline",
                                                        "f5_triton.serving"]
     assert unit_of("f5_triton.serving.stages") == "f5_triton.serving" and unit_of("f5_triton.nothing") == "f5_triton"
+
+
+def test_the_supervisor_imports_no_pipeline_or_model_code():
+    """The tritonserver supervisor runs in processes that never load a model: only ground-floor imports."""
+    allowed = {"f5_triton.config", "f5_triton.errors"}
+    for path in sorted((PACKAGE / "supervisor").glob("*.py")):
+        for line, target in imported_modules(path):
+            assert target in allowed or target.startswith("f5_triton.supervisor"), f"{path.name}:{line} imports {target}"

@@ -92,28 +92,50 @@ def test_rejects_unknown_qk_norm():
         DiT.from_config(ARCHITECTURES["tiny"].replace(qk_norm="layer_norm"))
 
 
-def test_key_bias_attention_equals_masked_sdpa():
-    """The GPU path (mask carried as a key bias) equals SDPA with a boolean key mask."""
-    from f5_triton.model.dit import attention_with_key_bias
-
-    torch.manual_seed(7)
-    q, k, v = (torch.randn(3, 2, 40, 64) for _ in range(3))
-    valid = torch.arange(40)[None] < torch.tensor([40, 25, 3])[:, None]
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
-    got = attention_with_key_bias(q, k, v, valid)
-    assert (got - expected).abs().max() < 1e-5
-
-
-def test_fused_projections_are_exact():
+def test_fused_projections_are_upstreams_and_the_state_dict_round_trips():
+    """q/k/v are one fused weight, made from upstream's three as they load and split back in `state_dict`."""
     model = random_dit(ARCHITECTURES["tiny"], seed=8)
-    torch.manual_seed(9)
-    x, cond, text, time = torch.randn(2, 30, 100), torch.randn(2, 30, 100), torch.randint(0, 256, (2, 20)), torch.rand(2)
+    state = model.state_dict()
+    ref = upstream_dit(model.config).eval()
+    ref.load_state_dict(state, strict=True)
+    assert list(state) == list(ref.state_dict())
+    again = DiT.from_config(model.config)
+    again.load_state_dict(state, strict=True)
+    assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
+    attn, theirs = model.transformer_blocks[0].attn, ref.transformer_blocks[0].attn
+    head = model.config.dim_head
+    x, rope = torch.randn(2, 30, model.dim), (torch.ones(30, head), torch.zeros(30, head))
     with torch.no_grad():
-        before = model(x, cond, text, time)
-        keys = list(model.state_dict())
-        after = model.fuse_projections()(x, cond, text, time)
-    assert torch.allclose(before, after, atol=1e-5)
-    assert list(model.state_dict()) == keys  # checkpoints still save and load with upstream's names
+        fused = attn._qkv(x, rope)
+        plain = [proj(x).unflatten(-1, (attn.heads, attn.dim_head)) for proj in (theirs.to_q, theirs.to_k, theirs.to_v)]
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(fused, plain))
+    with pytest.raises(RuntimeError, match="to_q.weight"):
+        DiT.from_config(model.config).load_state_dict({k: v for k, v in state.items() if "to_k." not in k})
+    live = model.state_dict(keep_vars=True)  # what tracers (the ONNX exporter) map parameters by
+    assert live["transformer_blocks.0.attn.qkv_weight"] is model.transformer_blocks[0].attn.qkv_weight
+
+
+def test_fused_projections_start_as_three_linear_layers():
+    """The fused weight is initialised as the three projections were, in order: random checkpoints do not change."""
+    from f5_triton.model.dit import Attention
+
+    torch.manual_seed(5)
+    attn = Attention(64, 2, 32, None, None)
+    torch.manual_seed(5)
+    projections = [torch.nn.Linear(64, 64) for _ in range(3)]
+    assert torch.equal(attn.qkv_weight, torch.cat([p.weight for p in projections]))
+    assert torch.equal(attn.qkv_bias, torch.cat([p.bias for p in projections]))
+
+
+def test_kernels_are_the_plain_path_off_the_gpu():
+    """Off the GPU `optimize_for` keeps the plain path (the fused GELU op there is the exact one, not the tanh one)."""
+    from f5_triton.model.dit import Kernels
+
+    model = random_dit(ARCHITECTURES["tiny"], seed=8)
+    assert model.kernels == Kernels() and model.optimize_for("cpu", torch.float32).kernels == Kernels()
+    assert Kernels.for_device("cpu", torch.float16) == Kernels()
+    with pytest.raises(ValueError, match="attention kernels"):
+        Kernels(padded="key_bias")
 
 
 def test_conv_position_embedding_as_matmul_equals_conv():
@@ -143,42 +165,40 @@ def test_depthwise_conv_as_shifted_sums_equals_conv1d():
         assert half.dtype == torch.bfloat16 and (half.float() - expected).abs().max() < 0.05
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cudnn_masked_attention_equals_the_key_bias_channel_on_gpu(dit):
-    """select_attention_kernels swaps the key-bias channel for cuDNN's masked attention: same padded-batch output."""
+def _plain_and_optimized(model, dtype):
+    """`model` on the GPU in `dtype` twice: on the plain path (moved only) and as `optimize_for` makes it."""
     import copy
 
+    return copy.deepcopy(model).to("cuda", dtype).eval(), copy.deepcopy(model).optimize_for("cuda", dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudnn_masked_attention_equals_the_plain_path_on_gpu(dit):
+    """The padded-batch kernel `optimize_for` picks (cuDNN's masked attention) gives the plain path's output."""
     from f5_triton.engines import DIT_STEP
     from f5_triton.engines.networks import random_inputs
 
-    model = copy.deepcopy(dit).to("cuda", torch.float16).eval()
-    inputs = [t.cuda() for t in random_inputs(DIT_STEP, (64, 40), {"mel": 100, "text": model.config.text_dim})]
+    plain, fast = _plain_and_optimized(dit, torch.float16)
+    assert fast.kernels.padded == "cudnn"
+    inputs = [t.cuda() for t in random_inputs(DIT_STEP, (64, 40), {"mel": 100, "text": dit.config.text_dim})]
     inputs = [t.half() if t.is_floating_point() else t for t in inputs]
     with torch.inference_mode():
-        key_bias = model.step(*inputs)
-        assert model.select_attention_kernels().transformer_blocks[0].attn.cudnn_masked
-        cudnn = model.step(*inputs)
-    assert (cudnn[0] - key_bias[0]).abs().max() <= 2e-2
-    assert (cudnn[1, :40] - key_bias[1, :40]).abs().max() <= 2e-2
-
-
-def test_gemm_epilogues_stay_off_on_the_cpu():
-    """Off the GPU the fused op's GELU is the exact one, not upstream's tanh: the flag must not turn on."""
-    model = random_dit(ARCHITECTURES["tiny"], seed=8).use_gemm_epilogues()
-    assert not any(block.ff.gelu_epilogue for block in model.transformer_blocks)
+        expected, got = plain.step(*inputs), fast.step(*inputs)
+    assert (got[0] - expected[0]).abs().max() <= 2e-2
+    assert (got[1, :40] - expected[1, :40]).abs().max() <= 2e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gelu_gemm_epilogue_equals_the_separate_gelu_on_gpu():
-    model = random_dit(ARCHITECTURES["tiny"], seed=8).to("cuda", torch.float16).eval()
+    """The GELU in the GEMM's epilogue (and every other kernel `optimize_for` picks) gives the plain path's output."""
+    plain, fast = _plain_and_optimized(random_dit(ARCHITECTURES["tiny"], seed=8), torch.float16)
+    assert fast.kernels.gelu_epilogue
     torch.manual_seed(9)
     x, cond = torch.randn(2, 30, 100, device="cuda", dtype=torch.float16), torch.randn(2, 30, 100, device="cuda",
                                                                                       dtype=torch.float16)
     text, time = torch.randint(0, 256, (2, 20), device="cuda"), torch.rand(2, device="cuda", dtype=torch.float16)
     with torch.inference_mode():
-        before = model(x, cond, text, time)
-        assert model.use_gemm_epilogues().transformer_blocks[0].ff.gelu_epilogue
-        after = model(x, cond, text, time)
+        before, after = plain(x, cond, text, time), fast(x, cond, text, time)
     assert (after - before).abs().max() <= 2e-2 * before.abs().max()
 
 

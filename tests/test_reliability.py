@@ -2,7 +2,7 @@
 field and the limit, and the server keeps serving everyone else.
 
 In process: the frame limit of a job, FlowMatcher dropping jobs between ODE steps, request-size
-limits, the launcher's flags. Against the real tritonserver (cpu target, tiny checkpoint): a table
+limits, the supervisor's flags. Against the real tritonserver (cpu target, tiny checkpoint): a table
 of malformed requests over HTTP and gRPC, good and bad requests sharing a dynamic batch, request
 cancellation and deadlines between ODE steps, NaN weights, an engine that fails to load, a
 python-backend stub killed mid-run, and the custom metrics on /metrics.
@@ -197,8 +197,9 @@ def test_request_size_limits_follow_the_request_limits():
     assert DEFAULT_LIMITS.max_request_bytes("json") > 5 * binary
 
 
-def test_launcher_passes_size_limits_where_the_binary_has_the_flags(tmp_path):
-    from f5_triton.serving.launcher import TritonInstall, TritonServer
+def test_supervisor_passes_size_limits_where_the_binary_has_the_flags(tmp_path):
+    from f5_triton.supervisor.install import TritonInstall
+    from f5_triton.supervisor.server import TritonServer
 
     def command(help_text: str, **kwargs) -> list[str]:
         binary = tmp_path / f"tritonserver-{len(list(tmp_path.iterdir()))}"
@@ -503,7 +504,7 @@ def test_nan_weights_are_reported_never_returned_and_a_missing_engine_falls_back
 
 @pytest.mark.server
 def test_a_missing_engine_without_fallback_fails_fast(tiny_server, tmp_path):
-    from f5_triton.serving.launcher import TritonServerError
+    from f5_triton.supervisor.errors import TritonServerError
 
     start = time.monotonic()
     with pytest.raises(TritonServerError) as info:
@@ -520,7 +521,7 @@ def test_a_missing_engine_without_fallback_fails_fast(tiny_server, tmp_path):
 
 def flow_stubs(server) -> dict[int, str]:
     """Live flow_matching stubs that serve requests (the standby aside): pid -> instance name."""
-    from f5_triton.serving.launcher import _stub_instance, python_stubs
+    from f5_triton.supervisor.watchdog import _stub_instance, python_stubs
 
     stubs = {pid: _stub_instance(pid) for pid, (state, model) in python_stubs(server.pid).items()
              if model == "flow_matching" and state != "Z"}
@@ -632,7 +633,7 @@ def test_with_two_flow_instances_and_client_retries_nothing_fails(tiny_server, r
 @pytest.mark.server
 def test_a_killed_preprocess_stub_has_its_group_made_anew(server, ref_wave, baseline):
     """Models of one instance group (here preprocess) are recovered by the same in-place update."""
-    from f5_triton.serving.launcher import _stub_instance, python_stubs
+    from f5_triton.supervisor.watchdog import _stub_instance, python_stubs
 
     (stub,) = [pid for pid, (state, model) in python_stubs(server.pid).items() if model == "preprocess" and state != "Z"]
     known = len(server.stub_replacements)

@@ -152,7 +152,7 @@ def test_trt_target_needs_engines(tiny_ckpt):
 @pytest.mark.server
 def test_trt_repository_passes_tritonserver_config_parsing(tmp_path, tiny_ckpt, plans):
     """The bundled server has no TensorRT backend: every model must load or fail only for that reason."""
-    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.supervisor.server import TritonServer, free_port
 
     repo = render(RepositoryOptions(target="trt", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                     vocoder=tiny_ckpt / "vocos", dit_engine_path=plans[0], vocoder_plan=plans[1],
@@ -214,13 +214,34 @@ def test_torch_threads_are_capped_except_where_the_networks_run_on_the_cpu(tmp_p
 
 
 def test_cuda_graph_options_reach_the_flow_matching_engine(tmp_path, tiny_ckpt):
-    from f5_triton.serving import stages
+    from f5_triton.engines import EngineConfig
 
     out = tmp_path / "repo"
     subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "build_model_repo.py"), "--target", "gpu",
                     "--ckpt-dir", str(tiny_ckpt), "--output", str(out), "--graph-steps", "4", "--graph-max-rows", "16",
                     "--no-warmup"], check=True, capture_output=True)
     params = {k: v.string_value for k, v in parse(out / "flow_matching" / "config.pbtxt").parameters.items()}
-    config = stages.engine_config(params, "dit", "cuda:0")
+    config = EngineConfig.from_settings(params, "dit", "cuda:0")
     assert (config.graph_steps, config.graph_max_rows, config.cuda_graphs, config.compile) == (4, 16, True, True)
     assert params["warmup_requests"] == "0" and "dit_fp8" not in params
+
+
+def test_model_parameters_set_limits_and_sampling_defaults():
+    """Limits and sampling defaults come from the config, overridden only by the parameters that name them."""
+    from f5_triton.config import DEFAULT_SAMPLING, parse_bool
+    from f5_triton.serving import stages
+
+    params = {"limit_max_text_bytes": "100", "nfe_steps": "8", "sway_sampling_coef": "-0.5"}
+    limits, sampling = stages.limits_from_params(params), stages.sampling_from_params(params)
+    assert limits.max_text_bytes == 100 and limits.max_mel_frames == stages.DEFAULT_LIMITS.max_mel_frames
+    assert (sampling.nfe_steps, sampling.sway_sampling_coef, sampling.cfg_strength) == (
+        8, -0.5, DEFAULT_SAMPLING.cfg_strength)
+    fields = {"reference_wav": np.full(24_000, 0.1, np.float32), "reference_text": "a b", "target_text": "c d",
+              "nfe_steps": None, "cfg_strength": None, "speed": np.float32(1.5)}
+    request = stages.request_from_inputs(fields, sampling, limits)
+    assert (request.nfe_steps, request.sway_sampling_coef, request.cfg_strength, request.speed) == (8, -0.5, 2.0, 1.5)
+    with pytest.raises(InvalidInputError, match="target_text"):
+        stages.request_from_inputs({**fields, "target_text": "x" * 101}, sampling, limits)
+    assert parse_bool(None, True) and not parse_bool(" OFF ") and parse_bool("Yes")
+    with pytest.raises(ValueError, match="not a boolean"):
+        parse_bool("2")

@@ -38,7 +38,7 @@ RANDOM_LABEL = "NOISE, NOT SPEECH"
 
 
 def run_sh_env(work: Path, **extra: str) -> dict[str, str]:
-    from f5_triton.serving.launcher import free_port
+    from f5_triton.supervisor.server import free_port
 
     ports: set[int] = set()
     while len(ports) < 3:  # free_port() may hand out the same port twice

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.supervisor.server import TritonServer, free_port
 
     repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                     vocoder=tiny_ckpt / "vocos", nfe_steps=4, max_batch_size=8,
@@ -165,7 +165,7 @@ def test_stubs_see_packages_that_are_only_on_pythonpath(tiny_ckpt, tmp_path):
     """
     import os
 
-    from f5_triton.serving.launcher import TritonServer, free_port
+    from f5_triton.supervisor.server import TritonServer, free_port
 
     shadow, probes = tmp_path / "shadow", tmp_path / "probes"
     shadow.mkdir()

@@ -24,6 +24,7 @@ from f5_triton.engines.base import (
     DIT_INPUTS,
     DIT_OUTPUTS,
     DIT_STEP,
+    ENGINE_ALIASES,
     ENGINE_KINDS,
     NETWORKS,
     VOCODER,
@@ -36,6 +37,7 @@ from f5_triton.engines.base import (
     NetworkSpec,
     ShapeOutOfRange,
     TensorSpec,
+    torch_dtype,
 )
 from f5_triton.engines.networks import DiTStep, VocoderNetwork, as_network
 from f5_triton.engines.torch_engine import TorchEngine
@@ -44,10 +46,10 @@ from f5_triton.model.packing import Packing
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DIT_INPUTS", "DIT_OUTPUTS", "DIT_STEP", "ENGINE_KINDS", "NETWORKS", "VOCODER", "VOCODER_INPUTS",
+    "DIT_INPUTS", "DIT_OUTPUTS", "DIT_STEP", "ENGINE_ALIASES", "ENGINE_KINDS", "NETWORKS", "VOCODER", "VOCODER_INPUTS",
     "VOCODER_OUTPUTS", "DiTRunner", "DiTStep", "Engine", "EngineConfig", "EngineFallbackWarning",
     "EngineUnavailable", "NetworkSpec", "ShapeOutOfRange", "TensorSpec", "TorchEngine", "VocoderNetwork",
-    "VocoderRunner", "load_engine", "make_dit_runner", "make_vocoder_runner",
+    "VocoderRunner", "load_engine", "make_dit_runner", "make_vocoder_runner", "torch_dtype",
 ]
 
 

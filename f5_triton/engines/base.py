@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
-
-from f5_triton.config import CUDA_GRAPH_FRAME_BUCKETS
 import torch.nn.functional as F
 
-from f5_triton.config import HOP_LENGTH
+from f5_triton.config import CUDA_GRAPH_FRAME_BUCKETS, DTYPES, HOP_LENGTH, parse_bool
 
 ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
+ENGINE_ALIASES = {"pytorch": "torch", "trt": "tensorrt"}  # upstream benchmark.py's --backend-type names
 DYNAMIC_AXES = ("batch", "frames", "samples")
 
 
@@ -37,6 +36,22 @@ class EngineFallbackWarning(RuntimeWarning):
 
 class ShapeOutOfRange(ValueError):
     """Inputs fall outside the shapes an engine was built for (a TensorRT optimization profile)."""
+
+
+def pad_axis(tensor: torch.Tensor, axis: int, length: int) -> torch.Tensor:
+    """`tensor` with zeros (False for masks) appended along `axis` up to `length`; itself when already that long."""
+    extra = length - tensor.shape[axis]
+    if extra <= 0:
+        return tensor
+    pad = [0, 0] * (tensor.ndim - 1 - axis) + [0, extra]
+    return F.pad(tensor, pad, value=False if tensor.dtype == torch.bool else 0)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a precision name of the CLI and model parameters (`config.DTYPES`: fp32, fp16, bf16)."""
+    if name not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {name!r}")
+    return getattr(torch, DTYPES[name])
 
 
 @dataclass(frozen=True)
@@ -109,7 +124,7 @@ class NetworkSpec:
         return sizes
 
     def pad_frames(self, inputs: Sequence[torch.Tensor], frames: int) -> list[torch.Tensor]:
-        """Zero-pad (False for masks) every input's frames axis to `frames`.
+        """Zero-pad (False for masks) every input's frames axis to `frames` (`pad_axis`).
 
         The networks keep padded frames out of valid ones (the DiT through its mask, the vocoder
         through its lengths), so the valid part of the output does not change.
@@ -117,13 +132,9 @@ class NetworkSpec:
         padded = []
         for spec, tensor in zip(self.inputs, inputs):
             axis = spec.axis("frames")
-            extra = 0 if axis is None else frames - tensor.shape[axis]
-            if extra < 0:
+            if axis is not None and frames < tensor.shape[axis]:
                 raise ValueError(f"{self.name}: cannot pad {spec.name!r} of {tensor.shape[axis]} frames to {frames}")
-            if extra:
-                pad = [0, 0] * (tensor.ndim - 1 - axis) + [0, extra]
-                tensor = F.pad(tensor, pad, value=False if tensor.dtype == torch.bool else 0)
-            padded.append(tensor)
+            padded.append(tensor if axis is None else pad_axis(tensor, axis, frames))
         return padded
 
     def trim_frames(self, output: torch.Tensor, frames: int, index: int = 0) -> torch.Tensor:
@@ -166,16 +177,6 @@ DIT_INPUTS, DIT_OUTPUTS = DIT_STEP.input_names, DIT_STEP.output_names
 VOCODER_INPUTS, VOCODER_OUTPUTS = VOCODER.input_names, VOCODER.output_names
 
 
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        if value.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.strip().lower() in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"not a boolean: {value!r}")
-    return bool(value)
-
-
 @dataclass
 class EngineConfig:
     """Which engine runs a network, and its options.
@@ -213,7 +214,8 @@ class EngineConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "EngineConfig":
-        """Build from string values (Triton model parameters, environment, CLI): "true", "256,512", ..."""
+        """Build from field names to strings or typed values: "true", "256,512", ... (`from_settings` reads
+        these from a model's parameters or a command's options)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - fields
         if unknown:
@@ -221,7 +223,7 @@ class EngineConfig:
         kwargs: dict[str, Any] = dict(values)
         for name in ("fallback", "compile", "cuda_graphs"):
             if name in kwargs:
-                kwargs[name] = _as_bool(kwargs[name])
+                kwargs[name] = parse_bool(kwargs[name])
         for name in ("graph_steps", "graph_max_rows"):
             if name in kwargs:
                 kwargs[name] = int(kwargs[name])
@@ -230,7 +232,20 @@ class EngineConfig:
                 kwargs[name] = tuple(p.strip() for p in kwargs[name].split(",") if p.strip())
         if "path" in kwargs and kwargs["path"] in ("", None):
             kwargs["path"] = None
+        if "kind" in kwargs:
+            kwargs["kind"] = ENGINE_ALIASES.get(kwargs["kind"], kwargs["kind"])
         return cls(**kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], network: str, device: str) -> "EngineConfig":
+        """The engine of `network` ("dit" or "vocoder") on `device`, from flat settings named as the Triton
+        models' parameters and the commands' options: `<network>_engine`, `<network>_engine_path`,
+        `<network>_compile`, `<network>_cuda_graphs`, `<network>_graph_steps`, `<network>_graph_max_rows` and
+        `engine_fallback`. Values are strings or typed; a setting absent or None keeps the field's default."""
+        names = {"kind": f"{network}_engine", "path": f"{network}_engine_path", "fallback": "engine_fallback",
+                 **{name: f"{network}_{name}" for name in ("compile", "cuda_graphs", "graph_steps", "graph_max_rows")}}
+        return cls.from_mapping({"device": device, **{field: settings[key] for field, key in names.items()
+                                                      if settings.get(key) is not None}})
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from torch import nn
 
 from f5_triton.engines.base import DIT_STEP, VOCODER, NetworkSpec
 from f5_triton.model import DiT
+from f5_triton.model.dit import lens_to_mask
 
 
 class DiTStep(nn.Module):
@@ -63,11 +64,6 @@ def as_network(module: nn.Module) -> nn.Module:
     raise TypeError(f"no network spec for {type(module).__name__}: pass a DiT, a VocosDecoder or a module with .spec")
 
 
-def valid_mask(lengths: torch.Tensor, frames: int) -> torch.Tensor:
-    """[b, frames] bool, True where a frame is inside its item's length."""
-    return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
-
-
 def random_inputs(spec: NetworkSpec, lengths: Sequence[int], static_sizes: dict[str, int],
                   seed: int = 0) -> list[torch.Tensor]:
     """Inputs of a padded batch, one item per entry of `lengths`, shaped as a real call would be.
@@ -79,7 +75,7 @@ def random_inputs(spec: NetworkSpec, lengths: Sequence[int], static_sizes: dict[
     lengths_t = torch.tensor(list(lengths), dtype=torch.int64)
     batch, frames = len(lengths), int(max(lengths))
     sizes = {"batch": batch, "frames": frames, **static_sizes}
-    valid = valid_mask(lengths_t, frames)
+    valid = lens_to_mask(lengths_t, frames)
     tensors = []
     for tensor_spec in spec.inputs:
         shape = [sizes[axis] for axis in tensor_spec.axes]
@@ -107,7 +103,7 @@ def output_valid_mask(spec: NetworkSpec, output: torch.Tensor, lengths: Sequence
     for name, length in (("frames", lengths_t), ("samples", spec.samples(lengths_t))):
         axis = out_spec.axis(name)
         if axis is not None:
-            keep = valid_mask(length, output.shape[axis])
+            keep = lens_to_mask(length, output.shape[axis])
             return keep.view(output.shape[0], *[output.shape[axis] if i == axis else 1
                                                 for i in range(1, output.ndim)])
     return torch.ones((1,) * output.ndim, dtype=torch.bool)

@@ -25,10 +25,9 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from f5_triton.engines.base import EngineConfig, NetworkSpec
+from f5_triton.engines.base import EngineConfig, NetworkSpec, pad_axis
 from f5_triton.model.packing import Packing
 from f5_triton.sampler import euler_solve
 
@@ -237,11 +236,7 @@ class _CudaGraphs:
 
 def _pad_frames(x, cond, text_embed, mask, length: int):
     """Zero frames (masked out) appended up to `length`: exact, the mask keeps padding out of every valid frame."""
-    extra = length - x.shape[1]
-    if extra == 0:
-        return x, cond, text_embed, mask
-    x, cond, text_embed = (F.pad(v, (0, 0, 0, extra)) for v in (x, cond, text_embed))
-    return x, cond, text_embed, F.pad(mask, (0, extra), value=False)
+    return tuple(pad_axis(v, 1, length) for v in (x, cond, text_embed, mask))
 
 
 class GraphedSolver:

@@ -346,3 +346,25 @@ def export_models(modules: Sequence[nn.Module], output_dir: str | Path, *, fp16:
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"wrote {output_dir / MANIFEST_FILE}")
     return manifest
+
+
+def export_checkpoint(ckpt: str | Path, vocab: str | Path, vocoder: str | Path, output_dir: str | Path, *,
+                      networks: Sequence[str] = ("dit_step", "vocoder"), arch: str | None = None,
+                      fp16: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "auto",
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Load a checkpoint's `networks` (dit_step: the DiT step; vocoder: Vocos) and :func:`export_models` them."""
+    import dataclasses
+
+    from f5_triton.checkpoints import load_dit
+    from f5_triton.text import Tokenizer
+    from f5_triton.vocoder import VocosDecoder, load_vocos
+
+    modules: list[nn.Module] = []
+    metadata: dict[str, Any] = {"checkpoint": str(ckpt), "vocoder": str(vocoder)}
+    if "dit_step" in networks:
+        dit = load_dit(ckpt, Tokenizer(vocab).vocab_size, arch=arch)
+        metadata["architecture"] = dataclasses.asdict(dit.config)
+        modules.append(dit)
+    if "vocoder" in networks:
+        modules.append(VocosDecoder(load_vocos(vocoder)).eval())
+    return export_models(modules, output_dir, fp16=fp16, opset=opset, exporter=exporter, metadata=metadata, log=log)

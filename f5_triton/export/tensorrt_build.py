@@ -14,12 +14,13 @@ unconditional (CFG) branches of a request as one batch, so its batch axis is twi
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from f5_triton.engines.base import NetworkSpec
+from f5_triton.engines.base import NETWORKS, NetworkSpec
 from f5_triton.engines.tensorrt_engine import describe, flavour_of, import_tensorrt
 
 BUILD_INFO_FILE = "build_info.json"  # scripts/build_engines.py: each network's BuildReport, beside the plans
@@ -240,3 +241,15 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: NetworkSpec
     log(f"[{spec.name}] wrote {plan_path} ({plan_path.stat().st_size / 2**20:.1f} MiB) "
         f"in {report.seconds:.0f} s")
     return report
+
+
+def build_engines(onnx_dir: str | Path, output_dir: str | Path, networks: Sequence[str], options: BuildOptions,
+                  onnx_suffix: str = "", log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Build `networks` from ONNX_DIR/<name><onnx_suffix>.onnx into OUTPUT_DIR, with BUILD_INFO_FILE beside them."""
+    reports = {}
+    for name in networks:
+        spec = NETWORKS[name]
+        onnx_path = Path(onnx_dir) / f"{name}{onnx_suffix}.onnx"
+        reports[name] = build_engine(onnx_path, Path(output_dir) / spec.plan_file, spec, options, log=log).to_json()
+    (Path(output_dir) / BUILD_INFO_FILE).write_text(json.dumps(reports, indent=2) + "\n")
+    return reports

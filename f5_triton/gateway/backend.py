@@ -43,7 +43,7 @@ def api_error(exc: Exception, queue_limit: int | None = None) -> APIError:
         if match:  # "speed: is 5.0; ..." keeps its wording, named as the API names it
             message = message[:match.start()] + f"{param}: " + message[match.end():]
         return APIError(400, message, param=param, code="invalid_value")
-    if model_restarting(exc):  # INTERNAL from Triton 2.51's python backend; the launcher reloads the model
+    if model_restarting(exc):  # INTERNAL from Triton 2.51's python backend; the supervisor replaces the instance
         return APIError(503, f"the model is restarting, retry shortly: {message}", type=UNAVAILABLE,
                         code="restarting")
     if "Exceeds maximum queue size" in message:

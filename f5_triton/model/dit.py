@@ -1,7 +1,8 @@
 """The F5-TTS DiT backbone in plain torch.
 
-Parameter names follow upstream F5-TTS (`f5_tts.model.backbones.dit.DiT`) so that the official
-weights load with `strict=True`. Two things differ from upstream, on purpose:
+The state dict has upstream F5-TTS's names and layout (`f5_tts.model.backbones.dit.DiT`), so the
+official weights load with `strict=True` and saved weights are upstream's. Things that differ from
+upstream, on purpose:
 
 * The text embedding is a separate call (`embed_text`) so a sampler runs it once per request and
   only `step` runs at every ODE step (upstream caches it in thread-local state instead).
@@ -10,11 +11,16 @@ weights load with `strict=True`. Two things differ from upstream, on purpose:
   output is therefore the same alone or in any batch, and equal to upstream's unbatched output.
 * `step` also takes a packed batch (`f5_triton.model.packing`): sequences end to end, no padding at
   all, attention per sequence through a variable-length kernel.
+* Each attention's q/k/v projections are one fused [3 * inner, dim] weight, split into upstream's
+  `to_q`/`to_k`/`to_v` only in the state dict.
+* The kernels are chosen once, for a device and dtype, by `DiT.optimize_for` (`Kernels`); a model
+  that was not optimized runs the plain torch path, anywhere.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from f5_triton.config import DiTConfig
 from f5_triton.model.packing import Packing
+
+
+def lens_to_mask(lens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """[b, length] bool, True where a position is inside its item's length (`length`: the longest by default)."""
+    length = int(lens.max()) if length is None else length
+    return torch.arange(length, device=lens.device)[None, :] < lens[:, None]
 
 
 def sinusoidal_embedding(time: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
@@ -112,8 +124,7 @@ class TextEmbedding(nn.Module):
         """text: [b, nt] token ids with -1 as batch padding; seq_lens: [b] mel frames of each request."""
         text = text[:, :max_len] + 1  # filler/padding -1 -> 0; text longer than the audio is cut
         text = F.pad(text, (0, max_len - text.shape[1]), value=0)
-        positions = torch.arange(max_len, device=text.device)
-        valid = positions.unsqueeze(0) < seq_lens.to(text.device).unsqueeze(1)  # [b, n]
+        valid = lens_to_mask(seq_lens.to(text.device), max_len)  # [b, n]
         text = text.masked_fill(~valid, 0)
         keep = (text != 0) if self.mask_padding else valid
         keep = keep.unsqueeze(-1)
@@ -253,30 +264,7 @@ def cudnn_masked_attention_works(device: torch.device, dtype: torch.dtype, head_
         return False
 
 
-def attention_with_key_bias(q, k, v, key_valid: torch.Tensor) -> torch.Tensor:
-    """SDPA that ignores padded keys without an attention mask, so the fast (flash/cuDNN) kernels run.
-
-    Used on GPUs where cuDNN's attention cannot take the mask (`cudnn_masked_attention_works`): SDPA
-    then picks the memory-efficient kernel for a masked call, ~3x slower on Hopper. Instead one extra channel carries the
-    mask into the scores: q gets a 1, k gets 0 (valid) or -30000 (padded), so q.k gains exactly 0 or
-    a large negative bias; channels are padded to a multiple of 8 for the kernels and dropped after.
-    key_valid: [b, n] bool.
-    """
-    head_dim = q.shape[-1]
-    extra = 8
-    bias = (~key_valid).to(q.dtype) * -30000.0  # [b, n]
-    b, h, n, _ = k.shape
-    q_pad = torch.zeros(b, h, n, extra, dtype=q.dtype, device=q.device)
-    q_pad[..., 0] = 1
-    k_pad = torch.zeros(b, h, n, extra, dtype=k.dtype, device=k.device)
-    k_pad[..., 0] = bias[:, None, :]
-    q = torch.cat((q, q_pad), dim=-1)
-    k = torch.cat((k, k_pad), dim=-1)
-    v = torch.cat((v, torch.zeros_like(k_pad)), dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5)
-    return out[..., :head_dim]
-
-
+PADDED_ATTENTION_KERNELS = ("sdpa", "cudnn")
 PACKED_ATTENTION_KERNELS = ("per_sequence", "varlen")
 
 
@@ -318,16 +306,56 @@ def packed_attention(q, k, v, packing: Packing, kernel: str = "per_sequence") ->
     return torch.cat(outs)
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """The DiT's fast paths, chosen together for one device and dtype (`DiT.optimize_for`). The defaults are the
+    plain torch path: it runs anywhere, and the tests hold the others to it.
+
+    padded: attention over a padded batch (`PADDED_ATTENTION_KERNELS`): "sdpa" (boolean key mask, torch picks the
+        kernel) or "cudnn" (cuDNN's fused attention with an additive key mask: several times faster than the
+        memory-efficient kernel SDPA picks for a masked call on Hopper, `scripts/attention_bench.py`).
+    packed: attention over a packed batch (`PACKED_ATTENTION_KERNELS`): "per_sequence" (SDPA on each sequence) or
+        "varlen" (one variable-length flash kernel).
+    gelu_epilogue: the feed-forward's bias + tanh-GELU in its first GEMM's epilogue (cuBLASLt), saving a pass over
+        the widest activation. CUDA only: elsewhere that op's GELU is the exact one, not upstream's tanh.
+    """
+
+    padded: str = "sdpa"
+    packed: str = "per_sequence"
+    gelu_epilogue: bool = False
+
+    def __post_init__(self) -> None:
+        if self.padded not in PADDED_ATTENTION_KERNELS or self.packed not in PACKED_ATTENTION_KERNELS:
+            raise ValueError(f"attention kernels must be in {PADDED_ATTENTION_KERNELS} (padded) and "
+                             f"{PACKED_ATTENTION_KERNELS} (packed), got {self.padded!r}, {self.packed!r}")
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, dtype: torch.dtype, head_dim: int = 64) -> "Kernels":
+        """The fastest kernels that run on `device` in `dtype` (probed): cuDNN and variable-length attention
+        where they work (CUDA, half precision), the GEMM epilogue on any CUDA device; the plain path elsewhere."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return cls()
+        return cls(padded="cudnn" if cudnn_masked_attention_works(device, dtype, head_dim) else "sdpa",
+                   packed="varlen" if varlen_attention_works(device, dtype, head_dim) else "per_sequence",
+                   gelu_epilogue=True)
+
+
 class Attention(nn.Module):
+    """Upstream's attention with its q/k/v projections fused into one [3 * inner, dim] weight (one GEMM instead of
+    three). The state dict keeps upstream's `to_q`, `to_k`, `to_v`: they are split on saving and fused on loading."""
+
+    PROJECTIONS = ("to_q", "to_k", "to_v")
+
     def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: str | None, pe_attn_head: int | None):
         super().__init__()
         self.heads = heads
         self.dim_head = dim_head
         self.pe_attn_head = pe_attn_head
         inner = heads * dim_head
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
+        projections = [nn.Linear(dim, inner) for _ in self.PROJECTIONS]  # initialised as three layers, as before fusing
+        self.qkv_weight = nn.Parameter(torch.cat([p.weight.detach() for p in projections]))
+        self.qkv_bias = nn.Parameter(torch.cat([p.bias.detach() for p in projections]))
         if qk_norm is None:
             self.q_norm = self.k_norm = None
         elif qk_norm == "rms_norm":
@@ -335,8 +363,24 @@ class Attention(nn.Module):
         else:
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {qk_norm!r}")
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-        self.cudnn_masked = False  # set by DiT.select_attention_kernels: key_mask is then an additive bias
-        self.packed_kernel = "per_sequence"  # set by DiT.select_attention_kernels (PACKED_ATTENTION_KERNELS)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Upstream's layout: the fused weight as to_q, to_k, to_v (copies, so that checkpoint writers, which
+        refuse tensors sharing memory, take them). With `keep_vars` (the live parameters, as tracers and
+        exporters ask for them) the fused parameters themselves."""
+        if keep_vars:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, weight, bias in zip(self.PROJECTIONS, self.qkv_weight.chunk(3), self.qkv_bias.chunk(3)):
+            for kind, value in (("weight", weight), ("bias", bias)):
+                destination[f"{prefix}{name}.{kind}"] = value.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Fuse upstream's to_q, to_k, to_v as they load (a state dict without them is left to the strict check)."""
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in self.PROJECTIONS]
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}qkv_{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """t: [..., n, heads, dim_head]; cos, sin: [n, 1, dim_head]."""
@@ -346,42 +390,31 @@ class Attention(nn.Module):
         n = self.pe_attn_head
         return torch.cat((rotated[..., :n, :], t[..., n:, :]), dim=-2).to(t.dtype)
 
-    def fuse_projections(self) -> None:
-        """One [3*inner, dim] matmul instead of three (faster on GPUs); the state dict keeps upstream's names."""
-        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        self.register_buffer("qkv_weight", weight.detach(), persistent=False)
-        self.register_buffer("qkv_bias", bias.detach(), persistent=False)
-
     def _qkv(self, x, rope):
         """Normed, rotated q, k, v of x [..., n, dim], each [..., n, heads, dim_head]."""
-        if hasattr(self, "qkv_weight"):
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-            q, k, v = qkv.unflatten(-1, (3, self.heads, self.dim_head)).unbind(-3)
-        else:
-            q, k, v = (proj(x).unflatten(-1, (self.heads, self.dim_head)) for proj in (self.to_q, self.to_k, self.to_v))
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, self.dim_head)).unbind(-3)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (r.unsqueeze(-2) for r in rope)  # broadcast over heads
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
-    def forward_packed(self, x, rope, packing: Packing):
-        """x: [tokens, dim] packed; rope: cos, sin [tokens, dim_head] at each token's own position."""
+    def forward_packed(self, x, rope, packing: Packing, kernel: str = "per_sequence"):
+        """x: [tokens, dim] packed; rope: cos, sin [tokens, dim_head] at each token's own position;
+        kernel: `Kernels.packed`."""
         q, k, v = self._qkv(x, rope)
-        out = packed_attention(q, k, v, packing, self.packed_kernel)
+        out = packed_attention(q, k, v, packing, kernel)
         return self.to_out[0](out.flatten(1).to(x.dtype))
 
-    def forward(self, x, rope, key_mask, keep):
-        """key_mask: [b, 1, 1, n] bool (True = valid key), or additive float bias when `cudnn_masked`, or None;
-        keep: [b, n, 1] float or None."""
+    def forward(self, x, rope, key_mask, keep, kernel: str = "sdpa"):
+        """key_mask: [b, 1, 1, n] bool (True = valid key), or None; with kernel (`Kernels.padded`) "cudnn" an
+        additive float mask instead. keep: [b, n, 1] float or None."""
         b = x.shape[0]
         q, k, v = (t.transpose(1, 2) for t in self._qkv(x, rope))
-        if key_mask is not None and self.cudnn_masked:
+        if key_mask is not None and kernel == "cudnn":
             # SDPA's default order would pick the memory-efficient kernel for a masked call (~2x slower)
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        elif key_mask is not None and q.is_cuda:
-            out = attention_with_key_bias(q, k, v, key_mask[:, 0, 0, :])
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head).to(q.dtype)
@@ -395,11 +428,10 @@ class FeedForward(nn.Module):
         inner = int(dim * mult)
         self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
                                 nn.Dropout(0.0), nn.Linear(inner, dim))
-        self.gelu_epilogue = False  # set by DiT.use_gemm_epilogues
 
-    def forward(self, x):
-        if self.gelu_epilogue:
-            # bias + tanh-GELU in the GEMM's epilogue (cuBLASLt on CUDA): saves a pass over the widest activation
+    def forward(self, x, gelu_epilogue: bool = False):
+        """gelu_epilogue: `Kernels.gelu_epilogue` (CUDA only)."""
+        if gelu_epilogue:
             up = self.ff[0][0]
             h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
             return self.ff[2](h.unflatten(0, x.shape[:-1]))
@@ -414,16 +446,17 @@ class DiTBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, x, t, rope, key_mask, keep, packing: Packing | None = None):
+    def forward(self, x, t, rope, key_mask, keep, packing: Packing | None = None, kernels: Kernels = Kernels()):
         """With `packing`: x packed [tokens, dim], t [sequences, dim], key_mask and keep unused."""
         mod = self.attn_norm.linear(self.attn_norm.silu(t))
         mod = mod.unsqueeze(1) if packing is None else mod[packing.sequence_ids]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         norm = self.attn_norm.norm(x) * (1 + scale_msa) + shift_msa
-        attn = self.attn(norm, rope, key_mask, keep) if packing is None else self.attn.forward_packed(norm, rope, packing)
+        attn = (self.attn(norm, rope, key_mask, keep, kernels.padded) if packing is None
+                else self.attn.forward_packed(norm, rope, packing, kernels.packed))
         x = x + gate_msa * attn
         norm = self.ff_norm(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.ff(norm)
+        return x + gate_mlp * self.ff(norm, kernels.gelu_epilogue)
 
 
 class DiT(nn.Module):
@@ -470,6 +503,7 @@ class DiT(nn.Module):
         self.long_skip_connection = nn.Linear(dim * 2, dim, bias=False) if long_skip_connection else None
         self.norm_out = AdaLayerNorm(dim, chunks=2)
         self.proj_out = nn.Linear(dim, mel_dim)
+        self.kernels = Kernels()  # the plain path until `optimize_for` chooses the device's
 
     accepts_packed = True  # `step` takes a `Packing` in place of the mask
 
@@ -481,29 +515,12 @@ class DiT(nn.Module):
     def from_config(cls, config: DiTConfig) -> "DiT":
         return cls(**{k: getattr(config, k) for k in config.__dataclass_fields__})
 
-    def fuse_projections(self) -> "DiT":
-        """Inference speed-up: fused q/k/v projections. Call after loading weights (and after .to())."""
-        for block in self.transformer_blocks:
-            block.attn.fuse_projections()
-        return self
-
-    def select_attention_kernels(self) -> "DiT":
-        """On a GPU whose cuDNN attention takes a key mask, masked steps run it (faster than the key-bias
-        channel, `scripts/attention_bench.py`); packed steps run the variable-length flash kernel where it
-        works (CUDA, half precision), else SDPA per sequence. Call after .to(device, dtype)."""
-        param = next(self.parameters())
-        use = param.is_cuda and cudnn_masked_attention_works(param.device, param.dtype, self.config.dim_head)
-        packed = "varlen" if varlen_attention_works(param.device, param.dtype, self.config.dim_head) else "per_sequence"
-        for block in self.transformer_blocks:
-            block.attn.cudnn_masked = use
-            block.attn.packed_kernel = packed
-        return self
-
-    def use_gemm_epilogues(self, enable: bool = True) -> "DiT":
-        """On CUDA: the feed-forward's GELU runs in its first GEMM's epilogue. CUDA only (elsewhere that op's GELU is
-        the exact one, not upstream's tanh approximation)."""
-        for block in self.transformer_blocks:
-            block.ff.gelu_epilogue = enable and next(self.parameters()).is_cuda
+    def optimize_for(self, device: torch.device | str, dtype: torch.dtype) -> "DiT":
+        """The model on `device` in `dtype`, in eval mode, running the fastest kernels that work there
+        (`Kernels.for_device`, probed): everything about how it runs, chosen in this one call, after the weights
+        are loaded. Move it no further: kernels chosen for a GPU need not run elsewhere."""
+        self.to(device=device, dtype=dtype).eval()
+        self.kernels = Kernels.for_device(device, dtype, self.config.dim_head)
         return self
 
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
@@ -525,13 +542,13 @@ class DiT(nn.Module):
         t = self.time_embed(time)
         keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)
         key_mask = None if mask is None else mask[:, None, None, :]
-        if key_mask is not None and self.transformer_blocks[0].attn.cudnn_masked:
+        if key_mask is not None and self.kernels.padded == "cudnn":
             key_mask = torch.zeros(key_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~key_mask, float("-inf"))
         h = self.input_embed(x, cond, text_embed, keep)
         rope = self.rotary_embed(n, x.device)
         residual = h
         for block in self.transformer_blocks:
-            h = block(h, t, rope, key_mask, keep)
+            h = block(h, t, rope, key_mask, keep, kernels=self.kernels)
         if self.long_skip_connection is not None:
             h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
         scale, shift = self.norm_out.linear(self.norm_out.silu(t)).unsqueeze(1).chunk(2, dim=-1)
@@ -546,7 +563,7 @@ class DiT(nn.Module):
         rope = self.rotary_embed(0, x.device, positions=packing.positions)
         residual = h
         for block in self.transformer_blocks:
-            h = block(h, t, rope, None, None, packing)
+            h = block(h, t, rope, None, None, packing, self.kernels)
         if self.long_skip_connection is not None:
             h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
         scale, shift = self.norm_out.linear(self.norm_out.silu(t))[packing.sequence_ids].chunk(2, dim=-1)

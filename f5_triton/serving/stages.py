@@ -5,56 +5,49 @@ Kept apart from the adapters so the same construction is tested without a server
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
 import numpy as np
 import torch
 
-from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, Limits
+from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, Limits, SamplingConfig, parse_bool, settings_from
 from f5_triton.errors import InvalidInputError
 from f5_triton.pipeline import FlowMatcher, Job, Vocoder
+from f5_triton.request import SynthesisRequest, validate_request
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def limits_from_params(params: dict[str, str]) -> Limits:
     """Limits with any `limit_<name>` parameter of the model config applied."""
-    changes = {}
-    for field in dataclasses.fields(Limits):
-        value = params.get(f"limit_{field.name}")
-        if value is not None:
-            changes[field.name] = type(getattr(DEFAULT_LIMITS, field.name))(value)
-    return dataclasses.replace(DEFAULT_LIMITS, **changes)
+    return settings_from(params, DEFAULT_LIMITS, prefix="limit_")
 
 
-def _bool(value: str | None, default: bool) -> bool:
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+def sampling_from_params(params: dict[str, str]) -> SamplingConfig:
+    """The model's sampling defaults (`nfe_steps`, `sway_sampling_coef`, ... parameters over `DEFAULT_SAMPLING`)."""
+    return settings_from(params, DEFAULT_SAMPLING)
 
 
-def engine_config(params: dict[str, str], prefix: str, device: str):
-    from f5_triton.engines import EngineConfig
-
-    return EngineConfig(kind=params.get(f"{prefix}_engine", "torch"), path=params.get(f"{prefix}_engine_path") or None,
-                        device=device, fallback=_bool(params.get("engine_fallback"), True),
-                        compile=_bool(params.get(f"{prefix}_compile"), False),
-                        cuda_graphs=_bool(params.get(f"{prefix}_cuda_graphs"), False),
-                        graph_steps=int(params.get(f"{prefix}_graph_steps", 8)),
-                        graph_max_rows=int(params.get(f"{prefix}_graph_max_rows", 8)))
+def request_from_inputs(fields: dict, sampling: SamplingConfig, limits: Limits) -> SynthesisRequest:
+    """A request's wire fields (`request.INPUTS`), validated, with the model's `sampling` defaults where the
+    request sends none (ODE steps, guidance, speed), and its sway coefficient (not a wire field)."""
+    fields = {**fields, **{name: getattr(sampling, name) for name in ("nfe_steps", "cfg_strength", "speed")
+                           if fields.get(name) is None}}
+    synthesis = validate_request(**fields, limits=limits)
+    synthesis.sway_sampling_coef = sampling.sway_sampling_coef
+    return synthesis
 
 
 def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
     from f5_triton.checkpoints import load_dit
-    from f5_triton.engines import make_dit_runner
+    from f5_triton.engines import EngineConfig, make_dit_runner, torch_dtype
     from f5_triton.text import Tokenizer
 
-    dtype = DTYPES[params.get("dtype", "fp32")] if device.startswith("cuda") else torch.float32
+    dtype = torch_dtype(params.get("dtype", "fp32")) if device.startswith("cuda") else torch.float32
     model = load_dit(params["ckpt"], Tokenizer(params["vocab"]).vocab_size, arch=params.get("arch") or None,
                      device=device, dtype=dtype)
-    runner = make_dit_runner(model, engine_config(params, "dit", device))
+    runner = make_dit_runner(model, EngineConfig.from_settings(params, "dit", device))
     return FlowMatcher(runner, device=device, dtype=dtype)
 
 
@@ -68,7 +61,7 @@ def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder 
     if requests <= 0:
         return None
     start = time.perf_counter()
-    every_shape = _bool(params.get("warmup_every_shape"), True)
+    every_shape = parse_bool(params.get("warmup_every_shape"), True)
     mels = flow_matcher.warm_up(requests, nfe_steps=int(params.get("warmup_nfe_steps", DEFAULT_SAMPLING.nfe_steps)),
                                 log=lambda message: logger.info("%s: %s", name, message),
                                 max_frames=limits_from_params(params).max_mel_frames if every_shape else None)
@@ -80,11 +73,11 @@ def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder 
 
 
 def load_vocoder(params: dict[str, str], device: str) -> Vocoder:
-    from f5_triton.engines import make_vocoder_runner
+    from f5_triton.engines import EngineConfig, make_vocoder_runner
     from f5_triton.vocoder import VocosDecoder, load_vocos
 
     decoder = VocosDecoder(load_vocos(params["vocoder"], device=device)).to(device).eval()
-    return Vocoder(make_vocoder_runner(decoder, engine_config(params, "vocoder", device)), device=device)
+    return Vocoder(make_vocoder_runner(decoder, EngineConfig.from_settings(params, "vocoder", device)), device=device)
 
 
 def load_flow_vocoder(params: dict[str, str], device: str) -> Vocoder | None:
@@ -93,7 +86,7 @@ def load_flow_vocoder(params: dict[str, str], device: str) -> Vocoder | None:
     With it, flow_matching sends waveforms (wire.WAVE_FIELDS) and the `vocoder` model is not called:
     no second process whose kernels time-slice the GPU with flow matching.
     """
-    return load_vocoder(params, device) if _bool(params.get("vocode"), False) else None
+    return load_vocoder(params, device) if parse_bool(params.get("vocode"), False) else None
 
 
 def vocode_together(vocoder: Vocoder, mels: dict[int, list[torch.Tensor]]) -> dict[int, list[np.ndarray]]:

@@ -22,10 +22,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
-from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS, DEFAULT_SAMPLING, SAMPLE_RATE
+from f5_triton.config import SAMPLE_RATE
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
-from f5_triton.request import INPUTS, validate_request
+from f5_triton.request import INPUTS
 from f5_triton.serving import metrics, stages, triton_io
 from f5_triton.stream_scheduler import StreamScheduler
 from f5_triton.streaming import DEFAULT_FIRST_CHUNK_BYTES, StreamingSynthesizer
@@ -83,23 +83,19 @@ class TritonPythonModel:
             preprocess, flow_matcher, vocoder,
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
-        self.scheduler = StreamScheduler(
-            streamer, granularity=params.get("granularity", "chunk"), max_streams=int(params.get("max_streams", 16)),
-            max_queued=int(params.get("max_queued", 64)),
-            first_chunk_steps=int(params.get("first_chunk_steps", DEFAULT_FIRST_CHUNK_STEPS))).start()
+        options = {name: kind(params[name]) for name, kind in (("granularity", str), ("max_streams", int),
+                                                               ("max_queued", int), ("first_chunk_steps", int))
+                   if name in params}
+        self.scheduler = StreamScheduler(streamer, **options).start()  # StreamScheduler's defaults otherwise
         self.metrics = metrics.Metrics(model)
-        self.sway_sampling_coef = float(params.get("sway_sampling_coef", DEFAULT_SAMPLING.sway_sampling_coef))
-        self.default_nfe_steps = int(params.get("nfe_steps", DEFAULT_SAMPLING.nfe_steps))
+        self.sampling = stages.sampling_from_params(params)
 
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request, self.metrics)
             try:
-                fields = triton_io.inputs(request, [f.name for f in INPUTS])
-                if fields["nfe_steps"] is None:
-                    fields["nfe_steps"] = self.default_nfe_steps
-                synthesis = validate_request(**fields, limits=self.scheduler.synthesizer.preprocess.limits)
-                synthesis.sway_sampling_coef = self.sway_sampling_coef
+                synthesis = stages.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
+                                                       self.sampling, self.scheduler.synthesizer.preprocess.limits)
                 self.scheduler.submit(synthesis, sink)
             except Exception as exc:
                 sink.failed(exc)

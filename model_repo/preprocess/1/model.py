@@ -10,12 +10,10 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 import time
 
 import numpy as np
-import triton_python_backend_utils as pb_utils  # provided by the python backend
 
 from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params
-from f5_triton.config import DEFAULT_SAMPLING
 from f5_triton.pipeline import Preprocessor
-from f5_triton.request import INPUTS, validate_request
+from f5_triton.request import INPUTS
 from f5_triton.serving import stages, triton_io, wire
 from f5_triton.serving.metrics import Metrics, cache_observer
 from f5_triton.text import Tokenizer
@@ -28,8 +26,7 @@ class TritonPythonModel:
         self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params),
                                        cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
                                                                cache_observer(args["model_name"], "reference")))
-        self.sway_sampling_coef = float(params.get("sway_sampling_coef", DEFAULT_SAMPLING.sway_sampling_coef))
-        self.default_nfe_steps = int(params.get("nfe_steps", DEFAULT_SAMPLING.nfe_steps))
+        self.sampling = stages.sampling_from_params(params)
         self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests):
@@ -37,11 +34,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                fields = triton_io.inputs(request, [f.name for f in INPUTS])
-                if fields["nfe_steps"] is None:
-                    fields["nfe_steps"] = self.default_nfe_steps
-                synthesis = validate_request(**fields, limits=self.preprocess.limits)
-                synthesis.sway_sampling_coef = self.sway_sampling_coef
+                synthesis = stages.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
+                                                       self.sampling, self.preprocess.limits)
                 arrays = wire.pack_prepared(self.preprocess(synthesis))
                 responses.append(triton_io.response({**arrays, triton_io.RECEIVED_AT: received_at}))
             except Exception as exc:

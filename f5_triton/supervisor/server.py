@@ -1,22 +1,4 @@
-"""Find and run a ``tritonserver`` process for an f5-triton model repository.
-
-Two installations are supported:
-
-* a ``tritonserver`` on ``PATH`` (or ``/opt/tritonserver/bin``), as in the NGC
-  ``nvcr.io/nvidia/tritonserver`` containers;
-* the server bundled in the ``nvidia-pytriton`` wheel. It has no usable backend
-  directory out of the box: the python backend is shipped without its stub, and
-  one stub per Python version lives in ``pytriton/tritonserver/python_backend_stubs``.
-  :func:`find_tritonserver` assembles a backend directory under a cache folder and
-  computes the environment the server and its python-backend stubs need.
-
-The python backend stub is a separate process that embeds ``libpython``. It does
-not know about virtual environments by itself: when no program name is set, the
-embedded interpreter searches ``PATH`` for ``python3`` and derives ``sys.prefix``
-from what it finds (``pyvenv.cfg`` included). Putting the running interpreter's
-``bin`` folder first on ``PATH`` therefore gives the stub this environment's
-site-packages, ``.pth`` files and editable installs included -- the same trick
-PyTriton uses.
+"""A ``tritonserver`` child process serving one model repository.
 
 :class:`TritonServer` starts the server with locked-down defaults (strict
 readiness, admin-key protected repository / shared-memory / logging / trace APIs,
@@ -28,61 +10,39 @@ are not restarted by tritonserver 2.51: the python backend dropped its restart i
 "Stub process '<instance>' is not healthy" (INTERNAL) while the health endpoints still
 say ready. Unless ``recover_stubs=False``, :class:`TritonServer` therefore runs Triton
 with explicit model control (the repository API stays behind the admin key) and a
-watchdog thread that replaces the dead instance (:meth:`TritonServer.replace_instance`):
-a load with the model's configuration changed only in its instance groups, which Triton
-applies in place -- the other instances keep serving, and a model rendered with one group
-per instance plus a passive standby (f5_triton.serving.repository) has the dead one taken
-out of service at once, so that requests wait in the queue for its replacement.
+watchdog thread (:mod:`f5_triton.supervisor.watchdog`) that replaces the dead instance
+(:meth:`TritonServer.replace_instance`): a load with the model's configuration changed
+only in its instance groups, which Triton applies in place -- the other instances keep
+serving, and a model rendered with one group per instance plus a passive standby
+(f5_triton.serving.repository) has the dead one taken out of service at once, so that
+requests wait in the queue for its replacement.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
 import re
 import secrets
-import select
-import shutil
 import signal
-import site
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, Literal
 
-__all__ = [
-    "ADMIN_KEY_ENV",
-    "ADMIN_KEY_HEADER",
-    "DEFAULT_RESTRICTED_APIS",
-    "GRPC_ADMIN_KEY_HEADER",
-    "ServerUrls",
-    "StubReplacement",
-    "StubWatchdog",
-    "TritonInstall",
-    "TritonNotFoundError",
-    "TritonServer",
-    "TritonServerError",
-    "find_tritonserver",
-    "free_port",
-    "python_stubs",
-    "run_forever",
-]
+from f5_triton.supervisor.errors import TritonServerError
+from f5_triton.supervisor.install import TritonInstall, find_tritonserver
+from f5_triton.supervisor.watchdog import StubReplacement, StubWatchdog
 
 LOGGER = logging.getLogger(__name__)
 
@@ -96,289 +56,9 @@ ADMIN_KEY_ENV = "F5_TRITON_ADMIN_KEY"
 #: ``shared-memory`` let a caller load models or map host memory; ``logging`` and
 #: ``trace`` can redirect server output to files.
 DEFAULT_RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory", "logging", "trace")
-
-_NGC_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 #: Request-size flags of newer tritonserver releases (2.51 has neither): flag -> body encoding
 #: whose worst case sizes the default (:meth:`f5_triton.config.Limits.max_request_bytes`).
 _INPUT_SIZE_FLAGS = {"--http-max-input-size": "json", "--grpc-max-input-size": "binary"}
-_PATH_LIST_VARS = frozenset({"PATH", "LD_LIBRARY_PATH", "PYTHONPATH"})
-_NOT_FOUND_HINT = "pip install nvidia-pytriton or run inside an NGC tritonserver container"
-
-
-class TritonNotFoundError(RuntimeError):
-    """No usable ``tritonserver`` installation was found."""
-
-
-class TritonServerError(RuntimeError):
-    """The server could not be started, did not become ready, or died."""
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """A ``tritonserver`` binary and what it needs to run.
-
-    Attributes:
-        binary: path of the ``tritonserver`` executable.
-        backend_directory: value for ``--backend-directory``; ``None`` keeps the
-            server default (``/opt/tritonserver/backends``).
-        env: environment additions. ``PATH``, ``LD_LIBRARY_PATH`` and
-            ``PYTHONPATH`` values are prepended to the existing value, others replace it.
-        cache_directory: value for ``--cache-directory`` (response cache
-            implementations), or ``None`` for the server default.
-        bundled: whether this is the server shipped in ``nvidia-pytriton``.
-    """
-
-    binary: Path
-    backend_directory: Path | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    cache_directory: Path | None = None
-    bundled: bool = False
-
-    def supported_flags(self) -> frozenset[str]:
-        """The ``--flags`` that ``tritonserver --help`` lists (run once per binary)."""
-        return _help_flags(str(self.binary), self.environ().get("LD_LIBRARY_PATH", ""))
-
-    def environ(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Return ``base`` (default: ``os.environ``) with :attr:`env` applied."""
-        merged = dict(os.environ if base is None else base)
-        for key, value in self.env.items():
-            if key in _PATH_LIST_VARS and merged.get(key):
-                merged[key] = _join_paths([value, merged[key]])
-            else:
-                merged[key] = value
-        return merged
-
-
-@functools.lru_cache(maxsize=8)
-def _help_flags(binary: str, ld_library_path: str) -> frozenset[str]:
-    env = {**os.environ, "LD_LIBRARY_PATH": ld_library_path}
-    try:
-        result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60, env=env)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        LOGGER.warning("could not run %s --help: %s", binary, exc)
-        return frozenset()
-    return frozenset(re.findall(r"^\s+(--[a-z0-9-]+)", result.stdout + result.stderr, flags=re.MULTILINE))
-
-
-def find_tritonserver(
-    cache_dir: str | os.PathLike[str] | None = None,
-    prefer: Literal["auto", "system", "bundled"] = "auto",
-) -> TritonInstall:
-    """Locate a ``tritonserver`` installation.
-
-    Args:
-        cache_dir: folder for the prepared backend directory of the bundled server.
-            Defaults to ``$F5_TRITON_CACHE`` or ``$XDG_CACHE_HOME/f5-triton``
-            (``~/.cache/f5-triton``).
-        prefer: ``"auto"`` uses a system ``tritonserver`` if there is one and the
-            nvidia-pytriton one otherwise; ``"system"`` / ``"bundled"`` allow only that one.
-
-    Raises:
-        TritonNotFoundError: no installation of the requested kind exists.
-    """
-    if prefer not in ("auto", "system", "bundled"):
-        raise ValueError(f"prefer must be 'auto', 'system' or 'bundled', not {prefer!r}")
-    if prefer in ("auto", "system"):
-        binary = _system_binary()
-        if binary is not None:
-            return _system_install(binary)
-        if prefer == "system":
-            raise TritonNotFoundError(f"no tritonserver on PATH or at {_NGC_BINARY}; {_NOT_FOUND_HINT}")
-    install = _bundled_install(Path(cache_dir) if cache_dir is not None else _default_cache_dir())
-    if install is None:
-        raise TritonNotFoundError(
-            f"tritonserver not found: no tritonserver on PATH or at {_NGC_BINARY}, "
-            f"and nvidia-pytriton is not installed; {_NOT_FOUND_HINT}"
-        )
-    return install
-
-
-def _system_binary() -> Path | None:
-    found = shutil.which("tritonserver")
-    if found:
-        return Path(found).resolve()
-    if _NGC_BINARY.is_file() and os.access(_NGC_BINARY, os.X_OK):
-        return _NGC_BINARY
-    return None
-
-
-def _system_install(binary: Path) -> TritonInstall:
-    # NGC layout: <prefix>/bin/tritonserver and <prefix>/backends/python/triton_python_backend_stub
-    stub = binary.parent.parent / "backends" / "python" / "triton_python_backend_stub"
-    if not stub.is_file():
-        stub = Path("/opt/tritonserver/backends/python/triton_python_backend_stub")
-    env: dict[str, str] = {}
-    stub_version = _stub_python_version(stub) if stub.is_file() else None
-    if stub_version == _python_version():
-        env = _stub_python_env()
-    elif stub_version is not None:
-        LOGGER.warning(
-            "the python backend stub %s embeds Python %s but f5-triton runs on Python %s: "
-            "python models will not see this environment's packages",
-            stub,
-            stub_version,
-            _python_version(),
-        )
-    backends = binary.parent.parent / "backends"
-    return TritonInstall(binary=binary, backend_directory=backends if backends.is_dir() else None, env=env)
-
-
-def _bundled_install(cache_dir: Path) -> TritonInstall | None:
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
-    dist_dir = package_dir / "tritonserver"
-    binary = dist_dir / "bin" / "tritonserver"
-    if not binary.is_file():
-        return None
-
-    version = _python_version()
-    stubs_dir = dist_dir / "python_backend_stubs"
-    stub = stubs_dir / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        available = sorted(p.name for p in stubs_dir.iterdir()) if stubs_dir.is_dir() else []
-        raise TritonNotFoundError(
-            f"nvidia-pytriton at {package_dir} has no python backend stub for Python {version} "
-            f"(available: {', '.join(available) or 'none'}); use one of those Python versions "
-            f"or run inside an NGC tritonserver container"
-        )
-
-    libpython = _shared_libpython()
-    root = _prepare_bundled_dir(cache_dir, dist_dir, stub, libpython)
-
-    libs = package_dir.parent / "nvidia_pytriton.libs"
-    if not libs.is_dir():  # editable install of pytriton itself
-        libs = dist_dir / "external_libs"
-    # The copied server pieces lose their $ORIGIN-relative RUNPATH, hence LD_LIBRARY_PATH.
-    ld_paths = [str(root / "pylib")] if libpython is not None else []
-    ld_paths.append(str(libs))
-    env = _stub_python_env()
-    env["LD_LIBRARY_PATH"] = _join_paths(ld_paths)
-    caches = dist_dir / "caches"
-    return TritonInstall(
-        binary=binary,
-        backend_directory=root / "backends",
-        env=env,
-        cache_directory=caches if caches.is_dir() else None,
-        bundled=True,
-    )
-
-
-def _prepare_bundled_dir(cache_dir: Path, dist_dir: Path, stub: Path, libpython: Path | None) -> Path:
-    """Create (once) ``<cache>/bundled-py<ver>-<hash>/{backends/python, pylib}``.
-
-    The folder is keyed by the pytriton location, stub and interpreter, and is
-    built in a temporary folder then renamed, so concurrent launches are safe.
-    """
-    stat = stub.stat()
-    key = "\0".join([str(dist_dir), _pytriton_version(), str(stat.st_size), str(stat.st_mtime_ns), str(libpython)])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    root = cache_dir / f"bundled-py{_python_version()}-{digest}"
-    marker = root / ".complete"
-    if marker.is_file():
-        return root
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
-    try:
-        shutil.copytree(
-            dist_dir / "backends",
-            staging / "backends",
-            ignore=shutil.ignore_patterns("__pycache__", "triton_python_backend_stub"),
-        )
-        shutil.copy2(stub, staging / "backends" / "python" / "triton_python_backend_stub")
-        if libpython is not None:
-            (staging / "pylib").mkdir()
-            (staging / "pylib" / libpython.name).symlink_to(libpython)
-        (staging / ".complete").write_text(f"{dist_dir}\n{stub}\n{libpython}\n")
-        try:
-            staging.rename(root)
-        except OSError:
-            if not marker.is_file():  # not a lost race with another process: a real failure
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
-
-
-def _stub_python_env() -> dict[str, str]:
-    """Environment that makes a stub of this Python version see this interpreter's packages."""
-    env: dict[str, str] = {}
-    bin_dir = Path(sys.executable).parent
-    python3 = bin_dir / "python3"
-    uses_path_trick = python3.exists() and python3.resolve() == Path(sys.executable).resolve()
-    if uses_path_trick:
-        env["PATH"] = str(bin_dir)
-    pythonpath = [] if uses_path_trick else _site_dirs()
-    # A checkout used from its root (or through an editable-install import hook, which
-    # PYTHONPATH-only setups would miss) is not below any site dir: add it explicitly.
-    package_root = _f5_triton_root()
-    if package_root is not None and package_root not in _site_dirs():
-        pythonpath.append(package_root)
-    if pythonpath:
-        env["PYTHONPATH"] = _join_paths(pythonpath)
-    return env
-
-
-def _site_dirs() -> list[str]:
-    dirs = list(site.getsitepackages())
-    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
-        dirs.append(site.getusersitepackages())
-    return dirs
-
-
-def _f5_triton_root() -> str | None:
-    spec = importlib.util.find_spec("f5_triton")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
-
-
-def _shared_libpython() -> Path | None:
-    """The running interpreter's ``libpython3.X.so.1.0``, if it is built shared.
-
-    Putting it first on ``LD_LIBRARY_PATH`` makes the stub embed exactly this
-    interpreter instead of whatever ``libpython3.X`` the system happens to have
-    (or fail to start where the system has none).
-    """
-    soname = sysconfig.get_config_var("INSTSONAME")
-    if not soname or not str(soname).startswith("libpython"):
-        return None
-    # Relocated builds (e.g. python-build-standalone, used by uv) report their build-time LIBDIR.
-    for libdir in (sysconfig.get_config_var("LIBDIR"), os.path.join(sys.base_prefix, "lib")):
-        candidate = Path(libdir or "") / str(soname)
-        if libdir and candidate.is_file():
-            return candidate.resolve()
-    return None
-
-
-def _stub_python_version(stub: Path) -> str | None:
-    match = re.search(rb"libpython(3\.\d+)", stub.read_bytes())
-    return match.group(1).decode() if match else None
-
-
-def _python_version() -> str:
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def _pytriton_version() -> str:
-    try:
-        return importlib.metadata.version("nvidia-pytriton")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _default_cache_dir() -> Path:
-    if os.environ.get("F5_TRITON_CACHE"):
-        return Path(os.environ["F5_TRITON_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "f5-triton"
-
-
-def _join_paths(parts: Iterable[str]) -> str:
-    return os.pathsep.join(p for p in parts if p)
 
 
 def free_port() -> int:
@@ -792,145 +472,6 @@ class TritonServer:
         return f"TritonServer({str(self.model_repo)!r}, http={self.http_port}, grpc={self.grpc_port}, {state})"
 
 
-@dataclass(frozen=True)
-class StubReplacement:
-    """One recovery by :class:`StubWatchdog`."""
-
-    model: str
-    instance: str  #: e.g. flow_matching_cpu_0_0
-    dead_pid: int
-    at: float  #: time.time() when the death was seen
-    seconds: float  #: how long the replacement took (the new instance loaded)
-    error: str | None = None  #: why it failed, or None
-
-
-class StubWatchdog(threading.Thread):
-    """Replaces any python-backend stub of ``server`` that died, by :meth:`TritonServer.replace_instance`.
-
-    The server's child processes are read from /proc at start and every ``interval`` seconds, and the
-    watchdog also wakes the moment a known stub exits (a pidfd per stub). A stub's command line names
-    its model file (``<repo>/<model>/<version>/model.py``) and its instance. tritonserver reaps the
-    stubs it ends itself (unloads, replacements, the short-lived auto-complete stubs) but not one that
-    died under it, which stays a zombie: a known stub still a zombie ``debounce`` seconds after it
-    exited has its instance replaced; a failed replacement is tried again after ``retry_after``
-    seconds. Recoveries are recorded in ``replacements``.
-    """
-
-    def __init__(self, server: TritonServer, interval: float = 1.0, retry_after: float = 10.0,
-                 debounce: float = 0.2):
-        super().__init__(name=f"stub-watchdog-{server.pid}", daemon=True)
-        self.server = server
-        self.interval = interval
-        self.retry_after = retry_after
-        self.debounce = debounce
-        self.replacements: list[StubReplacement] = []
-        self._stopped = threading.Event()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join()
-
-    def run(self) -> None:
-        live: dict[int, tuple[str, str, int | None]] = {}  # stub pid -> (model, instance, pidfd)
-        failed: dict[tuple[str, str], tuple[int, float]] = {}  # (model, instance) -> (dead pid, when it failed)
-        try:
-            while not self._stopped.is_set():
-                pid = self.server.pid
-                if pid is None or not self.server.is_running():
-                    return
-                stubs = python_stubs(pid)
-                if any(stubs.get(stub, ("?",))[0] == "Z" for stub in live):
-                    # exited just now: give tritonserver a moment to reap a stub it ended itself
-                    if self._stopped.wait(self.debounce):
-                        return
-                    stubs = python_stubs(pid)
-                for stub, (state, model) in stubs.items():
-                    if state != "Z" and model and stub not in live:
-                        instance = _stub_instance(stub)
-                        if instance:
-                            live[stub] = (model, instance, _pidfd(stub))
-                for stub in [stub for stub in live if stub not in stubs]:  # ended and reaped by tritonserver
-                    _close(live.pop(stub)[2])
-                due = {}
-                for stub in [stub for stub in live if stubs[stub][0] == "Z"]:
-                    model, instance, fd = live.pop(stub)
-                    _close(fd)
-                    due[(model, instance)] = stub
-                due.update({key: p for key, (p, when) in failed.items() if time.time() - when >= self.retry_after})
-                for (model, instance), stub in due.items():
-                    if self._stopped.is_set():
-                        return
-                    failed.pop((model, instance), None)
-                    LOGGER.warning("python backend stub %d (%s of %s) died; replacing the instance", stub,
-                                   instance, model)
-                    start = time.time()
-                    try:
-                        self.server.replace_instance(model, instance, generation=len(self.replacements) + 1)
-                        error = None
-                    except TritonServerError as exc:
-                        error = str(exc)
-                        failed[(model, instance)] = (stub, time.time())
-                        LOGGER.error("%s", error)
-                    self.replacements.append(StubReplacement(model, instance, stub, start, time.time() - start,
-                                                             error))
-                fds = [fd for _, _, fd in live.values() if fd is not None]
-                if fds:
-                    select.select(fds, [], [], self.interval)
-                elif self._stopped.wait(self.interval):
-                    return
-        finally:
-            for _, _, fd in live.values():
-                _close(fd)
-
-
-def _stub_instance(pid: int) -> str | None:
-    """The model instance a python-backend stub serves (its 8th argument), e.g. ``flow_matching_cpu_0_0``."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    return os.fsdecode(argv[8]) if len(argv) > 8 else None
-
-
-def _pidfd(pid: int) -> int | None:
-    """A descriptor that becomes readable when process ``pid`` exits (Linux 5.3+), or None."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def python_stubs(server_pid: int) -> dict[int, tuple[str, str | None]]:
-    """Child processes of ``server_pid`` that are python-backend stubs: pid -> (state, model name).
-
-    The model name is None for zombies, whose command line is gone.
-    """
-    stubs = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces, so split at the last ')'
-            head, tail = stat.read_text().rsplit(")", 1)
-            state, ppid = tail.split()[:2]
-            if int(ppid) != server_pid or not head.split("(", 1)[1].startswith("triton_python"):
-                continue
-            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        model = None
-        if len(argv) > 1 and argv[1].endswith(b".py"):
-            model = Path(os.fsdecode(argv[1])).parents[1].name
-        stubs[int(stat.parent.name)] = (state, model)
-    return stubs
-
 
 def _remove_shm_regions(prefix: str) -> None:
     """Delete python-backend shared-memory regions a killed server could not clean up.
@@ -958,46 +499,3 @@ def _http_ok(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
-
-
-def run_forever(server: TritonServer, ready_timeout: float | None = None) -> int:
-    """Start ``server`` if needed, announce readiness and serve until Ctrl-C / SIGTERM.
-
-    Prints ``f5-triton: server ready  http=... grpc=... metrics=...`` once ready.
-    On SIGINT or SIGTERM the server is stopped gracefully and 0 is returned; if
-    the server dies on its own, its log tail goes to stderr and its exit status
-    (or 1) is returned. Must run in the main thread (it installs a SIGTERM handler).
-    """
-    stop_requested = threading.Event()
-
-    def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-        stop_requested.set()
-
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        if server.pid is None:
-            server.start()
-        server.wait_ready(server.ready_timeout if ready_timeout is None else ready_timeout)
-        urls = server.urls
-        print(f"f5-triton: server ready  http={urls.http} grpc={urls.grpc} metrics={urls.metrics}", flush=True)
-        while not stop_requested.wait(0.5):
-            code = server.returncode
-            if code is not None:
-                print(
-                    f"f5-triton: tritonserver exited with status {code} (log: {server.log_path}):\n"
-                    f"{server.log_tail()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return code or 1
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        try:
-            server.stop()
-        except KeyboardInterrupt:  # a second Ctrl-C while shutting down: do not wait any longer
-            print("f5-triton: interrupted again, killing tritonserver", file=sys.stderr, flush=True)
-            server.kill()
-        finally:
-            signal.signal(signal.SIGTERM, previous)

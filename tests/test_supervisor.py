@@ -1,4 +1,4 @@
-"""Proof tests for f5_triton.serving.launcher against a real tritonserver (no mocks).
+"""Proof tests for f5_triton.supervisor against a real tritonserver (no mocks).
 
 A tiny model repository is built in a temporary folder: a python-backend model
 ``double`` (dynamic batching, ragged inputs, imports ``f5_triton`` inside the
@@ -24,15 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from f5_triton.serving import launcher
-from f5_triton.serving.launcher import (
-    TritonInstall,
-    TritonNotFoundError,
-    TritonServer,
-    TritonServerError,
-    find_tritonserver,
-    free_port,
-)
+from f5_triton.supervisor import install as install_module
+from f5_triton.supervisor.errors import TritonNotFoundError, TritonServerError
+from f5_triton.supervisor.install import TritonInstall, find_tritonserver
+from f5_triton.supervisor.server import TritonServer, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
@@ -184,9 +179,9 @@ def test_find_tritonserver_prepares_bundled_backend(install: TritonInstall) -> N
 
 
 def test_not_found_error_names_the_fixes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
-    monkeypatch.setattr(launcher, "_NGC_BINARY", tmp_path / "no-tritonserver")
-    monkeypatch.setattr(launcher, "_bundled_install", lambda cache_dir: None)
+    monkeypatch.setattr(install_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(install_module, "_NGC_BINARY", tmp_path / "no-tritonserver")
+    monkeypatch.setattr(install_module, "_bundled_install", lambda cache_dir: None)
     with pytest.raises(TritonNotFoundError, match="pip install nvidia-pytriton or run inside an NGC") as err:
         find_tritonserver(cache_dir=tmp_path)
     assert isinstance(err.value, RuntimeError)
@@ -333,7 +328,8 @@ def test_run_forever_stops_on_sigterm(tmp_path: Path) -> None:
     log_path = str(tmp_path / "tritonserver.log")
     script = textwrap.dedent(
         f"""
-        from f5_triton.serving.launcher import TritonServer, run_forever
+        from f5_triton.supervisor.server import TritonServer
+        from f5_triton.supervisor.service import run_forever
         server = TritonServer({str(tmp_path / "repo")!r}, bind_address="127.0.0.1", log_path={log_path!r}, **{ports!r})
         server.start()
         print("pid", server.pid, flush=True)
