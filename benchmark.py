@@ -194,7 +194,7 @@ def _pass_labels(args, label: str, set_name: str) -> list[str]:
 
 
 def server_warm_up(args, tts) -> float:
-    """What a server does before it reports ready (`serving.stages.warm_up`); returns its seconds."""
+    """What a server does before it reports ready (`serving.factories.warm_up`); returns its seconds."""
     from f5_triton.config import DEFAULT_LIMITS
 
     start = time.perf_counter()

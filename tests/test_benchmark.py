@@ -102,3 +102,15 @@ def test_mixed_set_is_deterministic_and_spread_like_real_traffic():
                for it, seconds in zip(items, ref_seconds))
     with pytest.raises(ValueError, match="unknown built-in set 'nope'"):
         bench.builtin_set("nope", 1)
+
+
+def test_cold_pass_script_times_each_stage_of_both_passes(tiny_ckpt):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "cold_pass.py"), "--ckpt-dir", str(tiny_ckpt), "--device", "cpu",
+         "--requests", "2", "--nfe", "2", "--warmup-requests", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("pass 1 request") for line in lines) == 2
+    assert sum(line.startswith("pass 2 request") for line in lines) == 2
+    summary = [line for line in lines if line.startswith("pass 2: RTF")]
+    assert summary and all(f"{stage} " in summary[0] for stage in ("total", "embed", "solve", "vocoder"))

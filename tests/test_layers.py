@@ -84,10 +84,10 @@ def test_the_contract_sees_every_import_form(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("from typing import TYPE_CHECKING\nimport f5_triton.cli\nfrom f5_triton import audio\n"
                       "if TYPE_CHECKING:\n    from f5_triton.pipeline import TTS\n"
-                      "def f():\n    from f5_triton.serving import stages\n")
+                      "def f():\n    from f5_triton.serving import factories\n")
     assert [m for _, m in imported_modules(sample)] == ["f5_triton.cli", "f5_triton.audio", "f5_triton.pipeline",
                                                        "f5_triton.serving"]
-    assert unit_of("f5_triton.serving.stages") == "f5_triton.serving" and unit_of("f5_triton.nothing") == "f5_triton"
+    assert unit_of("f5_triton.serving.factories") == "f5_triton.serving" and unit_of("f5_triton.nothing") == "f5_triton"
 
 
 def test_the_supervisor_imports_no_pipeline_or_model_code():

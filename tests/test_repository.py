@@ -191,15 +191,15 @@ def test_warmup_is_on_for_gpus_and_sized_by_the_batch(tmp_path, tiny_ckpt, targe
 
 
 def test_stage_warm_up_runs_flow_matching_and_vocoder(tiny_ckpt):
-    from f5_triton.serving import stages
+    from f5_triton.serving import factories
 
     params = {"ckpt": str(tiny_ckpt / "model.safetensors"), "vocab": str(tiny_ckpt / "vocab.txt"),
               "vocoder": str(tiny_ckpt / "vocos"), "warmup_nfe_steps": "2"}
-    flow_matcher, vocoder = stages.load_flow_matcher(params, "cpu"), stages.load_vocoder(params, "cpu")
+    flow_matcher, vocoder = factories.load_flow_matcher(params, "cpu"), factories.load_vocoder(params, "cpu")
     decoded = []
     spy = lambda mels: decoded.append(len(mels)) or vocoder(mels)  # noqa: E731
-    assert stages.warm_up(params, flow_matcher, spy) is None and not decoded
-    assert stages.warm_up({**params, "warmup_requests": "3"}, flow_matcher, spy) > 0 and decoded == [1 + 2 + 3 + 2]
+    assert factories.warm_up(params, flow_matcher, spy) is None and not decoded
+    assert factories.warm_up({**params, "warmup_requests": "3"}, flow_matcher, spy) > 0 and decoded == [1 + 2 + 3 + 2]
 
 
 @pytest.mark.parametrize("target, gpu_stage_threads", [("cpu", "0"), ("gpu", "2")])
@@ -229,19 +229,19 @@ def test_cuda_graph_options_reach_the_flow_matching_engine(tmp_path, tiny_ckpt):
 def test_model_parameters_set_limits_and_sampling_defaults():
     """Limits and sampling defaults come from the config, overridden only by the parameters that name them."""
     from f5_triton.config import DEFAULT_SAMPLING, parse_bool
-    from f5_triton.serving import stages
+    from f5_triton.serving import factories
 
     params = {"limit_max_text_bytes": "100", "nfe_steps": "8", "sway_sampling_coef": "-0.5"}
-    limits, sampling = stages.limits_from_params(params), stages.sampling_from_params(params)
-    assert limits.max_text_bytes == 100 and limits.max_mel_frames == stages.DEFAULT_LIMITS.max_mel_frames
+    limits, sampling = factories.limits_from_params(params), factories.sampling_from_params(params)
+    assert limits.max_text_bytes == 100 and limits.max_mel_frames == factories.DEFAULT_LIMITS.max_mel_frames
     assert (sampling.nfe_steps, sampling.sway_sampling_coef, sampling.cfg_strength) == (
         8, -0.5, DEFAULT_SAMPLING.cfg_strength)
     fields = {"reference_wav": np.full(24_000, 0.1, np.float32), "reference_text": "a b", "target_text": "c d",
               "nfe_steps": None, "cfg_strength": None, "speed": np.float32(1.5)}
-    request = stages.request_from_inputs(fields, sampling, limits)
+    request = factories.request_from_inputs(fields, sampling, limits)
     assert (request.nfe_steps, request.sway_sampling_coef, request.cfg_strength, request.speed) == (8, -0.5, 2.0, 1.5)
     with pytest.raises(InvalidInputError, match="target_text"):
-        stages.request_from_inputs({**fields, "target_text": "x" * 101}, sampling, limits)
+        factories.request_from_inputs({**fields, "target_text": "x" * 101}, sampling, limits)
     assert parse_bool(None, True) and not parse_bool(" OFF ") and parse_bool("Yes")
     with pytest.raises(ValueError, match="not a boolean"):
         parse_bool("2")

@@ -312,7 +312,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "max_queued": options.streaming_max_queued, "first_chunk_steps": options.streaming_first_chunk_steps,
         "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
-    # vocode: flow_matching loads its own Vocoder (stages.load_flow_vocoder), with the vocoder model's engine settings
+    # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine settings
     per_model["flow_matching"]["vocode"] = str(options.vocoder_in_flow).lower()
     if options.vocoder_in_flow:
         per_model["flow_matching"].update(

@@ -26,7 +26,7 @@ from f5_triton.config import SAMPLE_RATE
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS
-from f5_triton.serving import metrics, stages, triton_io
+from f5_triton.serving import factories, metrics, triton_io
 from f5_triton.stream_scheduler import StreamScheduler
 from f5_triton.streaming import DEFAULT_FIRST_CHUNK_BYTES, StreamingSynthesizer
 from f5_triton.text import Tokenizer
@@ -76,9 +76,9 @@ class TritonPythonModel:
                                             metrics.cache_observer(model, "reference"))
         output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
                                          metrics.cache_observer(model, "output"))
-        preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params), cache=reference_cache)
-        flow_matcher, vocoder = stages.load_flow_matcher(params, device), stages.load_vocoder(params, device)
-        stages.warm_up(params, flow_matcher, vocoder, name=model)
+        preprocess = Preprocessor(Tokenizer(params["vocab"]), factories.limits_from_params(params), cache=reference_cache)
+        flow_matcher, vocoder = factories.load_flow_matcher(params, device), factories.load_vocoder(params, device)
+        factories.warm_up(params, flow_matcher, vocoder, name=model)
         streamer = StreamingSynthesizer(
             preprocess, flow_matcher, vocoder,
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
@@ -88,13 +88,13 @@ class TritonPythonModel:
                    if name in params}
         self.scheduler = StreamScheduler(streamer, **options).start()  # StreamScheduler's defaults otherwise
         self.metrics = metrics.Metrics(model)
-        self.sampling = stages.sampling_from_params(params)
+        self.sampling = factories.sampling_from_params(params)
 
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request, self.metrics)
             try:
-                synthesis = stages.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
+                synthesis = factories.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
                                                        self.sampling, self.scheduler.synthesizer.preprocess.limits)
                 self.scheduler.submit(synthesis, sink)
             except Exception as exc:

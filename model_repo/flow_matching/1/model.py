@@ -29,16 +29,16 @@ class TritonPythonModel:
         if triton_io.is_passive(args):  # the standby: holds the model up while a dead instance is replaced
             return
         from f5_triton.guards import check_finite  # torch: not imported by the standby (41 MiB RSS, not 670)
-        from f5_triton.serving import stages
+        from f5_triton.serving import factories
 
-        self.stages, self.check_finite = stages, check_finite
+        self.factories, self.check_finite = factories, check_finite
         params = triton_io.parameters(args)
         triton_io.set_torch_threads(params)
         device = triton_io.device(args)
-        self.flow_matching = self.stages.load_flow_matcher(params, device)
-        self.vocoder = self.stages.load_flow_vocoder(params, device)  # None: postprocess calls the `vocoder` model
-        self.stages.warm_up(params, self.flow_matching, self.vocoder, name=args["model_name"])
-        self.limits = self.stages.limits_from_params(params)
+        self.flow_matching = self.factories.load_flow_matcher(params, device)
+        self.vocoder = self.factories.load_flow_vocoder(params, device)  # None: postprocess calls the `vocoder` model
+        self.factories.warm_up(params, self.flow_matching, self.vocoder, name=args["model_name"])
+        self.limits = self.factories.limits_from_params(params)
         dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
         self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
         self.metrics = Metrics(args["model_name"])
@@ -55,7 +55,7 @@ class TritonPythonModel:
                     request_jobs = wire.unpack_jobs(arrays, index)
                 except (TypeError, ValueError, IndexError) as exc:
                     raise InvalidInputError("flow_matching inputs", f"do not form jobs: {exc}", "bad_shape") from None
-                self.stages.validate_jobs(request_jobs, self.limits, self.vocab_size)
+                self.factories.validate_jobs(request_jobs, self.limits, self.vocab_size)
             except Exception as exc:
                 responses[index] = triton_io.error_response(exc, self.metrics)
                 continue
@@ -80,7 +80,7 @@ class TritonPythonModel:
                 responses[index] = triton_io.error_response(exc, self.metrics)
         if self.vocoder is not None and finished:
             try:
-                finished = self.stages.vocode_together(self.vocoder, finished)  # one call for the whole batch
+                finished = self.factories.vocode_together(self.vocoder, finished)  # one call for the whole batch
             except Exception as exc:
                 return [r or triton_io.error_response(exc, self.metrics) for r in responses]
         pack = wire.pack_mels if self.vocoder is None else wire.pack_waves

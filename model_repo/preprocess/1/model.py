@@ -14,7 +14,7 @@ import numpy as np
 from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS
-from f5_triton.serving import stages, triton_io, wire
+from f5_triton.serving import factories, triton_io, wire
 from f5_triton.serving.metrics import Metrics, cache_observer
 from f5_triton.text import Tokenizer
 
@@ -23,10 +23,10 @@ class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
         triton_io.set_torch_threads(params)
-        self.preprocess = Preprocessor(Tokenizer(params["vocab"]), stages.limits_from_params(params),
+        self.preprocess = Preprocessor(Tokenizer(params["vocab"]), factories.limits_from_params(params),
                                        cache=cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
                                                                cache_observer(args["model_name"], "reference")))
-        self.sampling = stages.sampling_from_params(params)
+        self.sampling = factories.sampling_from_params(params)
         self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests):
@@ -34,7 +34,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                synthesis = stages.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
+                synthesis = factories.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
                                                        self.sampling, self.preprocess.limits)
                 arrays = wire.pack_prepared(self.preprocess(synthesis))
                 responses.append(triton_io.response({**arrays, triton_io.RECEIVED_AT: received_at}))

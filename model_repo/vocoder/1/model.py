@@ -10,7 +10,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from f5_triton.serving import stages, triton_io
+from f5_triton.serving import factories, triton_io
 from f5_triton.serving.metrics import Metrics
 
 
@@ -18,8 +18,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = triton_io.parameters(args)
         triton_io.set_torch_threads(params)
-        self.vocoder = stages.load_vocoder(params, triton_io.device(args))
-        self.limits = stages.limits_from_params(params)
+        self.vocoder = factories.load_vocoder(params, triton_io.device(args))
+        self.limits = factories.limits_from_params(params)
         self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests):
@@ -30,7 +30,7 @@ class TritonPythonModel:
             try:
                 mel = pb_utils.get_input_tensor_by_name(request, "mel").as_numpy()
                 lengths = pb_utils.get_input_tensor_by_name(request, "lengths")
-                batches[index] = stages.vocoder_items(mel, None if lengths is None else lengths.as_numpy(),
+                batches[index] = factories.vocoder_items(mel, None if lengths is None else lengths.as_numpy(),
                                                       self.limits)
             except Exception as exc:
                 responses[index] = triton_io.error_response(exc, self.metrics)

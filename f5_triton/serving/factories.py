@@ -1,4 +1,5 @@
-"""Build the pipeline stages a Triton model runs, from its config `parameters` (strings).
+"""Factories: the pipeline objects a Triton model runs (flow matcher, vocoder, limits, sampling, requests),
+built from its config `parameters` (strings).
 
 Kept apart from the adapters so the same construction is tested without a server.
 """
