@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -193,6 +194,23 @@ def test_scheduled_streams_interleave_and_equal_their_audio_alone(streamer, ref_
     assert scheduler.active == scheduler.waiting == 0
 
 
+@contextlib.contextmanager
+def recorded_advances(streamer):
+    """The step index of every row of each `FlowMatcher.advance` call made inside the block."""
+    advanced = []
+    original = streamer.flow_matching.advance
+
+    def recording_advance(rows):
+        advanced.append([row.index for row in rows])
+        original(rows)
+
+    streamer.flow_matching.advance = recording_advance
+    try:
+        yield advanced
+    finally:
+        del streamer.flow_matching.advance
+
+
 def test_step_granularity_joins_at_the_next_step(streamer, ref_wave, alone):
     """A stream submitted while another is mid-chunk shares the very next DiT call with it."""
     from f5_triton.stream_scheduler import StreamScheduler
@@ -204,19 +222,9 @@ def test_step_granularity_joins_at_the_next_step(streamer, ref_wave, alone):
     scheduler.submit(requests["long"], long_sink)
     scheduler.run_round()
     scheduler.run_round()
-    advanced = []
-    original = streamer.flow_matching.advance
-
-    def recording_advance(rows):
-        advanced.append([row.index for row in rows])
-        original(rows)
-
-    streamer.flow_matching.advance = recording_advance
-    try:
+    with recorded_advances(streamer) as advanced:
         scheduler.submit(requests["short"], short_sink)
         scheduler.run_round()
-    finally:
-        del streamer.flow_matching.advance
     assert advanced == [[2, 0]]  # the old stream's step 2 and the new stream's step 0 in one call
     assert events == []  # neither chunk is done yet
     run_all(scheduler)
@@ -237,20 +245,10 @@ def test_step_granularity_gives_first_chunks_extra_steps(streamer, ref_wave, alo
     while not long_sink.pieces:
         scheduler.run_round()
     scheduler.run_round()  # the long stream's second chunk, step 0
-    advanced = []
-    original = streamer.flow_matching.advance
-
-    def recording_advance(rows):
-        advanced.append([row.index for row in rows])
-        original(rows)
-
-    streamer.flow_matching.advance = recording_advance
-    try:
+    with recorded_advances(streamer) as advanced:
         scheduler.submit(requests["short"], short_sink)
         scheduler.run_round()
         scheduler.run_round()
-    finally:
-        del streamer.flow_matching.advance
     # round 1: short's step 0 (first chunks first) with long's step 1, then short's steps 1 and 2 alone; round 2:
     # short's last step (3 of 4), which ends its first chunk, with long's step 2: no extra steps follow
     assert advanced == [[0, 1], [1], [2], [3, 2]]
