@@ -152,7 +152,8 @@ def test_pipeline_equals_upstream(tts, references, expected, name):
     assert_same_audio(ours, expected[name])
 
 
-@pytest.mark.parametrize("name", ["english", "16 kHz reference"])  # the CLI reads the file itself
+# The CLI reads and resamples the file itself: the 16 kHz case covers that path (every case runs in process above).
+@pytest.mark.parametrize("name", ["16 kHz reference"])
 def test_cli_equals_upstream(parity_ckpt, references, expected, tmp_path, name):
     case = CASES[name]
     path, ref_text = references[case.reference]
