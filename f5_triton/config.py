@@ -113,8 +113,6 @@ DEFAULT_SAMPLING = SamplingConfig()
 # Streaming at step granularity: ODE steps a stream's first chunk takes per scheduling round (the others take one)
 DEFAULT_FIRST_CHUNK_STEPS = 4
 
-
-
 # Settings arrive as strings (Triton model-config parameters) or typed values (CLI flags): these read both.
 
 # Precision names of CLI flags and model parameters -> torch dtype attribute (`engines.base.torch_dtype`).

@@ -258,25 +258,24 @@ def step_rows(model, rows: Sequence[Row]) -> None:
     guided = [i for i, row in enumerate(rows) if row.cfg_strength is not None]
     branches = [(i, 0) for i in range(len(rows))] + [(i, 1) for i in guided]
     members = [i for i, _ in branches]
+    lengths = [rows[i].x.shape[0] for i in members]  # on the host: no device sync
     device = rows[0].x.device
     times = torch.stack([rows[i].t[rows[i].index] for i in members]).to(device)
     if getattr(model, "accepts_packed", False):
         out = model.step(torch.cat([rows[i].x for i in members]),
                          torch.cat([rows[i].step_cond[b] for i, b in branches]),
-                         torch.cat([rows[i].text_embed[b] for i, b in branches]), times,
-                         Packing.of([rows[i].x.shape[0] for i in members], device))
-        flows = list(out.split([rows[i].x.shape[0] for i in members]))
+                         torch.cat([rows[i].text_embed[b] for i, b in branches]), times, Packing.of(lengths, device))
+        flows = list(out.split(lengths))
     else:
-        longest = max(row.x.shape[0] for row in rows)
+        longest = max(lengths)
 
         def padded(tensors):
             return torch.stack([torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for v in tensors])
 
-        frames = torch.tensor([rows[i].x.shape[0] for i in members], device=device)
-        mask = None if int(frames.min()) == longest else lens_to_mask(frames, longest)
+        mask = None if min(lengths) == longest else lens_to_mask(torch.tensor(lengths, device=device), longest)
         out = model.step(padded([rows[i].x for i in members]), padded([rows[i].step_cond[b] for i, b in branches]),
                          padded([rows[i].text_embed[b] for i, b in branches]), times, mask)
-        flows = [flow[:rows[i].x.shape[0]] for flow, i in zip(out, members)]
+        flows = [flow[:n] for flow, n in zip(out, lengths)]
     for i, row in enumerate(rows):
         flow = flows[i]
         if row.cfg_strength is not None:

@@ -98,7 +98,7 @@ class TorchEngine:
     def packs(self, sequences: int) -> bool:
         """Whether a DiT step over `sequences` sequences should run packed: unless a CUDA graph covers it."""
         graphs = self.solver or self._graphs
-        return self.spec.batch_per_request == 2 and (graphs is None or sequences > graphs.max_rows)
+        return self.accepts_packed and (graphs is None or sequences > graphs.max_rows)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if isinstance(inputs[-1], Packing):
