@@ -75,7 +75,7 @@ def parse_args(argv=None):
     stream.add_argument("--streaming", action="store_true",
                         help="stream each request (server: f5_tts_streaming; offline: the stream scheduler in "
                              "process, at --concurrency)")
-    stream.add_argument("--granularity", choices=["step", "chunk"], default="chunk", help="offline --streaming")
+    stream.add_argument("--granularity", choices=["cohort", "chunk", "step"], default="cohort", help="offline --streaming")
     stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
     stream.add_argument("--first-chunk-steps", type=int, default=None,
                         help="offline --streaming, step granularity: a first chunk's ODE steps per round")
@@ -239,7 +239,7 @@ def run_streaming(args, items, concurrency: int, label: str, open_stream) -> ben
                 result.latencies.append(total)
                 result.audio_seconds += seconds
             result.wall_seconds = time.perf_counter() - start
-    bench.add_first_audio(result, first_audio)
+    bench.add_first_audio(result, first_audio, opening=concurrency)
     result.gpu_utilization = gpus.mean_utilization()
     return result
 

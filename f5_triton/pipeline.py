@@ -27,7 +27,7 @@ from f5_triton import audio, text
 from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, HOP_LENGTH, N_MELS, SAMPLE_RATE, Limits
 from f5_triton.errors import InvalidInputError
 from f5_triton.request import SynthesisRequest
-from f5_triton.sampler import Row, prepare, sample, split_rows, step_rows
+from f5_triton.sampler import Row, Solving, prepare, sample, split_rows, step_rows
 
 
 @dataclass
@@ -195,6 +195,13 @@ class FlowMatcher:
                 duration=torch.tensor([j.duration for j in batch]), steps=steps, cfg_strength=cfg,
                 sway_sampling_coef=sway, seed=[j.seed for j in batch],
                 lens=torch.tensor([j.ref_mel.shape[0] for j in batch]))
+
+    def begin(self, jobs: list[Job]) -> list[tuple[list[int], Solving]]:
+        """Jobs' flow matching to advance a few ODE steps at a time (`sampler.Solving`): one integration per group
+        of sampling settings, with the positions of its jobs; a finished one's `result()` rows are the jobs' mels
+        (reference included: `generated` cuts them)."""
+        return [(members, Solving(self.model, prepare(self.model, **arguments)))
+                for members, _, arguments in self._groups(jobs)]
 
     def start(self, jobs: list[Job]) -> list[Row]:
         """Jobs as `sampler.Row`s to advance one ODE step at a time (`advance`), in job order: noise and

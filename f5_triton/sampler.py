@@ -191,20 +191,66 @@ def sample(
     inputs = prepare(model, cond, text, duration, steps=steps, cfg_strength=cfg_strength,
                      sway_sampling_coef=sway_sampling_coef, noise=noise, seed=seed, lens=lens, use_epss=use_epss,
                      max_duration=max_duration)
-    # An engine may integrate the whole grid itself (the torch engine replays it as CUDA graphs).
-    solve = getattr(model, "solve", None) or functools.partial(euler_solve, model.step)
-    packs = getattr(model, "packs", None)
-    if packs is not None and packs(inputs.step_cond.shape[0]):
+    solving = Solving(model, inputs)
+    solving.advance(on_step=on_step)
+    return solving.result()
+
+
+class Solving:
+    """A prepared `sample` call's Euler integration, advanced a few steps at a time (`advance`).
+
+    The stream scheduler interleaves batches this way. Steps i..j are `euler_solve` on the sub-grid t[i..j],
+    exactly the arithmetic of the whole loop, so any split gives `sample`'s result. An engine may integrate the
+    grid itself (`model.solve`: the torch engine replays it as CUDA graphs); a model whose `packs` says so runs
+    the batch packed, the sequences laid end to end without padding.
+    """
+
+    @torch.inference_mode()  # inputs made outside it would recompile a compiled step (a tensor's dispatch keys)
+    def __init__(self, model, inputs: SamplingInputs):
+        self.inputs = inputs
+        self._solve = getattr(model, "solve", None) or functools.partial(euler_solve, model.step)
+        self.index = 0  # the next step
         x = inputs.x
-        valid = lens_to_mask(torch.tensor(inputs.durations, device=x.device), x.shape[1])
-        step_valid = valid if inputs.cfg_strength is None else torch.cat((valid, valid))
-        packing = Packing.of(inputs.durations * (1 if inputs.cfg_strength is None else 2), x.device)
-        x = x.masked_scatter(valid.unsqueeze(-1), solve(x[valid], inputs.step_cond[step_valid],
-                                                        inputs.text_embed[step_valid], packing, inputs.t,
-                                                        inputs.cfg_strength, on_step))
-    else:
-        x = solve(inputs.x, inputs.step_cond, inputs.text_embed, inputs.mask, inputs.t, inputs.cfg_strength, on_step)
-    return inputs.finish(x)
+        packs = getattr(model, "packs", None)
+        self._valid = None
+        if packs is not None and packs(inputs.step_cond.shape[0]):
+            self._valid = lens_to_mask(torch.tensor(inputs.durations, device=x.device), x.shape[1])
+            branches = 1 if inputs.cfg_strength is None else 2
+            step_valid = self._valid if branches == 1 else torch.cat((self._valid, self._valid))
+            self._x, self._cond, self._text = x[self._valid], inputs.step_cond[step_valid], inputs.text_embed[step_valid]
+            self._mask = Packing.of(inputs.durations * branches, x.device)
+        else:
+            self._x, self._cond, self._text, self._mask = x, inputs.step_cond, inputs.text_embed, inputs.mask
+
+    @property
+    def steps(self) -> int:
+        return self.inputs.t.shape[0] - 1
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.steps
+
+    @property
+    def segment(self) -> int:
+        """The steps one `advance` should take: a CUDA graph's (the engine replays whole graphs), else one."""
+        graph_steps = getattr(self._solve, "graph_steps", 0)
+        return graph_steps if graph_steps > 0 and self._valid is None else 1
+
+    @torch.inference_mode()
+    def advance(self, steps: int | None = None, on_step: Callable[[int], None] | None = None) -> None:
+        """The next `steps` steps (None: all that are left); `on_step(i)` before step i, as in `sample`."""
+        first = self.index
+        end = self.steps if steps is None else min(self.steps, first + steps)
+        hook = None if on_step is None else (lambda i: on_step(first + i))
+        self._x = self._solve(self._x, self._cond, self._text, self._mask, self.inputs.t[first:end + 1],
+                              self.inputs.cfg_strength, hook)
+        self.index = end
+
+    @torch.inference_mode()
+    def result(self) -> torch.Tensor:
+        """The sampled mel [b, n, c] with the reference region restored (once `done`)."""
+        x = self._x if self._valid is None else self.inputs.x.masked_scatter(self._valid.unsqueeze(-1), self._x)
+        return self.inputs.finish(x)
 
 
 @dataclass

@@ -14,8 +14,15 @@ running round to end. Granularity "step": a round is one ODE step of every strea
 sharing the (packed) DiT call (the DiT takes a time per row), so a new stream starts at the next step and a
 finished chunk is vocoded at once; streams still on their first chunk then take `first_chunk_steps - 1` more
 steps among themselves, so a newcomer's first audio comes that many times sooner while every other stream
-still advances each round. Both give each stream exactly its audio alone (per-request noise, no padding in
-any sequence-wide operation): the pieces are `StreamingSynthesizer.stream`'s.
+still advances each round.
+
+Granularity "cohort": chunks started together form a cohort; a round advances one cohort by one segment (a CUDA
+graph's ODE steps where the engine replays graphs, else one step). The cohort of first chunks goes first: a newcomer
+waits for one segment of the others' work, then its first chunk runs with the other newcomers' alone; the other
+streams' next chunks start together once the running cohort of later chunks ends, so batches stay large.
+
+Every granularity gives each stream exactly its audio alone (per-request noise, no padding in any sequence-wide
+operation): the pieces are `StreamingSynthesizer.stream`'s.
 
 Hosts see a stream through a `StreamSink`; the Triton model `f5_tts_streaming` is one host, `stream` (an
 iterator of pieces) another, for the CLI, benchmarks and tests. Nothing here knows Triton.
@@ -42,7 +49,7 @@ from f5_triton.streaming import Piece, PieceMaker, StreamingSynthesizer
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("chunk", "step")
+GRANULARITIES = ("cohort", "chunk", "step")
 
 
 class StreamSink(Protocol):
@@ -69,21 +76,36 @@ class _Stream:
     cache_key: str | None
     order: int  # admission order: older streams first when a round is full
     row: Row | None = field(default=None, repr=False)  # step granularity: the running chunk
+    cohort: "_Cohort | None" = field(default=None, repr=False)  # cohort granularity: the one running its chunk
 
     @property
     def job(self) -> Job:
         return self.prepared.jobs[len(self.pieces.made)]
 
 
+@dataclass(eq=False)
+class _Cohort:
+    """Chunks started together (cohort granularity): their integrations, advanced a segment per round."""
+
+    streams: list[_Stream]  # in job order
+    jobs: list[Job]
+    groups: list  # FlowMatcher.begin's (positions, Solving)
+    first: bool  # first chunks: these cohorts go before the others
+
+    @property
+    def done(self) -> bool:
+        return all(solving.done for _, solving in self.groups)
+
+
 class StreamScheduler:
     """Runs many streams of one `StreamingSynthesizer` (its stages, settings and output cache) together.
 
     max_streams: streams generated at once; max_queued: streams waiting beyond them (more are refused with
-    `ServerBusyError`); max_rows: chunks per round at most (None: one per active stream); first_chunk_steps
+    `ServerBusyError`); max_rows: chunks per round (per cohort) at most (None: one per active stream); first_chunk_steps
     (step granularity): ODE steps a first chunk takes per round, the others taking one.
     """
 
-    def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = "chunk", max_streams: int = 16,
+    def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = "cohort", max_streams: int = 16,
                  max_queued: int = 64, max_rows: int | None = None, first_chunk_steps: int = DEFAULT_FIRST_CHUNK_STEPS):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -97,6 +119,7 @@ class StreamScheduler:
         self._waiting: deque[_Stream] = deque()
         self._active: list[_Stream] = []
         self._orders = itertools.count()
+        self._cohorts: dict[bool, _Cohort] = {}  # cohort granularity: the running one of first / later chunks
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -192,14 +215,22 @@ class StreamScheduler:
         self._admit()
         if not self._active:
             return False
-        rows = sorted(self._active, key=lambda s: (len(s.pieces.made) > 0, s.order))[: self.max_rows]
+        if self.granularity == "cohort":
+            cohort = self._next_cohort()
+            rows = [stream for stream in cohort.streams if stream in self._active]
+        else:
+            rows = sorted(self._active, key=lambda s: (len(s.pieces.made) > 0, s.order))[: self.max_rows]
         try:
             if self.granularity == "chunk":
                 finished = self._chunk_round(rows)
-            else:
+            elif self.granularity == "step":
                 finished = self._step_round(rows)
+            else:
+                finished = self._cohort_round(cohort)
             self._deliver(finished)
         except Exception as exc:  # the whole batched call failed: every stream in it fails
+            if self.granularity == "cohort":
+                self._end(cohort)
             for stream in rows:
                 self._leave(stream)
                 stream.sink.failed(exc)
@@ -259,6 +290,50 @@ class StreamScheduler:
                 finished.append((stream, generated(stream.job, stream.row.result())))
                 stream.row = None
         return finished
+
+    def _next_cohort(self) -> _Cohort:
+        """The cohort this round advances: the running one of first chunks, else a new one of the streams waiting
+        for their first chunk, else the running one of later chunks, else a new one of the streams waiting for
+        their next chunk (at most `max_rows` chunks a cohort). A cohort's streams stay together until its chunks
+        end, so a newcomer waits at most one segment of others' work, and every chunk runs in big batches (CUDA
+        graphs where the engine has them)."""
+        for first in (True, False):
+            if first in self._cohorts:
+                return self._cohorts[first]
+            idle = [s for s in self._active if s.cohort is None and (not s.pieces.made) == first]
+            if idle:
+                streams = sorted(idle, key=lambda s: s.order)[: self.max_rows]
+                jobs = [stream.job for stream in streams]
+                cohort = _Cohort(streams, jobs, self.synthesizer.flow_matching.begin(jobs), first)
+                for stream in streams:
+                    stream.cohort = cohort
+                self._cohorts[first] = cohort
+                return cohort
+        raise RuntimeError("active streams but no cohort to run")  # every active stream is in one or idle
+
+    def _cohort_round(self, cohort: _Cohort) -> list[tuple[_Stream, object]]:
+        """One segment of `cohort`'s integrations (a CUDA graph's steps, else one step); its chunks once it ends."""
+        if not any(stream in self._active for stream in cohort.streams):  # all cancelled: stop its work now
+            self._end(cohort)
+            return []
+        for _, solving in cohort.groups:
+            if not solving.done:
+                solving.advance(solving.segment)
+        if not cohort.done:
+            return []
+        self._end(cohort)
+        finished = []
+        for members, solving in cohort.groups:
+            for position, mel in zip(members, solving.result()):
+                stream = cohort.streams[position]
+                if stream in self._active:  # else it left (cancelled) while its cohort ran
+                    finished.append((stream, generated(cohort.jobs[position], mel)))
+        return finished
+
+    def _end(self, cohort: _Cohort) -> None:
+        self._cohorts.pop(cohort.first, None)
+        for stream in cohort.streams:
+            stream.cohort = None
 
     def _deliver(self, finished: list[tuple[_Stream, object]]) -> None:
         """Vocode the finished chunks in one call and send each stream its piece."""

@@ -250,12 +250,16 @@ def max_chunk_bytes(ref_text: str, ref_audio_seconds: float, speed: float) -> in
 
 
 def split_for_streaming(text: str, first_chunk_bytes: int = 50, max_chars: int = 135) -> list[str]:
-    """Chunks for streaming: `chunk_text` with `max_chars`, then the first chunk re-split with
-    `first_chunk_bytes` so that the first audio comes back sooner (as upstream's socket server).
+    """Chunks for streaming: `chunk_text` with `max_chars`, then the first chunk's opening sentences, up to
+    `first_chunk_bytes`, split off so that the first audio comes back sooner.
 
+    Upstream's socket server re-splits the whole first chunk into pieces of that size; here the rest of it stays
+    one chunk, because every chunk runs the reference through the DiT again (as many frames as the reference).
     Only sentence boundaries are used, so a first sentence longer than `first_chunk_bytes` stays whole.
     """
     chunks = chunk_text(text, max_chars=max_chars)
     if not chunks:
         return []
-    return chunk_text(chunks[0], max_chars=first_chunk_bytes) + chunks[1:]
+    first = chunk_text(chunks[0], max_chars=first_chunk_bytes)[0]
+    rest = chunks[0][len(first):]  # `first` is a prefix: both pack the same sentences with the same separators
+    return [first] + chunk_text(rest, max_chars=max_chars) + chunks[1:]

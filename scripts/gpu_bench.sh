@@ -10,9 +10,9 @@
 #   TRAFFIC_OFFLINE_S seconds, rows kept as measured), traffic-server. A dry run on the CPU:
 #   ARCH=tiny NFE=2 TARGET=cpu TRAFFIC_REQUESTS=4 TRAFFIC_CONCURRENCY=1,2 PY=.venv/bin/python \
 #     HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002 bash scripts/gpu_bench.sh traffic
-#   traffic-server with STREAM_CONCURRENCY (e.g. 1,8,16): f5_tts_streaming (GRANULARITY, default step) on the same
+#   traffic-server with STREAM_CONCURRENCY (e.g. 1,8,16): f5_tts_streaming (GRANULARITY, default cohort) on the same
 #   server, its cold and warm passes after the traffic rows, then f5_tts at 16 on the same texts (the ratio's base).
-# stream_sweep (issue 18): f5_tts_streaming over gRPC at concurrency 1..32, both scheduler granularities, cold and
+# stream_sweep (issue 18): f5_tts_streaming over gRPC at concurrency 1..32, each scheduler granularity, cold and
 #   warm passes, and f5_tts at concurrency 16 for the throughput ratio; on CPU with the tiny model first:
 #   TARGET=cpu ARCH=tiny FULL_VOCODER=0 NFE=2 STREAM_CONCURRENCY=1,2 STREAM_REQUESTS=2 bash scripts/gpu_bench.sh stream_sweep
 # Wheels for the lent GPU machine: scripts/prepare_gpu_wheels.sh
@@ -138,7 +138,7 @@ for what in $WHAT; do
       ckpt=$(mktemp -d)/ckpt
       "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" --full-vocoder > /dev/null
       streaming_args=--no-streaming  # with STREAM_CONCURRENCY: f5_tts_streaming on the same server, measured after
-      [ -n "${STREAM_CONCURRENCY:-}" ] && streaming_args="--streaming-granularity ${GRANULARITY:-step} --streaming-max-streams ${MAX_STREAMS:-32}"
+      [ -n "${STREAM_CONCURRENCY:-}" ] && streaming_args="--streaming-granularity ${GRANULARITY:-cohort} --streaming-max-streams ${MAX_STREAMS:-32}"
       # shellcheck disable=SC2086  # $streaming_args, $REPO_ARGS: several words
       "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-traffic" --nfe "$NFE" \
         --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
@@ -158,7 +158,7 @@ for what in $WHAT; do
       if [ -n "${STREAM_CONCURRENCY:-}" ]; then  # the streaming model's own first traffic, then f5_tts on its texts
         "$PY" benchmark.py --mode server --streaming --server-url "localhost:$GRPC_PORT" --nfe "$NFE" \
           --concurrency "$STREAM_CONCURRENCY" --num-requests "${STREAM_REQUESTS:-32}" --passes 2 \
-          --label "${GRANULARITY:-step}" --output-json "$OUT/traffic-stream.jsonl" 2>&1 \
+          --label "${GRANULARITY:-cohort}" --output-json "$OUT/traffic-stream.jsonl" 2>&1 \
           | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
         "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set paragraphs \
           --concurrency "${COMPARE_CONCURRENCY:-16}" --num-requests "${STREAM_REQUESTS:-32}" --label f5_tts \
@@ -172,7 +172,7 @@ for what in $WHAT; do
       "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag
       ports="--http-port ${HTTP_PORT:-8000} --grpc-port ${GRPC_PORT:-8001} --metrics-port ${METRICS_PORT:-8002}"
       compared=0
-      for granularity in ${GRANULARITIES:-step chunk}; do
+      for granularity in ${GRANULARITIES:-cohort chunk step}; do
         # shellcheck disable=SC2086  # "$PY" and $REPO_ARGS: several words (e.g. REPO_ARGS="--graph-max-rows 2")
         "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-$granularity" \
           --nfe "$NFE" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" \

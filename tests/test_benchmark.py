@@ -64,6 +64,20 @@ def test_result_statistics():
     assert "0.2500" in bench.format_table([r])
 
 
+def test_first_audio_of_the_opening_burst_and_of_later_requests_apart():
+    result = bench.Result(mode="server streaming", label="x", requests=6, concurrency=2)
+    bench.add_first_audio(result, [0.5, 0.3, 0.1, 0.2, 0.1, 0.1], opening=2)
+    assert result.extra["first_audio_opening_p50_s"] == pytest.approx(0.4)
+    assert result.extra["first_audio_opening_p90_s"] == pytest.approx(0.48)
+    assert result.extra["first_audio_later_p90_s"] == pytest.approx(0.17)
+    assert result.extra["first_audio_p50_s"] == pytest.approx(0.15)
+    table = bench.format_streaming_table([result]).splitlines()
+    assert table[0].split()[11:14] == ["opening", "p90", "later"] and table[-1].split()[6:8] == ["480", "170"]
+    alone = bench.Result(mode="server streaming", label="y", requests=2, concurrency=2)
+    bench.add_first_audio(alone, [0.5, 0.3], opening=2)  # every request opened the run: nothing to split
+    assert "first_audio_later_p90_s" not in alone.extra and bench.format_streaming_table([alone]).split()[-5] == "-"
+
+
 def test_plot_results_charts_rows_of_several_runs(tmp_path):
     row = {"mode": "server", "label": "gpus=0", "concurrency": 64, "throughput_audio_s_per_s": 136.6,
            "latency_p50_s": 4.19, "gpu_utilization": {"gpu0": 94.0, "gpu1": 0.0}}

@@ -163,3 +163,29 @@ def test_rows_stepped_together_end_where_sample_alone_ends(model, packed):
                                lens=lens[i:i + 1], steps=4, seed=seeds[i])
         assert row.result().shape == alone[0].shape
         assert (row.result() - alone[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("segments", [[1] * 6, [2, 4], [5, 3]])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_solving_in_segments_ends_where_sample_ends(model, segments, packed):
+    """`Solving` advanced a few steps at a time (the cohort scheduler's rounds), packed or padded, gives `sample`'s
+    mel bit for bit, calls on_step with the grid's own step indices, and hands the step inference tensors only, as
+    `sample` does: a tensor made outside inference mode makes a compiled step compile again, while users wait."""
+    torch.manual_seed(1)
+    cond, text = torch.randn(2, 30, model.mel_dim), torch.randint(0, 200, (2, 12))
+    lens, duration, seeds = torch.tensor([20, 11]), torch.tensor([40, 29]), [3, 4]
+    seen = []
+
+    def step(x, cond, text_embed, time, mask):
+        seen.append(all(t.is_inference() for t in (x, cond, text_embed, time)))
+        return model.step(x, cond, text_embed, time, mask)
+
+    runner = SimpleNamespace(embed_text=model.embed_text, step=step, **({"packs": model.packs} if packed else {}))
+    expected = sampler.sample(runner, cond, text, duration, lens=lens, steps=6, seed=seeds)
+    solving = sampler.Solving(runner, sampler.prepare(runner, cond, text, duration, lens=lens, steps=6, seed=seeds))
+    calls = []
+    for steps in segments:
+        solving.advance(steps, on_step=calls.append)
+    assert solving.done and calls == list(range(6))
+    assert torch.equal(solving.result(), expected)
+    assert len(seen) == 12 and all(seen)

@@ -347,15 +347,17 @@ def test_split_for_streaming():
     assert chunks[-(len(regular) - 1) :] == regular[1:]
     assert " ".join(chunks).split() == text.split()
 
+    # only the opening is split off: the rest of the first chunk stays one chunk (each chunk re-runs the reference)
     assert split_for_streaming("One, two, three. Four five six seven eight.", 10, 135) == [
         "One, two,",
-        "three.",
-        "Four five six seven eight.",
+        "three. Four five six seven eight.",
     ]
     assert split_for_streaming("你好，世界。今天很好。", first_chunk_bytes=9, max_chars=135) == [
         "你好，",
-        "世界。",
-        "今天很好。",
+        "世界。今天很好。",
     ]
+    text = "One, two. Three, four, five six. Seven eight, nine ten eleven."
+    assert chunk_text(text, 30) == ["One, two. Three, four,", "five six. Seven eight,", "nine ten eleven."]
+    assert split_for_streaming(text, 10, 30) == ["One, two.", "Three, four,", "five six. Seven eight,", "nine ten eleven."]
     assert split_for_streaming("", 10, 135) == []
     assert split_for_streaming("Short.", 100, 135) == ["Short."]

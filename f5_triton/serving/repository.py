@@ -86,7 +86,7 @@ class RepositoryOptions:
     limits: dict[str, str] = field(default_factory=dict)  # Limits overrides, e.g. {"max_text_bytes": "1000"}
     streaming: bool = True  # render f5_tts_streaming
     streaming_instances_per_device: int = 1  # each batches its streams (stream_scheduler), with its own DiT + vocoder
-    streaming_granularity: str = "chunk"  # streams join the batch at the next "chunk" or the next ODE "step"
+    streaming_granularity: str = "cohort"  # how streams share the DiT: "cohort", "chunk" or "step" (docs/streaming.md)
     streaming_max_streams: int = 16  # streams generated together per instance; more wait
     streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
     streaming_first_chunk_steps: int = DEFAULT_FIRST_CHUNK_STEPS  # step granularity: a first chunk's steps per round
@@ -201,8 +201,10 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
                              "targets)")
     parser.add_argument("--no-streaming", action="store_true", help="leave out the f5_tts_streaming model")
-    parser.add_argument("--streaming-granularity", choices=["step", "chunk"], default="chunk",
-                        help="f5_tts_streaming: a new stream joins the batch at the next ODE step or the next chunk")
+    parser.add_argument("--streaming-granularity", choices=["cohort", "chunk", "step"], default="cohort",
+                        help="f5_tts_streaming: how streams share the DiT (docs/streaming.md): new streams' first chunks "
+                             "between segments of the others' (cohort), at the next whole chunk (chunk) or the next ODE "
+                             "step (step)")
     parser.add_argument("--streaming-max-streams", type=int, default=16,
                         help="f5_tts_streaming: streams generated together per instance (more wait)")
     parser.add_argument("--streaming-max-queued", type=int, default=64,
