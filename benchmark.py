@@ -9,7 +9,7 @@ Server (a running Triton, gRPC or HTTP, a concurrency sweep):
 Streaming (f5_tts_streaming over Triton's gRPC stream, or --mode offline: the stream scheduler in process):
 time to first audio and whole-request percentiles, aggregate audio s/s; --passes 2: a cold then a warm sweep
     python benchmark.py --mode server --streaming --concurrency 1,4,8,16,32 --num-requests 64 --passes 2
-    python benchmark.py --mode offline --streaming --random-weights F5TTS_v1_Base --concurrency 1,8 --granularity step
+    python benchmark.py --mode offline --streaming --random-weights F5TTS_v1_Base --concurrency 1,8 --granularity chunk
 
 Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in --set:
 "uniform" (~5 s reference, ~10 s of generated speech each) or "mixed" (references of 3-10 s, targets
@@ -75,10 +75,8 @@ def parse_args(argv=None):
     stream.add_argument("--streaming", action="store_true",
                         help="stream each request (server: f5_tts_streaming; offline: the stream scheduler in "
                              "process, at --concurrency)")
-    stream.add_argument("--granularity", choices=["cohort", "chunk", "step"], default="cohort", help="offline --streaming")
+    stream.add_argument("--granularity", choices=["cohort", "chunk"], default="cohort", help="offline --streaming")
     stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
-    stream.add_argument("--first-chunk-steps", type=int, default=None,
-                        help="offline --streaming, step granularity: a first chunk's ODE steps per round")
     args = p.parse_args(argv)
     args.set = args.set or ("paragraphs" if args.streaming else "uniform")
     unknown = set(args.set.split(",")) - set(bench.BUILTIN_SETS)
@@ -261,9 +259,7 @@ def stream_opener(args):
 
     tts, _ = bench.tts_from_args(args)
     scheduler = StreamScheduler(StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder),
-                                granularity=args.granularity, max_streams=args.max_streams,
-                                **({} if args.first_chunk_steps is None else
-                                   {"first_chunk_steps": args.first_chunk_steps})).start()
+                                granularity=args.granularity, max_streams=args.max_streams).start()
 
     def open_in_process(i, item):
         request = validate_request(item.wave, item.reference_text, item.target_text, sample_rate=item.sample_rate,

@@ -110,8 +110,6 @@ DEFAULT_LIMITS = Limits()
 # CUDA graphs need fixed shapes: a call's frames are padded up to the next of these (< 5% waste).
 CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))
 DEFAULT_SAMPLING = SamplingConfig()
-# Streaming at step granularity: ODE steps a stream's first chunk takes per scheduling round (the others take one)
-DEFAULT_FIRST_CHUNK_STEPS = 4
 
 # Settings arrive as strings (Triton model-config parameters) or typed values (CLI flags): these read both.
 

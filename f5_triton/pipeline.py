@@ -27,7 +27,7 @@ from f5_triton import audio, text
 from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, HOP_LENGTH, N_MELS, SAMPLE_RATE, Limits
 from f5_triton.errors import InvalidInputError
 from f5_triton.request import SynthesisRequest
-from f5_triton.sampler import Row, Solving, prepare, sample, split_rows, step_rows
+from f5_triton.sampler import Solving, prepare, sample
 
 
 @dataclass
@@ -202,19 +202,6 @@ class FlowMatcher:
         (reference included: `generated` cuts them)."""
         return [(members, Solving(self.model, prepare(self.model, **arguments)))
                 for members, _, arguments in self._groups(jobs)]
-
-    def start(self, jobs: list[Job]) -> list[Row]:
-        """Jobs as `sampler.Row`s to advance one ODE step at a time (`advance`), in job order: noise and
-        text embeddings made here, once (one call per group of sampling settings)."""
-        rows: list[Row | None] = [None] * len(jobs)
-        for members, _, arguments in self._groups(jobs):
-            for i, row in zip(members, split_rows(prepare(self.model, **arguments))):
-                rows[i] = row
-        return rows
-
-    def advance(self, rows: list[Row]) -> None:
-        """One ODE step of every row (each at its own step) in one DiT call."""
-        step_rows(self.model, rows)
 
     def warm_up(self, max_requests: int, nfe_steps: int = DEFAULT_SAMPLING.nfe_steps, longest: int = 1200,
                 mel_dim: int = N_MELS, log: Callable[[str], None] | None = None,

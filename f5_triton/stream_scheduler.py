@@ -1,27 +1,25 @@
-"""Continuous batching across streams: every active stream advances in the same batched DiT call.
+"""Continuous batching across streams: the active streams share batched DiT calls.
 
 `StreamScheduler` holds the streams a host gave it (`submit`) and runs rounds, in a background thread
 (`start`) or one at a time (`run_round`, for tests). Each round:
 
   1. streams whose sink no longer wants them (cancelled, past their deadline) leave; waiting streams are
      admitted up to `max_streams` active ones, oldest first;
-  2. the next chunk of every active stream goes through one batched flow-matching call, first chunks
-     first (at most `max_rows` chunks a round, if set);
+  2. batched flow matching, as the granularity says (at most `max_rows` chunks a batch, if set);
   3. the chunks that finished go through the vocoder in one call, and each stream gets its piece.
 
-Granularity "chunk": a round is one whole chunk (all NFE steps) of every stream; a new stream waits for the
-running round to end. Granularity "step": a round is one ODE step of every stream, rows at different steps
-sharing the (packed) DiT call (the DiT takes a time per row), so a new stream starts at the next step and a
-finished chunk is vocoded at once; streams still on their first chunk then take `first_chunk_steps - 1` more
-steps among themselves, so a newcomer's first audio comes that many times sooner while every other stream
-still advances each round.
+Granularity "cohort" (the default): chunks started together form a cohort; a round advances one cohort by one
+segment (a CUDA graph's ODE steps where the engine replays graphs, else one step). The cohort of first chunks goes
+first: a newcomer waits for one segment of the others' work, then its first chunk runs with the other newcomers'
+alone; the other streams' next chunks start together once the running cohort of later chunks ends, so batches stay
+large.
 
-Granularity "cohort": chunks started together form a cohort; a round advances one cohort by one segment (a CUDA
-graph's ODE steps where the engine replays graphs, else one step). The cohort of first chunks goes first: a newcomer
-waits for one segment of the others' work, then its first chunk runs with the other newcomers' alone; the other
-streams' next chunks start together once the running cohort of later chunks ends, so batches stay large.
+Granularity "chunk": a round is one whole chunk (all NFE steps) of every active stream, first chunks first; a new
+stream waits for the running round to end, and its first chunk shares the next with every other stream's next
+chunk. (A third, "step" granularity, one ODE step of every stream a round, measured slower than both and was
+removed: docs/streaming.md.)
 
-Every granularity gives each stream exactly its audio alone (per-request noise, no padding in any sequence-wide
+Both granularities give each stream exactly its audio alone (per-request noise, no padding in any sequence-wide
 operation): the pieces are `StreamingSynthesizer.stream`'s.
 
 Hosts see a stream through a `StreamSink`; the Triton model `f5_tts_streaming` is one host, `stream` (an
@@ -39,17 +37,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS
 from f5_triton.errors import ServerBusyError
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import Job, Prepared, generated
 from f5_triton.request import SynthesisRequest
-from f5_triton.sampler import Row
 from f5_triton.streaming import Piece, PieceMaker, StreamingSynthesizer
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("cohort", "chunk", "step")
+GRANULARITIES = ("cohort", "chunk")
 
 
 class StreamSink(Protocol):
@@ -75,7 +71,6 @@ class _Stream:
     pieces: PieceMaker
     cache_key: str | None
     order: int  # admission order: older streams first when a round is full
-    row: Row | None = field(default=None, repr=False)  # step granularity: the running chunk
     cohort: "_Cohort | None" = field(default=None, repr=False)  # cohort granularity: the one running its chunk
 
     @property
@@ -101,21 +96,19 @@ class StreamScheduler:
     """Runs many streams of one `StreamingSynthesizer` (its stages, settings and output cache) together.
 
     max_streams: streams generated at once; max_queued: streams waiting beyond them (more are refused with
-    `ServerBusyError`); max_rows: chunks per round (per cohort) at most (None: one per active stream); first_chunk_steps
-    (step granularity): ODE steps a first chunk takes per round, the others taking one.
+    `ServerBusyError`); max_rows: chunks per round (per cohort) at most (None: one per active stream).
     """
 
     def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = "cohort", max_streams: int = 16,
-                 max_queued: int = 64, max_rows: int | None = None, first_chunk_steps: int = DEFAULT_FIRST_CHUNK_STEPS):
+                 max_queued: int = 64, max_rows: int | None = None):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if max_streams < 1 or max_queued < 0 or (max_rows is not None and max_rows < 1) or first_chunk_steps < 1:
-            raise ValueError(f"need max_streams >= 1, max_queued >= 0, max_rows >= 1 or None, first_chunk_steps >= 1;"
-                             f" got {max_streams}, {max_queued}, {max_rows}, {first_chunk_steps}")
+        if max_streams < 1 or max_queued < 0 or (max_rows is not None and max_rows < 1):
+            raise ValueError(f"need max_streams >= 1, max_queued >= 0, max_rows >= 1 or None;"
+                             f" got {max_streams}, {max_queued}, {max_rows}")
         self.synthesizer = synthesizer
         self.granularity = granularity
         self.max_streams, self.max_queued, self.max_rows = max_streams, max_queued, max_rows
-        self.first_chunk_steps = first_chunk_steps
         self._waiting: deque[_Stream] = deque()
         self._active: list[_Stream] = []
         self._orders = itertools.count()
@@ -223,8 +216,6 @@ class StreamScheduler:
         try:
             if self.granularity == "chunk":
                 finished = self._chunk_round(rows)
-            elif self.granularity == "step":
-                finished = self._step_round(rows)
             else:
                 finished = self._cohort_round(cohort)
             self._deliver(finished)
@@ -264,31 +255,6 @@ class StreamScheduler:
                 stream.sink.dropped(len(stream.pieces.made), len(stream.prepared.jobs))
             else:
                 finished.append((stream, mel))
-        return finished
-
-    def _step_round(self, streams: list[_Stream]) -> list[tuple[_Stream, object]]:
-        """One ODE step of every stream's running chunk (starting the chunks of streams that have none), then up to
-        `first_chunk_steps - 1` more of the first chunks still running."""
-        starting = [stream for stream in streams if stream.row is None]
-        if starting:
-            for stream, row in zip(starting, self.synthesizer.flow_matching.start([s.job for s in starting])):
-                stream.row = row
-        finished = self._advance(streams)
-        for _ in range(self.first_chunk_steps - 1):
-            first = [stream for stream in streams if stream.row is not None and not stream.pieces.made]
-            if not first:
-                break
-            finished += self._advance(first)
-        return finished
-
-    def _advance(self, streams: list[_Stream]) -> list[tuple[_Stream, object]]:
-        """One ODE step of these streams' rows; the chunks that finished, as (stream, mel), their rows cleared."""
-        self.synthesizer.flow_matching.advance([stream.row for stream in streams])
-        finished = []
-        for stream in streams:
-            if stream.row.done:
-                finished.append((stream, generated(stream.job, stream.row.result())))
-                stream.row = None
         return finished
 
     def _next_cohort(self) -> _Cohort:

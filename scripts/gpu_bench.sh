@@ -172,7 +172,7 @@ for what in $WHAT; do
       "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag
       ports="--http-port ${HTTP_PORT:-8000} --grpc-port ${GRPC_PORT:-8001} --metrics-port ${METRICS_PORT:-8002}"
       compared=0
-      for granularity in ${GRANULARITIES:-cohort chunk step}; do
+      for granularity in ${GRANULARITIES:-cohort chunk}; do
         # shellcheck disable=SC2086  # "$PY" and $REPO_ARGS: several words (e.g. REPO_ARGS="--graph-max-rows 2")
         "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-$granularity" \
           --nfe "$NFE" --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" \

@@ -146,25 +146,6 @@ def test_packed_batches_equal_padded_and_single(model, cfg, durations):
         assert (packed[i, :n] - alone[0]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
-def test_rows_stepped_together_end_where_sample_alone_ends(model, packed):
-    """`step_rows` with rows at different steps sharing each DiT call, packed (the DiT takes a Packing) or padded
-    (a model without `accepts_packed`, as exported engines are), gives each row `sample` of it alone."""
-    torch.manual_seed(0)
-    cond, text = torch.randn(2, 30, model.mel_dim), torch.randint(0, 200, (2, 12))
-    lens, duration, seeds = torch.tensor([20, 11]), torch.tensor([40, 29]), [3, 4]
-    rows = sampler.split_rows(sampler.prepare(model, cond, text, duration, lens=lens, steps=4, seed=seeds))
-    runner = model if packed else SimpleNamespace(step=model.step)
-    sampler.step_rows(runner, rows[:1])  # the first row one step ahead of the second from here on
-    while not all(row.done for row in rows):
-        sampler.step_rows(runner, [row for row in rows if not row.done])
-    for i, row in enumerate(rows):
-        alone = sampler.sample(model, cond[i:i + 1, :int(lens[i])], text[i:i + 1], int(duration[i]),
-                               lens=lens[i:i + 1], steps=4, seed=seeds[i])
-        assert row.result().shape == alone[0].shape
-        assert (row.result() - alone[0]).abs().max() < 1e-4
-
-
 @pytest.mark.parametrize("segments", [[1] * 6, [2, 4], [5, 3]])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 def test_solving_in_segments_ends_where_sample_ends(model, segments, packed):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -175,7 +174,7 @@ def submit_all(streamer, ref_wave, granularity, events):
     return scheduler, sinks
 
 
-@pytest.mark.parametrize("granularity", ["chunk", "step", "cohort"])
+@pytest.mark.parametrize("granularity", ["chunk", "cohort"])
 def test_scheduled_streams_interleave_and_equal_their_audio_alone(streamer, ref_wave, alone, granularity):
     events = []
     scheduler, sinks = submit_all(streamer, ref_wave, granularity, events)
@@ -192,70 +191,6 @@ def test_scheduled_streams_interleave_and_equal_their_audio_alone(streamer, ref_
         assert joined.shape == expected.shape
         assert np.abs(joined - expected).max() <= 1e-4, name
     assert scheduler.active == scheduler.waiting == 0
-
-
-@contextlib.contextmanager
-def recorded_advances(streamer):
-    """The step index of every row of each `FlowMatcher.advance` call made inside the block."""
-    advanced = []
-    original = streamer.flow_matching.advance
-
-    def recording_advance(rows):
-        advanced.append([row.index for row in rows])
-        original(rows)
-
-    streamer.flow_matching.advance = recording_advance
-    try:
-        yield advanced
-    finally:
-        del streamer.flow_matching.advance
-
-
-def test_step_granularity_joins_at_the_next_step(streamer, ref_wave, alone):
-    """A stream submitted while another is mid-chunk shares the very next DiT call with it."""
-    from f5_triton.stream_scheduler import StreamScheduler
-
-    events = []
-    scheduler = StreamScheduler(streamer, granularity="step", first_chunk_steps=1)
-    requests = stream_requests(ref_wave)
-    long_sink, short_sink = RecordingSink("long", events), RecordingSink("short", events)
-    scheduler.submit(requests["long"], long_sink)
-    scheduler.run_round()
-    scheduler.run_round()
-    with recorded_advances(streamer) as advanced:
-        scheduler.submit(requests["short"], short_sink)
-        scheduler.run_round()
-    assert advanced == [[2, 0]]  # the old stream's step 2 and the new stream's step 0 in one call
-    assert events == []  # neither chunk is done yet
-    run_all(scheduler)
-    for name, sink in (("long", long_sink), ("short", short_sink)):
-        assert np.abs(np.concatenate(sink.pieces) - alone[name]).max() <= 1e-4
-
-
-def test_step_granularity_gives_first_chunks_extra_steps(streamer, ref_wave, alone):
-    """A newcomer's first chunk takes first_chunk_steps steps a round: one shared with the running stream, the rest
-    on its own; the running stream still advances every round, and both keep their audio alone."""
-    from f5_triton.stream_scheduler import StreamScheduler
-
-    events = []
-    scheduler = StreamScheduler(streamer, granularity="step", first_chunk_steps=3)
-    requests = stream_requests(ref_wave)
-    long_sink, short_sink = RecordingSink("long", events), RecordingSink("short", events)
-    scheduler.submit(requests["long"], long_sink)
-    while not long_sink.pieces:
-        scheduler.run_round()
-    scheduler.run_round()  # the long stream's second chunk, step 0
-    with recorded_advances(streamer) as advanced:
-        scheduler.submit(requests["short"], short_sink)
-        scheduler.run_round()
-        scheduler.run_round()
-    # round 1: short's step 0 (first chunks first) with long's step 1, then short's steps 1 and 2 alone; round 2:
-    # short's last step (3 of 4), which ends its first chunk, with long's step 2: no extra steps follow
-    assert advanced == [[0, 1], [1], [2], [3, 2]]
-    assert [e[0] for e in events] == ["long", "short"]
-    run_all(scheduler)
-    for name, sink in (("long", long_sink), ("short", short_sink)):
-        assert np.abs(np.concatenate(sink.pieces) - alone[name]).max() <= 1e-4
 
 
 def test_cohort_granularity_runs_a_newcomers_first_chunk_between_segments(streamer, ref_wave, alone):
@@ -309,7 +244,7 @@ def test_cohorts_of_later_chunks_start_together(streamer, ref_wave):
     assert began[:4] == [1, 1, 2, 3]
 
 
-@pytest.mark.parametrize("granularity", ["chunk", "step", "cohort"])
+@pytest.mark.parametrize("granularity", ["chunk", "cohort"])
 def test_cancelled_stream_leaves_while_the_others_go_on(streamer, ref_wave, alone, granularity):
     events = []
     scheduler, sinks = submit_all(streamer, ref_wave, granularity, events)

@@ -105,11 +105,6 @@ class DiTRunner:
         """The engine's own ODE loop (`sampler.euler_solve`'s contract), or None: the sampler loops over `step`."""
         return getattr(self.engine, "solver", None)
 
-    @property
-    def accepts_packed(self) -> bool:
-        """Whether `step` takes a packed batch (the torch engine); engines of exported graphs take padded ones."""
-        return getattr(self.engine, "accepts_packed", False)
-
     def packs(self, sequences: int) -> bool:
         """Whether the sampler should pack a batch of `sequences` (`sampler.sample`): as the engine says (the torch
         engine: batches no CUDA graph covers); engines of exported graphs take padded batches."""

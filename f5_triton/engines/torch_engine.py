@@ -90,15 +90,11 @@ class TorchEngine:
                     f"{_reserved_mib(self.device) - memory:.0f} MiB more reserved on the GPU")
         return captured
 
-    @property
-    def accepts_packed(self) -> bool:
-        """Whether calls may pass a `Packing` in place of the mask: the DiT step's module takes one."""
-        return self.spec.batch_per_request == 2
-
     def packs(self, sequences: int) -> bool:
-        """Whether a DiT step over `sequences` sequences should run packed: unless a CUDA graph covers it."""
+        """Whether a DiT step over `sequences` sequences should run packed (the DiT step's module takes a `Packing`
+        in place of the mask): unless a CUDA graph covers it."""
         graphs = self.solver or self._graphs
-        return self.accepts_packed and (graphs is None or sequences > graphs.max_rows)
+        return self.spec.batch_per_request == 2 and (graphs is None or sequences > graphs.max_rows)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if isinstance(inputs[-1], Packing):

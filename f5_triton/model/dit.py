@@ -505,8 +505,6 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(dim, mel_dim)
         self.kernels = Kernels()  # the plain path until `optimize_for` chooses the device's
 
-    accepts_packed = True  # `step` takes a `Packing` in place of the mask
-
     def packs(self, sequences: int) -> bool:
         """Whether a step over `sequences` sequences should run packed (the sampler asks): always."""
         return True

@@ -30,7 +30,7 @@ from pathlib import Path
 from string import Template
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
-from f5_triton.config import DEFAULT_FIRST_CHUNK_STEPS, DEFAULT_SAMPLING, DTYPES, N_MELS
+from f5_triton.config import DEFAULT_SAMPLING, DTYPES, N_MELS
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
@@ -86,10 +86,9 @@ class RepositoryOptions:
     limits: dict[str, str] = field(default_factory=dict)  # Limits overrides, e.g. {"max_text_bytes": "1000"}
     streaming: bool = True  # render f5_tts_streaming
     streaming_instances_per_device: int = 1  # each batches its streams (stream_scheduler), with its own DiT + vocoder
-    streaming_granularity: str = "cohort"  # how streams share the DiT: "cohort", "chunk" or "step" (docs/streaming.md)
+    streaming_granularity: str = "cohort"  # how streams share the DiT: "cohort" or "chunk" (docs/streaming.md)
     streaming_max_streams: int = 16  # streams generated together per instance; more wait
     streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
-    streaming_first_chunk_steps: int = DEFAULT_FIRST_CHUNK_STEPS  # step granularity: a first chunk's steps per round
     first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (sentence boundaries)
     reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
     reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
@@ -201,17 +200,13 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
                              "targets)")
     parser.add_argument("--no-streaming", action="store_true", help="leave out the f5_tts_streaming model")
-    parser.add_argument("--streaming-granularity", choices=["cohort", "chunk", "step"], default="cohort",
+    parser.add_argument("--streaming-granularity", choices=["cohort", "chunk"], default="cohort",
                         help="f5_tts_streaming: how streams share the DiT (docs/streaming.md): new streams' first chunks "
-                             "between segments of the others' (cohort), at the next whole chunk (chunk) or the next ODE "
-                             "step (step)")
+                             "between segments of the others' (cohort), or in the next round of whole chunks (chunk)")
     parser.add_argument("--streaming-max-streams", type=int, default=16,
                         help="f5_tts_streaming: streams generated together per instance (more wait)")
     parser.add_argument("--streaming-max-queued", type=int, default=64,
                         help="f5_tts_streaming: streams waiting per instance; more are refused with UNAVAILABLE")
-    parser.add_argument("--streaming-first-chunk-steps", type=int, default=DEFAULT_FIRST_CHUNK_STEPS,
-                        help="f5_tts_streaming, step granularity: ODE steps a stream's first chunk takes per round "
-                             "(the other streams take one)")
     parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
 
 
@@ -230,8 +225,7 @@ def options_from_args(args: argparse.Namespace, ckpt: Path, vocab: Path, vocoder
         dit_graph_steps=args.graph_steps, dit_graph_max_rows=args.graph_max_rows,
         warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback,
         streaming_granularity=args.streaming_granularity, streaming_max_streams=args.streaming_max_streams,
-        streaming_max_queued=args.streaming_max_queued,
-        streaming_first_chunk_steps=args.streaming_first_chunk_steps)
+        streaming_max_queued=args.streaming_max_queued)
 
 
 def render(options: RepositoryOptions, output: str | Path, templates: Path = TEMPLATES) -> Path:
@@ -311,7 +305,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "warmup_requests": options.streaming_max_streams if options.warmup else 0,
         "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
         "granularity": options.streaming_granularity, "max_streams": options.streaming_max_streams,
-        "max_queued": options.streaming_max_queued, "first_chunk_steps": options.streaming_first_chunk_steps,
+        "max_queued": options.streaming_max_queued,
         "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
     # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine settings

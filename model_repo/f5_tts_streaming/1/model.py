@@ -84,7 +84,7 @@ class TritonPythonModel:
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
             output_cache=output_cache)
         options = {name: kind(params[name]) for name, kind in (("granularity", str), ("max_streams", int),
-                                                               ("max_queued", int), ("first_chunk_steps", int))
+                                                               ("max_queued", int))
                    if name in params}
         self.scheduler = StreamScheduler(streamer, **options).start()  # StreamScheduler's defaults otherwise
         self.metrics = metrics.Metrics(model)
