@@ -84,12 +84,12 @@ class _Cohort:
 
     streams: list[_Stream]  # in job order
     jobs: list[Job]
-    groups: list  # FlowMatcher.begin's (positions, Solving)
     first: bool  # first chunks: these cohorts go before the others
+    groups: list | None = None  # FlowMatcher.begin's (positions, Solving), made by its first round
 
     @property
     def done(self) -> bool:
-        return all(solving.done for _, solving in self.groups)
+        return self.groups is not None and all(solving.done for _, solving in self.groups)
 
 
 class StreamScheduler:
@@ -269,8 +269,7 @@ class StreamScheduler:
             idle = [s for s in self._active if s.cohort is None and (not s.pieces.made) == first]
             if idle:
                 streams = sorted(idle, key=lambda s: s.order)[: self.max_rows]
-                jobs = [stream.job for stream in streams]
-                cohort = _Cohort(streams, jobs, self.synthesizer.flow_matching.begin(jobs), first)
+                cohort = _Cohort(streams, [stream.job for stream in streams], first)
                 for stream in streams:
                     stream.cohort = cohort
                 self._cohorts[first] = cohort
@@ -282,6 +281,8 @@ class StreamScheduler:
         if not any(stream in self._active for stream in cohort.streams):  # all cancelled: stop its work now
             self._end(cohort)
             return []
+        if cohort.groups is None:  # its noise and text embeddings: inside the round, whose failure fails its streams
+            cohort.groups = self.synthesizer.flow_matching.begin(cohort.jobs)
         for _, solving in cohort.groups:
             if not solving.done:
                 solving.advance(solving.segment)

@@ -244,6 +244,26 @@ def test_cohorts_of_later_chunks_start_together(streamer, ref_wave):
     assert began[:4] == [1, 1, 2, 3]
 
 
+def test_a_cohort_that_cannot_start_fails_its_streams_and_the_scheduler_goes_on(streamer, ref_wave, alone):
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    scheduler = StreamScheduler(streamer, granularity="cohort")
+    requests = stream_requests(ref_wave)
+    streamer.flow_matching.begin = lambda jobs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+    try:
+        scheduler.submit(requests["short"], RecordingSink("short", events))
+        assert scheduler.run_round()
+    finally:
+        del streamer.flow_matching.begin
+    assert events == [("short", "failed", "RuntimeError('CUDA out of memory')", None)]
+    assert scheduler.active == 0
+    sink = RecordingSink("middle", events)
+    scheduler.submit(requests["middle"], sink)
+    run_all(scheduler)
+    assert np.abs(np.concatenate(sink.pieces) - alone["middle"]).max() <= 1e-4
+
+
 @pytest.mark.parametrize("granularity", ["chunk", "cohort"])
 def test_cancelled_stream_leaves_while_the_others_go_on(streamer, ref_wave, alone, granularity):
     events = []
