@@ -228,16 +228,12 @@ def run_streaming(args, items, concurrency: int, label: str, open_stream) -> ben
         if args.enable_warmup:
             list(pool.map(send, enumerate(items[: max(args.warmup, concurrency)])))
         result = bench.Result(mode=f"{args.mode} streaming", label=label, requests=len(items), concurrency=concurrency)
-        first_audio = []
         with bench.GpuSampler() as gpus:
             start = time.perf_counter()
-            for first, total, seconds in tqdm(pool.map(send, enumerate(items)), total=len(items),
-                                              desc=f"streaming c={concurrency}", unit="req"):
-                first_audio.append(first)
-                result.latencies.append(total)
-                result.audio_seconds += seconds
+            timings = list(tqdm(pool.map(send, enumerate(items)), total=len(items), desc=f"streaming c={concurrency}",
+                                unit="req"))
             result.wall_seconds = time.perf_counter() - start
-    bench.add_first_audio(result, first_audio, opening=concurrency)
+    bench.add_stream_timings(result, timings, opening=concurrency)
     result.gpu_utilization = gpus.mean_utilization()
     return result
 

@@ -300,26 +300,55 @@ def format_table(results: list[Result]) -> str:
     return _columns(rows)
 
 
-def time_stream(pieces) -> tuple[float, float, float]:
-    """(seconds to the first non-empty piece, seconds to the end, audio seconds) of an iterator of pieces
-    (float arrays), timed from this call."""
+@dataclass(frozen=True)
+class StreamTiming:
+    """One streamed request, timed by the client: seconds from sending it."""
+
+    first_audio: float  # to the first non-empty piece
+    total: float  # to the end
+    audio_seconds: float
+    stall: float  # playback starting at the first piece would have waited this long for later pieces, in all
+
+
+def playback_stall(arrivals: list[float], seconds: list[float]) -> float:
+    """Seconds a listener would wait in total, after playback started with the first piece, for pieces that came
+    after the audio before them had played out (pieces as they arrived: times and audio lengths)."""
+    stall, playing_until = 0.0, None
+    for arrival, length in zip(arrivals, seconds):
+        if playing_until is None:
+            playing_until = arrival
+        elif arrival > playing_until:
+            stall += arrival - playing_until
+            playing_until = arrival
+        playing_until += length
+    return stall
+
+
+def time_stream(pieces) -> StreamTiming:
+    """An iterator of pieces (float arrays, 24 kHz) timed from this call."""
     start = time.perf_counter()
-    first, samples = None, 0
+    arrivals, seconds = [], []
     for piece in pieces:
-        samples += len(piece)
-        if first is None and len(piece):
-            first = time.perf_counter() - start
+        if len(piece):
+            arrivals.append(time.perf_counter() - start)
+            seconds.append(len(piece) / SAMPLE_RATE)
     total = time.perf_counter() - start
-    return (total if first is None else first), total, samples / SAMPLE_RATE
+    return StreamTiming(arrivals[0] if arrivals else total, total, sum(seconds), playback_stall(arrivals, seconds))
 
 
-def add_first_audio(result: Result, first_audio: list[float], opening: int = 0) -> None:
-    """Time-to-first-audio percentiles of a streaming run, in the row's `extra`, in request order.
+def add_stream_timings(result: Result, timings: list[StreamTiming], opening: int = 0) -> None:
+    """A streaming run's requests (in request order) into `result`: latencies and audio, and in its `extra` the
+    time-to-first-audio percentiles, the playback stalls (p90 of each request's total, and the share of requests
+    that stalled at all).
 
-    `opening`: the requests that all started at once (each client's first): their p50/p90 and the later requests'
-    are also given apart. An opening burst is bound by compute (all its first chunks in one batch); a request
-    that arrives while others stream, by how soon the scheduler lets it in.
+    `opening`: the requests that all started at once (each client's first): their first-audio p50/p90 and the later
+    requests' are also given apart. An opening burst is bound by compute (all its first chunks in one batch); a
+    request that arrives while others stream, by how soon the scheduler lets it in.
     """
+    first_audio = [t.first_audio for t in timings]
+    result.latencies += [t.total for t in timings]
+    result.audio_seconds += sum(t.audio_seconds for t in timings)
+
     def percentiles(values, qs, name):
         return {f"first_audio_{name}p{q}_s": float(np.percentile(values, q)) for q in qs}
 
@@ -327,21 +356,27 @@ def add_first_audio(result: Result, first_audio: list[float], opening: int = 0) 
     if 0 < opening < len(first_audio):
         result.extra.update(percentiles(first_audio[:opening], (50, 90), "opening_"))
         result.extra.update(percentiles(first_audio[opening:], (50, 90), "later_"))
+    stalls = [t.stall for t in timings]
+    result.extra.update(stall_p90_s=float(np.percentile(stalls, 90)),
+                        stalled_share=sum(stall > 0 for stall in stalls) / len(stalls))
 
 
 def format_streaming_table(results: list[Result]) -> str:
-    """Streaming runs: time to first audio (ms; all requests, the opening burst's and the later ones' p90), whole
-    request (s), aggregate audio seconds per second."""
+    """Streaming runs: time to first audio (ms; all requests, the opening burst's and the later ones' p90), playback
+    stalls (p90 ms, share of requests), whole request (s), aggregate audio seconds per second."""
     header = ("label", "conc", "reqs", "first audio p50 ms", "p90 ms", "p99 ms", "opening p90", "later p90",
-              "whole p50 s", "p90 s", "audio s/s")
+              "stall p90 ms", "stalled", "whole p50 s", "p90 s", "audio s/s")
 
     def ms(r, key):
         return f"{1000 * r.extra[key]:.0f}" if key in r.extra else "-"
 
+    def share(r):
+        return f"{100 * r.extra['stalled_share']:.0f} %" if "stalled_share" in r.extra else "-"
+
     rows = [header] + [(r.label, str(r.concurrency), str(r.requests), ms(r, "first_audio_p50_s"),
                         ms(r, "first_audio_p90_s"), ms(r, "first_audio_p99_s"), ms(r, "first_audio_opening_p90_s"),
-                        ms(r, "first_audio_later_p90_s"), f"{r.percentile(50):.2f}", f"{r.percentile(90):.2f}",
-                        f"{r.throughput:.1f}") for r in results]
+                        ms(r, "first_audio_later_p90_s"), ms(r, "stall_p90_s"), share(r), f"{r.percentile(50):.2f}",
+                        f"{r.percentile(90):.2f}", f"{r.throughput:.1f}") for r in results]
     return _columns(rows)
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +66,47 @@ def test_result_statistics():
 
 
 def test_first_audio_of_the_opening_burst_and_of_later_requests_apart():
+    def timing(first):
+        return bench.StreamTiming(first_audio=first, total=first + 1.0, audio_seconds=5.0, stall=0.0)
+
     result = bench.Result(mode="server streaming", label="x", requests=6, concurrency=2)
-    bench.add_first_audio(result, [0.5, 0.3, 0.1, 0.2, 0.1, 0.1], opening=2)
+    bench.add_stream_timings(result, [timing(t) for t in (0.5, 0.3, 0.1, 0.2, 0.1, 0.1)], opening=2)
     assert result.extra["first_audio_opening_p50_s"] == pytest.approx(0.4)
     assert result.extra["first_audio_opening_p90_s"] == pytest.approx(0.48)
     assert result.extra["first_audio_later_p90_s"] == pytest.approx(0.17)
     assert result.extra["first_audio_p50_s"] == pytest.approx(0.15)
+    assert result.audio_seconds == 30.0 and result.percentile(50) == pytest.approx(1.15)
     table = bench.format_streaming_table([result]).splitlines()
     assert table[0].split()[11:14] == ["opening", "p90", "later"] and table[-1].split()[6:8] == ["480", "170"]
     alone = bench.Result(mode="server streaming", label="y", requests=2, concurrency=2)
-    bench.add_first_audio(alone, [0.5, 0.3], opening=2)  # every request opened the run: nothing to split
-    assert "first_audio_later_p90_s" not in alone.extra and bench.format_streaming_table([alone]).split()[-5] == "-"
+    bench.add_stream_timings(alone, [timing(0.5), timing(0.3)], opening=2)  # every request opened the run
+    assert "first_audio_later_p90_s" not in alone.extra and bench.format_streaming_table([alone]).split()[-8] == "-"
+
+
+def test_playback_stalls_count_the_waits_after_playback_started():
+    # pieces of 1 s arriving at 0.1 s, 0.5 s (in time), 2.6 s (0.5 s late: the first two play out at 2.1 s) and
+    # 3.0 s (in time: the third plays until 3.6 s)
+    assert bench.playback_stall([0.1, 0.5, 2.6, 3.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx(0.5)
+    assert bench.playback_stall([0.2, 0.3], [0.05, 1.0]) == pytest.approx(0.05)
+    assert bench.playback_stall([0.2], [1.0]) == bench.playback_stall([], []) == 0.0
+    stalled = [bench.StreamTiming(0.1, 3.0, 4.0, stall) for stall in (0.0, 0.0, 0.0, 0.5)]
+    result = bench.Result(mode="server streaming", label="x", requests=4, concurrency=1)
+    bench.add_stream_timings(result, stalled)
+    assert result.extra["stalled_share"] == 0.25 and result.extra["stall_p90_s"] == pytest.approx(0.35)
+    assert "25 %" in bench.format_streaming_table([result])
+
+
+def test_time_stream_times_pieces_as_they_come():
+    def pieces():
+        yield np.zeros(0, dtype=np.float32)  # an empty piece (the cross-fade held everything back) is no audio
+        time.sleep(0.05)
+        yield np.zeros(2400, dtype=np.float32)  # 0.1 s of audio
+        time.sleep(0.3)  # the 0.1 s has played out 0.2 s before the next piece
+        yield np.zeros(24000, dtype=np.float32)
+
+    timing = bench.time_stream(pieces())
+    assert 0.05 <= timing.first_audio < 0.3 <= timing.total and timing.audio_seconds == pytest.approx(1.1)
+    assert 0.15 <= timing.stall < 0.5
 
 
 def test_plot_results_charts_rows_of_several_runs(tmp_path):

@@ -547,6 +547,7 @@ def check_streaming_rows(out_json, labels, concurrencies):
         # the clients' first requests (an opening burst) apart from the later ones, when there are later ones
         split = {"first_audio_opening_p90_s", "first_audio_later_p90_s"}
         assert split <= extra.keys() if row["concurrency"] < row["requests"] else not split & extra.keys()
+        assert extra["stall_p90_s"] >= 0 and 0 <= extra["stalled_share"] <= 1
 
 
 @pytest.mark.server
