@@ -211,17 +211,13 @@ class StreamScheduler:
         if self.granularity == "cohort":
             cohort = self._next_cohort()
             rows = [stream for stream in cohort.streams if stream in self._active]
+            work = lambda: self._cohort_round(cohort)  # noqa: E731
         else:
             rows = sorted(self._active, key=lambda s: (len(s.pieces.made) > 0, s.order))[: self.max_rows]
+            work = lambda: self._chunk_round(rows)  # noqa: E731
         try:
-            if self.granularity == "chunk":
-                finished = self._chunk_round(rows)
-            else:
-                finished = self._cohort_round(cohort)
-            self._deliver(finished)
+            self._deliver(work())
         except Exception as exc:  # the whole batched call failed: every stream in it fails
-            if self.granularity == "cohort":
-                self._end(cohort)
             for stream in rows:
                 self._leave(stream)
                 stream.sink.failed(exc)
@@ -281,11 +277,15 @@ class StreamScheduler:
         if not any(stream in self._active for stream in cohort.streams):  # all cancelled: stop its work now
             self._end(cohort)
             return []
-        if cohort.groups is None:  # its noise and text embeddings: inside the round, whose failure fails its streams
-            cohort.groups = self.synthesizer.flow_matching.begin(cohort.jobs)
-        for _, solving in cohort.groups:
-            if not solving.done:
-                solving.advance(solving.segment)
+        try:
+            if cohort.groups is None:  # noise and text embeddings: in the round, whose failure fails its streams
+                cohort.groups = self.synthesizer.flow_matching.begin(cohort.jobs)
+            for _, solving in cohort.groups:
+                if not solving.done:
+                    solving.advance(solving.segment)
+        except Exception:
+            self._end(cohort)
+            raise
         if not cohort.done:
             return []
         self._end(cohort)
