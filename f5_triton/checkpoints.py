@@ -10,6 +10,7 @@ Layouts we read (as SWivid/F5-TTS publishes them):
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import string
@@ -23,6 +24,8 @@ from f5_triton.errors import CheckpointError
 from f5_triton.model import DiT
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
+
+logger = logging.getLogger(__name__)
 
 
 def read_raw_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -121,7 +124,9 @@ def load_dit(ckpt_path: str | os.PathLike, vocab_size: int, arch: DiTConfig | st
         model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {ckpt_path} does not match architecture {config}: {exc}") from exc
-    return model.optimize_for(device, dtype)
+    model.optimize_for(device, dtype)
+    logger.info("DiT %s on %s in %s: %s", ckpt_path, device, dtype, model.kernels)
+    return model
 
 
 def find_checkpoint(folder: str | os.PathLike) -> Path:

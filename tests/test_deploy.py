@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from functools import lru_cache
 from pathlib import Path
 
@@ -178,6 +179,7 @@ def test_compose_services():
     assert jetson["profiles"] == ["jetson"]
     assert jetson["runtime"] == "nvidia"
     assert jetson["build"]["args"]["TRITON_FLAVOR"] == "py3-igpu"
+    assert jetson["build"]["args"]["FLASH_ATTN_PIP"] == ""  # FlashAttention-4 has no Orin kernels
     env = {k: interpolate(str(v)) for k, v in jetson["environment"].items()}
     assert env["MAX_BATCH_SIZE"] == "4" and env["DTYPE"] == "fp16" and env["BACKEND"] == "trt"
     # engines are built at first start and kept in the named volume
@@ -240,6 +242,14 @@ def test_dockerfile_rules():
         if keyword == "RUN" and "pip install" in rest:
             assert "--no-cache-dir" in rest, rest
         assert not (keyword == "ADD" and re.search(r"https?://", rest)), rest
+
+    # FlashAttention-4 by default (auto: the pinned fa4 extra of pyproject.toml), which must exist
+    args = {rest.partition("=")[0]: rest.partition("=")[2] for k, rest in instructions if k == "ARG"}
+    assert args["FLASH_ATTN_PIP"] == "auto"
+    fa4_pin = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["fa4"]
+    assert re.fullmatch(r"flash-attn-4==[\w.]+", fa4_pin[0]), fa4_pin
+    assert any(k == "RUN" and "['fa4'][0]" in rest and 'pip install --no-cache-dir "${FLASH_ATTN_PIP}"' in rest
+               for k, rest in instructions)
 
     # Triton 2.51's python-backend stub crashes on BYTES inputs under numpy 2 (python_backend#384)
     assert any(k == "RUN" and re.search(r'"numpy[^"]*<2"', rest) for k, rest in instructions)

@@ -1,5 +1,7 @@
 """The DiT equals upstream F5-TTS numerically and loads its state dict names; batching is clean."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -202,6 +204,31 @@ def test_gelu_gemm_epilogue_equals_the_separate_gelu_on_gpu():
     assert (after - before).abs().max() <= 2e-2 * before.abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_attention_kernel_equals_the_plain_path_on_gpu():
+    """The packed-batch kernel `optimize_for` picks (FlashAttention-4's where flash-attn-4 runs, else torch's
+    varlen flash) gives each sequence the plain path's output, alone and compiled (the FA4 call is a custom op)."""
+    from f5_triton.model import fa4
+    from f5_triton.model.packing import Packing
+
+    config = ARCHITECTURES["tiny"].replace(heads=2, dim_head=64, dim=128)  # head size of the released models
+    plain, fast = _plain_and_optimized(random_dit(config, seed=5), torch.float16)
+    assert fast.kernels.packed == ("fa4" if fa4.works(torch.device("cuda"), torch.float16) else "varlen")
+    lens = [300, 17, 129]
+    torch.manual_seed(6)
+    x, cond = (torch.randn(sum(lens), 100, device="cuda", dtype=torch.float16) for _ in range(2))
+    embed = torch.randn(sum(lens), config.text_dim, device="cuda", dtype=torch.float16)
+    time = torch.rand(len(lens), device="cuda", dtype=torch.float16)
+    packing = Packing.of(lens, "cuda")
+    with torch.inference_mode():
+        expected = plain.step(x, cond, embed, time, packing)  # SDPA per sequence
+        got = fast.step(x, cond, embed, time, packing)
+        compiled = torch.compile(fast.step, dynamic=True)(x, cond, embed, time, packing)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 2e-2 * scale
+    assert (compiled - expected).abs().max() <= 2e-2 * scale
+
+
 LENGTH_MIXES = {"one": [70], "ragged": [60, 97, 31], "many_short": [17, 5, 40, 33, 1, 64], "equal": [48, 48]}
 
 
@@ -228,6 +255,58 @@ def test_packed_step_equals_each_sequence_alone(variant, mix):
             assert (packed[start:start + n] - alone).abs().max() <= 1e-4
             start += n
     assert packed.shape == (sum(lens), 100)
+
+
+def test_rotary_table_gives_the_angles_computed_per_call():
+    """`optimize_for` tabulates the rotary angles once: padded and packed steps equal those that compute them per
+    call (bit for bit: the same fp32 arithmetic), and the table is read, not recomputed."""
+    from f5_triton.model.dit import ROTARY_TABLE_POSITIONS
+    from f5_triton.model.packing import Packing
+
+    config = ARCHITECTURES["tiny"]
+    model = random_dit(config, seed=3)
+    lens = [37, 80, 5]
+    torch.manual_seed(4)
+    x, cond = torch.randn(2, sum(lens), 100), torch.randn(2, sum(lens), 100)
+    embed = torch.randn(2, sum(lens), config.text_dim)
+    time, packed_time = torch.rand(2), torch.rand(3)
+    packing = Packing.of(lens)
+    with torch.no_grad():
+        padded_before = model.step(x, cond, embed, time)
+        packed_before = model.step(x[0], cond[0], embed[0], packed_time, packing)
+        model.optimize_for("cpu", torch.float32)
+        assert model.rotary_embed.table[0].shape == (ROTARY_TABLE_POSITIONS, config.dim_head)
+        assert torch.equal(model.step(x, cond, embed, time), padded_before)
+        assert torch.equal(model.step(x[0], cond[0], embed[0], packed_time, packing), packed_before)
+        cos, sin = model.rotary_embed(0, "cpu", positions=packing.positions, bound=packing.max_length)
+        assert torch.equal(cos[37:40], model.rotary_embed.table[0][:3]) and torch.equal(sin[:37], model.rotary_embed.table[1][:37])
+        model.half()  # the table follows moves and casts: made again, in fp32, from the cast inv_freq
+        assert model.rotary_embed.table[0].dtype == torch.float32
+        assert torch.equal(model.rotary_embed.table[1][:80], model.rotary_embed._angles(torch.arange(80.0))[1])
+        model.float()
+        model.rotary_embed.table = tuple(torch.zeros_like(t) for t in model.rotary_embed.table)
+        assert not torch.equal(model.step(x, cond, embed, time), padded_before)  # the step reads the table
+
+
+def test_fa4_attention_is_one_opaque_op_for_the_compiler():
+    """FlashAttention-4's kernels are compiled at first use, out of torch.compile's reach: the packed step traces
+    the call as one custom-op node whose fake gives the output's shape, without running it (no GPU needed). Where
+    it cannot run (here: no CUDA), `optimize_for` does not pick it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from f5_triton.model import fa4
+    from f5_triton.model.dit import Kernels, packed_attention
+    from f5_triton.model.packing import Packing
+
+    packing = Packing.of([9, 30, 4])
+    q = torch.randn(43, 2, 64, dtype=torch.float16)
+    graph = make_fx(lambda q, k, v, cu: packed_attention(q, k, v, dataclasses.replace(packing, cu_seqlens=cu), "fa4"),
+                    tracing_mode="fake")(q, q, q, packing.cu_seqlens)
+    calls = [node for node in graph.graph.nodes if node.op == "call_function"]
+    assert [str(node.target) for node in calls] == ["f5_triton.fa4_varlen_attention.default"]
+    assert calls[0].meta["val"].shape == (43, 2, 64) and calls[0].meta["val"].dtype == torch.float16
+    assert not fa4.works(torch.device("cpu"), torch.float16)
+    assert Kernels.for_device("cpu", torch.float16).packed == "per_sequence"
 
 
 def test_packed_attention_block_mask_while_tracing_equals_the_loop():

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from f5_triton.config import DiTConfig
+from f5_triton.model import fa4
 from f5_triton.model.packing import Packing
 
 
@@ -236,6 +237,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
+ROTARY_TABLE_POSITIONS = 8192  # rotary angles tabulated at load (longer sequences compute theirs per call)
+
+
 class RotaryEmbedding(nn.Module):
     """x-transformers' RotaryEmbedding (no xpos), written out so the graph exports to ONNX cleanly."""
 
@@ -243,14 +247,34 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq)  # persistent: the official checkpoints hold it
+        self.table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of positions 0..n-1: `tabulate`
 
-    def forward(self, seq_len: int, device, positions: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [seq_len, dim] of positions 0..seq_len-1, or of `positions` [tokens] (a packed batch)."""
-        t = torch.arange(seq_len, device=device).float() if positions is None else positions.float()
-        freqs = torch.outer(t, self.inv_freq.float())
-        freqs = freqs.repeat_interleave(2, dim=-1)
+    def tabulate(self, positions: int) -> None:
+        """Compute cos and sin of positions 0..`positions`-1 once (`DiT.optimize_for`, on the model's device).
+        Otherwise torch.compile fuses their computation into each layer's q/k kernel, evaluating sin and cos for
+        every element of q and k in every layer. The same fp32 arithmetic, so the same values."""
+        self.table = self._angles(torch.arange(positions, device=self.inv_freq.device).float())
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves and casts (`.to`, `.half`, ...) make the table again from the moved `inv_freq`: it stays fp32, on
+        the module's device, and equal to what a call computes without it."""
+        super()._apply(fn, *args, **kwargs)
+        if self.table is not None:
+            self.tabulate(self.table[0].shape[0])
+        return self
+
+    def _angles(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(t, self.inv_freq.float()).repeat_interleave(2, dim=-1)
         return freqs.cos(), freqs.sin()
+
+    def forward(self, seq_len: int, device, positions: torch.Tensor | None = None, bound: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [seq_len, dim] of positions 0..seq_len-1, or of `positions` [tokens] (a packed batch, each
+        position below `bound`)."""
+        length = seq_len if positions is None else bound
+        if self.table is not None and 0 < length <= self.table[0].shape[0]:
+            return tuple(t[:seq_len] if positions is None else t[positions] for t in self.table)
+        return self._angles(torch.arange(seq_len, device=device).float() if positions is None else positions.float())
 
 
 def cudnn_masked_attention_works(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
@@ -265,7 +289,7 @@ def cudnn_masked_attention_works(device: torch.device, dtype: torch.dtype, head_
 
 
 PADDED_ATTENTION_KERNELS = ("sdpa", "cudnn")
-PACKED_ATTENTION_KERNELS = ("per_sequence", "varlen")
+PACKED_ATTENTION_KERNELS = ("per_sequence", "varlen", "fa4")
 
 
 def varlen_attention_works(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
@@ -286,7 +310,8 @@ def varlen_attention_works(device: torch.device, dtype: torch.dtype, head_dim: i
 def packed_attention(q, k, v, packing: Packing, kernel: str = "per_sequence") -> torch.Tensor:
     """Attention within each sequence of a packed batch; q, k, v and the result are [tokens, heads, dim].
 
-    "varlen": one variable-length flash kernel (CUDA, half precision). "per_sequence": SDPA on each
+    "varlen": torch's variable-length flash kernel (CUDA, half precision). "fa4": FlashAttention-4's
+    (`f5_triton.model.fa4`: Hopper/Blackwell, where flash-attn-4 is installed). "per_sequence": SDPA on each
     sequence in turn (any device; the exact reference). While tracing (ONNX export) a block-diagonal
     mask over all tokens stands in for the loop, whose lengths would be frozen into the graph.
     """
@@ -294,6 +319,8 @@ def packed_attention(q, k, v, packing: Packing, kernel: str = "per_sequence") ->
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_length, packing.max_length)
+    if kernel == "fa4":
+        return fa4.varlen_attention(q, k, v, packing.cu_seqlens, packing.max_length)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         same = packing.sequence_ids[:, None] == packing.sequence_ids[None, :]
         out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=same)
@@ -314,8 +341,9 @@ class Kernels:
     padded: attention over a padded batch (`PADDED_ATTENTION_KERNELS`): "sdpa" (boolean key mask, torch picks the
         kernel) or "cudnn" (cuDNN's fused attention with an additive key mask: several times faster than the
         memory-efficient kernel SDPA picks for a masked call on Hopper, `scripts/attention_bench.py`).
-    packed: attention over a packed batch (`PACKED_ATTENTION_KERNELS`): "per_sequence" (SDPA on each sequence) or
-        "varlen" (one variable-length flash kernel).
+    packed: attention over a packed batch (`PACKED_ATTENTION_KERNELS`): "per_sequence" (SDPA on each sequence),
+        "varlen" (torch's variable-length flash kernel) or "fa4" (FlashAttention-4's, where flash-attn-4 is installed
+        and runs: 1.4-1.6x faster than "varlen" on Hopper).
     gelu_epilogue: the feed-forward's bias + tanh-GELU in its first GEMM's epilogue (cuBLASLt), saving a pass over
         the widest activation. CUDA only: elsewhere that op's GELU is the exact one, not upstream's tanh.
     """
@@ -332,13 +360,15 @@ class Kernels:
     @classmethod
     def for_device(cls, device: torch.device | str, dtype: torch.dtype, head_dim: int = 64) -> "Kernels":
         """The fastest kernels that run on `device` in `dtype` (probed): cuDNN and variable-length attention
-        where they work (CUDA, half precision), the GEMM epilogue on any CUDA device; the plain path elsewhere."""
+        (FlashAttention-4's, else torch's) where they work (CUDA, half precision), the GEMM epilogue on any CUDA
+        device; the plain path elsewhere."""
         device = torch.device(device)
         if device.type != "cuda":
             return cls()
+        packed = ("fa4" if fa4.works(device, dtype, head_dim) else
+                  "varlen" if varlen_attention_works(device, dtype, head_dim) else "per_sequence")
         return cls(padded="cudnn" if cudnn_masked_attention_works(device, dtype, head_dim) else "sdpa",
-                   packed="varlen" if varlen_attention_works(device, dtype, head_dim) else "per_sequence",
-                   gelu_epilogue=True)
+                   packed=packed, gelu_epilogue=True)
 
 
 class Attention(nn.Module):
@@ -519,6 +549,7 @@ class DiT(nn.Module):
         are loaded. Move it no further: kernels chosen for a GPU need not run elsewhere."""
         self.to(device=device, dtype=dtype).eval()
         self.kernels = Kernels.for_device(device, dtype, self.config.dim_head)
+        self.rotary_embed.tabulate(ROTARY_TABLE_POSITIONS)
         return self
 
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
@@ -558,7 +589,7 @@ class DiT(nn.Module):
             time = time.repeat(packing.sequences)
         t = self.time_embed(time)
         h = self.input_embed(x, cond, text_embed, None, packing)
-        rope = self.rotary_embed(0, x.device, positions=packing.positions)
+        rope = self.rotary_embed(0, x.device, positions=packing.positions, bound=packing.max_length)
         residual = h
         for block in self.transformer_blocks:
             h = block(h, t, rope, None, None, packing, self.kernels)
