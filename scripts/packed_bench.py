@@ -8,7 +8,7 @@ Lengths are drawn as in benchmark.py's mixed set (references 3-10 s + targets 2-
 request is two sequences (classifier-free guidance). Attention candidates on [tokens, heads, 64]: the
 variable-length flash kernel (`varlen_attn`), FlashAttention-4's (where flash-attn-4 is installed), FlexAttention
 with a document block mask, SDPA on nested jagged tensors, cuDNN on ragged sequences, SDPA per sequence, and the
-padded call (cuDNN with a key mask over [2B, n]); each
+padded call (cuDNN with a key mask over [2B, n]; FA4 with each row's key count); each
 checked against fp32 math per sequence. Then whole DiT steps: padded+masked and packed, eager and
 compiled with symbolic shapes (`compiled`: dynamic=True; `engine`: the lengths marked dynamic as the torch engine
 does; `static`: specialized on the batch), ms per step, MFU and the largest difference of the packed output from
@@ -90,7 +90,11 @@ def attention_cases(q, k, v, packing: Packing, padded):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             out = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=key_mask)
         return out.transpose(1, 2)[valid]
-    cases["padded [2B, n], cuDNN key mask (today)"] = padded_cudnn
+    cases["padded [2B, n], cuDNN key mask"] = padded_cudnn
+    if fa4.available():
+        key_lengths = valid.sum(dim=1).to(torch.int32)
+        rows = [t.transpose(1, 2) for t in (pq, pk, pv)]  # [2B, n, heads, dim], as the padded step holds them
+        cases["padded [2B, n], FA4 key lengths"] = lambda: fa4.padded_attention(*rows, key_lengths)[valid]
     return cases
 
 

@@ -175,19 +175,42 @@ def _plain_and_optimized(model, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cudnn_masked_attention_equals_the_plain_path_on_gpu(dit):
-    """The padded-batch kernel `optimize_for` picks (cuDNN's masked attention) gives the plain path's output."""
+def test_padded_attention_kernel_equals_the_plain_path_on_gpu():
+    """The padded-batch kernel `optimize_for` picks (FlashAttention-4 with key lengths where flash-attn-4 runs, else
+    cuDNN's masked attention) gives the plain path's output, also replayed from a CUDA graph with other lengths."""
     from f5_triton.engines import DIT_STEP
     from f5_triton.engines.networks import random_inputs
+    from f5_triton.model import fa4
 
-    plain, fast = _plain_and_optimized(dit, torch.float16)
-    assert fast.kernels.padded == "cudnn"
-    inputs = [t.cuda() for t in random_inputs(DIT_STEP, (64, 40), {"mel": 100, "text": dit.config.text_dim})]
-    inputs = [t.half() if t.is_floating_point() else t for t in inputs]
+    config = ARCHITECTURES["tiny"].replace(heads=2, dim_head=64, dim=128)  # head size of the released models
+    plain, fast = _plain_and_optimized(random_dit(config, seed=12), torch.float16)
+    assert fast.kernels.padded == ("fa4" if fa4.works(torch.device("cuda"), torch.float16) else "cudnn")
+
+    def inputs(lengths, seed):
+        tensors = [t.cuda() for t in random_inputs(DIT_STEP, lengths, {"mel": 100, "text": config.text_dim}, seed=seed)]
+        return [t.half() if t.is_floating_point() else t for t in tensors]
+
+    def close(got, expected, lengths):
+        for row, n in enumerate(lengths):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= 2e-2 * expected[row, :n].abs().max()
+
     with torch.inference_mode():
-        expected, got = plain.step(*inputs), fast.step(*inputs)
-    assert (got[0] - expected[0]).abs().max() <= 2e-2
-    assert (got[1, :40] - expected[1, :40]).abs().max() <= 2e-2
+        first = inputs((64, 40), seed=1)
+        close(fast.step(*first), plain.step(*first), (64, 40))
+        static = [t.clone() for t in first]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fast.step(*static)  # kernels compiled and workspaces made outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast.step(*static)
+        second = inputs((17, 64), seed=2)  # the same shape, other valid lengths: read at replay, not captured
+        for buffer, value in zip(static, second):
+            buffer.copy_(value)
+        graph.replay()
+        close(out, plain.step(*second), (17, 64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -289,9 +312,9 @@ def test_rotary_table_gives_the_angles_computed_per_call():
 
 
 def test_fa4_attention_is_one_opaque_op_for_the_compiler():
-    """FlashAttention-4's kernels are compiled at first use, out of torch.compile's reach: the packed step traces
-    the call as one custom-op node whose fake gives the output's shape, without running it (no GPU needed). Where
-    it cannot run (here: no CUDA), `optimize_for` does not pick it."""
+    """FlashAttention-4's kernels are compiled at first use, out of torch.compile's reach: packed and padded steps
+    trace each call as one custom-op node whose fake gives the output's shape, without running it (no GPU needed).
+    Where it cannot run (here: no CUDA), `optimize_for` does not pick it."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from f5_triton.model import fa4
@@ -306,7 +329,27 @@ def test_fa4_attention_is_one_opaque_op_for_the_compiler():
     assert [str(node.target) for node in calls] == ["f5_triton.fa4_varlen_attention.default"]
     assert calls[0].meta["val"].shape == (43, 2, 64) and calls[0].meta["val"].dtype == torch.float16
     assert not fa4.works(torch.device("cpu"), torch.float16)
-    assert Kernels.for_device("cpu", torch.float16).packed == "per_sequence"
+    assert Kernels.for_device("cpu", torch.float16) == Kernels()
+
+    class Step(torch.nn.Module):  # a padded step with the FA4 kernels (as optimize_for picks them where FA4 runs)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs):
+            return self.model.step(*inputs)
+
+    config = ARCHITECTURES["tiny"].replace(heads=2, dim_head=64, dim=128)
+    model = random_dit(config, seed=1).eval()
+    model.kernels = Kernels(padded="fa4", packed="fa4")  # a test's stand-in for a GPU where FA4 runs
+    x, embed = torch.randn(2, 30, 100), torch.randn(2, 30, config.text_dim)
+    mask = torch.arange(30)[None] < torch.tensor([30, 20])[:, None]
+    exported = torch.export.export(Step(model), (x, x, embed, torch.rand(2), mask), strict=False)
+    calls = [node for node in exported.graph.nodes if node.op == "call_function"]
+    attention = [node for node in calls if "attention" in str(node.target)]
+    assert [str(node.target) for node in attention] == ["f5_triton.fa4_padded_attention.default"] * config.depth
+    key_lengths = attention[0].args[3].meta["val"]  # each row's valid frames, from the mask
+    assert key_lengths.shape == (2,) and key_lengths.dtype == torch.int32
 
 
 def test_packed_attention_block_mask_while_tracing_equals_the_loop():

@@ -288,7 +288,7 @@ def cudnn_masked_attention_works(device: torch.device, dtype: torch.dtype, head_
         return False
 
 
-PADDED_ATTENTION_KERNELS = ("sdpa", "cudnn")
+PADDED_ATTENTION_KERNELS = ("sdpa", "cudnn", "fa4")
 PACKED_ATTENTION_KERNELS = ("per_sequence", "varlen", "fa4")
 
 
@@ -339,8 +339,9 @@ class Kernels:
     plain torch path: it runs anywhere, and the tests hold the others to it.
 
     padded: attention over a padded batch (`PADDED_ATTENTION_KERNELS`): "sdpa" (boolean key mask, torch picks the
-        kernel) or "cudnn" (cuDNN's fused attention with an additive key mask: several times faster than the
-        memory-efficient kernel SDPA picks for a masked call on Hopper, `scripts/attention_bench.py`).
+        kernel), "cudnn" (cuDNN's fused attention with an additive key mask: several times faster than the
+        memory-efficient kernel SDPA picks for a masked call on Hopper, `scripts/attention_bench.py`) or "fa4"
+        (FlashAttention-4 with each row's number of valid keys; a padded batch's mask holds valid frames first).
     packed: attention over a packed batch (`PACKED_ATTENTION_KERNELS`): "per_sequence" (SDPA on each sequence),
         "varlen" (torch's variable-length flash kernel) or "fa4" (FlashAttention-4's, where flash-attn-4 is installed
         and runs: 1.4-1.6x faster than "varlen" on Hopper).
@@ -365,10 +366,11 @@ class Kernels:
         device = torch.device(device)
         if device.type != "cuda":
             return cls()
-        packed = ("fa4" if fa4.works(device, dtype, head_dim) else
-                  "varlen" if varlen_attention_works(device, dtype, head_dim) else "per_sequence")
+        if fa4.works(device, dtype, head_dim):
+            return cls(padded="fa4", packed="fa4", gelu_epilogue=True)
         return cls(padded="cudnn" if cudnn_masked_attention_works(device, dtype, head_dim) else "sdpa",
-                   packed=packed, gelu_epilogue=True)
+                   packed="varlen" if varlen_attention_works(device, dtype, head_dim) else "per_sequence",
+                   gelu_epilogue=True)
 
 
 class Attention(nn.Module):
@@ -438,8 +440,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, key_mask, keep, kernel: str = "sdpa"):
         """key_mask: [b, 1, 1, n] bool (True = valid key), or None; with kernel (`Kernels.padded`) "cudnn" an
-        additive float mask instead. keep: [b, n, 1] float or None."""
+        additive float mask instead, with "fa4" each row's number of valid keys (int32 [b]). keep: [b, n, 1] float
+        or None."""
         b = x.shape[0]
+        if kernel == "fa4":
+            out = fa4.padded_attention(*self._qkv(x, rope), key_mask).flatten(2)
+            out = self.to_out[0](out.to(x.dtype))
+            return out if keep is None else out * keep
         q, k, v = (t.transpose(1, 2) for t in self._qkv(x, rope))
         if key_mask is not None and kernel == "cudnn":
             # SDPA's default order would pick the memory-efficient kernel for a masked call (~2x slower)
@@ -573,6 +580,8 @@ class DiT(nn.Module):
         key_mask = None if mask is None else mask[:, None, None, :]
         if key_mask is not None and self.kernels.padded == "cudnn":
             key_mask = torch.zeros(key_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~key_mask, float("-inf"))
+        if self.kernels.padded == "fa4":  # valid frames come first in every row: their count is the mask
+            key_mask = (torch.full((b,), n, device=x.device) if mask is None else mask.sum(dim=1)).to(torch.int32)
         h = self.input_embed(x, cond, text_embed, keep)
         rope = self.rotary_embed(n, x.device)
         residual = h
