@@ -9,17 +9,46 @@
 # soundfile, numpy<2 (Triton 2.51's python-backend stub crashes on BYTES inputs under numpy 2, which the GPU
 # image has), and upstream f5-tts with the modules its model imports (for scripts/bench_vs_upstream.py).
 # The carried tree must stay under 64 MiB: numpy is stripped of its tests (see below).
+#
+# FlashAttention-4 (the fa4 extra; ~110 MB with its CUDA 13 libraries, more than one call carries):
+#   bash scripts/prepare_gpu_wheels.sh --fa4 [DEST=.gpufa4]      (add DEST-a/ and DEST-b/ to .git/info/exclude)
+# writes DEST-a and DEST-b (each under 60 MB). On the GPU machine, two calls within its warm time: the first carries
+# DEST-a and runs `mkdir -p /tmp/fa4parts && cp DEST-a/* /tmp/fa4parts/`, the second carries DEST-b and runs
+# `source DEST-b/setup-fa4-on-gpu.sh` (installs into /tmp/site-fa4 and puts it on PYTHONPATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dl() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --abi cp312 --abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform any -d "$DEST" "$@"
+}
+if [ "${1:-}" = --fa4 ]; then
+  DEST=$(mktemp -d)
+  out=${2:-.gpufa4}
+  pin=$(python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['fa4'][0])")
+  cutlass=4.8.1  # nvidia-cutlass-dsl, as flash-attn-4's pin resolves it
+  dl "$pin" "nvidia-cutlass-dsl==$cutlass" "nvidia-cutlass-dsl-libs-base==$cutlass" \
+    "nvidia-cutlass-dsl-libs-core==$cutlass" "nvidia-cutlass-dsl-libs-cu13==$cutlass" "apache-tvm-ffi<0.2,>=0.1.11" \
+    torch-c-dlpack-ext "quack-kernels>=0.5.3" einops "cuda-bindings>=13" cuda-pathfinder "protobuf>=5"
+  rm -rf "$out-a" "$out-b" && mkdir -p "$out-a" "$out-b"
+  big=$(ls "$DEST"/nvidia_cutlass_dsl_libs_cu13-*.whl)
+  split -b 50000000 "$big" "$out-a/cu13.part."
+  mv "$out-a"/cu13.part.a[b-z] "$out-b"/ && rm "$big" && mv "$DEST"/*.whl "$out-b"/
+  cat > "$out-b/setup-fa4-on-gpu.sh" <<SETUP
+# source $out-b/setup-fa4-on-gpu.sh   (GPU machine, repo root, after the call that copied $out-a to /tmp/fa4parts)
+cat /tmp/fa4parts/cu13.part.* "\$(dirname "\${BASH_SOURCE[0]}")"/cu13.part.* > /tmp/fa4parts/$(basename "$big") || return 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fa4 \\
+  /tmp/fa4parts/*.whl "\$(dirname "\${BASH_SOURCE[0]}")"/*.whl || return 1
+# nvidia-cutlass-dsl finds its packages through a .pth file, which --target installs do not read
+export PYTHONPATH=\${PYTHONPATH:+\$PYTHONPATH:}/tmp/site-fa4:/tmp/site-fa4/nvidia_cutlass_dsl/dsl_packages
+SETUP
+  du -sh "$out-a" "$out-b"
+  exit 0
+fi
 DEST=${1:-.whl-gpu}
 PREPARE_WHEELS=${PREPARE_WHEELS:?set PREPARE_WHEELS to the prepare-wheels.sh of the GPU test machine (see the header)}
 [ -f "$PREPARE_WHEELS" ] || { echo "prepare_gpu_wheels.sh: no file $PREPARE_WHEELS (PREPARE_WHEELS)" >&2; exit 1; }
 bash "$PREPARE_WHEELS" "$DEST" > /dev/null
-dl() {
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --abi cp312 --abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d "$DEST" "$@"
-}
 dl cffi pycparser "numpy==1.26.4" f5-tts==1.1.22 x-transformers==2.31.10 einx==0.4.3 loguru==0.7.3 \
   torch-einops-utils frozendict
 # Fit the 64 MiB carry limit: numpy's own tests, f2py and stubs are not needed to run (saves ~2 MB).

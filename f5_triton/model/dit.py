@@ -567,7 +567,8 @@ class DiT(nn.Module):
         """The per-step network: flow prediction for noisy mel `x` given prepared conditions.
 
         x, cond: [b, n, mel_dim]; text_embed: [b, n, text_dim]; time: [b] or scalar;
-        mask: [b, n] bool (True = valid frame) or None when no request is padded.
+        mask: [b, n] bool (True = valid frame; each row's valid frames first, as `lens_to_mask` makes them) or None
+        when no request is padded.
         A packed batch instead: x, cond, text_embed [tokens, c], time [sequences] or scalar, mask a `Packing`.
         """
         if isinstance(mask, Packing):
