@@ -27,6 +27,7 @@ from f5_triton.export.onnx_export import (
     export_network,
     half_with_fp32_islands,
 )
+from f5_triton.model.dit import ROTARY_TABLE_POSITIONS
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {("dit_step", "fp32"): 1e-4, ("vocoder", "fp32"): 1e-5, ("dit_step", "fp16"): 2e-2,
@@ -76,6 +77,11 @@ def test_graphs_have_opset_17_and_symbolic_batch_and_frames(exported):
         types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
         if spec is DIT_STEP:
             assert types["mask"] == onnx.TensorProto.BOOL and types["time"] == onnx.TensorProto.FLOAT
+            # the loaded DiT holds a rotary table (optimize_for); the graph computes the angles instead, so that
+            # frames past the table's rows still run
+            constants = [*model.graph.initializer,
+                         *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")]
+            assert not [t.dims for t in constants if ROTARY_TABLE_POSITIONS in t.dims]
 
 
 @pytest.mark.parametrize("lengths", [(1,), (2, 1), (300,), (257, 3, 100, 200, 5)])

@@ -240,6 +240,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 ROTARY_TABLE_POSITIONS = 8192  # rotary angles tabulated at load (longer sequences compute theirs per call)
 
 
+def _exporting() -> bool:
+    """Whether an ONNX/torch.export trace is running: exported graphs compute the rotary angles per call, so that they
+    hold no table and no bound on the frames (the engines' shape profiles may go past the table)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or is_exporting()
+
+
 class RotaryEmbedding(nn.Module):
     """x-transformers' RotaryEmbedding (no xpos), written out so the graph exports to ONNX cleanly."""
 
@@ -272,7 +279,7 @@ class RotaryEmbedding(nn.Module):
         """cos, sin [seq_len, dim] of positions 0..seq_len-1, or of `positions` [tokens] (a packed batch, each
         position below `bound`)."""
         length = seq_len if positions is None else bound
-        if self.table is not None and 0 < length <= self.table[0].shape[0]:
+        if self.table is not None and 0 < length <= self.table[0].shape[0] and not _exporting():
             return tuple(t[:seq_len] if positions is None else t[positions] for t in self.table)
         return self._angles(torch.arange(seq_len, device=device).float() if positions is None else positions.float())
 
