@@ -93,8 +93,8 @@ def attention_cases(q, k, v, packing: Packing, padded):
     cases["padded [2B, n], cuDNN key mask"] = padded_cudnn
     if fa4.available():
         key_lengths = valid.sum(dim=1).to(torch.int32)
-        rows = [t.transpose(1, 2) for t in (pq, pk, pv)]  # [2B, n, heads, dim], as the padded step holds them
-        cases["padded [2B, n], FA4 key lengths"] = lambda: fa4.padded_attention(*rows, key_lengths)[valid]
+        batched = [t.transpose(1, 2) for t in (pq, pk, pv)]  # [2B, n, heads, dim], as the padded step holds them
+        cases["padded [2B, n], FA4 key lengths"] = lambda: fa4.padded_attention(*batched, key_lengths)[valid]
     return cases
 
 

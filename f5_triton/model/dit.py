@@ -585,11 +585,7 @@ class DiT(nn.Module):
             time = time.repeat(b)
         t = self.time_embed(time)
         keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)
-        key_mask = None if mask is None else mask[:, None, None, :]
-        if key_mask is not None and self.kernels.padded == "cudnn":
-            key_mask = torch.zeros(key_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~key_mask, float("-inf"))
-        if self.kernels.padded == "fa4":  # valid frames come first in every row: their count is the mask
-            key_mask = (torch.full((b,), n, device=x.device) if mask is None else mask.sum(dim=1)).to(torch.int32)
+        key_mask = self._key_mask(mask, b, n, x)
         h = self.input_embed(x, cond, text_embed, keep)
         rope = self.rotary_embed(n, x.device)
         residual = h
@@ -600,6 +596,18 @@ class DiT(nn.Module):
         scale, shift = self.norm_out.linear(self.norm_out.silu(t)).unsqueeze(1).chunk(2, dim=-1)
         h = self.norm_out.norm(h) * (1 + scale) + shift
         return self.proj_out(h)
+
+    def _key_mask(self, mask, b: int, n: int, x: torch.Tensor):
+        """The padding mask as `Kernels.padded` takes it: "sdpa" boolean [b, 1, 1, n], "cudnn" additive float, both None
+        without padding; "fa4" each row's number of valid keys, int32 [b] (valid frames come first in every row)."""
+        if self.kernels.padded == "fa4":
+            return (torch.full((b,), n, device=x.device) if mask is None else mask.sum(dim=1)).to(torch.int32)
+        if mask is None:
+            return None
+        key_mask = mask[:, None, None, :]
+        if self.kernels.padded == "cudnn":
+            return torch.zeros(key_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~key_mask, float("-inf"))
+        return key_mask
 
     def _packed_step(self, x, cond, text_embed, time, packing: Packing):
         if time.ndim == 0:

@@ -22,16 +22,21 @@ def available() -> bool:
     return True
 
 
+def _flash_attention(q, k, v, **lengths) -> torch.Tensor:
+    """flash-attn-4's attention, its output alone (some releases also return the log-sum-exp)."""
+    from flash_attn.cute.interface import flash_attn_varlen_func
+
+    out = flash_attn_varlen_func(q, k, v, **lengths)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.library.custom_op("f5_triton::fa4_varlen_attention", mutates_args=())
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_length: int) -> torch.Tensor:
     """Attention within each sequence of a packed batch: q, k, v and the result [tokens, heads, dim];
     cu_seqlens int32 [sequences + 1]; max_length an upper bound of the sequences' lengths."""
-    from flash_attn.cute.interface import flash_attn_varlen_func
-
-    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                 max_seqlen_q=max_length, max_seqlen_k=max_length)
-    return out[0] if isinstance(out, tuple) else out
+    return _flash_attention(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_length,
+                            max_seqlen_k=max_length)
 
 
 @varlen_attention.register_fake
@@ -44,10 +49,7 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_leng
     """Attention over a padded batch: q, k, v and the result [batch, frames, heads, dim]; row i attends to its first
     `key_lengths[i]` keys (int32 [batch]: a padding mask of valid frames first). Every query gets an output, padded
     ones too (finite: they attend to the valid keys), so nothing undefined reaches the rest of the step."""
-    from flash_attn.cute.interface import flash_attn_varlen_func
-
-    out = flash_attn_varlen_func(q, k, v, seqused_k=key_lengths)
-    return out[0] if isinstance(out, tuple) else out
+    return _flash_attention(q, k, v, seqused_k=key_lengths)
 
 
 @padded_attention.register_fake
