@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -77,11 +78,17 @@ def parse_args(argv=None):
                              "process, at --concurrency)")
     stream.add_argument("--granularity", choices=["cohort", "chunk"], default="cohort", help="offline --streaming")
     stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
+    stream.add_argument("--profile", nargs="?", const="", metavar="DIR",
+                        help="offline --streaming: torch.profiler over each row of the last pass (every thread's host "
+                             "ops and the GPU's kernels; it slows the host down): where the GPU idled, printed and "
+                             "kept in the row's extra.gpu_idle; with DIR also a Chrome trace per row there (large)")
     args = p.parse_args(argv)
     args.set = args.set or ("paragraphs" if args.streaming else "uniform")
     unknown = set(args.set.split(",")) - set(bench.BUILTIN_SETS)
     if unknown:
         p.error(f"--set: unknown set(s) {sorted(unknown)}; known: {', '.join(bench.BUILTIN_SETS)}")
+    if args.profile is not None and not (args.streaming and args.mode == "offline"):
+        p.error("--profile: only with --mode offline --streaming (a server's GPU work is in another process)")
     args.server_url = args.server_url or default_url(args.protocol)
     if args.model_name is None:
         args.model_name = STREAMING_MODEL if args.streaming else MODEL
@@ -217,8 +224,10 @@ class Results(list):
                 f.write(json.dumps(result.summary()) + "\n")
 
 
-def run_streaming(args, items, concurrency: int, label: str, open_stream) -> bench.Result:
-    """`concurrency` clients streaming `items`; `open_stream(i, item)` -> iterator of waveform pieces."""
+def run_streaming(args, items, concurrency: int, label: str, open_stream, profile: bool = False,
+                  trace: Path | None = None) -> bench.Result:
+    """`concurrency` clients streaming `items`; `open_stream(i, item)` -> iterator of waveform pieces; `profile`,
+    `trace`: `bench.gpu_idle_profile`'s."""
     import concurrent.futures
 
     def send(i_item):
@@ -228,12 +237,15 @@ def run_streaming(args, items, concurrency: int, label: str, open_stream) -> ben
         if args.enable_warmup:
             list(pool.map(send, enumerate(items[: max(args.warmup, concurrency)])))
         result = bench.Result(mode=f"{args.mode} streaming", label=label, requests=len(items), concurrency=concurrency)
-        with bench.GpuSampler() as gpus:
+        with bench.GpuSampler() as gpus, bench.gpu_idle_profile(profile, trace) as idle:
             start = time.perf_counter()
             timings = list(tqdm(pool.map(send, enumerate(items)), total=len(items), desc=f"streaming c={concurrency}",
                                 unit="req"))
             result.wall_seconds = time.perf_counter() - start
     bench.add_stream_timings(result, timings, opening=concurrency)
+    if profile:
+        result.extra["gpu_idle"] = idle
+        print(bench.format_idle_summary(idle), flush=True)
     result.gpu_utilization = gpus.mean_utilization()
     return result
 
@@ -273,9 +285,13 @@ def main_streaming(args, sets: list[str], results: list) -> str:
     try:
         for set_name in sets:
             items = load_items(args, set_name)
-            for name in _pass_labels(args, label, set_name):
+            names = _pass_labels(args, label, set_name)
+            for name in names:
                 for concurrency in _ints(args.concurrency):
-                    results.append(run_streaming(args, items, concurrency, name, open_stream))
+                    profile = args.profile is not None and name == names[-1]
+                    trace = (Path(args.profile) / f"{name.replace(' ', '-')}-c{concurrency}.json"
+                             if profile and args.profile else None)
+                    results.append(run_streaming(args, items, concurrency, name, open_stream, profile, trace))
     finally:
         if scheduler is not None:
             scheduler.close()

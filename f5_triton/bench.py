@@ -556,3 +556,123 @@ def plot_side_by_side(results: dict, path: str | Path) -> Path:
     ax.set_title(f"{results['gpu']}, {results['arch']}, NFE {results['nfe']}, {results['dtype']}, batch 1\n"
                  f"{results['audio_seconds']:.1f} s generated", fontsize=9)
     return _save(fig, path)
+
+
+GPU_TRACE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_TRACE_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver")
+
+
+def chrome_trace_spans(trace: dict) -> list[tuple[str, str, float, float]]:
+    """A torch.profiler Chrome trace (`export_chrome_trace`'s JSON) as `gpu_idle_summary`'s spans."""
+    kinds = {**{c: "gpu" for c in GPU_TRACE_CATEGORIES}, **{c: "op" for c in HOST_TRACE_CATEGORIES},
+             "user_annotation": "label"}
+    return [(kinds[e["cat"]], e["name"], float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+            for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e and e.get("cat") in kinds]
+
+
+def profiler_spans(prof) -> list[tuple[str, str, float, float]]:
+    """A finished torch.profiler run's events as `gpu_idle_summary`'s spans (no trace file: a busy GPU's trace of a
+    few seconds holds millions of events, slow to write and to read back)."""
+    from torch.autograd import DeviceType
+
+    spans = []
+    for e in prof.profiler.kineto_results.events():
+        on_gpu = e.device_type() == DeviceType.CUDA
+        if on_gpu and e.is_user_annotation():  # a record_function range as seen on the GPU's timeline: not work
+            continue
+        kind = "gpu" if on_gpu else "label" if e.is_user_annotation() else "op"
+        spans.append((kind, e.name(), e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3))
+    return spans
+
+
+def _innermost_at(spans: list[tuple[str, float, float]], points: list[float]) -> list[str]:
+    """For each point (ascending), the name of the shortest span (name, start, end) containing it, or "(none)"."""
+    import heapq
+
+    spans = sorted(spans, key=lambda s: s[1])
+    heap: list[tuple[float, float, str]] = []  # (duration, end, name); expired entries leave when they surface
+    names, i = [], 0
+    for point in points:
+        while i < len(spans) and spans[i][1] <= point:
+            name, start, end = spans[i]
+            heapq.heappush(heap, (end - start, end, name))
+            i += 1
+        while heap and heap[0][1] < point:
+            heapq.heappop(heap)
+        names.append(heap[0][2] if heap else "(none)")
+    return names
+
+
+def gpu_idle_summary(spans: list[tuple[str, str, float, float]], min_gap_ms: float = 0.05, top: int = 8) -> dict:
+    """Where the GPU waited. spans: (kind, name, start_us, end_us), kind "gpu" (a kernel or copy), "label" (a
+    `record_function` range on the host) or "op" (a host op: aten, CUDA runtime calls).
+
+    busy: the union of the GPU's spans over the time from its first to its last; each idle gap longer than
+    `min_gap_ms` is charged to what the host was doing at its middle: the innermost label there (any thread), and the
+    innermost host op there."""
+    device = sorted((start, end) for kind, _, start, end in spans if kind == "gpu")
+    summary = {"span_ms": 0.0, "busy_ms": 0.0, "busy_share": None, "gaps": 0, "idle_by_label": {}, "idle_by_op": {}}
+    if not device:
+        return summary
+    busy, gaps, (start, end) = 0.0, [], device[0]
+    for s, e in device[1:]:
+        if s > end:
+            busy += end - start
+            if (s - end) / 1e3 >= min_gap_ms:
+                gaps.append((end, s))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = end - device[0][0]
+    middles = [(s + e) / 2 for s, e in gaps]
+
+    def charged(kind):
+        table: dict[str, float] = {}
+        names = _innermost_at([(n, s, e) for k, n, s, e in spans if k == kind], middles)
+        for name, (s, e) in zip(names, gaps):
+            table[name] = table.get(name, 0.0) + (e - s) / 1e3
+        return {k: round(v, 2) for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:top]}
+
+    summary.update(span_ms=round(span / 1e3, 2), busy_ms=round(busy / 1e3, 2), busy_share=round(busy / span, 4),
+                   gaps=len(gaps), idle_by_label=charged("label"), idle_by_op=charged("op"))
+    return summary
+
+
+def all_threads_profile():
+    """A torch.profiler context over every thread's host ops (the stream scheduler runs in its own thread) and, where
+    there is a GPU, its kernels and copies."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities,
+                   experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))
+
+
+@contextmanager
+def gpu_idle_profile(enabled: bool, trace_path: str | Path | None = None):
+    """torch.profiler around the block (host ops and GPU kernels, every thread); on exit the yielded dict is filled
+    with `gpu_idle_summary`, and the Chrome trace is written to `trace_path` if given. A no-op yielding {} when not
+    `enabled`."""
+    report: dict = {}
+    if not enabled:
+        yield report
+        return
+    with all_threads_profile() as prof:
+        yield report
+    report.update(gpu_idle_summary(profiler_spans(prof)))
+    if trace_path is not None:
+        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_path))
+
+
+def format_idle_summary(summary: dict) -> str:
+    if summary.get("busy_share") is None:
+        return "GPU idle profile: no GPU activity recorded"
+    lines = [f"GPU busy {100 * summary['busy_share']:.1f} % of {summary['span_ms']:.0f} ms "
+             f"({summary['gaps']} idle gaps); idle ms by the host's record_function label:"]
+    lines += [f"  {ms:9.2f}  {name}" for name, ms in summary["idle_by_label"].items()]
+    lines.append("idle ms by the host op in progress:")
+    lines += [f"  {ms:9.2f}  {name}" for name, ms in summary["idle_by_op"].items()]
+    return "\n".join(lines)

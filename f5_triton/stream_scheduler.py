@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from torch.profiler import record_function
+
 from f5_triton.errors import ServerBusyError
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import Job, Prepared, generated
@@ -216,7 +218,10 @@ class StreamScheduler:
             rows = sorted(self._active, key=lambda s: (len(s.pieces.made) > 0, s.order))[: self.max_rows]
             work = lambda: self._chunk_round(rows)  # noqa: E731
         try:
-            self._deliver(work())
+            with record_function("stream_scheduler.flow_matching"):  # labels for `bench.gpu_idle_profile`
+                finished = work()
+            with record_function("stream_scheduler.deliver"):
+                self._deliver(finished)
         except Exception as exc:  # the whole batched call failed: every stream in it fails
             for stream in rows:
                 self._leave(stream)
@@ -279,7 +284,8 @@ class StreamScheduler:
             return []
         try:
             if cohort.groups is None:  # noise and text embeddings: in the round, whose failure fails its streams
-                cohort.groups = self.synthesizer.flow_matching.begin(cohort.jobs)
+                with record_function("stream_scheduler.begin"):
+                    cohort.groups = self.synthesizer.flow_matching.begin(cohort.jobs)
             for _, solving in cohort.groups:
                 if not solving.done:
                     solving.advance(solving.segment)
@@ -314,7 +320,8 @@ class StreamScheduler:
                 stream.sink.failed(exc)
         if not good:
             return
-        waves = self.synthesizer.vocoder([mel for _, mel in good])
+        with record_function("stream_scheduler.vocode"):
+            waves = self.synthesizer.vocoder([mel for _, mel in good])
         for (stream, _), wave in zip(good, waves):
             piece = stream.pieces.add(wave)
             try:

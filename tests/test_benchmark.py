@@ -57,6 +57,55 @@ def test_builtin_items_ask_for_about_twice_the_reference():
     assert np.abs(items[0].wave).max() > 0.01
 
 
+def test_gpu_idle_summary_charges_each_gap_to_the_host_work_in_progress():
+    def event(cat, name, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+    trace = {"traceEvents": [  # the layout of torch.profiler's export_chrome_trace
+        event("kernel", "gemm", 0, 100), event("kernel", "attention", 50, 100),  # overlapping: busy 0..150
+        event("gpu_memcpy", "Memcpy DtoH", 400, 100),  # a 250 us gap before it, middle 275
+        event("kernel", "gemm", 510, 90),  # 10 us: below min_gap_ms, busy but not a gap
+        event("gpu_user_annotation", "stream_scheduler.deliver", 0, 600),  # a label's GPU-side range: not work
+        event("user_annotation", "stream_scheduler.deliver", 120, 300),
+        event("user_annotation", "stream_scheduler.vocode", 130, 50),  # ends before the gap's middle
+        event("user_annotation", "other thread", 260, 400, tid=2),  # contains it but is longer
+        event("cpu_op", "aten::copy_", 200, 150), event("cuda_runtime", "cudaStreamSynchronize", 260, 30),
+        event("cpu_op", "aten::add", 10, 20),
+        {"ph": "i", "name": "marker", "ts": 300},  # not a complete event: ignored
+    ]}
+    summary = bench.gpu_idle_summary(bench.chrome_trace_spans(trace), min_gap_ms=0.05)
+    assert summary["span_ms"] == 0.6 and summary["busy_ms"] == 0.34 and summary["busy_share"] == round(0.34 / 0.6, 4)
+    assert summary["gaps"] == 1
+    assert summary["idle_by_label"] == {"stream_scheduler.deliver": 0.25}
+    assert summary["idle_by_op"] == {"cudaStreamSynchronize": 0.25}
+    assert "GPU busy 56.7 %" in bench.format_idle_summary(summary)
+    assert bench.gpu_idle_summary([])["busy_share"] is None
+
+
+def test_gpu_idle_profile_sees_every_thread():
+    import threading
+
+    import torch
+    from torch.profiler import record_function
+
+    def in_another_thread():
+        def work():
+            with record_function("worker label"):
+                torch.randn(64, 64) @ torch.randn(64, 64)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+
+    with bench.all_threads_profile() as prof:
+        in_another_thread()
+    spans = {(kind, name) for kind, name, _, _ in bench.profiler_spans(prof)}
+    assert ("label", "worker label") in spans and ("op", "aten::mm") in spans
+    with bench.gpu_idle_profile(True) as report:
+        in_another_thread()
+    assert report["busy_share"] is None and report["gaps"] == 0  # this machine has no GPU spans to count
+
+
 def test_result_statistics():
     r = bench.Result(mode="offline", label="x", requests=4, batch_size=2, wall_seconds=2.0, audio_seconds=8.0,
                      latencies=[1.0, 2.0, 3.0, 4.0])

@@ -563,10 +563,15 @@ def test_benchmark_streaming_sweep_through_triton(streaming_server, tmp_path):
 
 
 def test_benchmark_streaming_in_process(tiny_ckpt, tmp_path):
-    out = tmp_path / "streaming.jsonl"
+    out, trace = tmp_path / "streaming.jsonl", tmp_path / "traces" / "chunk-nfe2-paragraphs-c2.json"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "offline", "--streaming", "--ckpt-dir",
          str(tiny_ckpt), "--device", "cpu", "--concurrency", "2", "--num-requests", "2", "--nfe", "2",
-         "--granularity", "chunk", "--output-json", str(out)], capture_output=True, text=True, timeout=600)
+         "--granularity", "chunk", "--output-json", str(out), "--profile", str(trace.parent)],
+        capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     check_streaming_rows(out, ["chunk nfe2 paragraphs"], [2])
+    # --profile: torch.profiler's trace of the row, with the scheduler's labels on its thread's host ops
+    labels = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "user_annotation"}
+    assert {"stream_scheduler.flow_matching", "stream_scheduler.deliver", "stream_scheduler.vocode"} <= labels
+    assert "gpu_idle" in json.loads(out.read_text())["extra"] and "no GPU activity" in result.stdout
