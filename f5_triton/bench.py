@@ -558,18 +558,6 @@ def plot_side_by_side(results: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-GPU_TRACE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
-HOST_TRACE_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver")
-
-
-def chrome_trace_spans(trace: dict) -> list[tuple[str, str, float, float]]:
-    """A torch.profiler Chrome trace (`export_chrome_trace`'s JSON) as `gpu_idle_summary`'s spans."""
-    kinds = {**{c: "gpu" for c in GPU_TRACE_CATEGORIES}, **{c: "op" for c in HOST_TRACE_CATEGORIES},
-             "user_annotation": "label"}
-    return [(kinds[e["cat"]], e["name"], float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-            for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e and e.get("cat") in kinds]
-
-
 def profiler_spans(prof) -> list[tuple[str, str, float, float]]:
     """A finished torch.profiler run's events as `gpu_idle_summary`'s spans (no trace file: a busy GPU's trace of a
     few seconds holds millions of events, slow to write and to read back)."""

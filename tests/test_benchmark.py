@@ -58,22 +58,17 @@ def test_builtin_items_ask_for_about_twice_the_reference():
 
 
 def test_gpu_idle_summary_charges_each_gap_to_the_host_work_in_progress():
-    def event(cat, name, ts, dur, tid=1):
-        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
-
-    trace = {"traceEvents": [  # the layout of torch.profiler's export_chrome_trace
-        event("kernel", "gemm", 0, 100), event("kernel", "attention", 50, 100),  # overlapping: busy 0..150
-        event("gpu_memcpy", "Memcpy DtoH", 400, 100),  # a 250 us gap before it, middle 275
-        event("kernel", "gemm", 510, 90),  # 10 us: below min_gap_ms, busy but not a gap
-        event("gpu_user_annotation", "stream_scheduler.deliver", 0, 600),  # a label's GPU-side range: not work
-        event("user_annotation", "stream_scheduler.deliver", 120, 300),
-        event("user_annotation", "stream_scheduler.vocode", 130, 50),  # ends before the gap's middle
-        event("user_annotation", "other thread", 260, 400, tid=2),  # contains it but is longer
-        event("cpu_op", "aten::copy_", 200, 150), event("cuda_runtime", "cudaStreamSynchronize", 260, 30),
-        event("cpu_op", "aten::add", 10, 20),
-        {"ph": "i", "name": "marker", "ts": 300},  # not a complete event: ignored
-    ]}
-    summary = bench.gpu_idle_summary(bench.chrome_trace_spans(trace), min_gap_ms=0.05)
+    spans = [  # (kind, name, start us, end us), as bench.profiler_spans reads a torch.profiler run
+        ("gpu", "gemm", 0, 100), ("gpu", "attention", 50, 150),  # overlapping: busy 0..150
+        ("gpu", "Memcpy DtoH", 400, 500),  # a 250 us gap before it, middle 275
+        ("gpu", "gemm", 510, 600),  # 10 us: below min_gap_ms, busy but not a gap
+        ("label", "stream_scheduler.deliver", 120, 420),
+        ("label", "stream_scheduler.vocode", 130, 180),  # ends before the gap's middle
+        ("label", "other thread", 260, 660),  # contains it but is longer
+        ("op", "aten::copy_", 200, 350), ("op", "cudaStreamSynchronize", 260, 290),
+        ("op", "aten::add", 10, 30),
+    ]
+    summary = bench.gpu_idle_summary(spans, min_gap_ms=0.05)
     assert summary["span_ms"] == 0.6 and summary["busy_ms"] == 0.34 and summary["busy_share"] == round(0.34 / 0.6, 4)
     assert summary["gaps"] == 1
     assert summary["idle_by_label"] == {"stream_scheduler.deliver": 0.25}
