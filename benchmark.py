@@ -64,8 +64,9 @@ def parse_args(argv=None):
     add_model_args(off)
     off.add_argument("--batch-size", default="1", help="batch size, or a comma list for a sweep")
     off.add_argument("--server-warmup", action="store_true",
-                     help="first run a server's warm-up (compiles, every CUDA graph up to the largest batch size and the "
-                          "frame limit) and report how long it took: the first pass is then what a ready server does")
+                     help="first run a server's warm-up (compiles, every CUDA graph up to the largest batch size, or "
+                          "--max-streams with --streaming, and the frame limit) and report how long it took: the first "
+                          "pass is then what a ready server does")
     bench.add_engine_args(p)
     srv = p.add_argument_group("server")
     srv.add_argument("--server-url", help="host:port; None: localhost:$GRPC_PORT (8001), or $HTTP_PORT (8000) with --protocol http")
@@ -198,12 +199,13 @@ def _pass_labels(args, label: str, set_name: str) -> list[str]:
     return [label] if args.passes == 1 else [f"{label} pass{p}" for p in range(1, args.passes + 1)]
 
 
-def server_warm_up(args, tts) -> float:
-    """What a server does before it reports ready (`serving.factories.warm_up`); returns its seconds."""
+def server_warm_up(args, tts, max_requests: int) -> float:
+    """What a server does before it reports ready (`serving.factories.warm_up`) for batches of up to `max_requests`
+    requests (its max batch size, or its streaming model's max streams); returns its seconds."""
     from f5_triton.config import DEFAULT_LIMITS
 
     start = time.perf_counter()
-    tts.flow_matching.warm_up(max(_ints(args.batch_size)), nfe_steps=args.nfe, max_frames=DEFAULT_LIMITS.max_mel_frames,
+    tts.flow_matching.warm_up(max_requests, nfe_steps=args.nfe, max_frames=DEFAULT_LIMITS.max_mel_frames,
                               log=lambda message: print(f"server warm-up: {message}", flush=True))
     return time.perf_counter() - start
 
@@ -261,13 +263,18 @@ def stream_opener(args):
                                      nfe_steps=args.nfe, cfg_strength=args.cfg)
 
         return open_server, None
+    from f5_triton.config import SamplingConfig
     from f5_triton.request import validate_request
     from f5_triton.stream_scheduler import StreamScheduler
     from f5_triton.streaming import StreamingSynthesizer
 
     tts, _ = bench.tts_from_args(args)
+    seconds = server_warm_up(args, tts, args.max_streams) if args.server_warmup else 0.0
     scheduler = StreamScheduler(StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder),
                                 granularity=args.granularity, max_streams=args.max_streams).start()
+    if args.server_warmup:  # as f5_tts_streaming: a stream through every stage once
+        seconds += scheduler.warm_up(SamplingConfig(nfe_steps=args.nfe, cfg_strength=args.cfg))
+        print(f"server warm-up: ready after {seconds:.1f} s", flush=True)
 
     def open_in_process(i, item):
         request = validate_request(item.wave, item.reference_text, item.target_text, sample_rate=item.sample_rate,
@@ -310,7 +317,8 @@ def main(argv=None) -> int:
         args.device = str(tts.flow_matching.device)
         label = args.label or f"{args.dit_engine} {dtype_name} nfe{args.nfe}"
         if args.server_warmup:
-            print(f"server warm-up: ready after {server_warm_up(args, tts):.1f} s", flush=True)
+            print(f"server warm-up: ready after {server_warm_up(args, tts, max(_ints(args.batch_size))):.1f} s",
+                  flush=True)
         for set_name in sets:
             items = load_items(args, set_name)
             for batch_size in _ints(args.batch_size):

@@ -55,6 +55,10 @@ def add_engine_args(parser) -> None:
                        help="with --cuda-graphs: ODE steps per graph replay (0 = a graph per DiT call)")
     group.add_argument("--graph-max-rows", dest="dit_graph_max_rows", type=int, default=EngineConfig.graph_max_rows,
                        help="with --cuda-graphs: DiT batches of more rows (2 per request) run without graphs")
+    group.add_argument("--graph-max-tokens", dest="dit_graph_max_tokens", type=int,
+                       default=EngineConfig.graph_max_tokens,
+                       help="with --cuda-graphs: packed DiT batches of up to this many tokens (2 per frame of a "
+                            "request) replay graphs too (0 = none; the server's default: 12288)")
 
 
 def tts_from_args(args):

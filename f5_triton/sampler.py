@@ -233,8 +233,8 @@ class Solving:
     @property
     def segment(self) -> int:
         """The steps one `advance` should take: a CUDA graph's (the engine replays whole graphs), else one."""
-        graph_steps = getattr(self._solve, "graph_steps", 0)
-        return graph_steps if graph_steps > 0 and self._valid is None else 1
+        steps_per_replay = getattr(self._solve, "steps_per_replay", None)
+        return 1 if steps_per_replay is None else steps_per_replay(self._mask, self.inputs.cfg_strength is not None)
 
     @torch.inference_mode()
     def advance(self, steps: int | None = None, on_step: Callable[[int], None] | None = None) -> None:

@@ -32,6 +32,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ from f5_triton.errors import ServerBusyError
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import Job, Prepared, generated
 from f5_triton.request import SynthesisRequest
-from f5_triton.streaming import Piece, PieceMaker, StreamingSynthesizer
+from f5_triton.config import DEFAULT_SAMPLING, SamplingConfig
+from f5_triton.streaming import Piece, PieceMaker, StreamingSynthesizer, warm_up_request
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,14 @@ class StreamScheduler:
                     return
         finally:
             sink.cancelled.set()
+
+    def warm_up(self, sampling: SamplingConfig = DEFAULT_SAMPLING) -> float:
+        """Stream `streaming.warm_up_request` (with the host's `sampling` defaults) to its end, so that the first
+        user's stream finds no stage cold; returns its seconds. Needs `start`."""
+        start = time.perf_counter()
+        for _ in self.stream(warm_up_request(sampling)):
+            pass
+        return time.perf_counter() - start
 
     @property
     def active(self) -> int:

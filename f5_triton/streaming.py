@@ -20,10 +20,10 @@ import numpy as np
 
 from f5_triton import audio, text
 from f5_triton.cache import LRUCache, output_key, reference_key
-from f5_triton.config import CROSS_FADE_SECONDS, SAMPLE_RATE
+from f5_triton.config import CROSS_FADE_SECONDS, DEFAULT_SAMPLING, SAMPLE_RATE, SamplingConfig
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import FlowMatcher, Prepared, Preprocessor, Vocoder
-from f5_triton.request import SynthesisRequest
+from f5_triton.request import SynthesisRequest, validate_request
 
 DEFAULT_FIRST_CHUNK_BYTES = 50  # as upstream's socket server: about one short sentence
 
@@ -163,6 +163,20 @@ class StreamingSynthesizer:
     def synthesize(self, request: SynthesisRequest) -> np.ndarray:
         """The whole streamed audio, joined."""
         return np.concatenate([piece.audio for piece in self.stream(request)])
+
+
+def warm_up_request(sampling: SamplingConfig = DEFAULT_SAMPLING) -> SynthesisRequest:
+    """A synthetic request (a 3 s hum, two sentences) whose stream takes every stage: preprocessing, a short first
+    chunk and a longer one, the vocoder, the cross-fade. A server streams it once at load, after its flow-matching
+    warm-up, so that the first user's stream finds nothing cold. `sampling`: the server's defaults."""
+    t = np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+    hum = 0.1 * np.sin(2 * np.pi * 150 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    request = validate_request(hum.astype(np.float32), "A warm up of the server.",
+                               "One. Two three four five six seven eight nine ten eleven twelve thirteen.",
+                               sample_rate=SAMPLE_RATE, nfe_steps=sampling.nfe_steps,
+                               cfg_strength=sampling.cfg_strength, speed=sampling.speed)
+    request.sway_sampling_coef = sampling.sway_sampling_coef
+    return request
 
 
 @dataclass(frozen=True)

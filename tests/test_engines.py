@@ -455,3 +455,136 @@ def test_cover_shapes_leaves_no_graph_to_capture_in_service(dit, monkeypatch):
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4
     assert len(captured) == 6  # no capture in service
+
+
+# -- packed batches replayed as CUDA graphs (graph_max_tokens) --------------------------------------------------
+
+PACKED_CASES = [  # (durations, cfg, steps): 3 and 4 requests (packed: more rows than max_rows), ragged, guided or not
+    ((100, 80, 61), 2.0, 7), ((90, 33, 120, 7), 2.0, 7), ((70, 50, 44), 0.0, 8), ((200, 190, 210, 170), 2.0, 4)]
+
+
+def packed_case(model, durations, cfg, steps, on_step=None):
+    torch.manual_seed(0)
+    batch = len(durations)
+    cond = torch.randn(batch, 40, 100)
+    text = torch.randint(0, 256, (batch, 30))
+    text[-1, 20:] = -1
+    param = next(model.model.parameters() if isinstance(model, DiTRunner) else model.parameters())
+    lens = torch.tensor([min(40, n - 1) for n in durations])
+    return sample(model, cond.to(param.device, param.dtype), text.to(param.device), torch.tensor(durations), steps=steps, cfg_strength=cfg,
+                  seed=list(range(batch)), lens=lens, on_step=on_step).cpu()
+
+
+def _tensor_only_attention(q, k, v, packing, kernel="per_sequence"):
+    """Attention within sequences from the packing's tensors alone, as the GPU's variable-length kernels work: a
+    graph replays its captured layout's host values (`lengths`) with the new batch's tensors."""
+    same = packing.sequence_ids[:, None] == packing.sequence_ids[None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)),
+                                                           attn_mask=same)
+    return out[0].transpose(0, 1)
+
+
+def test_packed_graphs_replay_any_small_batch_exactly(dit, monkeypatch):
+    """The packed graphs' own logic on the CPU (the CUDA capture replaced by a plain call of what it captured,
+    attention by one that reads only tensors, as the GPU kernels do): tokens rounded up to a bucket, sequences
+    filled to a fixed count, each request's result that of the request alone; the warm-up captures every bucket up
+    to `max_tokens`, and then batches of any lengths replay those graphs, capturing nothing."""
+    from f5_triton.engines import torch_engine
+    from f5_triton.model import dit as dit_module
+
+    captured = []
+
+    class Replay:  # what a captured graph does, without CUDA
+        def __init__(self, forward, example, pool):
+            self.forward = forward
+            captured.append(tuple(t.shape for t in example[:3]))
+
+        def replay(self, inputs):
+            return self.forward(*inputs)
+
+    monkeypatch.setattr(torch_engine, "_CapturedGraph", Replay)
+    monkeypatch.setattr(dit_module, "packed_attention", _tensor_only_attention)
+    engine = TorchEngine(DiTStep(dit), DIT_STEP)
+    solver = engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128), 3, pool=None,
+                                                        lock=__import__("threading").Lock(), max_rows=2,
+                                                        max_tokens=2048)
+    runner = DiTRunner(dit, engine)
+    # packed buckets 2048 and 1024 (largest first), 3 steps a replay (about one request's graph of work) and the
+    # remainder 1 of 7 steps
+    assert solver.keys_to_cover(2, 128, 7)[-4:] == [("packed", 2048, 1, True), ("packed", 2048, 3, True),
+                                                    ("packed", 1024, 1, True), ("packed", 1024, 3, True)]
+    assert [solver.packed_steps(b) for b in (1024, 2048, 3072, 8192)] == [3, 3, 1, 1]
+    made = runner.cover_shapes(max_requests=1, max_frames=128, nfe_steps=7)
+    assert ("packed", 1024, 3, True) in solver.graphs and made == len(captured)
+    assert ((512, 100), (1024, 100), (1024, 32)) in captured  # x: one branch's tokens; cond, text_embed: both
+    for durations, cfg, steps in PACKED_CASES:
+        before = len(captured)
+        seen = []
+        got = packed_case(runner, durations, cfg, steps, on_step=seen.append)
+        expected = packed_case(dit, durations, cfg, steps)
+        tokens = sum(durations) * (2 if cfg else 1)
+        if tokens + 2 * 16 <= 2048:  # graphed: a replay per 3 steps; the guided ones were captured by the warm-up
+            assert seen == list(range(0, steps, 3)), (durations, seen)
+            assert len(captured) == before + (0 if cfg else 2)  # unguided: segments of 3 and of 2 steps
+        else:  # 1540 tokens + fillers > 2048: the packed step without a graph
+            assert seen == list(range(steps))
+        for row, n in enumerate(durations):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-4, (durations, cfg, steps)
+    assert {("packed", 1024, 3, False), ("packed", 1024, 2, False)} <= set(solver.graphs)  # unguided: when met
+    # a stream scheduler's segment: a replay's steps where a graph takes the batch, else one step
+    from f5_triton.sampler import Solving, prepare
+
+    inputs = prepare(runner, torch.randn(3, 40, 100), torch.randint(0, 256, (3, 30)), torch.tensor([100, 80, 61]),
+                     steps=7, lens=torch.tensor([40, 40, 40]))
+    assert Solving(runner, inputs).segment == 3
+    inputs = prepare(runner, torch.randn(3, 40, 100), torch.randint(0, 256, (3, 30)), torch.tensor([500, 500, 500]),
+                     steps=7, lens=torch.tensor([40, 40, 40]))
+    assert Solving(runner, inputs).segment == 1
+
+
+def test_filled_packing_changes_no_sequence(dit):
+    """`packing.filled`: filler sequences (at least a token each) up to a fixed count and token total; the real
+    sequences' step output is what it is without them."""
+    from f5_triton.model.packing import filled
+
+    assert filled((5, 3), 20, 4) == (5, 3, 11, 1)
+    assert filled((5, 3), 8, 2) == (5, 3)
+    with pytest.raises(ValueError, match="cannot fill"):
+        filled((5, 3), 9, 2)  # a token over but no sequence to hold it
+    with pytest.raises(ValueError, match="cannot fill"):
+        filled((5, 3), 9, 4)  # two fillers need two tokens
+    lengths = (37, 80, 5)
+    layout = filled(lengths, 160, 6)
+    torch.manual_seed(2)
+    x, cond = torch.randn(160, 100), torch.randn(160, 100)
+    embed = torch.randn(160, dit.config.text_dim)
+    time = torch.rand(6)
+    with torch.no_grad():
+        alone = dit.step(x[:122], cond[:122], embed[:122], time[:3], Packing.of(lengths))
+        with_fillers = dit.step(x, cond, embed, time, Packing.of(layout))
+    assert (with_fillers[:122] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_packed_graphs_match_the_packed_step_on_gpu(compile_):
+    """On a GPU, packed batches replayed as CUDA graphs give each request what the packed step without graphs gives
+    (fp16, the variable-length kernel `optimize_for` picks), and nothing is captured after the warm-up."""
+    from f5_triton.checkpoints import random_dit
+    from f5_triton.config import ARCHITECTURES
+
+    config = ARCHITECTURES["tiny"].replace(heads=2, dim_head=64, dim=128)
+    model = random_dit(config, seed=5).optimize_for("cuda", torch.float16)
+    assert model.kernels.packed in ("fa4", "varlen")
+    settings = dict(device="cuda", cuda_graphs=True, compile=compile_, frame_buckets=(64, 128), graph_steps=3,
+                    graph_max_rows=2)
+    graphed = make_dit_runner(model, EngineConfig(**settings, graph_max_tokens=2048))
+    plain = make_dit_runner(model, EngineConfig(**settings))
+    made = graphed.cover_shapes(max_requests=1, max_frames=128, nfe_steps=8)
+    assert made == len(graphed.solve.graphs) and ("packed", 2048, 3, True) in graphed.solve.graphs
+    for durations, cfg, steps in [((100, 80, 61), 2.0, 8), ((90, 33, 120, 7), 2.0, 8), ((300, 290), 2.0, 8)]:
+        got = packed_case(graphed, durations, cfg, steps).float()
+        expected = packed_case(plain, durations, cfg, steps).float()
+        for row, n in enumerate(durations):
+            assert (got[row, :n] - expected[row, :n]).abs().max() <= 2e-2 * expected[row, :n].abs().max()
+    assert len(graphed.solve.graphs) == made

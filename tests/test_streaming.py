@@ -331,6 +331,26 @@ def test_scheduler_thread_streams_in_process(streamer, ref_wave, alone):
                       - alone["middle"]).max() <= 1e-4
 
 
+def test_warm_up_stream_takes_every_stage_and_leaves_nothing_behind(streamer):
+    """The stream a server runs at load: a short first chunk and a longer one, so preprocessing, both kinds of
+    cohort, the vocoder and the cross-fade all run; unseeded, so the output cache keeps nothing of it."""
+    from f5_triton.config import SamplingConfig
+    from f5_triton.stream_scheduler import QueueSink, StreamScheduler
+    from f5_triton.streaming import warm_up_request
+
+    request = warm_up_request(SamplingConfig(nfe_steps=2))
+    jobs = streamer.prepare(request).jobs
+    assert request.nfe_steps == 2 and request.seed is None
+    assert len(jobs) == 2 and jobs[0].total_frames - jobs[0].ref_frames < jobs[1].total_frames - jobs[1].ref_frames
+    with StreamScheduler(streamer) as scheduler:
+        assert scheduler.warm_up(SamplingConfig(nfe_steps=2)) > 0
+        assert scheduler.active == scheduler.waiting == 0
+        assert streamer.cached(request)[1] is None
+        sink = QueueSink()
+        scheduler.submit(request, sink)  # and it serves on
+        assert sink.queue.get(timeout=60).chunk_index == 0
+
+
 # --------------------------------------------------------------------------- Triton
 
 
@@ -567,7 +587,8 @@ def test_benchmark_streaming_in_process(tiny_ckpt, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmark.py"), "--mode", "offline", "--streaming", "--ckpt-dir",
          str(tiny_ckpt), "--device", "cpu", "--concurrency", "2", "--num-requests", "2", "--nfe", "2",
-         "--granularity", "chunk", "--output-json", str(out), "--profile", str(trace.parent)],
+         "--granularity", "chunk", "--output-json", str(out), "--profile", str(trace.parent), "--server-warmup",
+         "--max-streams", "2"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     check_streaming_rows(out, ["chunk nfe2 paragraphs"], [2])
@@ -575,3 +596,4 @@ def test_benchmark_streaming_in_process(tiny_ckpt, tmp_path):
     labels = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "user_annotation"}
     assert {"stream_scheduler.flow_matching", "stream_scheduler.deliver", "stream_scheduler.vocode"} <= labels
     assert "gpu_idle" in json.loads(out.read_text())["extra"] and "no GPU activity" in result.stdout
+    assert "server warm-up: ready after" in result.stdout  # the flow-matching warm-up and a warm-up stream

@@ -198,6 +198,9 @@ class EngineConfig:
     # with cuda_graphs: larger batches (network rows; the DiT takes 2 per request) run without graphs. Their
     # kernels are long enough to hide the launches, and every (rows, bucket) graph is a capture stall under load.
     graph_max_rows: int = 8
+    # with cuda_graphs: packed DiT batches (those above graph_max_rows) of up to this many tokens replay graphs too
+    # (0: none). Small packed steps wait on the host's launches; large ones keep the GPU busy without graphs.
+    graph_max_tokens: int = 0
     # onnxruntime engine: execution providers, default CUDA (+CPU) on a GPU device, else CPU
     providers: tuple[str, ...] | None = None
 
@@ -209,6 +212,8 @@ class EngineConfig:
             raise ValueError(f"graph_steps must be >= 0, got {self.graph_steps}")
         if self.graph_max_rows < 1:
             raise ValueError(f"graph_max_rows must be >= 1, got {self.graph_max_rows}")
+        if self.graph_max_tokens < 0:
+            raise ValueError(f"graph_max_tokens must be >= 0, got {self.graph_max_tokens}")
         if self.providers is not None:
             self.providers = tuple(self.providers)
 
@@ -224,7 +229,7 @@ class EngineConfig:
         for name in ("fallback", "compile", "cuda_graphs"):
             if name in kwargs:
                 kwargs[name] = parse_bool(kwargs[name])
-        for name in ("graph_steps", "graph_max_rows"):
+        for name in ("graph_steps", "graph_max_rows", "graph_max_tokens"):
             if name in kwargs:
                 kwargs[name] = int(kwargs[name])
         for name in ("frame_buckets", "providers"):
@@ -240,10 +245,12 @@ class EngineConfig:
     def from_settings(cls, settings: Mapping[str, Any], network: str, device: str) -> "EngineConfig":
         """The engine of `network` ("dit" or "vocoder") on `device`, from flat settings named as the Triton
         models' parameters and the commands' options: `<network>_engine`, `<network>_engine_path`,
-        `<network>_compile`, `<network>_cuda_graphs`, `<network>_graph_steps`, `<network>_graph_max_rows` and
+        `<network>_compile`, `<network>_cuda_graphs`, `<network>_graph_steps`, `<network>_graph_max_rows`,
+        `<network>_graph_max_tokens` and
         `engine_fallback`. Values are strings or typed; a setting absent or None keeps the field's default."""
         names = {"kind": f"{network}_engine", "path": f"{network}_engine_path", "fallback": "engine_fallback",
-                 **{name: f"{network}_{name}" for name in ("compile", "cuda_graphs", "graph_steps", "graph_max_rows")}}
+                 **{name: f"{network}_{name}" for name in ("compile", "cuda_graphs", "graph_steps", "graph_max_rows",
+                                                    "graph_max_tokens")}}
         return cls.from_mapping({"device": device, **{field: settings[key] for field, key in names.items()
                                                       if settings.get(key) is not None}})
 

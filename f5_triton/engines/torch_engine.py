@@ -7,8 +7,11 @@ vocoder through its lengths), and the output is cut back to the call's frames. C
 the largest bucket run without a graph.
 
 A packed DiT batch (`f5_triton.model.packing`: sequences end to end, a `Packing` in place of the
-mask) runs the module as it is, compiled or eager, without padding or graphs; `packs` tells the
-sampler which batches to pack: those the CUDA graphs do not cover.
+mask) runs the module as it is, compiled or eager, without padding; `packs` tells the sampler which
+batches to pack: those the padded CUDA graphs do not cover. Small packed batches, whose steps would
+otherwise wait on the host's launches, replay graphs too (`graph_max_tokens`): their tokens are
+rounded up to a bucket and their sequences filled up to a fixed count with filler sequences
+(`packing.filled`), which no other sequence sees.
 
 For the DiT the engine also offers `solver`: the sampler's whole Euler loop (CFG and updates
 included) captured `graph_steps` ODE steps per graph, so a 16-step request is two replays instead
@@ -22,12 +25,15 @@ import logging
 import sys
 import threading
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from f5_triton.engines.base import EngineConfig, NetworkSpec, pad_axis
+from f5_triton.model import packing as packing_
 from f5_triton.model.packing import Packing
 from f5_triton.sampler import euler_solve
 
@@ -43,6 +49,12 @@ FRAME_ALIGNMENT = 8
 
 def _aligned(frames: int) -> int:
     return -(-frames // FRAME_ALIGNMENT) * FRAME_ALIGNMENT
+
+
+# Packed graphs: tokens (both guidance branches) rounded up to a multiple of this; each branch holds this many
+# sequences, requests and fillers, so a batch of up to PACKED_GRAPH_SEQUENCES - 1 requests fits one graph.
+PACKED_TOKEN_BUCKET = 1024
+PACKED_GRAPH_SEQUENCES = 16
 
 
 class TorchEngine:
@@ -69,14 +81,18 @@ class TorchEngine:
         if config.cuda_graphs:
             self._graphs = _CudaGraphs(self._forward, spec, config.frame_buckets, config.graph_max_rows)
             if spec.batch_per_request == 2 and config.graph_steps > 0:  # the DiT step
+                # a graph replays a packed batch with other lengths only if no kernel reads them on the host
+                kernels = getattr(getattr(module, "model", None), "kernels", None)
+                max_tokens = config.graph_max_tokens if getattr(kernels, "packed", None) in ("fa4", "varlen") else 0
                 self.solver = GraphedSolver(self._forward, config.frame_buckets, config.graph_steps,
-                                            self._graphs.pool, self._graphs.lock, config.graph_max_rows)
+                                            self._graphs.pool, self._graphs.lock, config.graph_max_rows, max_tokens)
 
     def cover_shapes(self, max_rows: int, max_frames: int, total_steps: int, mel_dim: int, text_dim: int,
                      log: Callable[[str], None] | None = None) -> int:
         """Capture now every CUDA graph that solves of up to `max_rows` rows and `max_frames` frames with
-        `total_steps` guided ODE steps can meet (`GraphedSolver.keys_to_cover`), so none is captured while users
-        wait; larger batches run packed, compiled for any token count. Returns the graphs captured."""
+        `total_steps` guided ODE steps can meet (`GraphedSolver.keys_to_cover`), and the packed ones up to
+        `graph_max_tokens`, so none is captured while users wait; larger batches run packed, compiled for any
+        token count. Returns the graphs captured."""
         if self.solver is None:
             return 0
         keys = self.solver.keys_to_cover(max_rows, max_frames, total_steps)
@@ -243,16 +259,23 @@ class GraphedSolver:
     time grid and the guidance strength being graph inputs. `on_step` runs before each replay, with
     the index of its first step: cancellation takes effect every `graph_steps` steps. Calls of more
     than `max_rows` network rows (2 per request with guidance) run the same loop without graphs.
+
+    Packed calls of up to `max_tokens` tokens replay graphs keyed by ("packed", token bucket, steps, guidance):
+    tokens rounded up to PACKED_TOKEN_BUCKET, sequences filled up to PACKED_GRAPH_SEQUENCES per branch, the
+    packing's tensors graph inputs. Fewer steps a replay as the bucket grows (`packed_steps`), so that a replay
+    holds about as much work as a single request's, and a stream scheduler's newcomer waits no longer for one.
     """
 
     def __init__(self, forward: Callable[..., torch.Tensor], buckets: Sequence[int], graph_steps: int, pool, lock,
-                 max_rows: int = 8):
+                 max_rows: int = 8, max_tokens: int = 0):
         self.forward = forward
         self.buckets = tuple(sorted(buckets))
         self.graph_steps = graph_steps
         self.pool, self.lock = pool, lock
         self.max_rows = max_rows
+        self.max_tokens = max_tokens
         self.graphs: dict[tuple, _CapturedGraph] = {}
+        self._fills: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Packing -> _Filled
 
     def _solve(self, x, cond, text_embed, mask, t, cfg_strength=None):
         return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength)
@@ -260,12 +283,44 @@ class GraphedSolver:
     def keys_to_cover(self, max_rows: int, max_frames: int, total_steps: int, guided: bool = True) -> list[tuple]:
         """Every graph key a solve of up to `max_rows` rows (2 per request with guidance), `max_frames` frames and
         `total_steps` ODE steps can meet: each row count (even with guidance), each bucket up to the one
-        holding `max_frames`, the full segment and the remainder one."""
+        holding `max_frames`, the full segment and the remainder one; then each packed bucket up to `max_tokens`."""
         last = next((b for b in self.buckets if b >= max_frames), self.buckets[-1] if self.buckets else 0)
         step = 2 if guided else 1
-        segments = {min(self.graph_steps, total_steps)} | ({total_steps % self.graph_steps} - {0})
-        return [(rows, bucket, steps, guided) for rows in range(step, min(max_rows, self.max_rows) + 1, step)
-                for bucket in self.buckets if bucket <= last for steps in sorted(segments)]
+        keys = [(rows, bucket, steps, guided) for rows in range(step, min(max_rows, self.max_rows) + 1, step)
+                for bucket in self.buckets if bucket <= last for steps in self._segments(self.graph_steps, total_steps)]
+        packed = range(PACKED_TOKEN_BUCKET, self.max_tokens + 1, PACKED_TOKEN_BUCKET)
+        return keys + [("packed", bucket, steps, guided) for bucket in reversed(packed)  # largest first: the pool
+                       for steps in self._segments(self.packed_steps(bucket), total_steps)]
+
+    @staticmethod
+    def _segments(per_graph: int, total_steps: int) -> list[int]:
+        """The segment lengths a solve of `total_steps` steps replays: the full one and the remainder."""
+        return sorted({min(per_graph, total_steps)} | ({total_steps % per_graph} - {0}))
+
+    def packed_steps(self, bucket: int) -> int:
+        """ODE steps a packed graph of `bucket` tokens holds: `graph_steps` halved until the replay holds at most
+        about a single request's graph's work (`graph_steps` steps of 2 x PACKED_TOKEN_BUCKET tokens)."""
+        steps = self.graph_steps
+        while steps > 1 and steps * bucket > self.graph_steps * 2 * PACKED_TOKEN_BUCKET:
+            steps //= 2
+        return steps
+
+    def _packed_bucket(self, mask: Packing, guided: bool) -> int | None:
+        """The token bucket of a packed call's graph, or None when no graph takes it."""
+        branches = 2 if guided else 1
+        requests = mask.sequences // branches
+        if mask.max_length != packing_.VARLEN_BOUND or requests >= PACKED_GRAPH_SEQUENCES:
+            return None
+        spare = PACKED_GRAPH_SEQUENCES - requests  # filler sequences take at least one token each
+        bucket = -(-(mask.tokens + branches * spare) // PACKED_TOKEN_BUCKET) * PACKED_TOKEN_BUCKET
+        return bucket if bucket <= self.max_tokens else None
+
+    def steps_per_replay(self, mask, guided: bool) -> int:
+        """ODE steps one replay takes for a call of `mask` (a stream scheduler's segment): 1 without a graph."""
+        if isinstance(mask, Packing):
+            bucket = self._packed_bucket(mask, guided)
+            return 1 if bucket is None else self.packed_steps(bucket)
+        return self.graph_steps
 
     def capture(self, key: tuple, mel_dim: int, text_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Capture the graph of `key` (from `keys_to_cover`) on zero inputs unless it exists; True if captured."""
@@ -274,12 +329,28 @@ class GraphedSolver:
             if key in self.graphs:
                 return False
             zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-            inputs = [zeros(rows // 2 if guided else rows, bucket, mel_dim), zeros(rows, bucket, mel_dim),
-                      zeros(rows, bucket, text_dim), torch.ones(rows, bucket, dtype=torch.bool, device=device),
-                      torch.linspace(0, 1, steps + 1, dtype=dtype, device=device)] + ([zeros(())] if guided else [])
+            t = torch.linspace(0, 1, steps + 1, dtype=dtype, device=device)
             with _on(device), torch.inference_mode():
-                self.graphs[key] = _CapturedGraph(self._solve, inputs, self.pool)
+                if rows == "packed":
+                    branches = 2 if guided else 1
+                    lengths = packing_.filled((), bucket // branches, PACKED_GRAPH_SEQUENCES) * branches
+                    layout = Packing.of(lengths, device, max_length=packing_.VARLEN_BOUND)
+                    inputs = [zeros(bucket // branches, mel_dim), zeros(bucket, mel_dim), zeros(bucket, text_dim), t,
+                              zeros(()), *layout.tensors()]
+                    self.graphs[key] = _CapturedGraph(self._packed_solve(layout, guided), inputs, self.pool)
+                else:
+                    inputs = [zeros(rows // 2 if guided else rows, bucket, mel_dim), zeros(rows, bucket, mel_dim),
+                              zeros(rows, bucket, text_dim), torch.ones(rows, bucket, dtype=torch.bool, device=device),
+                              t] + ([zeros(())] if guided else [])
+                    self.graphs[key] = _CapturedGraph(self._solve, inputs, self.pool)
             return True
+
+    def _packed_solve(self, layout: Packing, guided: bool) -> Callable[..., torch.Tensor]:
+        """`euler_solve` over packed inputs whose layout tensors are arguments (a graph's inputs)."""
+        def solve(x, cond, text_embed, t, cfg_strength, *tensors):
+            return euler_solve(self.forward, x, cond, text_embed, layout.with_tensors(*tensors), t,
+                               cfg_strength if guided else None)
+        return solve
 
     def __call__(self, x, cond, text_embed, mask, t, cfg_strength=None, on_step=None) -> torch.Tensor:
         with _on(x.device), _noting_compiles(lambda: f"dit_step: {cond.shape[0]} rows x {x.shape[1]} frames"
@@ -287,8 +358,11 @@ class GraphedSolver:
             return self._call(x, cond, text_embed, mask, t, cfg_strength, on_step)
 
     def _call(self, x, cond, text_embed, mask, t, cfg_strength, on_step) -> torch.Tensor:
-        if isinstance(mask, Packing):  # batches no graph covers (`TorchEngine.packs`)
-            return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
+        if isinstance(mask, Packing):  # batches no padded graph covers (`TorchEngine.packs`)
+            bucket = self._packed_bucket(mask, cfg_strength is not None)
+            if bucket is None:
+                return euler_solve(self.forward, x, cond, text_embed, mask, t, cfg_strength, on_step)
+            return self._packed_call(x, cond, text_embed, mask, t, cfg_strength, on_step, bucket)
         frames = x.shape[1]
         if mask is None:  # one kind of call for the compiled step, graphed or not
             mask = torch.ones(cond.shape[0], frames, dtype=torch.bool, device=x.device)
@@ -299,20 +373,59 @@ class GraphedSolver:
         x, cond, text_embed, mask = _pad_frames(x, cond, text_embed, mask, bucket)
         guided = cfg_strength is not None
         cfg = torch.tensor(float(cfg_strength) if guided else 0.0, dtype=x.dtype, device=x.device)
+        return self._replay(lambda steps: (cond.shape[0], bucket, steps, guided), self.graph_steps, self._solve,
+                            lambda x, ts: [x, cond, text_embed, mask, ts] + ([cfg] if guided else []),
+                            x, t, on_step)[:, :frames]
+
+    def _packed_call(self, x, cond, text_embed, mask: Packing, t, cfg_strength, on_step, bucket: int) -> torch.Tensor:
+        guided = cfg_strength is not None
+        filled = self._filled(cond, text_embed, mask, 2 if guided else 1, bucket)
+        tokens = x.shape[0]
+        x = torch.nn.functional.pad(x, (0, 0, 0, filled.cond.shape[0] // (2 if guided else 1) - tokens))
+        cfg = torch.tensor(float(cfg_strength) if guided else 0.0, dtype=x.dtype, device=x.device)
+        return self._replay(lambda steps: ("packed", bucket, steps, guided), self.packed_steps(bucket),
+                            self._packed_solve(filled.layout, guided),
+                            lambda x, ts: [x, filled.cond, filled.text_embed, ts, cfg, *filled.layout.tensors()],
+                            x, t, on_step)[:tokens]
+
+    def _filled(self, cond, text_embed, mask: Packing, branches: int, bucket: int) -> "_Filled":
+        """A packed call's conditions and layout filled up to its graph's shape; made once per layout (a solve
+        advanced a segment at a time calls with the same ones)."""
+        filled = self._fills.get(mask)
+        if filled is None or filled.source[0] is not cond or filled.source[1] is not text_embed:
+            half, size = mask.tokens // branches, bucket // branches
+            lengths = packing_.filled(mask.lengths[:mask.sequences // branches], size, PACKED_GRAPH_SEQUENCES)
+            pad = lambda v: torch.cat([torch.nn.functional.pad(part, (0, 0, 0, size - half))  # noqa: E731
+                                       for part in v.split(half)])
+            filled = self._fills[mask] = _Filled((cond, text_embed), pad(cond), pad(text_embed),
+                                                 Packing.of(lengths * branches, cond.device, mask.max_length))
+        return filled
+
+    def _replay(self, key_of: Callable[[int], tuple], per_graph: int, solve: Callable[..., torch.Tensor],
+                inputs_of: Callable[..., list], x: torch.Tensor, t: torch.Tensor, on_step) -> torch.Tensor:
+        """Replay the graphs of `per_graph` steps (and the remainder) over the time grid `t`, capturing any missing."""
         total = t.shape[0] - 1
         first = 0
         while first < total:
-            steps = min(self.graph_steps, total - first)
+            steps = min(per_graph, total - first)
             if on_step is not None:
                 on_step(first)
-            key = (cond.shape[0], bucket, steps, guided)
-            inputs = [x, cond, text_embed, mask, t[first:first + steps + 1]] + ([cfg] if guided else [])
+            key = key_of(steps)
+            inputs = inputs_of(x, t[first:first + steps + 1])
             with self.lock:
                 graph = self.graphs.get(key)
                 if graph is None:
-                    logger.info("dit_step: capturing a CUDA graph of %d ODE steps for %d rows, %d frames%s",
-                                steps, key[0], bucket, " with guidance" if guided else "")
-                    graph = self.graphs[key] = _CapturedGraph(self._solve, inputs, self.pool)
+                    logger.info("dit_step: capturing a CUDA graph of %d ODE steps for %s (rows or packed, bucket, "
+                                "steps, guidance)", steps, key)
+                    graph = self.graphs[key] = _CapturedGraph(solve, inputs, self.pool)
                 x = graph.replay(inputs).clone()  # the static output is overwritten by the next replay
             first += steps
-        return x[:, :frames]
+        return x
+
+
+@dataclass(frozen=True, eq=False)
+class _Filled:
+    source: tuple  # the call's (cond, text_embed), which these were made from
+    cond: torch.Tensor
+    text_embed: torch.Tensor
+    layout: Packing

@@ -23,12 +23,16 @@ import torch
 CONV_GAP = 15
 
 
+# The bound of the longest sequence that variable-length kernels get for every batch within the default frame limit
+VARLEN_BOUND = 4096
+
+
 def _bucket_length(length: int) -> int:
     """An upper bound of the longest sequence for variable-length kernels, which take it as a plain int. A
     compiled step specializes on it (a recompile while users wait), so it is the same for every batch within
-    the default frame limit: 4096, else the next power of two. The kernels skip the blocks past a sequence's
-    end, so a loose bound costs little."""
-    return max(4096, 1 << (max(length, 1) - 1).bit_length())
+    the default frame limit: VARLEN_BOUND, else the next power of two. The kernels skip the blocks past a
+    sequence's end, so a loose bound costs little."""
+    return max(VARLEN_BOUND, 1 << (max(length, 1) - 1).bit_length())
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,7 +48,9 @@ class Packing:
     max_length: int  # an upper bound of `lengths` (`_bucket_length`), for variable-length kernels
 
     @classmethod
-    def of(cls, lengths: Sequence[int], device: torch.device | str = "cpu") -> "Packing":
+    def of(cls, lengths: Sequence[int], device: torch.device | str = "cpu", max_length: int | None = None
+           ) -> "Packing":
+        """max_length: the bound for variable-length kernels (default `_bucket_length` of the longest)."""
         lengths = tuple(int(n) for n in lengths)
         if not lengths or min(lengths) < 1:
             raise ValueError(f"a packing needs sequences of at least one token, got lengths {lengths}")
@@ -57,7 +63,16 @@ class Packing:
         gapped_valid[gapped_index] = True
         cu_seqlens = torch.cat((starts, lengths_t.sum().view(1))).to(torch.int32)
         return cls(lengths, *(t.to(device) for t in (cu_seqlens, sequence_ids, positions, gapped_index,
-                                                      gapped_valid)), _bucket_length(max(lengths)))
+                                                      gapped_valid)),
+                   max_length if max_length is not None else _bucket_length(max(lengths)))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The device tensors, in field order (`with_tensors` takes them back)."""
+        return self.cu_seqlens, self.sequence_ids, self.positions, self.gapped_index, self.gapped_valid
+
+    def with_tensors(self, *tensors: torch.Tensor) -> "Packing":
+        """The same layout over other tensors of the same shapes (a CUDA graph's static copies)."""
+        return Packing(self.lengths, *tensors, self.max_length)
 
     @property
     def sequences(self) -> int:
@@ -74,3 +89,16 @@ class Packing:
 
     def from_gapped(self, gapped: torch.Tensor) -> torch.Tensor:
         return gapped.index_select(0, self.gapped_index)
+
+
+def filled(lengths: Sequence[int], tokens: int, sequences: int) -> tuple[int, ...]:
+    """`lengths` followed by filler sequences of at least one token each: `sequences` sequences of `tokens` tokens
+    in all. A packed batch of fixed shape (what a CUDA graph replays) whatever its sequences; every operation is
+    per sequence, so fillers change nothing in the others."""
+    lengths = tuple(int(n) for n in lengths)
+    spare, fill = sequences - len(lengths), tokens - sum(lengths)
+    if spare == fill == 0:
+        return lengths
+    if spare < 1 or fill < spare:
+        raise ValueError(f"cannot fill {lengths} to {sequences} sequences of {tokens} tokens")
+    return lengths + (fill - spare + 1,) + (1,) * (spare - 1)

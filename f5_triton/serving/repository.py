@@ -68,6 +68,8 @@ class RepositoryOptions:
     dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
     dit_graph_max_rows: int = 2  # with CUDA graphs: larger DiT batches (2 rows per request) run packed, without graphs
     dit_graph_steps: int = 8  # with CUDA graphs: ODE steps per graph replay (cancellation granularity); 0 = per step
+    # with CUDA graphs: packed DiT batches of up to this many tokens (2 per frame of a request) replay graphs too
+    dit_graph_max_tokens: int = 12288
     # flow matching runs synthetic batches at load (compile, graph captures) before the server reports ready;
     # default on for GPU targets, where otherwise the first requests wait minutes for torch.compile
     warmup: bool | None = None
@@ -196,6 +198,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gpu target: ODE steps per CUDA-graph replay (requests cancel between replays); 0 = per step")
     parser.add_argument("--graph-max-rows", type=int, default=2,
                         help="gpu target: DiT batches of more rows (2 per request) run without CUDA graphs")
+    parser.add_argument("--graph-max-tokens", type=int, default=RepositoryOptions.dit_graph_max_tokens,
+                        help="gpu target: packed DiT batches of up to this many tokens (2 per frame of a request) "
+                             "replay CUDA graphs too; 0 = none")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                         help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
                              "targets)")
@@ -223,6 +228,7 @@ def options_from_args(args: argparse.Namespace, ckpt: Path, vocab: Path, vocoder
         vocoder_engine_path=args.vocoder_engine_path, vocoder_plan=args.vocoder_plan,
         vocoder_in_flow=args.vocoder_in_flow,
         dit_graph_steps=args.graph_steps, dit_graph_max_rows=args.graph_max_rows,
+        dit_graph_max_tokens=args.graph_max_tokens,
         warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback,
         streaming_granularity=args.streaming_granularity, streaming_max_streams=args.streaming_max_streams,
         streaming_max_queued=args.streaming_max_queued)
@@ -285,6 +291,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                                                  else options.dit_cuda_graphs).lower(),
                           "dit_graph_steps": options.dit_graph_steps,
                           "dit_graph_max_rows": options.dit_graph_max_rows,
+                          "dit_graph_max_tokens": options.dit_graph_max_tokens,
                           "warmup_requests": options.max_batch_size if options.warmup else 0,
                           "warmup_nfe_steps": options.nfe_steps,
                           "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},

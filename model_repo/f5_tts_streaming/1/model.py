@@ -89,6 +89,9 @@ class TritonPythonModel:
         self.scheduler = StreamScheduler(streamer, **options).start()  # StreamScheduler's defaults otherwise
         self.metrics = metrics.Metrics(model)
         self.sampling = factories.sampling_from_params(params)
+        if int(params.get("warmup_requests", 0)) > 0:
+            seconds = self.scheduler.warm_up(self.sampling)
+            pb_utils.Logger.log_info(f"{model}: a warm-up stream went through every stage in {seconds:.2f} s")
 
     def execute(self, requests):
         for request in requests:
