@@ -163,14 +163,18 @@ SOLVER_CASES = [  # (durations, cfg, steps): padded batch, no guidance, a remain
 
 
 def sample_case(model, durations, cfg, steps, on_step=None):
+    """`sample` of a seeded batch with a reference of 40 (25) frames, or of at most each duration - 1 past 2 requests;
+    inputs in the model's device and dtype."""
     torch.manual_seed(0)
     batch = len(durations)
     cond = torch.randn(batch, 40, 100)
     text = torch.randint(0, 256, (batch, 30))
     text[-1, 20:] = -1
-    device = next(model.model.parameters()).device if isinstance(model, DiTRunner) else next(model.parameters()).device
-    return sample(model, cond.to(device), text.to(device), torch.tensor(durations), steps=steps, cfg_strength=cfg,
-                  seed=list(range(batch)), lens=torch.tensor([40, 25][:batch]), on_step=on_step).cpu()
+    param = next(model.model.parameters() if isinstance(model, DiTRunner) else model.parameters())
+    lens = [40, 25][:batch] if batch <= 2 else [min(40, n - 1) for n in durations]
+    return sample(model, cond.to(param.device, param.dtype), text.to(param.device), torch.tensor(durations),
+                  steps=steps, cfg_strength=cfg, seed=list(range(batch)), lens=torch.tensor(lens),
+                  on_step=on_step).cpu()
 
 
 def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
@@ -463,18 +467,6 @@ PACKED_CASES = [  # (durations, cfg, steps): 3 and 4 requests (packed: more rows
     ((100, 80, 61), 2.0, 7), ((90, 33, 120, 7), 2.0, 7), ((70, 50, 44), 0.0, 8), ((200, 190, 210, 170), 2.0, 4)]
 
 
-def packed_case(model, durations, cfg, steps, on_step=None):
-    torch.manual_seed(0)
-    batch = len(durations)
-    cond = torch.randn(batch, 40, 100)
-    text = torch.randint(0, 256, (batch, 30))
-    text[-1, 20:] = -1
-    param = next(model.model.parameters() if isinstance(model, DiTRunner) else model.parameters())
-    lens = torch.tensor([min(40, n - 1) for n in durations])
-    return sample(model, cond.to(param.device, param.dtype), text.to(param.device), torch.tensor(durations), steps=steps, cfg_strength=cfg,
-                  seed=list(range(batch)), lens=lens, on_step=on_step).cpu()
-
-
 def _tensor_only_attention(q, k, v, packing, kernel="per_sequence"):
     """Attention within sequences from the packing's tensors alone, as the GPU's variable-length kernels work: a
     graph replays its captured layout's host values (`lengths`) with the new batch's tensors."""
@@ -520,8 +512,8 @@ def test_packed_graphs_replay_any_small_batch_exactly(dit, monkeypatch):
     for durations, cfg, steps in PACKED_CASES:
         before = len(captured)
         seen = []
-        got = packed_case(runner, durations, cfg, steps, on_step=seen.append)
-        expected = packed_case(dit, durations, cfg, steps)
+        got = sample_case(runner, durations, cfg, steps, on_step=seen.append)
+        expected = sample_case(dit, durations, cfg, steps)
         tokens = sum(durations) * (2 if cfg else 1)
         if tokens + 2 * 16 <= 2048:  # graphed: a replay per 3 steps; the guided ones were captured by the warm-up
             assert seen == list(range(0, steps, 3)), (durations, seen)
@@ -583,8 +575,8 @@ def test_packed_graphs_match_the_packed_step_on_gpu(compile_):
     made = graphed.cover_shapes(max_requests=1, max_frames=128, nfe_steps=8)
     assert made == len(graphed.solve.graphs) and ("packed", 2048, 3, True) in graphed.solve.graphs
     for durations, cfg, steps in [((100, 80, 61), 2.0, 8), ((90, 33, 120, 7), 2.0, 8), ((300, 290), 2.0, 8)]:
-        got = packed_case(graphed, durations, cfg, steps).float()
-        expected = packed_case(plain, durations, cfg, steps).float()
+        got = sample_case(graphed, durations, cfg, steps).float()
+        expected = sample_case(plain, durations, cfg, steps).float()
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= 2e-2 * expected[row, :n].abs().max()
     assert len(graphed.solve.graphs) == made
