@@ -311,6 +311,46 @@ def test_rotary_table_gives_the_angles_computed_per_call():
         assert not torch.equal(model.step(x, cond, embed, time), padded_before)  # the step reads the table
 
 
+def test_compiled_steps_read_the_rotary_table_and_exported_graphs_compute_the_angles():
+    """Under torch.compile (what the GPU engine runs) the rotary angles come from the table, padded and packed: no
+    sin/cos in the traced graph. Under torch.export (the dynamo ONNX exporter) they are computed per call, so that an
+    exported graph holds no table. torch.compile folds `torch.compiler.is_exporting()` to True, which once kept the
+    table out of compiled steps."""
+    from f5_triton.model.dit import RotaryEmbedding
+
+    rotary = RotaryEmbedding(16)
+    rotary.tabulate(64)
+
+    class Padded(torch.nn.Module):
+        def forward(self, x):
+            return rotary(x.shape[0], x.device)
+
+    class Packed(torch.nn.Module):
+        def forward(self, positions):
+            return rotary(0, positions.device, positions=positions, bound=64)
+
+    def traced_ops(module, example) -> set[str]:
+        ops = set()
+
+        def backend(gm, example_inputs):
+            ops.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                       if n.op in ("call_function", "call_method"))
+            return gm.forward
+
+        torch._dynamo.reset()
+        got = torch.compile(module, backend=backend, dynamic=True)(example)
+        expected = module(example)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        return ops
+
+    positions = torch.tensor([0, 1, 2, 0, 1, 5])
+    for module, example in ((Padded(), torch.zeros(40, 3)), (Packed(), positions)):
+        ops = traced_ops(module, example)
+        assert "getitem" in ops and not {"cos", "sin", "outer"} & ops, ops
+        exported = torch.export.export(module, (example,))
+        assert {"cos", "sin"} <= {str(n.target).split(".")[1] for n in exported.graph.nodes if n.op == "call_function"}
+
+
 def test_fa4_attention_is_one_opaque_op_for_the_compiler():
     """FlashAttention-4's kernels are compiled at first use, out of torch.compile's reach: packed and padded steps
     trace each call as one custom-op node whose fake gives the output's shape, without running it (no GPU needed).

@@ -242,9 +242,10 @@ ROTARY_TABLE_POSITIONS = 8192  # rotary angles tabulated at load (longer sequenc
 
 def _exporting() -> bool:
     """Whether an ONNX/torch.export trace is running: exported graphs compute the rotary angles per call, so that they
-    hold no table and no bound on the frames (the engines' shape profiles may go past the table)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or is_exporting()
+    hold no table and no bound on the frames (the engines' shape profiles may go past the table). torch.export's flag
+    is read as it is: `torch.compiler.is_exporting()` reads True in any torch.compile trace (dynamo folds it), which
+    would keep the table out of the compiled step as well."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or getattr(torch.compiler, "_is_exporting_flag", False)
 
 
 class RotaryEmbedding(nn.Module):
