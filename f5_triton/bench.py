@@ -58,7 +58,7 @@ def add_engine_args(parser) -> None:
     group.add_argument("--graph-max-tokens", dest="dit_graph_max_tokens", type=int,
                        default=EngineConfig.graph_max_tokens,
                        help="with --cuda-graphs: packed DiT batches of up to this many tokens (2 per frame of a "
-                            "request) replay graphs too (0 = none; the server's default: 12288)")
+                            "request) replay graphs too (0 = none; build_model_repo.py's default is larger)")
 
 
 def tts_from_args(args):

@@ -40,11 +40,11 @@ from typing import Protocol
 
 from torch.profiler import record_function
 
+from f5_triton.config import DEFAULT_SAMPLING, SamplingConfig
 from f5_triton.errors import ServerBusyError
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import Job, Prepared, generated
 from f5_triton.request import SynthesisRequest
-from f5_triton.config import DEFAULT_SAMPLING, SamplingConfig
 from f5_triton.streaming import Piece, PieceMaker, StreamingSynthesizer, warm_up_request
 
 log = logging.getLogger(__name__)

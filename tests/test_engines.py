@@ -494,6 +494,7 @@ def test_packed_graphs_replay_any_small_batch_exactly(dit, monkeypatch):
         def replay(self, inputs):
             return self.forward(*inputs)
 
+    assert not DiTStep(dit).packing_is_data  # the CPU's packed attention loops over `lengths`: the engine graphs none
     monkeypatch.setattr(torch_engine, "_CapturedGraph", Replay)
     monkeypatch.setattr(dit_module, "packed_attention", _tensor_only_attention)
     engine = TorchEngine(DiTStep(dit), DIT_STEP)

@@ -30,6 +30,12 @@ class DiTStep(nn.Module):
     def static_sizes(self) -> dict[str, int]:
         return {"mel": self.model.mel_dim, "text": self.model.config.text_dim}
 
+    @property
+    def packing_is_data(self) -> bool:
+        """Whether a packed step reads its layout from the packing's tensors alone (its attention kernel is a
+        variable-length one, not the host loop over `lengths`): then one CUDA graph replays any layout of its shape."""
+        return self.model.kernels.packed != "per_sequence"
+
     def forward(self, x, cond, text_embed, time, mask):
         return self.model.step(x, cond, text_embed, time, mask)
 

@@ -81,9 +81,7 @@ class TorchEngine:
         if config.cuda_graphs:
             self._graphs = _CudaGraphs(self._forward, spec, config.frame_buckets, config.graph_max_rows)
             if spec.batch_per_request == 2 and config.graph_steps > 0:  # the DiT step
-                # a graph replays a packed batch with other lengths only if no kernel reads them on the host
-                kernels = getattr(getattr(module, "model", None), "kernels", None)
-                max_tokens = config.graph_max_tokens if getattr(kernels, "packed", None) in ("fa4", "varlen") else 0
+                max_tokens = config.graph_max_tokens if getattr(module, "packing_is_data", False) else 0
                 self.solver = GraphedSolver(self._forward, config.frame_buckets, config.graph_steps,
                                             self._graphs.pool, self._graphs.lock, config.graph_max_rows, max_tokens)
 
@@ -333,8 +331,7 @@ class GraphedSolver:
             with _on(device), torch.inference_mode():
                 if rows == "packed":
                     branches = 2 if guided else 1
-                    lengths = packing_.filled((), bucket // branches, PACKED_GRAPH_SEQUENCES) * branches
-                    layout = Packing.of(lengths, device, max_length=packing_.VARLEN_BOUND)
+                    layout = _filled_layout((), bucket, branches, device)
                     inputs = [zeros(bucket // branches, mel_dim), zeros(bucket, mel_dim), zeros(bucket, text_dim), t,
                               zeros(()), *layout.tensors()]
                     self.graphs[key] = _CapturedGraph(self._packed_solve(layout, guided), inputs, self.pool)
@@ -379,9 +376,10 @@ class GraphedSolver:
 
     def _packed_call(self, x, cond, text_embed, mask: Packing, t, cfg_strength, on_step, bucket: int) -> torch.Tensor:
         guided = cfg_strength is not None
-        filled = self._filled(cond, text_embed, mask, 2 if guided else 1, bucket)
+        branches = 2 if guided else 1
+        filled = self._filled(cond, text_embed, mask, branches, bucket)
         tokens = x.shape[0]
-        x = torch.nn.functional.pad(x, (0, 0, 0, filled.cond.shape[0] // (2 if guided else 1) - tokens))
+        x = torch.nn.functional.pad(x, (0, 0, 0, bucket // branches - tokens))
         cfg = torch.tensor(float(cfg_strength) if guided else 0.0, dtype=x.dtype, device=x.device)
         return self._replay(lambda steps: ("packed", bucket, steps, guided), self.packed_steps(bucket),
                             self._packed_solve(filled.layout, guided),
@@ -394,11 +392,10 @@ class GraphedSolver:
         filled = self._fills.get(mask)
         if filled is None or filled.source[0] is not cond or filled.source[1] is not text_embed:
             half, size = mask.tokens // branches, bucket // branches
-            lengths = packing_.filled(mask.lengths[:mask.sequences // branches], size, PACKED_GRAPH_SEQUENCES)
             pad = lambda v: torch.cat([torch.nn.functional.pad(part, (0, 0, 0, size - half))  # noqa: E731
                                        for part in v.split(half)])
-            filled = self._fills[mask] = _Filled((cond, text_embed), pad(cond), pad(text_embed),
-                                                 Packing.of(lengths * branches, cond.device, mask.max_length))
+            layout = _filled_layout(mask.lengths[:mask.sequences // branches], bucket, branches, cond.device)
+            filled = self._fills[mask] = _Filled((cond, text_embed), pad(cond), pad(text_embed), layout)
         return filled
 
     def _replay(self, key_of: Callable[[int], tuple], per_graph: int, solve: Callable[..., torch.Tensor],
@@ -421,6 +418,13 @@ class GraphedSolver:
                 x = graph.replay(inputs).clone()  # the static output is overwritten by the next replay
             first += steps
         return x
+
+
+def _filled_layout(lengths: Sequence[int], bucket: int, branches: int, device) -> Packing:
+    """The layout of a packed graph of `bucket` tokens: each guidance branch's sequences (`lengths`) and fillers, up to
+    PACKED_GRAPH_SEQUENCES a branch, with the varlen bound every graph is captured with."""
+    per_branch = packing_.filled(lengths, bucket // branches, PACKED_GRAPH_SEQUENCES)
+    return Packing.of(per_branch * branches, device, max_length=packing_.VARLEN_BOUND)
 
 
 @dataclass(frozen=True, eq=False)

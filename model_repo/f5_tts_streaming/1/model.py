@@ -78,7 +78,7 @@ class TritonPythonModel:
                                          metrics.cache_observer(model, "output"))
         preprocess = Preprocessor(Tokenizer(params["vocab"]), factories.limits_from_params(params), cache=reference_cache)
         flow_matcher, vocoder = factories.load_flow_matcher(params, device), factories.load_vocoder(params, device)
-        factories.warm_up(params, flow_matcher, vocoder, name=model)
+        warmed_up = factories.warm_up(params, flow_matcher, vocoder, name=model) is not None
         streamer = StreamingSynthesizer(
             preprocess, flow_matcher, vocoder,
             first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
@@ -89,7 +89,7 @@ class TritonPythonModel:
         self.scheduler = StreamScheduler(streamer, **options).start()  # StreamScheduler's defaults otherwise
         self.metrics = metrics.Metrics(model)
         self.sampling = factories.sampling_from_params(params)
-        if int(params.get("warmup_requests", 0)) > 0:
+        if warmed_up:
             seconds = self.scheduler.warm_up(self.sampling)
             pb_utils.Logger.log_info(f"{model}: a warm-up stream went through every stage in {seconds:.2f} s")
 
