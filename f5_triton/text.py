@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import rjieba
@@ -255,11 +256,28 @@ def split_for_streaming(text: str, first_chunk_bytes: int = 50, max_chars: int =
 
     Upstream's socket server re-splits the whole first chunk into pieces of that size; here the rest of it stays
     one chunk, because every chunk runs the reference through the DiT again (as many frames as the reference).
-    Only sentence boundaries are used, so a first sentence longer than `first_chunk_bytes` stays whole.
+    Sentence and clause boundaries are used first, so a first sentence up to twice `first_chunk_bytes` stays whole
+    (its prosody is worth a little wait); a longer one (an unpunctuated transcript, say) is cut at its last word
+    boundary within `first_chunk_bytes` (`_opening_words`), so that no text makes the first audio wait for it all.
     """
     chunks = chunk_text(text, max_chars=max_chars)
     if not chunks:
         return []
     first = chunk_text(chunks[0], max_chars=first_chunk_bytes)[0]
-    rest = chunks[0][len(first):]  # `first` is a prefix: both pack the same sentences with the same separators
+    if len(first.encode("utf-8")) > 2 * first_chunk_bytes:
+        first = _opening_words(first, first_chunk_bytes)
+    rest = chunks[0][len(first):].strip()  # `first` is a prefix of the first chunk
     return [first] + chunk_text(rest, max_chars=max_chars) + chunks[1:]
+
+
+def _opening_words(sentence: str, max_bytes: int) -> str:
+    """The longest prefix of `sentence` of at most `max_bytes` UTF-8 bytes that ends at a word boundary: before a
+    space, or after a letter of a script written without spaces (Unicode category Lo: CJK, kana, Thai; not accented
+    Latin letters). The whole sentence if its first word is longer than that."""
+    cut = 0
+    for i in range(1, len(sentence)):
+        if len(sentence[:i].encode("utf-8")) > max_bytes:
+            break
+        if sentence[i].isspace() or unicodedata.category(sentence[i - 1]) == "Lo":
+            cut = i
+    return sentence[:cut].rstrip() if cut else sentence

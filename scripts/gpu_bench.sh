@@ -11,7 +11,8 @@
 #   ARCH=tiny NFE=2 TARGET=cpu TRAFFIC_REQUESTS=4 TRAFFIC_CONCURRENCY=1,2 PY=.venv/bin/python \
 #     HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002 bash scripts/gpu_bench.sh traffic
 #   traffic-server with STREAM_CONCURRENCY (e.g. 1,8,16): f5_tts_streaming (GRANULARITY, default cohort) on the same
-#   server, its cold and warm passes after the traffic rows, then f5_tts at 16 on the same texts (the ratio's base).
+#   server, its cold and warm passes after the traffic rows, then f5_tts at 16 on the same texts (the ratio's base);
+#   STREAM_SETS: the built-in sets streamed (default paragraphs; e.g. paragraphs,mixed,uniform).
 # stream_sweep (issue 18): f5_tts_streaming over gRPC at concurrency 1..32, each scheduler granularity, cold and
 #   warm passes, and f5_tts at concurrency 16 for the throughput ratio; on CPU with the tiny model first:
 #   TARGET=cpu ARCH=tiny FULL_VOCODER=0 NFE=2 STREAM_CONCURRENCY=1,2 STREAM_REQUESTS=2 bash scripts/gpu_bench.sh stream_sweep
@@ -156,11 +157,12 @@ for what in $WHAT; do
         --concurrency "${TRAFFIC_CONCURRENCY:-1,16,64}" --num-requests "${TRAFFIC_SERVER_REQUESTS:-64}" --passes 2 \
         --output-json "$OUT/traffic-server.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
       if [ -n "${STREAM_CONCURRENCY:-}" ]; then  # the streaming model's own first traffic, then f5_tts on its texts
+        stream_sets=${STREAM_SETS:-paragraphs}
         "$PY" benchmark.py --mode server --streaming --server-url "localhost:$GRPC_PORT" --nfe "$NFE" \
-          --concurrency "$STREAM_CONCURRENCY" --num-requests "${STREAM_REQUESTS:-32}" --passes 2 \
+          --concurrency "$STREAM_CONCURRENCY" --num-requests "${STREAM_REQUESTS:-32}" --passes 2 --set "$stream_sets" \
           --label "${GRANULARITY:-cohort}" --output-json "$OUT/traffic-stream.jsonl" 2>&1 \
           | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
-        "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set paragraphs \
+        "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" --set "$stream_sets" \
           --concurrency "${COMPARE_CONCURRENCY:-16}" --num-requests "${STREAM_REQUESTS:-32}" --label f5_tts \
           --output-json "$OUT/traffic-stream.jsonl" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/traffic-server.log"
       fi

@@ -140,8 +140,8 @@ def test_kernels_are_the_plain_path_off_the_gpu():
         Kernels(padded="key_bias")
 
 
-def test_conv_position_embedding_as_matmul_equals_conv():
-    """The GPU formulation (grouped conv as one GEMM over unfolded windows) equals nn.Conv1d, masks included."""
+def test_conv_position_embedding_gpu_formulation_equals_conv():
+    """The GPU formulation (a 2-D conv on an NHWC view) equals nn.Conv1d, masks included."""
     from f5_triton.model.dit import ConvPositionEmbedding
 
     torch.manual_seed(10)
@@ -150,7 +150,7 @@ def test_conv_position_embedding_as_matmul_equals_conv():
     keep = (torch.arange(50)[None] < torch.tensor([50, 31, 7])[:, None]).unsqueeze(-1).float()
     with torch.no_grad():
         for k in (None, keep):
-            assert (module.forward_as_matmul(x, k) - module(x, k)).abs().max() < 1e-5
+            assert (module.forward_channels_last(x, k) - module(x, k)).abs().max() < 1e-5
 
 
 def test_depthwise_conv_as_shifted_sums_equals_conv1d():
@@ -211,6 +211,28 @@ def test_padded_attention_kernel_equals_the_plain_path_on_gpu():
             buffer.copy_(value)
         graph.replay()
         close(out, plain.step(*second), (17, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_position_embedding_on_gpu_equals_conv_at_every_size():
+    """On the GPU the position convolution takes the NHWC form, for a single request's rows and a burst's alike; it
+    gives nn.Conv1d's result (fp32 on the CPU), eager and compiled."""
+    import copy
+
+    from f5_triton.model.dit import ConvPositionEmbedding
+
+    torch.manual_seed(13)
+    module = ConvPositionEmbedding(1024).eval()
+    gpu = copy.deepcopy(module).to("cuda", torch.float16)
+    compiled = torch.compile(gpu)
+    with torch.inference_mode():
+        for rows in (300, 14000):
+            x = torch.randn(1, rows, 1024)
+            keep = (torch.rand(1, rows, 1) > 0.05).float()
+            expected = module(x, keep)
+            x16, keep16 = x.to("cuda", torch.float16), keep.to("cuda", torch.float16)
+            for fn in (gpu, compiled):
+                assert (fn(x16, keep16).float().cpu() - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

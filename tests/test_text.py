@@ -361,3 +361,26 @@ def test_split_for_streaming():
     assert split_for_streaming(text, 10, 30) == ["One, two.", "Three, four,", "five six. Seven eight,", "nine ten eleven."]
     assert split_for_streaming("", 10, 135) == []
     assert split_for_streaming("Short.", 100, 135) == ["Short."]
+
+
+def test_split_for_streaming_cuts_a_long_first_sentence_at_a_word():
+    # an unpunctuated transcript: upstream's chunk_text keeps it one chunk, so the first audio would wait for all of it
+    text = "so this transcript has no punctuation at all and it simply keeps going on and on for a long while"
+    assert chunk_text(text, 135) == [text]
+    chunks = split_for_streaming(text, first_chunk_bytes=30, max_chars=135)
+    assert chunks == ["so this transcript has no", "punctuation at all and it simply keeps going on and on for a long while"]
+    assert " ".join(chunks) == text
+    # a first sentence up to twice the budget keeps its prosody; a clause boundary within it still comes first
+    assert split_for_streaming("A Triton server batches requests dynamically.", 30, 135) == [
+        "A Triton server batches requests dynamically."]
+    assert split_for_streaming("one two three four five six seven eight nine, ten.", 20, 135) == [
+        "one two three four", "five six seven eight nine, ten."]
+    # CJK has no spaces: the cut falls between characters, never inside one
+    assert split_for_streaming("这是一个没有标点的很长很长的句子我们需要把它切开", 12, 135) == [
+        "这是一个", "没有标点的很长很长的句子我们需要把它切开"]
+    # accented Latin letters are inside words: the cut stays at a space
+    assert split_for_streaming("résumé déjà préparé, café crème brûlée", 12, 135) == [
+        "résumé", "déjà préparé, café crème brûlée"]
+    # a first word longer than the budget is not cut
+    assert split_for_streaming("Supercalifragilisticexpialidocious " * 2, 10, 135) == [
+        "Supercalifragilisticexpialidocious Supercalifragilisticexpialidocious"]

@@ -140,21 +140,6 @@ class TextEmbedding(nn.Module):
         return hidden
 
 
-def grouped_conv1d_as_matmul(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """`conv` (grouped, stride 1, 'same' padding) on channels-last x [b, n, c] as one batched matmul.
-
-    cuDNN runs this grouped conv (k=31, 16 groups) as dozens of small kernels plus layout
-    transposes: a quarter of a DiT step on Hopper. Unfolding the windows turns it into a GEMM.
-    """
-    b, n, c = x.shape
-    groups, k, pad = conv.groups, conv.kernel_size[0], conv.padding[0]
-    c_in, c_out = c // groups, conv.out_channels // groups
-    h = F.pad(x.view(b, n, groups, c_in).permute(0, 2, 3, 1), (pad, pad))  # [b, g, c_in, n + 2 pad]
-    windows = h.unfold(3, k, 1).permute(0, 1, 3, 2, 4).reshape(b, groups, n, c_in * k)
-    out = torch.matmul(windows, conv.weight.view(groups, c_out, c_in * k).transpose(1, 2))  # [b, g, n, c_out]
-    return out.permute(0, 2, 1, 3).reshape(b, n, groups * c_out) + conv.bias
-
-
 class ConvPositionEmbedding(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16):
         super().__init__()
@@ -165,14 +150,10 @@ class ConvPositionEmbedding(nn.Module):
             nn.Mish(),
         )
 
-    # Above this many rows the unfolded windows (31x the input) cost more memory traffic than cuDNN's
-    # kernels (H200: 4x faster at 2.7k rows, 2.5x slower at 22k rows).
-    max_matmul_rows = 8192
-
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """x: [b, n, d]; keep: [b, n, 1] float (1 valid, 0 padded) or None."""
-        if x.is_cuda and x.shape[0] * x.shape[1] <= self.max_matmul_rows:
-            return self.forward_as_matmul(x, keep)
+        if x.is_cuda:
+            return self.forward_channels_last(x, keep)
         x = x.transpose(1, 2)
         keep_t = None if keep is None else keep.transpose(1, 2)
         for layer in self.conv1d:
@@ -189,11 +170,16 @@ class ConvPositionEmbedding(nn.Module):
         keep = packing.gapped_valid.to(x.dtype)[None, :, None]
         return packing.from_gapped(self(gapped, keep)[0])
 
-    def forward_as_matmul(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """The same function, channels-last with the convolutions as GEMMs (the GPU path)."""
+    def forward_channels_last(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The same function with x [b, n, d] seen as NHWC images [b, d, n, 1] (a view, no copy): cuDNN then runs
+        the grouped convolution as one implicit GEMM, without the layout transposes and per-group kernels of a Conv1d
+        on [b, d, n] (the GPU path; docs/benchmarks.md, "Twelfth session")."""
         for layer in self.conv1d:
             if isinstance(layer, nn.Conv1d):
-                x = grouped_conv1d_as_matmul(x if keep is None else x * keep, layer)
+                image = (x if keep is None else x * keep).transpose(1, 2).unsqueeze(3)
+                weight = layer.weight.unsqueeze(3).contiguous(memory_format=torch.channels_last)
+                x = F.conv2d(image, weight, layer.bias, padding=(layer.padding[0], 0),
+                             groups=layer.groups).squeeze(3).transpose(1, 2)
             else:
                 x = layer(x)
         return x if keep is None else x * keep
