@@ -91,7 +91,7 @@ class RepositoryOptions:
     streaming_granularity: str = "cohort"  # how streams share the DiT: "cohort" or "chunk" (docs/streaming.md)
     streaming_max_streams: int = 16  # streams generated together per instance; more wait
     streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
-    first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (sentence boundaries)
+    first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (text.split_for_streaming)
     reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
     reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
     output_cache_entries: int = int(OUTPUT_CACHE_DEFAULTS["entries"])  # streaming, seeded requests only; 0 = off
