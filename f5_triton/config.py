@@ -13,6 +13,7 @@ N_FFT = 1024
 N_MELS = 100
 TARGET_RMS = 0.1  # quiet references are raised to this level and the output lowered back
 CROSS_FADE_SECONDS = 0.15
+DEFAULT_FIRST_CHUNK_BYTES = 50  # streaming, as upstream's socket server: about one short sentence
 
 
 def vocoder_samples(frames: int, hop_length: int = HOP_LENGTH) -> int:

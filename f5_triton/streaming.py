@@ -20,12 +20,11 @@ import numpy as np
 
 from f5_triton import audio, text
 from f5_triton.cache import LRUCache, output_key, reference_key
-from f5_triton.config import CROSS_FADE_SECONDS, DEFAULT_SAMPLING, SAMPLE_RATE, SamplingConfig
+from f5_triton.config import (CROSS_FADE_SECONDS, DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_SAMPLING, SAMPLE_RATE,
+                              SamplingConfig)
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import FlowMatcher, Prepared, Preprocessor, Vocoder
 from f5_triton.request import SynthesisRequest, validate_request
-
-DEFAULT_FIRST_CHUNK_BYTES = 50  # as upstream's socket server: about one short sentence
 
 
 @dataclass(frozen=True)

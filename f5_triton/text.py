@@ -23,6 +23,7 @@ import torch
 from pypinyin import Style, lazy_pinyin
 from torch.nn.utils.rnn import pad_sequence
 
+from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES
 from f5_triton.errors import CheckpointError
 
 __all__ = [
@@ -250,7 +251,8 @@ def max_chunk_bytes(ref_text: str, ref_audio_seconds: float, speed: float) -> in
     return int(ref_bytes / ref_audio_seconds * (22 - ref_audio_seconds) * speed)
 
 
-def split_for_streaming(text: str, first_chunk_bytes: int = 50, max_chars: int = 135) -> list[str]:
+def split_for_streaming(text: str, first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES,
+                        max_chars: int = 135) -> list[str]:
     """Chunks for streaming: `chunk_text` with `max_chars`, then the first chunk's opening sentences, up to
     `first_chunk_bytes`, split off so that the first audio comes back sooner.
 
@@ -274,9 +276,10 @@ def _opening_words(sentence: str, max_bytes: int) -> str:
     """The longest prefix of `sentence` of at most `max_bytes` UTF-8 bytes that ends at a word boundary: before a
     space, or after a letter of a script written without spaces (Unicode category Lo: CJK, kana, Thai; not accented
     Latin letters). The whole sentence if its first word is longer than that."""
-    cut = 0
+    cut = size = 0
     for i in range(1, len(sentence)):
-        if len(sentence[:i].encode("utf-8")) > max_bytes:
+        size += len(sentence[i - 1].encode("utf-8"))  # bytes of sentence[:i]
+        if size > max_bytes:
             break
         if sentence[i].isspace() or unicodedata.category(sentence[i - 1]) == "Lo":
             cut = i

@@ -30,7 +30,7 @@ from pathlib import Path
 from string import Template
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
-from f5_triton.config import DEFAULT_SAMPLING, DTYPES, N_MELS
+from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_SAMPLING, DTYPES, N_MELS
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
@@ -91,7 +91,7 @@ class RepositoryOptions:
     streaming_granularity: str = "cohort"  # how streams share the DiT: "cohort" or "chunk" (docs/streaming.md)
     streaming_max_streams: int = 16  # streams generated together per instance; more wait
     streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
-    first_chunk_bytes: int = 50  # streaming: UTF-8 bytes of the short first chunk (text.split_for_streaming)
+    first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES  # streaming: UTF-8 bytes of the first chunk (split_for_streaming)
     reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
     reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
     output_cache_entries: int = int(OUTPUT_CACHE_DEFAULTS["entries"])  # streaming, seeded requests only; 0 = off

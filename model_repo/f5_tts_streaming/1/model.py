@@ -22,13 +22,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
-from f5_triton.config import SAMPLE_RATE
+from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, SAMPLE_RATE
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS
 from f5_triton.serving import factories, metrics, triton_io
 from f5_triton.stream_scheduler import StreamScheduler
-from f5_triton.streaming import DEFAULT_FIRST_CHUNK_BYTES, StreamingSynthesizer
+from f5_triton.streaming import StreamingSynthesizer
 from f5_triton.text import Tokenizer
 
 DROPPED = {metrics.CANCELLED: "cancelled by the client", metrics.DEADLINE_EXCEEDED: "past its deadline"}
