@@ -252,7 +252,7 @@ def test_open_loop_sends_at_the_arrival_times_whatever_the_earlier_requests_do()
     bench.add_open_loop_outcomes(result, outcomes, 20.0, wall, budget=0.35)
     e = result.extra
     assert (e["sent"], e["completed"], e["refused"], e["failed"]) == (4, 2, 1, 1) and e["goodput"] == 0.5
-    assert e["first_audio_p90_sent_s"] == float("inf") and e["failures"] == ["TimeoutError: no audio within 600 s"]
+    assert e["failures"] == ["TimeoutError: no audio within 600 s"] and not bench.holds(result.summary())
     assert e["achieved_rate"] == pytest.approx(2 / wall) and e["sent_rate"] > 10
     capped, _ = bench.run_open_loop(send, 3, np.zeros(3), max_concurrency=1, refused=is_refused)
     assert np.diff([o.sent_at for o in capped]).min() >= 0.49  # one in flight at a time: each waited for the last
@@ -301,13 +301,13 @@ def test_queue_statistics_difference_the_servers_prometheus_metrics():
 
 
 def test_capacity_is_the_highest_rate_up_to_which_every_rate_held():
-    def row(label, rate, p90_sent, stalled=0.0, failed=0):
-        return {"label": label, "extra": {"request_rate": rate, "first_audio_p90_sent_s": p90_sent, "failed": failed,
-                                          "stalled_share": stalled, "first_audio_budget_s": 0.35}}
+    def row(label, rate, p90, stalled=0.0, refused=0, failed=0):
+        return {"label": label, "extra": {"request_rate": rate, "first_audio_p90_s": p90, "refused": refused,
+                                          "failed": failed, "stalled_share": stalled, "first_audio_budget_s": 0.35}}
 
-    rows = [row("a", 2.0, 0.1), row("a", 4.0, 0.3), row("a", 8.0, 0.5), row("a", 16.0, 0.2), row("a", "inf", 0.1),
-            row("b", 2.0, 0.1), row("b", 4.0, 0.1, stalled=0.1),
-            row("c", 2.0, 0.1, failed=1), row("d", "inf", 0.1), row("e", 2.0, float("inf"))]
+    rows = [row("a", 2.0, 0.1), row("a", 4.0, 0.35), row("a", 8.0, 0.5), row("a", 16.0, 0.2), row("a", "inf", 0.1),
+            row("b", 2.0, 0.1), row("b", 4.0, 0.1, stalled=0.1), row("b", 8.0, 0.1, refused=1),
+            row("c", 2.0, 0.1, failed=1), row("d", "inf", 0.1), row("e", 4.0, 0.1), row("e", 2.0, 0.1, refused=2)]
     assert bench.capacity(rows) == {"a": 4.0, "b": 2.0, "c": None, "d": None, "e": None}
 
 
@@ -344,7 +344,6 @@ def test_benchmark_open_loop_through_triton(streaming_server, tmp_path, capsys):
         assert e["first_audio_p50_s"] <= row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
         assert 0 <= e["stalled_share"] <= 1 and e["stall_p90_s"] >= 0 and 0 <= e["goodput"] <= 1
         assert e["first_audio_budget_s"] == 0.35 and 0 < e["achieved_rate"] and row["throughput_audio_s_per_s"] > 0
-        assert e["first_audio_p90_sent_s"] >= e["first_audio_p50_s"]
     for row in streamed:
         assert ("queued" in row["extra"]) == has_queue_histogram
     assert whole[0]["extra"]["stalled_share"] == 0  # one piece: nothing to stall on
