@@ -346,14 +346,16 @@ def main_streaming(args, sets: list[str], results: list) -> str:
 
 def response_opener(args):
     """open_stream for an open loop of whole responses (f5_tts): one piece, the waveform, on a connection of the
-    request's own; no retry (a refusal is counted) and no seed (the output cache would replay a warm pass)."""
+    request's own; no retry (a refusal is counted), no seed (the output cache would replay a warm pass) and, as
+    `run_server`, no client timeout (`synthesize` passes it as gRPC's `client_timeout`, which tritonclient.http's
+    `infer` does not take)."""
     from f5_triton.client import protocol_module, synthesize
 
     protocol_module(args.protocol)  # imported here, not in the first timed request
 
     def open_server(i, item):
         yield synthesize(args.server_url, item.wave, item.reference_text, item.target_text, protocol=args.protocol,
-                         model=args.model_name, timeout=600, retries=0, sample_rate=item.sample_rate,
+                         model=args.model_name, retries=0, sample_rate=item.sample_rate,
                          nfe_steps=args.nfe, cfg_strength=args.cfg)
 
     return open_server

@@ -352,3 +352,8 @@ def test_benchmark_open_loop_through_triton(streaming_server, tmp_path, capsys):
     assert stream_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "first-audio budget 350 ms" in out and "capacity t paragraphs pass2: " in out
     assert re.search(r"t paragraphs pass2\s+inf\s+[\d.]+\s+3\s+\d+\s+0\s+\d+", out), out
+    # an error other than a refusal is a failure, said loudly: FAILED lines, the exit status
+    assert benchmark.main(common + ["--request-rate", "inf", "--model-name", "no_such_model"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED (t paragraphs, rate inf): InferenceServerException" in captured.err and "no_such_model" in captured.err
+    assert "FAILED: 3 request(s) failed (not refused)" in captured.err
