@@ -63,7 +63,8 @@ if [ "${1:-}" = --lane ]; then
   prefix=${2:-.gpu-lane}
   part_bytes=50000000  # 47.7 MiB a part: with the ~5 MB tree under the 64 MiB a call carries
   work=$(mktemp -d)
-  DEST=$work/wheels/base && mkdir -p "$DEST" && base_wheels && rm -f "$DEST"/*.sh
+  DEST=$work/wheels/base && mkdir -p "$DEST" "$work/wheels/numpy1" && base_wheels && rm -f "$DEST"/*.sh
+  mv "$DEST"/numpy-*.whl "$work/wheels/numpy1/"  # for the tritonserver stubs only (NUMPY1_SITE)
   DEST=$work/wheels/fa4 && mkdir -p "$DEST" && fa4_wheels
   tar -C "$work" -cf "$work/lane.tar" wheels
   rm -rf "$prefix"-[0-9]*
@@ -80,7 +81,7 @@ if [ "${1:-}" = --lane ]; then
 _lane=/tmp/gpu-lane
 if [ ! -f \$_lane/installed ]; then
   mkdir -p \$_lane && cp "\$(dirname "\${BASH_SOURCE[0]}")"/* \$_lane/ 2>/dev/null
-  _have=\$(ls \$_lane/lane.tar.part.* 2>/dev/null | wc -l)
+  _parts=("\$_lane"/lane.tar.part.*) && _have=\${#_parts[@]} && [ -e "\${_parts[0]}" ] || _have=0
   if [ "\$_have" != $count ]; then
     echo "gpu lane set-up: \$_have of $count wheel parts in \$_lane; carry $prefix-1 .. $prefix-$((count - 1)) first" \\
       "(one call each: mkdir -p /tmp/gpu-lane && cp $prefix-i/* /tmp/gpu-lane/)" >&2
@@ -88,9 +89,9 @@ if [ ! -f \$_lane/installed ]; then
   fi
   cat \$_lane/lane.tar.part.* | tar -x -C \$_lane || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
-    \$(ls \$_lane/wheels/base/*.whl | grep -v /numpy-) || return 1
+    \$_lane/wheels/base/*.whl || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-numpy1 \\
-    \$_lane/wheels/base/numpy-*.whl || return 1
+    \$_lane/wheels/numpy1/*.whl || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fa4 \\
     \$_lane/wheels/fa4/*.whl || return 1
   rm -rf \$_lane/wheels \$_lane/lane.tar.part.* && touch \$_lane/installed
