@@ -624,29 +624,60 @@ def test_server_cancelled_stream_leaves_the_others_going(streaming_server, strea
 
 
 @pytest.mark.server
-def test_server_admission_limit_refuses_with_unavailable(tiny_server, streamer, ref_wave):
-    """One stream at a time, none waiting: a second stream while the first runs is refused with a retriable
-    status, and succeeds once the first has finished (chunk granularity here)."""
+def test_server_admission_limit_refuses_with_unavailable(tiny_server, streamer, ref_wave, run_gateway, tmp_path,
+                                                         metric_samples):
+    """One stream at a time, one waiting: a third stream while the first runs is refused at once with a retriable
+    status; the waiting one is refused the same way once the queue's limit (2 s) has passed; the gateway answers a
+    stream it cannot start with 503 and Retry-After; the first stream ends exact, and a retry then succeeds (chunk
+    granularity here)."""
     import threading
 
     from tritonclient.utils import InferenceServerException
 
+    from f5_triton.client import is_refused
+    from f5_triton.gateway import GatewayConfig
+
     with tiny_server(streaming=True, nfe_steps=4, streaming_granularity="chunk", streaming_max_streams=1,
-                     streaming_max_queued=0, output_cache_entries=0) as server:
+                     streaming_max_queued=1, streaming_pacing=PacingConfig(queue_seconds=2.0),
+                     output_cache_entries=0) as server:
         events = []
         started = threading.Event()
         first = start_stream(server.urls.grpc, ref_wave, LONG_TEXT * 3, events, "first", started, seed=51, nfe_steps=8)
         assert started.wait(120)
+        waiting = start_stream(server.urls.grpc, ref_wave, "Waits, then is refused.", events, "waiting", nfe_steps=4)
+        time.sleep(0.5)  # the second stream is queued
         # UNAVAILABLE on the server; a gRPC stream's error response carries only the message to the client
-        with pytest.raises(InferenceServerException, match="server busy: 1 streams held, the limit is 1 generated "
-                                                           "at once and 0 waiting; retry later"):
+        with pytest.raises(InferenceServerException, match="server busy: 2 streams held, the limit is 1 generated "
+                                                           "at once and 1 waiting; retry later") as refused:
             stream_pieces(server, ref_wave, "Refused.", nfe_steps=4)
+        assert is_refused(refused.value)
+        waiting[0].join(60)
+        assert waiting[1] == [] and len(waiting[2]) == 1 and is_refused(waiting[2][0])
+        assert "no stream could start within the queue's limit of 2 s" in str(waiting[2][0])
+        voices = tmp_path / "voices"
+        voices.mkdir()
+        sf.write(voices / "nature.wav", ref_wave, 24000)
+        (voices / "nature.txt").write_text(REF_TEXT + "\n")
+        import requests
+
+        with run_gateway(GatewayConfig(triton_url=server.urls.grpc, voices_dir=voices, timeout=60)) as url:
+            for _ in range(2):  # fills the queue, then is refused at once
+                answer = requests.post(f"{url}/v1/audio/speech", timeout=60, json={
+                    "model": "f5-tts", "voice": "nature", "input": "Busy now.", "stream": True, "response_format": "pcm"})
+                if answer.status_code == 503:
+                    break
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "2"
+        assert answer.json()["error"]["code"] == "server_busy" and "retry later" in answer.json()["error"]["message"]
         first[0].join(300)
         assert not first[2]
         expected = streamed_alone(streamer, ref_wave, LONG_TEXT * 3, seed=51, nfe_steps=8)
         assert np.abs(np.concatenate(first[1]) - expected).max() <= 1e-4
         pieces = stream_pieces(server, ref_wave, "Accepted now.", nfe_steps=4)  # the retry succeeds
         assert sum(len(p) for p in pieces) > 0
+        rejected = metric_samples(server, "f5_tts_rejected_requests_total")
+        assert rejected[("f5_tts_rejected_requests_total", (("model", "f5_tts_streaming"), ("reason", "queue_timeout")))] >= 1
+        queued = metric_samples(server, "f5_tts_queue_seconds")
+        assert queued[("f5_tts_queue_seconds_count", (("model", "f5_tts_streaming"),))] >= 2
 
 
 def check_streaming_rows(out_json, labels, concurrencies):

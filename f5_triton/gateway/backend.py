@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from f5_triton.client import (STREAMING_MODEL, StreamInterrupted, model_restarting, random_weights, stream_synthesize,
-                              synthesize)
+from f5_triton.client import (STREAMING_MODEL, StreamInterrupted, is_refused, model_restarting, random_weights,
+                              stream_synthesize, synthesize)
 from f5_triton.gateway.errors import SERVER, UNAVAILABLE, APIError
 from f5_triton.gateway.voices import Voice
 
@@ -50,6 +50,9 @@ def api_error(exc: Exception, queue_limit: int | None = None) -> APIError:
         limit = f" of {queue_limit} requests" if queue_limit else ""
         return APIError(503, f"the server is at capacity: its queue limit{limit} (max_queue_size) is reached; "
                         "retry later", type=UNAVAILABLE, code="queue_full")
+    if is_refused(exc):  # the streaming model's admission: a gRPC stream's error carries only "server busy: ..."
+        return APIError(503, f"the server is at capacity: {message.removeprefix('server busy: ')}", type=UNAVAILABLE,
+                        code="server_busy")
     if "UNAVAILABLE" in status or "RESOURCE_EXHAUSTED" in status:
         return APIError(503, f"Triton is unavailable or busy: {message}", type=UNAVAILABLE, code="unavailable")
     if "DEADLINE_EXCEEDED" in status:

@@ -16,6 +16,7 @@ AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
 SERVER = "server_error"
 UNAVAILABLE = "service_unavailable_error"
+RETRY_AFTER_SECONDS = 2  # a busy server's streams end within seconds; a restarting model takes longer, and says so
 
 log = logging.getLogger("f5_triton.gateway")
 
@@ -34,8 +35,10 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.status == 503:  # the same request may succeed later: say when to try (RFC 9110, 10.2.3)
+            headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return JSONResponse(body, status_code=self.status, headers=headers or None)
 
 
 def from_invalid_input(exc: InvalidInputError, fields: dict[str, str]) -> APIError:
