@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from f5_triton.errors import InvalidInputError
 from f5_triton.gateway import errors, formats
@@ -97,18 +99,28 @@ def _audio_stream(pieces: Iterator[np.ndarray], first: np.ndarray, encoder: form
         pieces.close()  # a client that went away cancels the Triton request
 
 
+class RequireKey:
+    """Pure ASGI: requests under /v1 need `Authorization: Bearer <api_key>`, checked from the headers before any
+    body byte is read (FastAPI reads a body before it runs dependencies, so a dependency would come too late)."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                response = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    type=errors.AUTHENTICATION, code="invalid_api_key").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> FastAPI:
     """The gateway application for `config` (`backend` defaults to gRPC at `config.triton_url`)."""
     backend = backend or TritonBackend(config.triton_url, config.model, config.streaming_model, config.timeout)
     voices = VoiceRegistry(config.voices_dir)
-
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", type=errors.AUTHENTICATION,
-                           code="invalid_api_key")
 
     def find_voice(name: str) -> Voice:
         try:
@@ -123,19 +135,18 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
             raise APIError(403, "voice upload is disabled on this gateway", type=errors.INVALID_REQUEST,
                            code="forbidden")
 
-    app = FastAPI(title="f5-triton gateway", description="OpenAI-compatible speech API over Triton")
+    # Every body, chunked or not, is counted as it streams in and refused (413, the limit named) past an upload and its
+    # form fields: nothing larger is ever buffered. FastAPI's own limit (Starlette's RequestBodyLimitMiddleware).
+    max_body = config.max_upload_bytes + 2**16
+    app = FastAPI(title="f5-triton gateway", description="OpenAI-compatible speech API over Triton",
+                  max_body_size=max_body)
+    if getattr(app, "max_body_size", None) != max_body:  # older FastAPI ignores the argument: no limit at all
+        raise RuntimeError("the gateway needs fastapi>=0.165 (request body limits): pip install 'f5-triton[gateway]'")
     errors.install(app)
+    if config.api_key is not None:
+        app.add_middleware(RequireKey, api_key=config.api_key)
     app.state.config, app.state.backend, app.state.voices = config, backend, voices
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-    max_body = config.max_upload_bytes + 2**16  # an upload and its form fields
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        # uvicorn reads bodies of any size; refuse declared oversize ones before they are read
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body:
-            return APIError(413, f"request body is larger than {max_body} bytes", code="too_large").response()
-        return await call_next(request)
+    api = APIRouter(prefix="/v1")
 
     @api.post("/audio/speech")
     def speech(body: SpeechRequest) -> Response:

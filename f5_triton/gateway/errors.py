@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from f5_triton.errors import InvalidInputError
 
@@ -57,6 +58,10 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+    if exc.status_code == 413 and limit is not None:  # FastAPI's body limit: name it
+        return APIError(413, f"request body is larger than the gateway's limit of {limit} bytes "
+                        f"({limit / 2**20:.1f} MiB)", code="too_large").response()
     kind = {401: AUTHENTICATION, 404: NOT_FOUND}.get(exc.status_code, INVALID_REQUEST)
     return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
