@@ -270,6 +270,28 @@ def test_key_and_body_limit_come_before_the_body(tmp_path):
         gateway.wait(30)
 
 
+def test_messages_name_the_field_and_the_limit(run_gateway, tmp_path, ref_wave):
+    """Refusals that need no Triton, from a gateway whose Triton is unreachable: bad JSON is not a field, and a
+    sample rate is called one."""
+    from f5_triton.config import DEFAULT_LIMITS
+    from f5_triton.gateway import GatewayConfig
+
+    with run_gateway(GatewayConfig(triton_url="127.0.0.1:1", voices_dir=tmp_path)) as url:
+        broken = b'{"model": "tts-1",, "input": "Hi."}'
+        status, answer = call(url, "POST", "/v1/audio/speech", broken, "application/json")
+        assert status == 400 and answer["error"]["param"] is None and answer["error"]["code"] == "invalid_json"
+        assert answer["error"]["message"].startswith("the request body is not valid JSON: ")
+        assert answer["error"]["message"].endswith(f" at character {broken.index(b',,') + 2}"), answer  # the 2nd comma
+
+        clip = io.BytesIO()
+        sf.write(clip, ref_wave[::6], 4000, format="WAV")
+        status, answer = call(url, "POST", "/v1/voices",
+                              *multipart({"name": "slow", "transcript": REF_TEXT}, {"audio": clip.getvalue()}))
+        assert status == 400 and answer["error"]["param"] == "audio"
+        assert answer["error"]["message"] == (f"audio: sample rate 4000 Hz is outside the allowed range "
+                                              f"[{DEFAULT_LIMITS.min_sample_rate}, {DEFAULT_LIMITS.max_sample_rate}] Hz")
+
+
 def test_unreachable_triton_is_503(ref_wave):
     from f5_triton.gateway.backend import TritonBackend
     from f5_triton.gateway.errors import APIError

@@ -51,6 +51,11 @@ def from_invalid_input(exc: InvalidInputError, fields: dict[str, str]) -> APIErr
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        offset = first["loc"][-1]  # from 0; users count from 1
+        detail = first.get("ctx", {}).get("error", first["msg"])
+        return APIError(400, f"the request body is not valid JSON: {detail} at character {offset + 1}",
+                        code="invalid_json").response()
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "form", "query", "path")]
     param = ".".join(location) or None
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
