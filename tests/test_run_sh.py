@@ -29,7 +29,7 @@ RUN_SH = str(REPO / "run.sh")
 CPU = ["--backend", "torch", "--target", "cpu"]
 # Variables run.sh reads: none may leak in from the environment of whoever runs the tests.
 RUN_SH_VARIABLES = ("CKPT_DIR", "MODEL_DIR", "BUILD_DIR", "ONNX_DIR", "ENGINE_ROOT", "ENGINE_DIR", "MODEL_REPO",
-                    "OUT_DIR", "LOG_DIR", "PID_FILE", "SERVER_LOG", "TRITON_LOG", "SERVE_DETACH", "BACKEND",
+                    "OUT_DIR", "LOG_DIR", "PID_FILE", "SERVER_LOG", "TRITON_LOG", "SERVE_DETACH", "F5_TRITON_HOST", "BACKEND",
                     "TARGET", "RANDOM_WEIGHTS", "F5_MODEL", "NFE", "DTYPE", "MAX_BATCH_SIZE", "GPUS",
                     "FLOW_INSTANCES", "REPO_ARGS", "REF_AUDIO", "REF_TEXT", "TARGET_TEXT", "SERVER_HOST",
                     "HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "READY_TIMEOUT", "BENCH_ARGS", "BENCH_BATCH_SIZE",
@@ -106,6 +106,24 @@ def test_shellcheck():
     scripts = [str(RUN_SH), *map(str, sorted((root / "scripts").glob("*.sh"))), str(root / ".ci" / "run")]
     out = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout
+
+
+def test_booleans_are_read_as_parse_bool_reads_them():
+    """RANDOM_WEIGHTS and SERVE_DETACH take parse_bool's words (any case); another word is an error naming them."""
+    from f5_triton.config import parse_bool
+
+    function = re.search(r"^as_bool\(\) \{\n.*?^\}\n", Path(RUN_SH).read_text(), re.M | re.S).group(0)
+    words = ("1", "true", "Yes", "ON", "0", "false", "No", "off", "", "maybe", "2")
+    script = function + "".join(f'as_bool SERVE_DETACH "{word}" || printf E; echo\n' for word in words)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    expected = []
+    for word in words:
+        try:
+            expected.append(str(int(parse_bool(word))))
+        except ValueError:
+            expected.append("E")
+    assert out.stdout.splitlines() == expected
+    assert "SERVE_DETACH must be true or false (1/yes/on or 0/no/off), got 'maybe'" in out.stderr
 
 
 def test_arguments_are_checked(tmp_path):
