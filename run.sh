@@ -44,7 +44,8 @@
 #   F5_TRITON_HOST  address Triton's ports listen on (127.0.0.1); 0.0.0.0: all interfaces (set F5_TRITON_ADMIN_KEY)
 #   SERVE_DETACH  1 (or true/yes/on): stage 4 starts the server in the background and returns once it is ready
 #   READY_TIMEOUT seconds to wait for the models to load (600)
-#   NFE DTYPE MAX_BATCH_SIZE GPUS FLOW_INSTANCES REPO_ARGS   model repository settings (stage 3)
+#   NFE DTYPE MAX_BATCH_SIZE GPUS FLOW_INSTANCES REPO_ARGS   model repository settings (stage 3); GPUS: ids (0,1)
+#                 or `visible`, every GPU nvidia-smi lists (compose reserves the GPUs, the container sees them from 0)
 #   MAX_FRAMES TRT_WORKSPACE_GIB                             engine settings (stages 1-2)
 #   F5_TENSORRT   tensorrt | tensorrt-rtx: the TensorRT flavour for builds and engines (default: auto)
 #   REF_AUDIO REF_TEXT TARGET_TEXT                           client tests (stages 5-6; examples/basic_ref_en.flac)
@@ -246,6 +247,10 @@ if run_stage 3; then
   repo_args=(--output "$MODEL_REPO" --backend "$BACKEND" --target "$TARGET" --repo-args="${REPO_ARGS:-}")
   [ "$BACKEND" != trt ] || repo_args+=(--engine-dir "$ENGINE_DIR")
   [ -z "${NFE:-}" ] || repo_args+=(--nfe "$NFE")
+  if [ "${GPUS:-}" = visible ]; then  # every GPU this process sees (in a container: those reserved for it)
+    GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -) && [ -n "$GPUS" ] \
+      || die "GPUS=visible, but nvidia-smi lists no GPU"
+  fi
   [ -z "${GPUS:-}" ] || repo_args+=(--gpus "$GPUS")
   [ -z "${FLOW_INSTANCES:-}" ] || repo_args+=(--flow-instances "$FLOW_INSTANCES")
   f5 build repository "${build_args[@]}" "${repo_args[@]}" || exit 1
