@@ -140,9 +140,11 @@ def flow_stats(server) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def server(tiny_server):
     # queue delay: requests sent together share a dynamic batch of flow_matching. Short exit timeout:
-    # after the stub-kill test the dead instance never finishes unloading (tritonserver 2.51).
+    # after the stub-kill test the dead instance never finishes unloading (tritonserver 2.51). No output cache:
+    # these tests send the same seeded request again to see the server compute it again.
     with tiny_server(nfe_steps=NFE, max_batch_size=4, preferred_batch_sizes=[4], queue_delay_us=200_000,
-                     preprocess_instances=1, postprocess_instances=1, exit_timeout_secs=5) as srv:
+                     preprocess_instances=1, postprocess_instances=1, exit_timeout_secs=5,
+                     output_cache_entries=0) as srv:
         yield srv
 
 
