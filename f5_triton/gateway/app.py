@@ -25,6 +25,7 @@ from fastapi import APIRouter, FastAPI, File, Form, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from f5_triton.errors import InvalidInputError
@@ -99,21 +100,29 @@ def _audio_stream(pieces: Iterator[np.ndarray], first: np.ndarray, encoder: form
         pieces.close()  # a client that went away cancels the Triton request
 
 
-class RequireKey:
-    """Pure ASGI: requests under /v1 need `Authorization: Bearer <api_key>`, checked from the headers before any
-    body byte is read (FastAPI reads a body before it runs dependencies, so a dependency would come too late)."""
+class FrontDoor:
+    """Pure ASGI, before anything reads the body: requests under /v1 need `Authorization: Bearer <api_key>` (when one
+    is set), checked from the headers alone (FastAPI reads a body before it runs dependencies: a dependency would come
+    too late); a body declared larger than `max_body` is refused (413) unread. Bodies that do not declare their size
+    (chunked) are counted as they stream in, behind this door (Starlette's RequestBodyLimitMiddleware)."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
-                response = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                    type=errors.AUTHENTICATION, code="invalid_api_key").response()
-                return await response(scope, receive, send)
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            refusal = None
+            if self.expected is not None and scope["path"].startswith("/v1") and not hmac.compare_digest(
+                    headers.get("authorization", "").encode(), self.expected):
+                refusal = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                   type=errors.AUTHENTICATION, code="invalid_api_key")
+            elif headers.get("content-length", "").isdigit() and int(headers["content-length"]) > self.max_body:
+                refusal = errors.too_large(self.max_body)
+            if refusal is not None:
+                return await refusal.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -135,16 +144,13 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
             raise APIError(403, "voice upload is disabled on this gateway", type=errors.INVALID_REQUEST,
                            code="forbidden")
 
-    # Every body, chunked or not, is counted as it streams in and refused (413, the limit named) past an upload and its
-    # form fields: nothing larger is ever buffered. FastAPI's own limit (Starlette's RequestBodyLimitMiddleware).
-    max_body = config.max_upload_bytes + 2**16
-    app = FastAPI(title="f5-triton gateway", description="OpenAI-compatible speech API over Triton",
-                  max_body_size=max_body)
-    if getattr(app, "max_body_size", None) != max_body:  # older FastAPI ignores the argument: no limit at all
-        raise RuntimeError("the gateway needs fastapi>=0.165 (request body limits): pip install 'f5-triton[gateway]'")
+    app = FastAPI(title="f5-triton gateway", description="OpenAI-compatible speech API over Triton")
     errors.install(app)
-    if config.api_key is not None:
-        app.add_middleware(RequireKey, api_key=config.api_key)
+    # Every body, chunked or not, is bounded by an upload and its form fields: nothing larger is ever buffered (413,
+    # the limit named). The door (added last: outermost) answers from the headers; behind it bodies are counted.
+    max_body = config.max_upload_bytes + 2**16
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body)
+    app.add_middleware(FrontDoor, api_key=config.api_key, max_body=max_body)
     app.state.config, app.state.backend, app.state.voices = config, backend, voices
     api = APIRouter(prefix="/v1")
 

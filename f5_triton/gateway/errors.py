@@ -39,6 +39,12 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+def too_large(limit: int) -> APIError:
+    """413 for a request body over the gateway's `limit` (bytes), naming it."""
+    return APIError(413, f"request body is larger than the gateway's limit of {limit} bytes ({limit / 2**20:.1f} MiB)",
+                    code="too_large")
+
+
 def from_invalid_input(exc: InvalidInputError, fields: dict[str, str]) -> APIError:
     """Our InvalidInputError -> 400, its field renamed to the API's name (`fields`)."""
     message = str(exc)
@@ -64,9 +70,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
-    if exc.status_code == 413 and limit is not None:  # FastAPI's body limit: name it
-        return APIError(413, f"request body is larger than the gateway's limit of {limit} bytes "
-                        f"({limit / 2**20:.1f} MiB)", code="too_large").response()
+    if exc.status_code == 413 and limit is not None:  # Starlette's body limit, passed while the body streamed in
+        return too_large(limit).response()
     kind = {401: AUTHENTICATION, 404: NOT_FOUND}.get(exc.status_code, INVALID_REQUEST)
     return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
