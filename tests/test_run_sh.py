@@ -164,6 +164,9 @@ def test_stages_0_to_6_write_the_client_audio(stages):
         assert len(wave) > SAMPLE_RATE  # the target text is several seconds of speech
         waves[protocol] = wave
     assert len(waves["grpc"]) == len(waves["http"])  # same request, same duration estimate
+    # Triton listens on this host only, and stage 4 says where it listens
+    assert re.search(r"run\.sh:   http=http://127\.0\.0\.1:\d+ grpc=127\.0\.0\.1:\d+ metrics=\S+ "
+                     r"\(listening on 127\.0\.0\.1\)$", stages.result.stdout, re.M), stages.result.stdout
 
 
 def test_random_weights_are_labelled_everywhere(stages):
