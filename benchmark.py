@@ -10,6 +10,10 @@ Streaming (f5_tts_streaming over Triton's gRPC stream, or --mode offline: the st
 time to first audio and whole-request percentiles, aggregate audio s/s; --passes 2: a cold then a warm sweep
     python benchmark.py --mode server --streaming --concurrency 1,4,8,16,32 --num-requests 64 --passes 2
     python benchmark.py --mode offline --streaming --random-weights F5TTS_v1_Base --concurrency 1,8 --granularity chunk
+Open loop (server, streamed or whole responses): requests arrive as a seeded Poisson process of --request-rate per
+second whatever the server is doing (a comma list sweeps; inf: all at once); per rate first audio, whole request,
+stalls, refusals, the server's queue (--metrics-url), goodput within --first-audio-budget, and the capacity
+    python benchmark.py --mode server --streaming --request-rate 2,4,8,16 --num-requests 32 --set mixed --plot rate.png
 
 Inputs: --dataset (a folder of <name>.wav/.txt/.target.txt or a JSONL), else a built-in --set:
 "uniform" (~5 s reference, ~10 s of generated speech each) or "mixed" (references of 3-10 s, targets
@@ -32,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from f5_triton import bench
-from f5_triton.client import default_url
+from f5_triton.client import default_metrics_url, default_url
 from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
 from f5_triton.request import MODEL, STREAMING_MODEL
 
@@ -71,7 +75,21 @@ def parse_args(argv=None):
     srv = p.add_argument_group("server")
     srv.add_argument("--server-url", help="host:port; None: localhost:$GRPC_PORT (8001), or $HTTP_PORT (8000) with --protocol http")
     srv.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
-    srv.add_argument("--concurrency", default="1", help="concurrent clients, or a comma list for a sweep")
+    srv.add_argument("--concurrency", help="concurrent clients, or a comma list for a sweep (closed loop; default 1)")
+    srv.add_argument("--request-rate",
+                     help="open loop instead of --concurrency: requests per second arriving as a Poisson process "
+                          "(exponential gaps drawn from --seed), each sent at its time on a connection of its own "
+                          "whatever the server is doing; a comma list sweeps; inf: every request at once")
+    srv.add_argument("--max-concurrency", type=int,
+                     help="--request-rate: requests in flight at most (a later arrival waits for one to end); "
+                          "default: no cap")
+    srv.add_argument("--first-audio-budget", type=float, default=bench.DEFAULT_FIRST_AUDIO_BUDGET_S,
+                     help="--request-rate: seconds to first audio that count as good (goodput, capacity); without "
+                          "--streaming the first audio is the whole response")
+    srv.add_argument("--metrics-url",
+                     help="--request-rate: Triton's Prometheus endpoint, read before and after each rate for the "
+                          "queue and refusal columns (empty when it cannot be read); default: the --server-url "
+                          "host, port $METRICS_PORT (8002)")
     srv.add_argument("--model-name", help="default f5_tts, or f5_tts_streaming with --streaming")
     stream = p.add_argument_group("streaming")
     stream.add_argument("--streaming", action="store_true",
@@ -91,6 +109,22 @@ def parse_args(argv=None):
     if args.profile is not None and not (args.streaming and args.mode == "offline"):
         p.error("--profile: only with --mode offline --streaming (a server's GPU work is in another process)")
     args.server_url = args.server_url or default_url(args.protocol)
+    if args.request_rate is not None:
+        if args.mode != "server":
+            p.error("--request-rate: only with --mode server (open-loop arrivals at a running Triton)")
+        if args.concurrency is not None:
+            p.error("--request-rate and --concurrency: give one (open loop or closed loop); --max-concurrency caps "
+                    "the requests in flight of an open loop")
+        try:
+            args.request_rate = bench.parse_rates(args.request_rate)
+        except ValueError as exc:
+            p.error(str(exc))
+        if args.max_concurrency is not None and args.max_concurrency < 1:
+            p.error(f"--max-concurrency: must be >= 1, got {args.max_concurrency}")
+        if not args.first_audio_budget > 0:
+            p.error(f"--first-audio-budget: must be > 0 seconds, got {args.first_audio_budget}")
+        args.metrics_url = args.metrics_url or default_metrics_url(args.server_url.rsplit(":", 1)[0])
+    args.concurrency = args.concurrency or "1"
     if args.model_name is None:
         args.model_name = STREAMING_MODEL if args.streaming else MODEL
     return args
@@ -220,7 +254,8 @@ class Results(list):
 
     def append(self, result: bench.Result) -> None:
         super().append(result)
-        print(bench.format_table([result]).splitlines()[-1], flush=True)
+        table = bench.format_open_loop_table if "request_rate" in result.extra else bench.format_table
+        print(table([result]).splitlines()[-1], flush=True)
         if self.output_json:
             with open(self.output_json, "a") as f:
                 f.write(json.dumps(result.summary()) + "\n")
@@ -252,8 +287,9 @@ def run_streaming(args, items, concurrency: int, label: str, open_stream, profil
     return result
 
 
-def stream_opener(args):
-    """(open_stream for run_streaming, the scheduler to close or None): Triton's gRPC stream or in process."""
+def stream_opener(args, retries: int = 1):
+    """(open_stream for run_streaming, the scheduler to close or None): Triton's gRPC stream or in process.
+    `retries`: a server's retriable refusals retried (`client.stream_synthesize`)."""
     if args.mode == "server":
         import tritonclient.grpc  # noqa: F401  # imported here, not in the first timed request (~0.2-0.3 s)
 
@@ -261,8 +297,8 @@ def stream_opener(args):
 
         def open_server(i, item):  # no seed: the server's output cache replays seeded repeats (a warm pass)
             return stream_synthesize(args.server_url, item.wave, item.reference_text, item.target_text,
-                                     model=args.model_name, timeout=600, sample_rate=item.sample_rate,
-                                     nfe_steps=args.nfe, cfg_strength=args.cfg)
+                                     model=args.model_name, timeout=600, retries=retries,
+                                     sample_rate=item.sample_rate, nfe_steps=args.nfe, cfg_strength=args.cfg)
 
         return open_server, None
     from f5_triton.config import SamplingConfig
@@ -308,10 +344,81 @@ def main_streaming(args, sets: list[str], results: list) -> str:
     return label
 
 
+def response_opener(args):
+    """open_stream for an open loop of whole responses (f5_tts): one piece, the waveform, on a connection of the
+    request's own; no retry (a refusal is counted), no seed (the output cache would replay a warm pass) and, as
+    `run_server`, no client timeout (`synthesize` passes it as gRPC's `client_timeout`, which tritonclient.http's
+    `infer` does not take)."""
+    from f5_triton.client import protocol_module, synthesize
+
+    protocol_module(args.protocol)  # imported here, not in the first timed request
+
+    def open_server(i, item):
+        yield synthesize(args.server_url, item.wave, item.reference_text, item.target_text, protocol=args.protocol,
+                         model=args.model_name, retries=0, sample_rate=item.sample_rate,
+                         nfe_steps=args.nfe, cfg_strength=args.cfg)
+
+    return open_server
+
+
+def run_rate(args, items, rate: float, label: str, open_stream) -> bench.Result:
+    """`items` sent at Poisson arrival times of `rate` per second (`bench.run_open_loop`), each timed as
+    `run_streaming`'s are, with the server's queue metrics read before and after."""
+    from f5_triton.client import is_refused
+
+    mode = "server streaming open-loop" if args.streaming else "server open-loop"
+    result = bench.Result(mode=mode, label=label, requests=len(items))
+    before = bench.read_metrics(args.metrics_url)
+    arrivals = bench.poisson_arrivals(len(items), rate, args.seed)
+    with bench.GpuSampler() as gpus:
+        outcomes, wall = bench.run_open_loop(lambda i: bench.time_stream(open_stream(i, items[i])), len(items),
+                                             arrivals, args.max_concurrency, refused=is_refused)
+    bench.add_open_loop_outcomes(result, outcomes, rate, wall, args.first_audio_budget)
+    result.extra.update(bench.queue_statistics(before, bench.read_metrics(args.metrics_url), args.model_name,
+                                               args.streaming))
+    result.gpu_utilization = gpus.mean_utilization()
+    for failure in result.extra.get("failures", []):
+        print(f"FAILED ({label}, rate {rate:g}): {failure}", file=sys.stderr, flush=True)
+    return result
+
+
+def main_open_loop(args, sets: list[str], results: list) -> str:
+    """Open-loop sweeps over --request-rate, one per pass over each set; then the table and each label's capacity."""
+    open_stream = stream_opener(args, retries=0)[0] if args.streaming else response_opener(args)
+    label = args.label or f"{args.protocol} nfe{args.nfe}"
+    for set_name in sets:
+        items = load_items(args, set_name)
+        if args.enable_warmup:  # once per set, one request at a time
+            for i, item in enumerate(items[: args.warmup]):
+                bench.time_stream(open_stream(i, item))
+        for name in _pass_labels(args, label, set_name):
+            for rate in args.request_rate:
+                results.append(run_rate(args, items, rate, name, open_stream))
+    print(bench.format_open_loop_table(results))
+    print(f"first-audio budget {1000 * args.first_audio_budget:.0f} ms"
+          + ("" if args.streaming else " (whole responses: the first audio is the whole response)")
+          + "; goodput: the share of requests sent that started within it and never stalled")
+    rows = [r.summary() for r in results]
+    for name, rate in bench.capacity(rows).items():
+        print(f"capacity {name}: " + (f"{rate:g} requests/s" if rate is not None else
+                                      "none (the lowest rate swept did not hold)")
+              + " (the highest offered rate up to which every rate swept had all its requests answered, none "
+                "stalled, and first-audio p90 within the budget)")
+    failed = sum(r.extra["failed"] for r in results)
+    if failed:
+        print(f"FAILED: {failed} request(s) failed (not refused); see the FAILED lines above", file=sys.stderr)
+    return label
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sets = ["dataset"] if args.dataset else args.set.split(",")
     results = Results(args.output_json)
+    if args.request_rate is not None:
+        label = main_open_loop(args, sets, results)
+        if args.plot:
+            print(f"plot: {bench.plot_open_loop([r.summary() for r in results], args.plot, title=label)}")
+        return 1 if any(r.extra["failed"] for r in results) else 0
     if args.streaming:
         label = main_streaming(args, sets, results)
     elif args.mode == "offline":

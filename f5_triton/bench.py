@@ -100,6 +100,23 @@ class Item:
     name: str = ""
 
 
+# fp16 production path (compiled, CUDA graphs, FA4, packed) vs the fp32 eager reference, same seeds: the largest
+# relative L2 error allowed per request, of its mel and of its waveform (tests/test_gpu_lane.py, the GPU lane's
+# server test, scripts/bench_vs_upstream.py --max-rel-l2). fp16's unit roundoff is 2^-11 = 4.9e-4; rounding errors
+# that add up as a random walk over the DiT's 22 layers x 16 ODE steps x 2 guidance rows grow by sqrt(704) = 26.5,
+# about 0.013. Measured on the H200 (docs/benchmarks.md): 0.0035 at batch 1 and 0.0072 at 16 requests. The bound
+# is 1.5x the estimate, 2.8x the worst measurement; to be tightened after the GPU lane's first runs.
+FP16_MEL_REL_L2 = 0.02
+FP16_WAVE_REL_L2 = 0.02
+
+
+def rel_l2(got, expected) -> float:
+    """|got - expected| / |expected| (L2 norms) over their common length."""
+    got, expected = np.asarray(got, dtype=np.float64).reshape(-1), np.asarray(expected, dtype=np.float64).reshape(-1)
+    n = min(len(got), len(expected))
+    return float(np.linalg.norm(got[:n] - expected[:n]) / np.linalg.norm(expected[:n]))
+
+
 def synthetic_reference(seconds: float, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
     """Speech-like noise (syllable-rate amplitude modulation) when no real reference is at hand."""
     rng = np.random.default_rng(seed)
@@ -384,6 +401,245 @@ def format_streaming_table(results: list[Result]) -> str:
     return _columns(rows)
 
 
+# ---------------------------------------------------------------- open loop: requests at their arrival times
+
+DEFAULT_FIRST_AUDIO_BUDGET_S = 0.35  # goodput's and capacity's budget for the time to first audio
+QUEUED_ABOVE_S = 0.01  # a stream counts as queued when it waited above the first histogram bound >= this
+# Metric names as f5_triton/serving/metrics.py defines them (that module imports Triton's stub; it cannot be imported
+# here) and Triton's own.
+QUEUE_SECONDS = "f5_tts_queue_seconds"
+REJECTED_REQUESTS = "f5_tts_rejected_requests_total"
+REFUSAL_REASONS = ("busy", "queue_timeout")
+FLOW_MODEL = "flow_matching"  # the f5_tts step whose Triton queue time is reported
+
+
+def parse_rates(text: str) -> list[float]:
+    """`--request-rate`'s comma list: requests per second, each > 0, or `inf` (every request at once)."""
+    rates = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            rate = float(part)
+        except ValueError:
+            raise ValueError(f"--request-rate: {part!r} is not a number of requests per second (or inf)") from None
+        if not rate > 0:
+            raise ValueError(f"--request-rate: {part} must be > 0 requests per second (or inf)")
+        rates.append(rate)
+    if not rates:
+        raise ValueError("--request-rate: give at least one rate, e.g. 2,4,8 or inf")
+    return rates
+
+
+def poisson_arrivals(count: int, rate: float, seed: int = 0) -> np.ndarray:
+    """Send times in seconds of `count` requests arriving as a Poisson process of `rate` per second (the first at
+    0, then exponential gaps of mean 1 / rate, drawn from a generator seeded by `seed`), as vLLM's
+    benchmark_serving does; `rate` inf: all at 0."""
+    if np.isinf(rate):
+        return np.zeros(count)
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, max(count - 1, 0))
+    return np.concatenate([[0.0], np.cumsum(gaps)])[:count]
+
+
+@dataclass
+class Outcome:
+    """One open-loop request: when it was sent (seconds from the run's start) and its timing, or why it got none."""
+
+    sent_at: float
+    timing: StreamTiming | None = None
+    error: BaseException | None = None
+    refused: bool = False  # the server turned it away as busy (UNAVAILABLE / 503), a retriable answer
+
+
+def run_open_loop(send, count: int, arrivals: np.ndarray, max_concurrency: int | None = None,
+                  refused=lambda exc: False) -> tuple[list[Outcome], float]:
+    """Send request i (`send(i)` -> StreamTiming, in a thread of its own) at `arrivals[i]` seconds from now, whatever
+    the earlier ones are doing; `max_concurrency` caps the requests in flight (a request past the cap is sent when
+    one ends). An exception is the request's outcome; `refused(exc)` says whether it was a refusal. Returns the
+    outcomes in request order and the seconds from the first send to the last answer."""
+    outcomes: list[Outcome | None] = [None] * count
+    slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
+    start = time.perf_counter()
+
+    def one(i: int) -> None:
+        outcome = Outcome(sent_at=time.perf_counter() - start)
+        try:
+            outcome.timing = send(i)
+        except Exception as exc:  # noqa: BLE001  # every failure is counted and reported, none ends the run
+            outcome.error, outcome.refused = exc, refused(exc)
+        finally:
+            if slots is not None:
+                slots.release()
+        outcomes[i] = outcome
+
+    threads = []
+    for i in range(count):
+        delay = arrivals[i] - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        if slots is not None:
+            slots.acquire()
+        threads.append(threading.Thread(target=one, args=(i,), daemon=True))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    return outcomes, time.perf_counter() - start
+
+
+def parse_metrics(exposition: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted label items): value} of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(exposition) for s in family.samples}
+
+
+def read_metrics(url: str | None) -> dict[tuple[str, tuple], float] | None:
+    """`parse_metrics` of a Prometheus endpoint, or None when it cannot be read."""
+    import urllib.request
+
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return parse_metrics(response.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile: the q-quantile of cumulative (upper bound, count) buckets, linear within a
+    bucket; the highest finite bound when it falls in the +Inf bucket; None without observations."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if np.isinf(bound):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def queue_statistics(before: dict | None, after: dict | None, model: str, streaming: bool) -> dict:
+    """What the server's metrics say about one run (`read_metrics` before and after it, differenced). Streaming
+    (`f5_tts_queue_seconds{model}`, seconds between a stream's arrival and the start of its generation): `queued`,
+    the streams that waited above the first bucket bound >= 10 ms, `queue_mean_s` and `queue_p90_s` (from the
+    buckets). Whole responses: `queue_mean_s`, the flow-matching model's Triton queue time per request
+    (`nv_inference_queue_duration_us` / `nv_inference_request_success`). Both: `server_refused`, the requests
+    `f5_tts_rejected_requests_total` counts as busy or past the queue deadline, by reason. A metric the server does
+    not have leaves its keys out."""
+    if before is None or after is None:
+        return {}
+    delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
+
+    def samples(name, **labels):  # the parser names a counter's samples <name>_total, Triton's counters too
+        return [(dict(key), value) for (sample, key), value in delta.items()
+                if sample in (name, f"{name}_total") and all(dict(key).get(k) == v for k, v in labels.items())]
+
+    def total(name, **labels):
+        found = samples(name, **labels)
+        return sum(value for _, value in found) if found else None
+
+    stats: dict = {}
+    if streaming:
+        count = total(f"{QUEUE_SECONDS}_count", model=model)
+        buckets = [(float(labels["le"]), value) for labels, value in samples(f"{QUEUE_SECONDS}_bucket", model=model)]
+        if count is not None and buckets:
+            bound = min((le for le, _ in buckets if le >= QUEUED_ABOVE_S), default=float("inf"))
+            within = sum(value for le, value in buckets if le == bound)
+            stats.update(queued=int(round(count - within)),
+                         queue_mean_s=total(f"{QUEUE_SECONDS}_sum", model=model) / count if count else 0.0,
+                         queue_p90_s=histogram_quantile(0.9, buckets))
+    else:
+        queue_us = total("nv_inference_queue_duration_us", model=FLOW_MODEL)
+        requests = total("nv_inference_request_success", model=FLOW_MODEL)
+        if queue_us is not None and requests:
+            stats["queue_mean_s"] = queue_us / requests / 1e6
+    refused = {reason: total(REJECTED_REQUESTS, reason=reason) for reason in REFUSAL_REASONS}
+    if any(value is not None for value in refused.values()):
+        stats["server_refused"] = {reason: int(value or 0) for reason, value in refused.items()}
+    return stats
+
+
+def add_open_loop_outcomes(result: Result, outcomes: list[Outcome], rate: float, wall_seconds: float,
+                           budget: float) -> None:
+    """An open-loop run's outcomes into `result`: the answered requests' timings as `add_stream_timings` reads
+    them, and in its `extra` the counts (sent = completed + refused + failed), the offered, sent and achieved
+    rates, and the goodput: the share of the requests sent whose first audio came within `budget` seconds and that
+    never stalled (refused and failed requests count against it)."""
+    done = [o.timing for o in outcomes if o.timing is not None]
+    refused = sum(o.refused for o in outcomes)
+    sends = sorted(o.sent_at for o in outcomes)
+    result.wall_seconds = wall_seconds
+    result.requests = len(outcomes)
+    if done:
+        add_stream_timings(result, done)
+    good = sum(t.first_audio <= budget and t.stall == 0 for t in done)
+    result.extra.update(
+        request_rate=rate if np.isfinite(rate) else "inf", sent=len(outcomes), completed=len(done), refused=refused,
+        failed=len(outcomes) - len(done) - refused, first_audio_budget_s=budget,
+        goodput=good / len(outcomes) if outcomes else float("nan"),
+        sent_rate=(len(sends) - 1) / (sends[-1] - sends[0]) if len(sends) > 1 and sends[-1] > sends[0] else "inf",
+        achieved_rate=len(done) / wall_seconds if wall_seconds else float("nan"))
+    errors = [o.error for o in outcomes if o.error is not None and not o.refused]
+    if errors:
+        result.extra["failures"] = sorted({f"{type(e).__name__}: {e}"[:300] for e in errors})
+
+
+def holds(row: dict, budget: float | None = None) -> bool:
+    """Whether an open-loop row (`Result.summary()`) held its load: every request was answered (none refused or
+    failed), none stalled, and the first-audio p90 is within the budget."""
+    extra = row["extra"]
+    budget = extra["first_audio_budget_s"] if budget is None else budget
+    return (extra["refused"] == 0 and extra["failed"] == 0 and extra.get("stalled_share", 0.0) == 0
+            and extra.get("first_audio_p90_s", float("inf")) <= budget)
+
+
+def capacity(rows: list[dict]) -> dict[str, float | None]:
+    """Per label, the highest finite offered rate up to which every swept rate `holds` (None: not even the lowest)."""
+    found: dict[str, float | None] = {}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        swept = sorted((float(r["extra"]["request_rate"]), holds(r)) for r in rows if r["label"] == label)
+        found[label] = None
+        for rate, ok in swept:
+            if not ok or np.isinf(rate):
+                break
+            found[label] = rate
+    return found
+
+
+def format_open_loop_table(results: list[Result]) -> str:
+    """Open-loop runs: offered, achieved rate (req/s); requests sent, refused, failed; first audio and whole request;
+    playback stalls; the server's queue; goodput; audio s/s."""
+    header = ("label", "rate", "achieved", "sent", "refused", "failed", "first audio p50 ms", "p90 ms", "p99 ms",
+              "whole p50 s", "p90 s", "p99 s", "stalled", "stall p90 ms", "queued", "queue mean ms", "goodput",
+              "audio s/s")
+
+    def ms(r, key):
+        value = r.extra.get(key)
+        return f"{1000 * value:.0f}" if value is not None else "-"
+
+    def share(r, key):
+        return f"{100 * r.extra[key]:.0f} %" if key in r.extra else "-"
+
+    rows = [header]
+    for r in results:
+        e = r.extra
+        rate = e["request_rate"]
+        rows.append((r.label, str(rate) if isinstance(rate, str) else f"{rate:g}", f"{e['achieved_rate']:.2f}",
+                     str(e["sent"]), str(e["refused"]), str(e["failed"]), ms(r, "first_audio_p50_s"),
+                     ms(r, "first_audio_p90_s"), ms(r, "first_audio_p99_s"), f"{r.percentile(50):.2f}",
+                     f"{r.percentile(90):.2f}", f"{r.percentile(99):.2f}", share(r, "stalled_share"),
+                     ms(r, "stall_p90_s"), str(e.get("queued", "-")), ms(r, "queue_mean_s"), share(r, "goodput"),
+                     f"{r.throughput:.1f}"))
+    return _columns(rows)
+
+
 def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -463,6 +719,52 @@ def plot_streaming(rows: list[dict], path: str | Path, title: str = "f5_tts_stre
     first.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="time to first audio, p90 (ms)")
     rate.set(xscale="log", xlabel="concurrent streams", ylabel="streamed audio seconds per second")
     for ax in (first, rate):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_open_loop(rows: list[dict], path: str | Path, title: str = "open loop") -> Path:
+    """Open-loop sweeps (benchmark.py --request-rate JSON rows), one line per label against the offered rate: time to
+    first audio p50 and p90 with the budget (left), the shares of requests that stalled and that were refused
+    (right). An `inf` rate (every request at once) is drawn right of the highest finite rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [float(r["extra"]["request_rate"]) for r in rows if r["extra"]["request_rate"] != "inf"]
+    burst_x = 1.5 * max(finite, default=1.0)
+
+    def x(row):
+        rate = row["extra"]["request_rate"]
+        return burst_x if rate == "inf" else float(rate)
+
+    fig, (first, shares) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+        sweep = sorted((r for r in rows if r["label"] == label), key=x)
+        xs, color = [x(r) for r in sweep], f"C{i % 10}"
+
+        def ms(key):
+            return [1000 * r["extra"][key] if key in r["extra"] else np.nan for r in sweep]
+
+        first.plot(xs, ms("first_audio_p50_s"), "o-", color=color, label=f"{label} p50")
+        first.plot(xs, ms("first_audio_p90_s"), "s--", color=color, label=f"{label} p90")
+        shares.plot(xs, [100 * r["extra"].get("stalled_share", 0.0) for r in sweep], "o-", color=color,
+                    label=f"{label} stalled")
+        shares.plot(xs, [100 * r["extra"]["refused"] / max(r["extra"]["sent"], 1) for r in sweep], "x:",
+                    color=color, label=f"{label} refused")
+    budgets = {r["extra"]["first_audio_budget_s"] for r in rows}
+    for budget in budgets:
+        first.axhline(1000 * budget, color="gray", lw=0.8, ls="-.", label=f"budget {1000 * budget:.0f} ms")
+    first.set(yscale="log", xlabel="offered rate (requests/s)", ylabel="time to first audio (ms)")
+    shares.set(xlabel="offered rate (requests/s)", ylabel="share of requests (%)", ylim=(-2, 102))
+    ticks = {rate: f"{rate:g}" for rate in sorted(set(finite))}
+    if len(finite) < len(rows):
+        ticks[burst_x] = "inf"
+    for ax in (first, shares):
+        ax.set_xticks(list(ticks), list(ticks.values()))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)

@@ -62,14 +62,28 @@ def is_retriable(exc: BaseException) -> bool:
 
     A request that ran out of its own deadline is not retriable.
     """
+    return _unavailable(exc) or model_restarting(exc)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """A tritonclient error with status UNAVAILABLE (gRPC) or 503 (HTTP), other than the request's own deadline."""
     from tritonclient.utils import InferenceServerException
 
     if not isinstance(exc, InferenceServerException):
         return False
     status, message = str(exc.status() or ""), exc.message() or ""
-    if "deadline exceeded" in message:
+    return "deadline exceeded" not in message and ("UNAVAILABLE" in status or status == "503")
+
+
+def is_refused(exc: BaseException) -> bool:
+    """Whether the server turned the request away because it was busy (admission limit, full queue, queue
+    deadline), as opposed to failing it: UNAVAILABLE / 503, not a restarting model process. A gRPC stream's error
+    carries only the message, where the streaming model's refusals say "server busy"."""
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(exc, InferenceServerException) or model_restarting(exc):
         return False
-    return "UNAVAILABLE" in status or status == "503" or model_restarting(exc)
+    return _unavailable(exc) or (exc.status() is None and "server busy" in (exc.message() or ""))
 
 
 def _retry_delay(deadline: float | None, backoff: float, exc: BaseException) -> float | None:
@@ -232,6 +246,11 @@ def default_url(protocol: str) -> str:
     if protocol == "http":
         return f"localhost:{os.environ.get('HTTP_PORT') or 8000}"
     return f"localhost:{os.environ.get('GRPC_PORT') or 8001}"
+
+
+def default_metrics_url(host: str = "localhost") -> str:
+    """Triton's Prometheus endpoint on `host` at the port run.sh serves it on: METRICS_PORT (8002)."""
+    return f"http://{host}:{os.environ.get('METRICS_PORT') or 8002}/metrics"
 
 
 def add_request_args(parser: argparse.ArgumentParser, url: str, streaming: bool = False) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Audio: Vocos mel-24khz features, as every released F5-TTS checkpoint uses.
 SAMPLE_RATE = 24_000
@@ -107,6 +107,23 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class PacingConfig:
+    """How the stream scheduler keeps every admitted stream ahead of its listener (docs/streaming.md). Each field's
+    `help` is its command-line help (`serving.repository`: --stream-pacing-<field>)."""
+
+    enabled: bool = field(default=True, metadata={"help": (
+        "admit streams by playback deadline and run later chunks first when a listener would run out; off: admit "
+        "by the stream limit alone")})
+    margin_seconds: float = field(default=0.25, metadata={"help": (
+        "a streamed piece is due this long before its listener would run out (network, client buffering)")})
+    queue_seconds: float = field(default=10.0, metadata={"help": (
+        "a stream waits at most this long to start, then is refused with UNAVAILABLE (retriable)")})
+
+
+DEFAULT_PACING = PacingConfig()
 
 # CUDA graphs need fixed shapes: a call's frames are padded up to the next of these (< 5% waste).
 CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))

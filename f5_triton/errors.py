@@ -26,4 +26,6 @@ class ServerBusyError(RuntimeError):
     Adapters map it to UNAVAILABLE (HTTP 503), the status clients retry on.
     """
 
-    reason = "busy"  # metrics label
+    def __init__(self, message: str, reason: str = "busy"):
+        super().__init__(message)
+        self.reason = reason  # metrics label: "busy" (a limit of streams or requests), "queue_timeout"

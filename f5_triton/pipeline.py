@@ -196,6 +196,11 @@ class FlowMatcher:
                 sway_sampling_coef=sway, seed=[j.seed for j in batch],
                 lens=torch.tensor([j.ref_mel.shape[0] for j in batch]))
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device (a GPU runs it asynchronously): the stream scheduler times rounds."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def begin(self, jobs: list[Job]) -> list[tuple[list[int], Solving]]:
         """Jobs' flow matching to advance a few ODE steps at a time (`sampler.Solving`): one integration per group
         of sampling settings, with the positions of its jobs; a finished one's `result()` rows are the jobs' mels

@@ -3,8 +3,10 @@
 `StreamScheduler` holds the streams a host gave it (`submit`) and runs rounds, in a background thread
 (`start`) or one at a time (`run_round`, for tests). Each round:
 
-  1. streams whose sink no longer wants them (cancelled, past their deadline) leave; waiting streams are
-     admitted up to `max_streams` active ones, oldest first;
+  1. streams whose sink no longer wants them (cancelled, past their deadline) leave; a stream that waited longer
+     than the pacing's `queue_seconds` is refused (`ServerBusyError`, retriable); waiting streams are admitted,
+     oldest first, up to `max_streams` active ones and while the pacing says every admitted stream stays ahead of
+     its listener (below);
   2. batched flow matching, as the granularity says (at most `max_rows` chunks a batch, if set);
   3. the chunks that finished go through the vocoder in one call, and each stream gets its piece.
 
@@ -18,6 +20,14 @@ Granularity "chunk": a round is one whole chunk (all NFE steps) of every active 
 stream waits for the running round to end, and its first chunk shares the next with every other stream's next
 chunk. (A third, "step" granularity, one ODE step of every stream a round, measured slower than both and was
 removed: docs/streaming.md.)
+
+Pacing (`config.PacingConfig`, on by default): a listener plays a stream from its first piece without pause, so
+each later piece is due before the audio already handed out has played (`pacing.Playback`). The scheduler learns
+how long its rounds take (`pacing.WorkCost`) and admits a waiting stream only if, with its first chunk added, the
+work standing before every stream's next piece (new first chunks, the running cohort of later chunks, one cohort of
+every next chunk) still ends before that piece is due; otherwise the stream waits before its first audio. In
+cohort granularity, later chunks go before new first chunks once a listener's margin is down to one segment of
+them, and a cohort of later chunks takes streams by deadline while it can still end before the earliest.
 
 Both granularities give each stream exactly its audio alone (per-request noise, no padding in any sequence-wide
 operation): the pieces are `StreamingSynthesizer.stream`'s.
@@ -40,9 +50,10 @@ from typing import Protocol
 
 from torch.profiler import record_function
 
-from f5_triton.config import DEFAULT_SAMPLING, SamplingConfig
+from f5_triton.config import DEFAULT_PACING, DEFAULT_SAMPLING, SAMPLE_RATE, PacingConfig, SamplingConfig
 from f5_triton.errors import ServerBusyError
 from f5_triton.guards import check_finite
+from f5_triton.pacing import Chunk, Playback, WorkCost
 from f5_triton.pipeline import Job, Prepared, generated
 from f5_triton.request import SynthesisRequest
 from f5_triton.streaming import Piece, PieceMaker, StreamingSynthesizer, warm_up_request
@@ -57,6 +68,9 @@ class StreamSink(Protocol):
 
     def wanted(self) -> bool:
         """False once the client cancelled or the deadline passed: the stream then leaves."""
+
+    def started(self, queued_seconds: float) -> None:
+        """The stream was admitted after waiting `queued_seconds` since `submit`."""
 
     def piece(self, piece: Piece) -> None:
         """The stream's next piece (the last has `is_final`)."""
@@ -75,11 +89,33 @@ class _Stream:
     pieces: PieceMaker
     cache_key: str | None
     order: int  # admission order: older streams first when a round is full
+    arrived: float  # time.monotonic() at submit
     cohort: "_Cohort | None" = field(default=None, repr=False)  # cohort granularity: the one running its chunk
+    playback: Playback = field(default_factory=Playback)
 
     @property
     def job(self) -> Job:
         return self.prepared.jobs[len(self.pieces.made)]
+
+    def chunk(self, index: int) -> Chunk:
+        return chunk_of(self.prepared.jobs[index])
+
+    @property
+    def playing(self) -> bool:
+        return self.playback.started is not None
+
+    @property
+    def next_chunk(self) -> Chunk | None:
+        """The chunk whose piece a listener waits for after the work now in hand: an idle playing stream's next one;
+        for a stream in a cohort or before its first chunk, the one after that. None if there is none."""
+        index = len(self.pieces.made) + (0 if self.playing and self.cohort is None else 1)
+        return self.chunk(index) if index < len(self.prepared.jobs) else None
+
+
+def chunk_of(job: Job) -> Chunk:
+    """A job's cost: its frames in both guidance rows (one without guidance), its steps, its generated frames."""
+    rows = 2 if job.cfg_strength >= 1e-5 else 1  # sampler.prepare's test for guidance
+    return Chunk(tokens=rows * job.total_frames, steps=job.nfe_steps, frames=job.duration - job.ref_frames)
 
 
 @dataclass(eq=False)
@@ -95,24 +131,39 @@ class _Cohort:
     def done(self) -> bool:
         return self.groups is not None and all(solving.done for _, solving in self.groups)
 
+    @property
+    def steps_done(self) -> int:
+        return 0 if self.groups is None else min(solving.index for _, solving in self.groups)
+
+    @property
+    def tokens(self) -> int:
+        return sum(chunk_of(job).tokens for job in self.jobs)
+
 
 class StreamScheduler:
     """Runs many streams of one `StreamingSynthesizer` (its stages, settings and output cache) together.
 
     max_streams: streams generated at once; max_queued: streams waiting beyond them (more are refused with
-    `ServerBusyError`); max_rows: chunks per round (per cohort) at most (None: one per active stream).
+    `ServerBusyError`); max_rows: chunks per round (per cohort) at most (None: one per active stream); pacing:
+    admission by playback deadline and the queue's time limit (module doc).
     """
 
     def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = "cohort", max_streams: int = 16,
-                 max_queued: int = 64, max_rows: int | None = None):
+                 max_queued: int = 64, max_rows: int | None = None, pacing: PacingConfig = DEFAULT_PACING):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if max_streams < 1 or max_queued < 0 or (max_rows is not None and max_rows < 1):
             raise ValueError(f"need max_streams >= 1, max_queued >= 0, max_rows >= 1 or None;"
                              f" got {max_streams}, {max_queued}, {max_rows}")
+        if pacing.margin_seconds < 0 or pacing.queue_seconds <= 0:
+            raise ValueError(f"need pacing margin_seconds >= 0 and queue_seconds > 0; got {pacing}")
         self.synthesizer = synthesizer
         self.granularity = granularity
         self.max_streams, self.max_queued, self.max_rows = max_streams, max_queued, max_rows
+        self.pacing = pacing
+        self.cost = WorkCost()
+        self.late_pieces = 0  # pieces handed out after their listener ran out: stalls the pacing did not prevent
+        self._segment_steps = 1  # ODE steps of the last segment a cohort advanced
         self._waiting: deque[_Stream] = deque()
         self._active: list[_Stream] = []
         self._orders = itertools.count()
@@ -142,7 +193,7 @@ class StreamScheduler:
                 raise ServerBusyError(f"{held} streams held, the limit is {self.max_streams} generated at once and "
                                       f"{self.max_queued} waiting; retry later")
             self._waiting.append(_Stream(sink, prepared, PieceMaker(prepared, self.synthesizer.cross_fade_seconds),
-                                         key, next(self._orders)))
+                                         key, next(self._orders), time.monotonic()))
             self._changed.notify()
 
     def stream(self, request: SynthesisRequest) -> Iterator[Piece]:
@@ -240,14 +291,103 @@ class StreamScheduler:
 
     def _admit(self) -> None:
         with self._changed:
+            now = time.monotonic()
             for stream in [s for s in self._waiting if not s.sink.wanted()]:
                 self._waiting.remove(stream)
                 stream.sink.dropped(0, len(stream.prepared.jobs))
             for stream in [s for s in self._active if not s.sink.wanted()]:
                 self._active.remove(stream)
                 stream.sink.dropped(len(stream.pieces.made), len(stream.prepared.jobs))
-            while self._waiting and len(self._active) < self.max_streams:
-                self._active.append(self._waiting.popleft())
+            for stream in [s for s in self._waiting if now - s.arrived > self.pacing.queue_seconds]:
+                self._waiting.remove(stream)
+                stream.sink.failed(ServerBusyError(
+                    f"no stream could start within the queue's limit of {self.pacing.queue_seconds:g} s "
+                    f"({len(self._active)} streams generated, {len(self._waiting)} waiting); retry later",
+                    reason="queue_timeout"))
+            while self._waiting and len(self._active) < self.max_streams and self._fits(self._waiting[0], now):
+                stream = self._waiting.popleft()
+                self._active.append(stream)
+                stream.sink.started(now - stream.arrived)
+
+    # ------------------------------------------------------------------ pacing
+
+    def _paced(self) -> bool:
+        return self.pacing.enabled and self.cost.known
+
+    def _remaining(self, cohort: "_Cohort | None") -> float:
+        """Seconds until `cohort` (running, or about to start) hands out its pieces."""
+        if cohort is None:
+            return 0.0
+        return self.cost.batch_seconds([chunk_of(job) for job in cohort.jobs], cohort.steps_done)
+
+    def _fits(self, candidate: _Stream, now: float) -> bool:
+        """Whether `candidate` may start now: with it, every stream's every piece still comes before its listener
+        runs out. The bound runs the work as the cohorts give it under load: the first chunks in hand (new ones
+        with the candidate's), the running cohort of later chunks, then level by level one cohort of every
+        stream's next chunk, each as one batch."""
+        if not self._paced() or not self._active:
+            return True
+        margin, fade = self.pacing.margin_seconds, self.synthesizer.cross_fade_seconds
+        streams = [*self._active, candidate]
+        running_first, running_later = self._cohorts.get(True), self._cohorts.get(False)
+        fresh = [s for s in streams if not s.playing and s.cohort is None]
+        end = now + self._remaining(running_first) + self.cost.batch_seconds(s.chunk(0) for s in fresh)
+        first_piece = end  # when every stream not yet playing gets its first piece, at the latest
+        end += self._remaining(running_later)
+        in_later = [] if running_later is None else [s for s in running_later.streams if s in self._active]
+        if any(end > s.playback.deadline - margin for s in in_later):
+            return False
+        # each stream's next chunk not in hand, and when its listener runs out of what comes before that chunk
+        position, due = {}, {}
+        for s in streams:
+            position[s] = len(s.pieces.made) + (0 if s.playing and s.cohort is None else 1)
+            due[s] = s.playback.deadline if s.playing else first_piece + s.chunk(0).audio_seconds - fade
+            if s in in_later:  # its running chunk is handed out before the next one is due
+                due[s] += s.chunk(position[s] - 1).audio_seconds - fade
+        level = [s for s in streams if position[s] < len(s.prepared.jobs)]
+        while level:
+            end += self.cost.batch_seconds(s.chunk(position[s]) for s in level)
+            for s in level:
+                if end > due[s] - margin:
+                    return False
+                due[s] += s.chunk(position[s]).audio_seconds - fade
+                position[s] += 1
+            level = [s for s in level if position[s] < len(s.prepared.jobs)]
+        return True
+
+    def _later_slack(self, now: float) -> float:
+        """Seconds to spare before a listener of the later chunks (running, then the next cohort) would run out."""
+        margin = self.pacing.margin_seconds
+        running = self._cohorts.get(False)
+        end = now + self._remaining(running)
+        slack = min((s.playback.deadline - margin - end for s in (running.streams if running else ())
+                     if s in self._active), default=float("inf"))
+        group = self._later_group()
+        if group:
+            end += self.cost.batch_seconds(s.chunk(len(s.pieces.made)) for s in group)
+            slack = min(slack, min(s.playback.deadline for s in group) - margin - end)
+        return slack
+
+    def _later_group(self) -> list[_Stream]:
+        """The streams the next cohort of later chunks takes: by deadline, while the cohort still ends before the
+        earliest one (paced), at least one; every idle one, oldest first, when not paced."""
+        idle = [s for s in self._active if s.cohort is None and s.pieces.made]
+        if not self._paced():
+            return sorted(idle, key=lambda s: s.order)[: self.max_rows]
+        idle.sort(key=lambda s: s.playback.deadline)
+        group, now = idle[:1], time.monotonic()
+        due = idle[0].playback.deadline - self.pacing.margin_seconds if idle else 0.0
+        wait = self._remaining(self._cohorts.get(False))
+        for stream in idle[1:]:
+            if self.max_rows is not None and len(group) >= self.max_rows:
+                break
+            chunks = [s.chunk(len(s.pieces.made)) for s in (*group, stream)]
+            if now + wait + self.cost.batch_seconds(chunks) > due:
+                break
+            group.append(stream)
+        return group
+
+    # ------------------------------------------------------------------ rounds
 
     def _leave(self, stream: _Stream) -> None:
         with self._changed:
@@ -258,7 +398,11 @@ class StreamScheduler:
         """Every stream's next chunk, all NFE steps, in one batched flow-matching call."""
         jobs = [stream.job for stream in streams]
         owner = {id(job): stream for job, stream in zip(jobs, streams)}
+        start = time.monotonic()
         mels = self.synthesizer.flow_matching(jobs, keep=lambda job: owner[id(job)].sink.wanted())
+        self.synthesizer.flow_matching.synchronize()
+        self.cost.observe_steps(sum(chunk_of(job).tokens for job in jobs), max(job.nfe_steps for job in jobs),
+                                time.monotonic() - start)
         finished = []
         for stream, mel in zip(streams, mels):
             if mel is None:  # declined between two steps: it leaves at once
@@ -269,23 +413,40 @@ class StreamScheduler:
         return finished
 
     def _next_cohort(self) -> _Cohort:
-        """The cohort this round advances: the running one of first chunks, else a new one of the streams waiting
-        for their first chunk, else the running one of later chunks, else a new one of the streams waiting for
-        their next chunk (at most `max_rows` chunks a cohort). A cohort's streams stay together until its chunks
-        end, so a newcomer waits at most one segment of others' work, and every chunk runs in big batches (CUDA
-        graphs where the engine has them)."""
-        for first in (True, False):
-            if first in self._cohorts:
-                return self._cohorts[first]
-            idle = [s for s in self._active if s.cohort is None and (not s.pieces.made) == first]
-            if idle:
-                streams = sorted(idle, key=lambda s: s.order)[: self.max_rows]
-                cohort = _Cohort(streams, [stream.job for stream in streams], first)
-                for stream in streams:
-                    stream.cohort = cohort
-                self._cohorts[first] = cohort
-                return cohort
+        """The cohort this round advances. First chunks go first (the running cohort of them, else a new one of the
+        streams waiting for their first chunk), unless a listener of later chunks would run out within one segment
+        of them (paced); then the running cohort of later chunks, else a new one (`_later_group`). A cohort's
+        streams stay together until its chunks end, so a newcomer waits at most one segment of others' work, and
+        every chunk runs in big batches (CUDA graphs where the engine has them)."""
+        fresh = [s for s in self._active if s.cohort is None and not s.pieces.made]
+        first = self._cohorts.get(True)
+        if first is None and fresh:
+            first = self._start_cohort(sorted(fresh, key=lambda s: s.order)[: self.max_rows], first=True)
+        if first is not None and not self._later_due(first):
+            return first
+        later = self._cohorts.get(False)
+        if later is None:
+            group = self._later_group()
+            later = self._start_cohort(group, first=False) if group else None
+        if later is not None:
+            return later
+        if first is not None:
+            return first
         raise RuntimeError("active streams but no cohort to run")  # every active stream is in one or idle
+
+    def _later_due(self, first: _Cohort) -> bool:
+        """Whether later chunks must run before `first`'s next segment to keep their listeners ahead."""
+        if not self._paced():
+            return False
+        segment = self.cost.steps_seconds(first.tokens, self._segment_steps)
+        return self._later_slack(time.monotonic()) < segment
+
+    def _start_cohort(self, streams: list[_Stream], first: bool) -> _Cohort:
+        cohort = _Cohort(streams, [stream.job for stream in streams], first)
+        for stream in streams:
+            stream.cohort = cohort
+        self._cohorts[first] = cohort
+        return cohort
 
     def _cohort_round(self, cohort: _Cohort) -> list[tuple[_Stream, object]]:
         """One segment of `cohort`'s integrations (a CUDA graph's steps, else one step); its chunks once it ends."""
@@ -296,9 +457,16 @@ class StreamScheduler:
             if cohort.groups is None:  # noise and text embeddings: in the round, whose failure fails its streams
                 with record_function("stream_scheduler.begin"):
                     cohort.groups = self.synthesizer.flow_matching.begin(cohort.jobs)
+                    self.synthesizer.flow_matching.synchronize()
+            start, steps = time.monotonic(), 0
             for _, solving in cohort.groups:
                 if not solving.done:
-                    solving.advance(solving.segment)
+                    segment = solving.segment
+                    solving.advance(segment)
+                    steps = max(steps, segment)
+            self.synthesizer.flow_matching.synchronize()
+            self.cost.observe_steps(cohort.tokens, steps, time.monotonic() - start)
+            self._segment_steps = steps or self._segment_steps
         except Exception:
             self._end(cohort)
             raise
@@ -331,9 +499,17 @@ class StreamScheduler:
         if not good:
             return
         with record_function("stream_scheduler.vocode"):
+            start = time.monotonic()
             waves = self.synthesizer.vocoder([mel for _, mel in good])
+            now = time.monotonic()
+            self.cost.observe_vocoder(sum(mel.shape[0] for _, mel in good), now - start)
         for (stream, _), wave in zip(good, waves):
             piece = stream.pieces.add(wave)
+            if now > stream.playback.deadline:
+                self.late_pieces += 1
+                log.warning("a stream's piece %d came %.3f s after its listener ran out", piece.chunk_index,
+                            now - stream.playback.deadline)
+            stream.playback.add(now, len(piece.audio) / SAMPLE_RATE)
             try:
                 stream.sink.piece(piece)
             except Exception as exc:  # the host could not send it: this stream ends, the others go on
@@ -354,6 +530,9 @@ class QueueSink:
 
     def wanted(self) -> bool:
         return not self.cancelled.is_set()
+
+    def started(self, queued_seconds: float) -> None:
+        pass
 
     def piece(self, piece: Piece) -> None:
         self.queue.put(piece)

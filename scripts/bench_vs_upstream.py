@@ -7,7 +7,8 @@ Upstream = pinned f5-tts==1.1.22: `CFM.sample` (its DiT, torchdiffeq Euler, CFG)
 batch 1 (as its infer_process runs). Ours = `f5_triton.pipeline.TTS` with the chosen engine options.
 Both start from the same random weights (F5TTS_v1_Base size) and the same reference and durations.
 Prints a table (median of --repeats timed runs after warm-up), the speed-up, the audio's distance to
-our fp32 output, DiT-step MFU against the measured bf16 matmul peak, and writes JSON.
+our fp32 output, DiT-step MFU against the measured bf16 matmul peak, and writes JSON. Exits 1 when a row's audio is
+further than --max-rel-l2 from our fp32 output (the GPU lane's gate).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> None:
                         "per DiT call instead of 8 ODE steps per graph")
     p.add_argument("--mfu-batch", type=int, default=8, help="requests per DiT step for the MFU measurement")
     p.add_argument("--skip-upstream", action="store_true")
+    p.add_argument("--max-rel-l2", type=float, default=bench.FP16_WAVE_REL_L2,
+                   help="fail (exit 1) when any row's audio is further than this relative L2 from our fp32 output "
+                        "(default: f5_triton.bench.FP16_WAVE_REL_L2, justified there)")
     p.add_argument("--output-json")
     p.add_argument("--plot", help="PNG bar chart of the side-by-side times")
     args = p.parse_args()
@@ -96,8 +100,7 @@ def main() -> None:
     results.update(audio_seconds=audio_seconds, total_frames=job.duration, ref_frames=job.ref_frames)
 
     def rel_err(audio):
-        n = min(len(audio), len(reference_audio))
-        return float(np.linalg.norm(audio[:n] - reference_audio[:n]) / np.linalg.norm(reference_audio[:n]))
+        return bench.rel_l2(audio, reference_audio)
 
     if not args.skip_upstream:
         import upstream
@@ -187,6 +190,10 @@ def main() -> None:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
     if args.plot:
         print(f"plot: {bench.plot_side_by_side(results, args.plot)}")
+    too_far = [f"{name}: {err:.4f}" for name, _, _, err in rows if not err <= args.max_rel_l2]  # NaN fails too
+    if too_far:
+        sys.exit(f"audio further than --max-rel-l2 {args.max_rel_l2} from our fp32 output: {'; '.join(too_far)}")
+    print(f"every row's audio within rel. L2 {args.max_rel_l2} of our fp32 output")
 
 
 if __name__ == "__main__":

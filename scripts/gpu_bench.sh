@@ -2,7 +2,7 @@
 # The GPU numbers of docs/benchmarks.md, in one go (random F5TTS_v1_Base weights, NFE 16, ~5 s reference +
 # ~10 s generated): side by side with upstream, offline batch sweep, then Triton gRPC concurrency sweep.
 #   OUT=results bash scripts/gpu_bench.sh [what...]     what: side offline server streaming multigpu traffic
-#     stream_sweep redundancy soak kill (the last three: docs/reliability.md)
+#     stream_sweep stream_rate redundancy soak kill (the last three: docs/reliability.md)
 #   (default: side offline server streaming; each other mode is a device call of its own)
 # traffic (issue 17, one device call of ~9 min): the uniform and the mixed-length sets side by side, offline batch
 #   1 and 16, Triton gRPC concurrency 1, 16, 64, each as a first pass after "ready" (cold) and a second (warm);
@@ -16,6 +16,14 @@
 # stream_sweep (issue 18): f5_tts_streaming over gRPC at concurrency 1..32, each scheduler granularity, cold and
 #   warm passes, and f5_tts at concurrency 16 for the throughput ratio; on CPU with the tiny model first:
 #   TARGET=cpu ARCH=tiny FULL_VOCODER=0 NFE=2 STREAM_CONCURRENCY=1,2 STREAM_REQUESTS=2 bash scripts/gpu_bench.sh stream_sweep
+# stream_rate (issue 36, one device call of ~7 min, server start included): open-loop Poisson arrivals on one server
+#   (traffic-server's): each set of STREAM_SETS (default paragraphs,mixed,uniform) streamed at STREAM_RATES requests/s
+#   (default 2,4,6,8,12,16; RATE_REQUESTS, default 32, per rate), f5_tts at the same rates on RATE_WHOLE_SETS (default
+#   mixed), then closed-loop bursts RATE_CLOSED (default 32,64) streamed on mixed; stream_rate.jsonl (open loop, its
+#   capacity lines in stream_rate.log), stream_rate-closed.jsonl, stream_rate.png. Each benchmark is cut at RATE_STEP_S
+#   (default 100) seconds, rows kept as measured. A dry run on the CPU:
+#   ARCH=tiny NFE=2 TARGET=cpu FULL_VOCODER=0 STREAM_RATES=2,inf RATE_REQUESTS=3 RATE_CLOSED=2 PY=.venv/bin/python \
+#     HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002 bash scripts/gpu_bench.sh stream_rate
 # Wheels for the lent GPU machine: scripts/prepare_gpu_wheels.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -196,6 +204,41 @@ for what in $WHAT; do
         fi
         kill -TERM $server; wait $server  # not INT: background jobs of a script ignore SIGINT
       done ;;
+    stream_rate)
+      ckpt=$(mktemp -d)/ckpt
+      vocoder_flag=--full-vocoder
+      [ "${FULL_VOCODER:-1}" = 0 ] && vocoder_flag=
+      "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag > /dev/null
+      # shellcheck disable=SC2086  # $REPO_ARGS: several words
+      "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-rate" --nfe "$NFE" \
+        --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
+        --streaming-granularity "${GRANULARITY:-cohort}" --streaming-max-streams "${MAX_STREAMS:-32}" ${REPO_ARGS:-} > /dev/null
+      PYTHONPATH=$SERVER_PYTHONPATH "$PY" -m f5_triton.cli serve --model-repo "$OUT/repo-rate" --http-port "$HTTP_PORT" \
+        --grpc-port "$GRPC_PORT" --metrics-port "${METRICS_PORT:-8002}" --log-file "$OUT/tritonserver-rate.log" \
+        > "$OUT/server-rate.log" 2>&1 &
+      server=$!
+      wait_ready stream_rate | tee "$OUT/stream_rate.log"
+      rate() {  # rate LABEL SET [ARGS...]: one benchmark.py run, cut at RATE_STEP_S seconds
+        local label=$1 set=$2
+        shift 2
+        timeout "${RATE_STEP_S:-100}" "$PY" benchmark.py --mode server --server-url "localhost:$GRPC_PORT" --nfe "$NFE" \
+          --metrics-url "http://localhost:${METRICS_PORT:-8002}/metrics" --set "$set" --num-requests "${RATE_REQUESTS:-32}" \
+          --label "$label" "$@" 2>&1 | grep -v -E "req/s|s/req|[Ww]arn" | tee -a "$OUT/stream_rate.log"
+      }
+      open_loop=(--request-rate "${STREAM_RATES:-2,4,6,8,12,16}" --enable-warmup --warmup 4 --output-json "$OUT/stream_rate.jsonl")
+      stream_sets=${STREAM_SETS:-paragraphs,mixed,uniform}
+      whole_sets=${RATE_WHOLE_SETS-mixed}
+      for set in ${stream_sets//,/ }; do
+        rate streamed "$set" --streaming "${open_loop[@]}"
+      done
+      for set in ${whole_sets//,/ }; do
+        rate f5_tts "$set" "${open_loop[@]}"
+      done
+      RATE_REQUESTS=${RATE_CLOSED_REQUESTS:-64} rate closed mixed --streaming --concurrency "${RATE_CLOSED:-32,64}" \
+        --output-json "$OUT/stream_rate-closed.jsonl"
+      "$PY" scripts/plot_results.py "$OUT/stream_rate.jsonl" --output "$OUT/stream_rate.png" \
+        --title "open loop, Triton gRPC, $ARCH, NFE $NFE" | tee -a "$OUT/stream_rate.log"
+      kill -TERM $server; wait $server ;;
     streaming)
       python3 scripts/streaming_latency.py --random-weights "$ARCH" --device cuda --dtype fp16 --nfe "$NFE" \
         --compile --cuda-graphs ${REF_AUDIO:+--reference-audio "$REF_AUDIO"} --json "$OUT/streaming.json" 2>&1 \

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Bar chart of benchmark.py JSON rows (`--output-json`) from one or more runs, e.g. one GPU vs two; streaming
-rows (`--streaming`) as first-audio and throughput curves over the concurrency sweep.
+rows (`--streaming`) as first-audio and throughput curves over the concurrency sweep; open-loop rows
+(`--request-rate`) as first audio and the stalled and refused shares against the offered rate.
 
     python scripts/plot_results.py bench_out/multigpu.jsonl --output multigpu.png
     python scripts/plot_results.py before.jsonl:" (before)" after.jsonl --output compare.png
@@ -11,7 +12,7 @@ A `file:suffix` argument appends the suffix to that file's labels.
 import argparse
 import json
 
-from f5_triton.bench import plot_runs, plot_streaming
+from f5_triton.bench import plot_open_loop, plot_runs, plot_streaming
 
 
 def main() -> None:
@@ -25,8 +26,14 @@ def main() -> None:
         path, _, suffix = spec.partition(":")
         with open(path) as f:
             rows += [{**row, "label": row["label"] + suffix} for row in map(json.loads, filter(str.strip, f))]
+    open_loop = [r for r in rows if "request_rate" in (r.get("extra") or {})]
     streaming = [r for r in rows if "first_audio_p90_s" in (r.get("extra") or {})]
-    plot = plot_streaming(streaming, args.output, args.title) if streaming else plot_runs(rows, args.output, args.title)
+    if open_loop:
+        plot = plot_open_loop(open_loop, args.output, args.title)
+    elif streaming:
+        plot = plot_streaming(streaming, args.output, args.title)
+    else:
+        plot = plot_runs(rows, args.output, args.title)
     print(f"plot: {plot}")
 
 

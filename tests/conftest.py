@@ -12,6 +12,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/upstream.py
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (the GPU lane runs them: scripts/gpu_lane.sh) skip where torch sees no CUDA device."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (marker gpu: the GPU lane runs it)"))
+
+
 def shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():

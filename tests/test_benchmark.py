@@ -1,6 +1,7 @@
 """benchmark.py produces its numbers (on CPU with a tiny model; their size is not checked here)."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -203,3 +204,156 @@ def test_cold_pass_script_times_each_stage_of_both_passes(tiny_ckpt):
     assert sum(line.startswith("pass 2 request") for line in lines) == 2
     summary = [line for line in lines if line.startswith("pass 2: RTF")]
     assert summary and all(f"{stage} " in summary[0] for stage in ("total", "embed", "solve", "vocoder"))
+
+
+# ---------------------------------------------------------------- open loop (--request-rate)
+
+def test_poisson_arrivals_are_seeded_with_the_mean_rate_and_exponential_gaps():
+    arrivals = bench.poisson_arrivals(20_001, 5.0, seed=1)
+    assert np.array_equal(arrivals, bench.poisson_arrivals(20_001, 5.0, seed=1))
+    assert not np.allclose(arrivals[1:100], bench.poisson_arrivals(20_001, 5.0, seed=2)[1:100])
+    gaps = np.diff(arrivals)
+    assert arrivals[0] == 0.0 and len(gaps) == 20_000 and (gaps >= 0).all()
+    assert gaps.mean() == pytest.approx(0.2, rel=0.03)  # 5 requests per second
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.05)  # an exponential's coefficient of variation
+    stats = pytest.importorskip("scipy.stats")
+    assert stats.kstest(gaps, "expon", args=(0, 0.2)).pvalue > 0.01
+    assert stats.kstest(gaps, "uniform", args=(0, 0.4)).pvalue < 1e-6  # the test tells other shapes apart
+    assert (bench.poisson_arrivals(4, float("inf")) == 0).all() and len(bench.poisson_arrivals(1, 2.0)) == 1
+    assert bench.parse_rates("2, 4,inf") == [2.0, 4.0, float("inf")]
+    for bad, message in (("0", "must be > 0"), ("-1", "must be > 0"), ("nan", "must be > 0"), ("fast", "not a number"),
+                         (",", "at least one")):
+        with pytest.raises(ValueError, match=f"--request-rate: .*{message}"):
+            bench.parse_rates(bad)
+
+
+def test_open_loop_sends_at_the_arrival_times_whatever_the_earlier_requests_do():
+    from tritonclient.utils import InferenceServerException
+
+    def send(i):  # each answer takes longer than all the arrivals
+        time.sleep(0.5)
+        if i == 1:
+            raise InferenceServerException("server busy: 2 streams held", status=None)
+        if i == 2:
+            raise TimeoutError("no audio within 600 s")
+        return bench.StreamTiming(first_audio=0.1, total=0.3, audio_seconds=1.0, stall=0.0)
+
+    from f5_triton.client import is_refused
+
+    arrivals = np.array([0.0, 0.05, 0.1, 0.15])
+    outcomes, wall = bench.run_open_loop(send, 4, arrivals, refused=is_refused)
+    sent = np.array([o.sent_at for o in outcomes])
+    assert (sent >= arrivals).all() and sent.max() < 0.5, sent  # each at its time, none after an earlier answer
+    assert 0.65 <= wall < 2.0
+    assert [(o.timing is not None, o.refused, type(o.error).__name__) for o in outcomes] == [
+        (True, False, "NoneType"), (False, True, "InferenceServerException"), (False, False, "TimeoutError"),
+        (True, False, "NoneType")]
+    result = bench.Result(mode="server streaming open-loop", label="x", requests=4)
+    bench.add_open_loop_outcomes(result, outcomes, 20.0, wall, budget=0.35)
+    e = result.extra
+    assert (e["sent"], e["completed"], e["refused"], e["failed"]) == (4, 2, 1, 1) and e["goodput"] == 0.5
+    assert e["failures"] == ["TimeoutError: no audio within 600 s"] and not bench.holds(result.summary())
+    assert e["achieved_rate"] == pytest.approx(2 / wall) and e["sent_rate"] > 10
+    capped, _ = bench.run_open_loop(send, 3, np.zeros(3), max_concurrency=1, refused=is_refused)
+    assert np.diff([o.sent_at for o in capped]).min() >= 0.49  # one in flight at a time: each waited for the last
+
+
+def test_refused_is_the_servers_busy_answer_not_a_failure():
+    from tritonclient.utils import InferenceServerException as E
+
+    from f5_triton.client import is_refused
+
+    assert is_refused(E("Exceeds maximum queue size", status="StatusCode.UNAVAILABLE"))  # gRPC
+    assert is_refused(E("Request timeout expired", status="503"))  # HTTP
+    assert is_refused(E("server busy: 17 streams held, the limit is 16 generated at once and 0 waiting; retry later"))
+    assert not is_refused(E("deadline exceeded: the request's timeout of 1 s passed", status="StatusCode.UNAVAILABLE"))
+    assert not is_refused(E("Stub process 'flow_matching_0_0' is not healthy.", status="StatusCode.UNAVAILABLE"))
+    assert not is_refused(E("internal error: RuntimeError: boom", status="StatusCode.INTERNAL"))
+    assert not is_refused(TimeoutError("no audio"))
+
+
+def test_queue_statistics_difference_the_servers_prometheus_metrics():
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    queue = Histogram(bench.QUEUE_SECONDS, "queue", ["model"], buckets=(0.005, 0.02, 0.1, 0.5), registry=registry)
+    rejected = Counter(bench.REJECTED_REQUESTS.removesuffix("_total"), "refused", ["model", "reason"],
+                       registry=registry)
+    queue.labels(model="f5_tts_streaming").observe(0.3)  # before the run: not counted
+    queue.labels(model="other").observe(0.3)
+
+    def exposition():
+        return bench.parse_metrics(generate_latest(registry).decode())
+
+    before = exposition()
+    for seconds in (0.001, 0.004, 0.015, 0.05, 0.06, 0.4):
+        queue.labels(model="f5_tts_streaming").observe(seconds)
+    rejected.labels(model="f5_tts_streaming", reason="busy").inc(3)
+    stats = bench.queue_statistics(before, exposition(), "f5_tts_streaming", streaming=True)
+    # queued: above the first bound >= 10 ms (20 ms here): 0.05, 0.06, 0.4
+    assert stats["queued"] == 3 and stats["queue_mean_s"] == pytest.approx(0.53 / 6)
+    assert stats["queue_p90_s"] == pytest.approx(0.1 + 0.4 * (5.4 - 5) / 1)  # Prometheus' histogram_quantile
+    assert stats["server_refused"] == {"busy": 3, "queue_timeout": 0}
+    assert bench.queue_statistics(before, None, "f5_tts_streaming", streaming=True) == {}
+    assert bench.queue_statistics(before, exposition(), "f5_tts", streaming=False) == {
+        "server_refused": {"busy": 3, "queue_timeout": 0}}  # no Triton queue metrics in this exposition
+    assert bench.read_metrics("http://127.0.0.1:9/metrics") is None  # nothing listens: empty columns, no failure
+
+
+def test_capacity_is_the_highest_rate_up_to_which_every_rate_held():
+    def row(label, rate, p90, stalled=0.0, refused=0, failed=0):
+        return {"label": label, "extra": {"request_rate": rate, "first_audio_p90_s": p90, "refused": refused,
+                                          "failed": failed, "stalled_share": stalled, "first_audio_budget_s": 0.35}}
+
+    rows = [row("a", 2.0, 0.1), row("a", 4.0, 0.35), row("a", 8.0, 0.5), row("a", 16.0, 0.2), row("a", "inf", 0.1),
+            row("b", 2.0, 0.1), row("b", 4.0, 0.1, stalled=0.1), row("b", 8.0, 0.1, refused=1),
+            row("c", 2.0, 0.1, failed=1), row("d", "inf", 0.1), row("e", 4.0, 0.1), row("e", 2.0, 0.1, refused=2)]
+    assert bench.capacity(rows) == {"a": 4.0, "b": 2.0, "c": None, "d": None, "e": None}
+
+
+@pytest.mark.server
+def test_benchmark_open_loop_through_triton(streaming_server, tmp_path, capsys):
+    """--request-rate against the tiny server, streamed (two passes, a rate and a burst) and whole responses."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_main", REPO_ROOT / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    has_queue_histogram = any(name.startswith(bench.QUEUE_SECONDS)
+                              for name, _ in bench.read_metrics(streaming_server.urls.metrics))
+    common = ["--mode", "server", "--server-url", streaming_server.urls.grpc, "--metrics-url",
+              streaming_server.urls.metrics, "--num-requests", "3", "--nfe", "2", "--set", "paragraphs", "--label", "t"]
+    stream_json, stream_png = tmp_path / "stream.jsonl", tmp_path / "stream.png"
+    assert benchmark.main(common + ["--streaming", "--request-rate", "8,inf", "--passes", "2", "--output-json",
+                                    str(stream_json), "--plot", str(stream_png)]) == 0
+    out = capsys.readouterr().out
+    whole_json = tmp_path / "whole.jsonl"
+    assert benchmark.main(common + ["--request-rate", "inf", "--output-json", str(whole_json)]) == 0
+    out += capsys.readouterr().out
+    streamed = [json.loads(line) for line in stream_json.read_text().splitlines()]
+    whole = [json.loads(line) for line in whole_json.read_text().splitlines()]
+    assert [(r["label"], r["extra"]["request_rate"]) for r in streamed] == [
+        ("t paragraphs pass1", 8.0), ("t paragraphs pass1", "inf"), ("t paragraphs pass2", 8.0),
+        ("t paragraphs pass2", "inf")]
+    assert [(r["mode"], r["extra"]["request_rate"]) for r in whole] == [("server open-loop", "inf")]
+    for row in streamed + whole:
+        e = row["extra"]
+        assert e["sent"] == row["requests"] == 3 and e["completed"] + e["refused"] + e["failed"] == 3
+        assert e["failed"] == 0 and e["completed"] >= 1
+        assert 0 < e["first_audio_p50_s"] <= e["first_audio_p90_s"] <= e["first_audio_p99_s"]
+        assert e["first_audio_p50_s"] <= row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
+        assert 0 <= e["stalled_share"] <= 1 and e["stall_p90_s"] >= 0 and 0 <= e["goodput"] <= 1
+        assert e["first_audio_budget_s"] == 0.35 and 0 < e["achieved_rate"] and row["throughput_audio_s_per_s"] > 0
+    for row in streamed:
+        assert ("queued" in row["extra"]) == has_queue_histogram
+    assert whole[0]["extra"]["stalled_share"] == 0  # one piece: nothing to stall on
+    assert whole[0]["extra"]["first_audio_p50_s"] == pytest.approx(whole[0]["latency_p50_s"], abs=0.01)
+    assert whole[0]["extra"]["queue_mean_s"] >= 0  # Triton's own queue time of flow_matching
+    assert stream_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "first-audio budget 350 ms" in out and "capacity t paragraphs pass2: " in out
+    assert re.search(r"t paragraphs pass2\s+inf\s+[\d.]+\s+3\s+\d+\s+0\s+\d+", out), out
+    # an error other than a refusal is a failure, said loudly: FAILED lines, the exit status
+    assert benchmark.main(common + ["--request-rate", "inf", "--model-name", "no_such_model"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED (t paragraphs, rate inf): InferenceServerException" in captured.err and "no_such_model" in captured.err
+    assert "FAILED: 3 request(s) failed (not refused)" in captured.err

@@ -142,7 +142,7 @@ def test_padding_frames_to_a_bucket_is_exact(dit, decoder, spec):
     assert max_valid_error(spec, got, expected, lengths) <= 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("options", [{"cuda_graphs": True}, {"compile": True}, {"compile": True, "cuda_graphs": True}])
 def test_torch_gpu_paths_match_eager(dit, decoder, options):
     for network in (DiTStep(copy.deepcopy(dit)).cuda(), VocoderNetwork(copy.deepcopy(decoder)).cuda()):
@@ -258,7 +258,7 @@ def test_calls_without_a_graph_are_padded_to_aligned_frames(dit, monkeypatch):
         assert (got[row, :n] - expected[row, :n]).abs().max() <= 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("compile_", [False, True])
 def test_graphed_solver_matches_eager_sampling_on_gpu(dit, compile_):
     model = copy.deepcopy(dit).cuda()
@@ -391,6 +391,7 @@ def test_profile_check_names_the_input_and_the_range():
         check_profile({"mel": (1, 100, 10), "lengths": (5,)}, profile)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_graphed_sampling_on_the_second_gpu(dit):
     """A Triton instance on cuda:1 runs with cuda:0 current unless told otherwise; graphs must still capture there
@@ -558,7 +559,7 @@ def test_filled_packing_changes_no_sequence(dit):
     assert (with_fillers[:122] - alone).abs().max() <= 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("compile_", [False, True])
 def test_packed_graphs_match_the_packed_step_on_gpu(compile_):
     """On a GPU, packed batches replayed as CUDA graphs give each request what the packed step without graphs gives

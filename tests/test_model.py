@@ -174,7 +174,7 @@ def _plain_and_optimized(model, dtype):
     return copy.deepcopy(model).to("cuda", dtype).eval(), copy.deepcopy(model).optimize_for("cuda", dtype)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_padded_attention_kernel_equals_the_plain_path_on_gpu():
     """The padded-batch kernel `optimize_for` picks (FlashAttention-4 with key lengths where flash-attn-4 runs, else
     cuDNN's masked attention) gives the plain path's output, also replayed from a CUDA graph with other lengths."""
@@ -213,7 +213,7 @@ def test_padded_attention_kernel_equals_the_plain_path_on_gpu():
         close(out, plain.step(*second), (17, 64))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_conv_position_embedding_on_gpu_equals_conv_at_every_size():
     """On the GPU the position convolution takes the NHWC form, for a single request's rows and a burst's alike; it
     gives nn.Conv1d's result (fp32 on the CPU), eager and compiled."""
@@ -235,7 +235,7 @@ def test_conv_position_embedding_on_gpu_equals_conv_at_every_size():
                 assert (fn(x16, keep16).float().cpu() - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gelu_gemm_epilogue_equals_the_separate_gelu_on_gpu():
     """The GELU in the GEMM's epilogue (and every other kernel `optimize_for` picks) gives the plain path's output."""
     plain, fast = _plain_and_optimized(random_dit(ARCHITECTURES["tiny"], seed=8), torch.float16)
@@ -249,7 +249,7 @@ def test_gelu_gemm_epilogue_equals_the_separate_gelu_on_gpu():
     assert (after - before).abs().max() <= 2e-2 * before.abs().max()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_packed_attention_kernel_equals_the_plain_path_on_gpu():
     """The packed-batch kernel `optimize_for` picks (FlashAttention-4's where flash-attn-4 runs, else torch's
     varlen flash) gives each sequence the plain path's output, alone and compiled (the FA4 call is a custom op)."""

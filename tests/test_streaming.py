@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from f5_triton import audio, text
+from f5_triton.config import PacingConfig
 from f5_triton.pipeline import TTS, finish
 from f5_triton.request import validate_request
 from f5_triton.streaming import CrossFadeStream, StreamingSynthesizer, time_to_first_audio
@@ -127,9 +130,13 @@ class RecordingSink:
 
     def __init__(self, name, events):
         self.name, self.events, self.cancelled, self.pieces = name, events, False, []
+        self.queued = None
 
     def wanted(self):
         return not self.cancelled
+
+    def started(self, queued_seconds):
+        self.queued = queued_seconds  # not an event: the tests here check the order of pieces
 
     def piece(self, piece):
         self.pieces.append(piece.audio)
@@ -140,6 +147,10 @@ class RecordingSink:
 
     def failed(self, error):
         self.events.append((self.name, "failed", repr(error), None))
+
+
+# The tests of round order: pacing (admission by playback deadline) would make it depend on this machine's speed.
+UNPACED = PacingConfig(enabled=False)
 
 
 def stream_requests(ref_wave):
@@ -166,7 +177,7 @@ def submit_all(streamer, ref_wave, granularity, events):
     """A scheduler holding every request of `stream_requests`, and their recording sinks by name."""
     from f5_triton.stream_scheduler import StreamScheduler
 
-    scheduler = StreamScheduler(streamer, granularity=granularity)
+    scheduler = StreamScheduler(streamer, granularity=granularity, pacing=UNPACED)
     sinks = {}
     for name, request in stream_requests(ref_wave).items():
         sinks[name] = RecordingSink(name, events)
@@ -199,7 +210,7 @@ def test_cohort_granularity_runs_a_newcomers_first_chunk_between_segments(stream
     from f5_triton.stream_scheduler import StreamScheduler
 
     events = []
-    scheduler = StreamScheduler(streamer, granularity="cohort")
+    scheduler = StreamScheduler(streamer, granularity="cohort", pacing=UNPACED)
     requests = stream_requests(ref_wave)
     long_sink, short_sink = RecordingSink("long", events), RecordingSink("short", events)
     scheduler.submit(requests["long"], long_sink)
@@ -224,7 +235,7 @@ def test_cohorts_of_later_chunks_start_together(streamer, ref_wave):
     then start their next chunks as one cohort: batches stay large."""
     from f5_triton.stream_scheduler import StreamScheduler
 
-    scheduler = StreamScheduler(streamer, granularity="cohort")
+    scheduler = StreamScheduler(streamer, granularity="cohort", pacing=UNPACED)
     requests = stream_requests(ref_wave)
     sinks = {name: RecordingSink(name, []) for name in requests}
     began = []
@@ -248,7 +259,7 @@ def test_a_cohort_that_cannot_start_fails_its_streams_and_the_scheduler_goes_on(
     from f5_triton.stream_scheduler import StreamScheduler
 
     events = []
-    scheduler = StreamScheduler(streamer, granularity="cohort")
+    scheduler = StreamScheduler(streamer, granularity="cohort", pacing=UNPACED)
     requests = stream_requests(ref_wave)
     streamer.flow_matching.begin = lambda jobs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
     try:
@@ -283,7 +294,7 @@ def test_first_chunks_go_first_when_a_round_is_full(streamer, ref_wave):
     from f5_triton.stream_scheduler import StreamScheduler
 
     events = []
-    scheduler = StreamScheduler(streamer, granularity="chunk", max_rows=1)
+    scheduler = StreamScheduler(streamer, granularity="chunk", max_rows=1, pacing=UNPACED)
     requests = stream_requests(ref_wave)
     scheduler.submit(requests["long"], RecordingSink("long", events))
     scheduler.run_round()
@@ -298,7 +309,8 @@ def test_admission_limit_queues_then_refuses(streamer, ref_wave, alone):
     from f5_triton.stream_scheduler import StreamScheduler
 
     events = []
-    scheduler = StreamScheduler(streamer, granularity="chunk", max_streams=1, max_queued=1)
+    scheduler = StreamScheduler(streamer, granularity="chunk", max_streams=1, max_queued=1,
+                                pacing=UNPACED)
     requests = stream_requests(ref_wave)
     sinks = {name: RecordingSink(name, events) for name in requests}
     scheduler.submit(requests["short"], sinks["short"])
@@ -315,6 +327,86 @@ def test_admission_limit_queues_then_refuses(streamer, ref_wave, alone):
     assert np.abs(np.concatenate(sinks["middle"].pieces) - alone["middle"]).max() <= 1e-4
     with pytest.raises(ValueError, match="granularity must be one of"):
         StreamScheduler(streamer, granularity="token")
+
+
+# A short first piece (~2 s) before a long second chunk (~14 s): streams started together outrun their listeners.
+PACED_TEXT = ("A short line opens it. The second part is a good deal longer than the first one, so a scheduler that "
+              "batches every stream's second chunk together falls behind its listeners, who hear only the short "
+              "opening line meanwhile.")
+
+
+class TimedSink(RecordingSink):
+    """A RecordingSink that also keeps when each piece came and how long it plays."""
+
+    def __init__(self, name, events):
+        super().__init__(name, events)
+        self.timeline, self.done = [], threading.Event()
+
+    def piece(self, piece):
+        self.timeline.append((time.monotonic(), len(piece.audio) / 24000))
+        super().piece(piece)
+        if piece.is_final:
+            self.done.set()
+
+    def failed(self, error):
+        super().failed(error)
+        self.error, self.failed_at = error, time.monotonic()
+        self.done.set()
+
+    def stalls(self) -> list[float]:
+        """How late each piece came for a listener who plays from the first piece on without pause."""
+        start, played = self.timeline[0][0], 0.0
+        late = []
+        for arrived, seconds in self.timeline:
+            late.append(max(0.0, arrived - (start + played)))
+            played += seconds
+        return late
+
+
+def offer_streams(streamer, ref_wave, pacing, count, **limits):
+    """`count` streams of PACED_TEXT submitted at once to a running scheduler (after a warm-up stream, so that the
+    pacing knows this machine's speed); returns the scheduler and the sinks once every stream ended."""
+    from f5_triton.config import DEFAULT_SAMPLING
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    events = []
+    sinks = [TimedSink(f"s{i}", events) for i in range(count)]
+    with StreamScheduler(streamer, pacing=pacing, **limits) as scheduler:
+        scheduler.warm_up(dataclasses.replace(DEFAULT_SAMPLING, nfe_steps=4))
+        scheduler.submitted = time.monotonic()
+        for i, sink in enumerate(sinks):
+            scheduler.submit(validate_request(ref_wave, REF_TEXT, PACED_TEXT, seed=60 + i, nfe_steps=4), sink)
+        for sink in sinks:
+            assert sink.done.wait(300)
+    return scheduler, sinks
+
+
+def test_paced_streams_never_stall_and_the_excess_waits(streamer, ref_wave):
+    """Six streams offered at once, more than this machine keeps ahead of their listeners together: the scheduler
+    starts only as many as it can keep ahead, every piece of every stream comes before its listener runs out, and
+    the others wait before their first audio."""
+    scheduler, sinks = offer_streams(streamer, ref_wave, PacingConfig(margin_seconds=0.5, queue_seconds=120), 6)
+    assert scheduler.late_pieces == 0
+    for sink in sinks:
+        assert sink.events[-1][1:4:2] == ("piece", True) and len(sink.timeline) >= 3
+        assert max(sink.stalls()) <= 0.05, (sink.name, sink.stalls())
+    spans = [(scheduler.submitted + sink.queued, sink.timeline[-1][0]) for sink in sinks]
+    peak = max(sum(begin <= t < end for begin, end in spans) for t, _ in spans)
+    assert peak < len(sinks) and max(sink.queued for sink in sinks) > 0.5, (peak, [s.queued for s in sinks])
+    assert scheduler.active == scheduler.waiting == 0
+
+
+def test_a_stream_that_cannot_start_within_the_queue_limit_is_refused(streamer, ref_wave):
+    """One stream generated at a time: the second waits, and is refused with the retriable `ServerBusyError` once
+    the queue's limit has passed (never before), while the first goes on to its end."""
+    from f5_triton.errors import ServerBusyError
+
+    pacing = PacingConfig(queue_seconds=0.5)
+    scheduler, (first, second) = offer_streams(streamer, ref_wave, pacing, 2, max_streams=1)
+    assert first.events[-1][1:4:2] == ("piece", True) and second.timeline == [] and second.queued is None
+    assert isinstance(second.error, ServerBusyError) and second.error.reason == "queue_timeout"
+    assert "no stream could start within the queue's limit of 0.5 s" in str(second.error)
+    assert pacing.queue_seconds <= second.failed_at - scheduler.submitted < first.timeline[-1][0] - scheduler.submitted
 
 
 def test_scheduler_thread_streams_in_process(streamer, ref_wave, alone):

@@ -14,9 +14,11 @@ are compared instead.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +219,46 @@ def test_multi_chunk_text_has_upstreams_chunks_tokens_and_durations(theirs, tts,
     assert {tuple(job.tokens): job.duration for job in prepared.jobs} == calls
     (ours,) = tts.synthesize([request(references, case)])
     assert ours.shape == wave.shape  # the chunk lengths and the cross-fades add up the same
+
+
+FA4_NAMESPACE_CHECK = """
+import importlib.util, sys
+import upstream
+from f5_triton.model import fa4
+
+def load_upstream():
+    for name in [n for n in sys.modules if n == "f5_tts" or n.startswith("f5_tts.")]:
+        del sys.modules[name]
+    dit = upstream.load("model.backbones.dit")
+    assert "flash_attn_func" not in vars(sys.modules["f5_tts.model.modules"])  # upstream chose torch attention
+    assert dit.DiT(dim=64, depth=1, heads=2, dim_head=32, text_num_embeds=10, mel_dim=100) is not None
+
+try:  # the situation as FA4 leaves it: find_spec sees flash_attn, flash-attn 2's API is not there
+    from flash_attn import flash_attn_func
+    raise SystemExit("flash_attn_func imported: the simulated FA4 namespace is wrong")
+except ImportError:
+    del sys.modules["flash_attn"]  # that attempt imported the namespace: out again, as before any import
+assert importlib.util.find_spec("flash_attn") is not None
+load_upstream()  # upstream first: flash_attn not imported yet
+assert fa4.available()  # then our code imports flash_attn.cute
+load_upstream()  # upstream again, FA4 already imported
+assert fa4.available() and sys.modules["flash_attn"].__spec__.origin is None  # FA4 kept for our code
+print("ok")
+"""
+
+
+def test_upstream_loads_beside_flash_attention_4(tmp_path):
+    """flash-attn-4 installs `flash_attn.cute` in a namespace package `flash_attn`; upstream's modules.py takes any
+    `flash_attn` for flash-attn 2 and failed at import (`cannot import name 'flash_attn_func'`) on the GPU. A real
+    namespace package on disk, in a fresh interpreter: upstream loads (tests/upstream.py hides the namespace while
+    it imports) before and after our code imports FA4, which stays importable for our code."""
+    upstream.package_root()  # skip (fail in CI) without upstream
+    interface = tmp_path / "flash_attn" / "cute" / "interface.py"
+    interface.parent.mkdir(parents=True)
+    (interface.parent / "__init__.py").write_text("")
+    interface.write_text("def flash_attn_varlen_func(*args, **kwargs):\n    raise NotImplementedError\n")
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(tmp_path), str(repo / "tests"), str(repo), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", FA4_NAMESPACE_CHECK], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

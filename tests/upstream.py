@@ -11,6 +11,7 @@ the parity tests are the only check of the whole synthesis against upstream's ow
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -48,7 +49,34 @@ def load(module_name: str):
     _register_package("f5_tts.model", f"{root}/model")
     _register_package("f5_tts.model.backbones", f"{root}/model/backbones")
     _register_package("f5_tts.infer", f"{root}/infer")
-    return importlib.import_module(f"f5_tts.{module_name}")
+    with _flash_attn_hidden_unless_flash_attn_2():
+        return importlib.import_module(f"f5_tts.{module_name}")
+
+
+@contextlib.contextmanager
+def _flash_attn_hidden_unless_flash_attn_2():
+    """Upstream's modules.py imports flash-attn 2 (`from flash_attn import flash_attn_func`) whenever
+    `importlib.util.find_spec("flash_attn")` finds anything. FlashAttention-4 (our `fa4` extra) installs
+    `flash_attn.cute` with no `flash_attn/__init__.py`: a namespace package, which find_spec finds too, and the
+    import fails. While upstream's modules import, such a namespace `flash_attn` is hidden (a None in sys.modules
+    makes find_spec answer None), then put back as it was, so our own code keeps FA4. Upstream runs its torch
+    attention either way (`attn_backend="torch"`, its default); a real flash-attn 2 is left visible."""
+    spec = importlib.util.find_spec("flash_attn") if sys.modules.get("flash_attn", True) is not None else None
+    if spec is None or spec.origin is not None:  # absent, or flash-attn 2's regular package
+        yield
+        return
+    saved = sys.modules.get("flash_attn", _ABSENT)
+    sys.modules["flash_attn"] = None
+    try:
+        yield
+    finally:
+        if saved is _ABSENT:
+            del sys.modules["flash_attn"]
+        else:
+            sys.modules["flash_attn"] = saved
+
+
+_ABSENT = object()
 
 
 def _stub_librosa_if_missing() -> None:

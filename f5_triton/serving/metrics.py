@@ -10,11 +10,14 @@ Triton's registry merges families of equal name, kind and description, and each 
   f5_tts_real_time_factor{model}                histogram  server time / audio seconds, per request
                                                            (from preprocess picking the request up
                                                            to its audio being ready)
+  f5_tts_queue_seconds{model}                   histogram  seconds a stream waited between its arrival and the
+                                                           start of its generation (f5_tts_streaming's admission)
   f5_tts_cache_events_total{model,cache,event}  counter    cache hits, misses and evictions (f5_triton.cache)
   f5_tts_rejected_requests_total{model,reason}  counter    requests answered with an error; reason
                                                            is InvalidInputError.reason ("empty_text",
                                                            "audio_too_long", ...), or "cancelled",
                                                            "deadline_exceeded", "busy" (admission limit),
+                                                           "queue_timeout" (no start within the queue's limit),
                                                            "not_finite_output",
                                                            "internal"
 
@@ -32,7 +35,9 @@ AUDIO_SECONDS = "f5_tts_generated_audio_seconds_total"
 REAL_TIME_FACTOR = "f5_tts_real_time_factor"
 REJECTED = "f5_tts_rejected_requests_total"
 CACHE_EVENTS = "f5_tts_cache_events_total"
+QUEUE_SECONDS = "f5_tts_queue_seconds"
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+QUEUE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 CANCELLED = "cancelled"
 DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -67,6 +72,9 @@ class Metrics:
             REJECTED: pb_utils.MetricFamily(
                 name=REJECTED, description="Requests answered with an error, by reason",
                 kind=pb_utils.MetricFamily.COUNTER),
+            QUEUE_SECONDS: pb_utils.MetricFamily(
+                name=QUEUE_SECONDS, description="Seconds a stream waited before its generation started",
+                kind=pb_utils.MetricFamily.HISTOGRAM),
         }
         self._metrics: dict[tuple[str, str], object] = {}  # (family, reason) -> metric, made on first use
 
@@ -74,13 +82,18 @@ class Metrics:
         key = (family, reason)
         if key not in self._metrics:
             labels = {"model": self.model, **({"reason": reason} if reason else {})}
-            extra = {"buckets": list(RTF_BUCKETS)} if family == REAL_TIME_FACTOR else {}
+            buckets = {REAL_TIME_FACTOR: RTF_BUCKETS, QUEUE_SECONDS: QUEUE_BUCKETS}.get(family)
+            extra = {"buckets": list(buckets)} if buckets else {}
             self._metrics[key] = self._families[family].Metric(labels=labels, **extra)
         return self._metrics[key]
 
     def rejected(self, reason: str) -> None:
         """Count one request answered with an error."""
         self._metric(REJECTED, reason).increment(1)
+
+    def queued(self, seconds: float) -> None:
+        """A stream started after waiting `seconds`."""
+        self._metric(QUEUE_SECONDS).observe(seconds)
 
     def generated(self, audio_seconds: float, server_seconds: float | None) -> None:
         """Count one request's audio; `server_seconds` (None if unknown) feeds the RTF histogram."""

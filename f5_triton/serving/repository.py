@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import py_compile
 import shutil
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
-from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_SAMPLING, DTYPES, N_MELS
+from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_PACING, DEFAULT_SAMPLING, DTYPES, N_MELS, PacingConfig
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
@@ -91,6 +92,7 @@ class RepositoryOptions:
     streaming_granularity: str = "cohort"  # how streams share the DiT: "cohort" or "chunk" (docs/streaming.md)
     streaming_max_streams: int = 16  # streams generated together per instance; more wait
     streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
+    streaming_pacing: PacingConfig = DEFAULT_PACING  # admission by playback deadline, the queue's time limit
     first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES  # streaming: UTF-8 bytes of the first chunk (split_for_streaming)
     reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
     reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
@@ -212,6 +214,11 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="f5_tts_streaming: streams generated together per instance (more wait)")
     parser.add_argument("--streaming-max-queued", type=int, default=64,
                         help="f5_tts_streaming: streams waiting per instance; more are refused with UNAVAILABLE")
+    for f in dataclasses.fields(PacingConfig):
+        default = getattr(DEFAULT_PACING, f.name)
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
+        parser.add_argument(f"--stream-pacing-{f.name.replace('_', '-')}", dest=f"stream_pacing_{f.name}",
+                            default=default, help=f"f5_tts_streaming: {f.metadata['help']}", **kind)
     parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
 
 
@@ -231,7 +238,9 @@ def options_from_args(args: argparse.Namespace, ckpt: Path, vocab: Path, vocoder
         dit_graph_max_tokens=args.graph_max_tokens,
         warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback,
         streaming_granularity=args.streaming_granularity, streaming_max_streams=args.streaming_max_streams,
-        streaming_max_queued=args.streaming_max_queued)
+        streaming_max_queued=args.streaming_max_queued,
+        streaming_pacing=PacingConfig(**{f.name: getattr(args, f"stream_pacing_{f.name}")
+                                         for f in dataclasses.fields(PacingConfig)}))
 
 
 def render(options: RepositoryOptions, output: str | Path, templates: Path = TEMPLATES) -> Path:
@@ -316,6 +325,8 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
         "granularity": options.streaming_granularity, "max_streams": options.streaming_max_streams,
         "max_queued": options.streaming_max_queued,
+        **{f"pacing_{f.name}": str(getattr(options.streaming_pacing, f.name)).lower()
+           for f in dataclasses.fields(PacingConfig)},
     }
     # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine settings
     per_model["flow_matching"]["vocode"] = str(options.vocoder_in_flow).lower()

@@ -5,7 +5,8 @@ request, hands it to a background `f5_triton.stream_scheduler.StreamScheduler` a
 advances every active stream in the same batched DiT call and sends each piece through the request's
 response sender as soon as its chunk is vocoded. A cancelled request (client gone, or
 `stop_stream(cancel_requests=True)`) or one past its Triton timeout leaves at the next round (ODE step);
-beyond `max_streams` active and `max_queued` waiting streams a request is refused with UNAVAILABLE.
+beyond `max_streams` active and `max_queued` waiting streams a request is refused with UNAVAILABLE, and so is one
+that could not start within the pacing's `queue_seconds` (admission by playback deadline: stream_scheduler).
 Audio seconds, RTF and rejections go to `serving.metrics`.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
-from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, SAMPLE_RATE
+from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_PACING, SAMPLE_RATE, settings_from
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS
@@ -47,6 +48,9 @@ class TritonSink:
 
     def wanted(self) -> bool:
         return self.watch.alive(0)
+
+    def started(self, queued_seconds: float) -> None:
+        self.metrics.queued(queued_seconds)
 
     def piece(self, piece) -> None:
         audio = check_finite_audio(piece.audio)
@@ -86,7 +90,8 @@ class TritonPythonModel:
         options = {name: kind(params[name]) for name, kind in (("granularity", str), ("max_streams", int),
                                                                ("max_queued", int))
                    if name in params}
-        self.scheduler = StreamScheduler(streamer, **options).start()  # StreamScheduler's defaults otherwise
+        self.scheduler = StreamScheduler(streamer, **options, pacing=settings_from(params, DEFAULT_PACING, "pacing_")
+                                         ).start()  # StreamScheduler's defaults otherwise
         self.metrics = metrics.Metrics(model)
         self.sampling = factories.sampling_from_params(params)
         if warmed_up:
