@@ -220,7 +220,7 @@ def test_server_output_cache_repeats_seeded_f5_tts_requests(streaming_server, re
 
     text = "The ensemble says it again."
 
-    def run(nfe_steps=8, **optional):
+    def run(nfe_steps=16, **optional):
         start = time.perf_counter()
         audio = synthesize(streaming_server.urls.grpc, ref_wave, REF_TEXT, text, nfe_steps=nfe_steps, timeout=300,
                            **optional)
