@@ -41,9 +41,11 @@
 #   OUT_DIR       client outputs, benchmark results (out)
 #   F5_MODEL      model when none is given (F5TTS_v1_Base); RANDOM_WEIGHTS=1 is --random-weights
 #   HTTP_PORT GRPC_PORT METRICS_PORT  (8000 8001 8002)     SERVER_HOST (localhost, for the clients)
-#   SERVE_DETACH  1: stage 4 starts the server in the background and returns once it is ready
+#   F5_TRITON_HOST  address Triton's ports listen on (127.0.0.1); 0.0.0.0: all interfaces (set F5_TRITON_ADMIN_KEY)
+#   SERVE_DETACH  1 (or true/yes/on): stage 4 starts the server in the background and returns once it is ready
 #   READY_TIMEOUT seconds to wait for the models to load (600)
-#   NFE DTYPE MAX_BATCH_SIZE GPUS FLOW_INSTANCES REPO_ARGS   model repository settings (stage 3)
+#   NFE DTYPE MAX_BATCH_SIZE GPUS FLOW_INSTANCES REPO_ARGS   model repository settings (stage 3); GPUS: ids (0,1)
+#                 or `visible`, every GPU nvidia-smi lists (compose reserves the GPUs, the container sees them from 0)
 #   MAX_FRAMES TRT_WORKSPACE_GIB                             engine settings (stages 1-2)
 #   F5_TENSORRT   tensorrt | tensorrt-rtx: the TensorRT flavour for builds and engines (default: auto)
 #   REF_AUDIO REF_TEXT TARGET_TEXT                           client tests (stages 5-6; examples/basic_ref_en.flac)
@@ -57,6 +59,15 @@ cd "$ROOT"
 
 say() { printf '%s\n' "run.sh: $*"; }
 die() { printf '%s\n' "run.sh: error: $*" >&2; exit 1; }
+# as_bool NAME VALUE: 1 or 0 for the words of f5_triton.config.parse_bool (true/1/yes/on, false/0/no/off or empty,
+# any case), as RANDOM_WEIGHTS and SERVE_DETACH are read; anything else is an error naming the variable.
+as_bool() {
+  case "$(printf '%s' "$2" | tr '[:upper:]' '[:lower:]')" in
+    1|true|yes|on) printf 1 ;;
+    0|false|no|off|"") printf 0 ;;
+    *) printf '%s\n' "run.sh: error: $1 must be true or false (1/yes/on or 0/no/off), got '$2'" >&2; return 1 ;;
+  esac
+}
 
 usage() {
   sed -n '2,/^set -euo/p' "$ROOT/run.sh" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -107,7 +118,9 @@ MODEL_GIVEN=${MODEL:-${F5_MODEL:-}}
 MODEL=${MODEL:-${F5_MODEL:-F5TTS_v1_Base}}
 case "$BACKEND" in auto|torch|trt) ;; pytorch) BACKEND=torch ;; *) die "--backend must be torch or trt, got '$BACKEND'" ;; esac
 case "$TARGET" in ""|cpu|gpu) ;; *) die "--target must be cpu or gpu, got '$TARGET'" ;; esac
-case "$RANDOM_WEIGHTS" in 1|true|yes) RANDOM_WEIGHTS=1 ;; *) RANDOM_WEIGHTS=0 ;; esac
+RANDOM_WEIGHTS=$(as_bool RANDOM_WEIGHTS "$RANDOM_WEIGHTS") || exit 1
+if [ -n "${SERVE_DETACH:-}" ]; then SERVE_DETACH=$(as_bool SERVE_DETACH "$SERVE_DETACH") || exit 1; fi
+F5_TRITON_HOST=${F5_TRITON_HOST:-127.0.0.1}
 
 # ---------------------------------------------------------------------------------------------
 # Paths and settings
@@ -234,6 +247,10 @@ if run_stage 3; then
   repo_args=(--output "$MODEL_REPO" --backend "$BACKEND" --target "$TARGET" --repo-args="${REPO_ARGS:-}")
   [ "$BACKEND" != trt ] || repo_args+=(--engine-dir "$ENGINE_DIR")
   [ -z "${NFE:-}" ] || repo_args+=(--nfe "$NFE")
+  if [ "${GPUS:-}" = visible ]; then  # every GPU this process sees (in a container: those reserved for it)
+    GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -) && [ -n "$GPUS" ] \
+      || die "GPUS=visible, but nvidia-smi lists no GPU"
+  fi
   [ -z "${GPUS:-}" ] || repo_args+=(--gpus "$GPUS")
   [ -z "${FLOW_INSTANCES:-}" ] || repo_args+=(--flow-instances "$FLOW_INSTANCES")
   f5 build repository "${build_args[@]}" "${repo_args[@]}" || exit 1
@@ -245,7 +262,7 @@ fi
 if run_stage 4; then
   [ -d "$MODEL_REPO" ] || die "no model repository at $MODEL_REPO; run stage 3 first"
   mkdir -p "$LOG_DIR" "$(dirname "$TRITON_LOG")" "$(dirname "$SERVER_LOG")"
-  serve=(serve --model-repo "$MODEL_REPO" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT"
+  serve=(serve --model-repo "$MODEL_REPO" --host "$F5_TRITON_HOST" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT"
          --metrics-port "$METRICS_PORT" --log-file "$TRITON_LOG" --ready-timeout "$READY_TIMEOUT" --pid-file "$PID_FILE")
   # Later stages need the prompt back: then the server goes to the background unless told otherwise.
   if [ -n "${SERVE_DETACH:-}" ]; then detach=$SERVE_DETACH
@@ -270,7 +287,7 @@ if run_stage 4; then
     f5 "${serve[@]}" --detach "$SERVER_LOG" \
       || die "no server ready (logs: $SERVER_LOG, $TRITON_LOG; if it still runs: bash run.sh stop)"
     say "stage 4: server ready in the background ($PID_FILE; stop it with: bash run.sh stop)"
-    say "  http=$SERVER_HOST:$HTTP_PORT grpc=$SERVER_HOST:$GRPC_PORT metrics=http://$SERVER_HOST:$METRICS_PORT/metrics"
+    say "  $(grep -o 'http=.*' "$SERVER_LOG" | tail -n 1)"  # f5-triton serve's URLs and the address it listens on
   fi
 fi
 

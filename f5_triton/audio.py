@@ -36,7 +36,7 @@ Wave = TypeVar("Wave", torch.Tensor, np.ndarray)
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read a wav/flac/ogg file as mono float32 in [-1, 1] and its sample rate.
+    """Read a wav, flac, ogg or mp3 file as mono float32 in [-1, 1] and its sample rate.
 
     Several channels are mixed down by their mean, as upstream does after `torchaudio.load`.
     """
@@ -47,7 +47,7 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise InvalidInputError(
-            "reference_audio", f"cannot read {path} as wav/flac/ogg audio: {exc}", reason="unreadable"
+            "reference_audio", f"cannot read {path} as wav, flac, ogg or mp3 audio: {exc}", reason="unreadable"
         ) from exc
     if data.shape[0] == 0:
         raise InvalidInputError("reference_audio", f"{path} holds no samples", reason="empty")

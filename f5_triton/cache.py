@@ -4,8 +4,11 @@
   resampled mel, frames, fixed transcript: `pipeline.Reference`), keyed by a hash of the samples,
   the sample rate and the transcript, so a voice that comes back skips that work.
 * The output cache keeps the audio of a request that named an explicit seed, keyed by everything
-  that decides the result (reference key, text, sampling parameters, seed, chunking). Requests
-  without a seed are never cached: each of them must sound different.
+  that decides the result (reference key, text, sampling parameters, seed, chunking:
+  `request_output_key`). Requests without a seed are never cached: each of them must sound different.
+  `f5_tts_streaming` keeps a request's pieces; in the `f5_tts` ensemble, preprocess computes the key and
+  flow_matching keeps the request's generated chunks (mels, or waveforms when it vocodes), so a repeat
+  skips the DiT and only the light postprocess (and the vocoder on the cpu/trt targets) runs again.
 
 Both are `LRUCache`s bounded by entries and by bytes, count hits, misses and evictions, and are
 off when built with zero entries or bytes (`cache_from_params` reads the model config's
@@ -22,9 +25,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from f5_triton.request import SynthesisRequest
 
 # Events passed to an observer, also the keys of `stats()`.
 HIT, MISS, EVICTION = "hits", "misses", "evictions"
@@ -171,6 +177,29 @@ def output_key(reference: str, target_text: str, seed: int | None, **settings: o
     for name in sorted(settings):
         _add_text(hasher, name)
         _add_text(hasher, repr(settings[name]))
+    return hasher.hexdigest()
+
+
+def request_output_key(request: SynthesisRequest, **chunking: object) -> str | None:
+    """`output_key` of a validated request: its reference, text, seed and sampling parameters, and `chunking` (how
+    the model cuts and joins its text, which the audio also depends on). None without an explicit seed."""
+    return output_key(reference_key(request.reference_wav, request.sample_rate, request.reference_text),
+                      request.target_text, request.seed, nfe_steps=request.nfe_steps,
+                      cfg_strength=request.cfg_strength, speed=request.speed,
+                      sway_sampling_coef=request.sway_sampling_coef, **chunking)
+
+
+def bound_key(key: str, arrays: dict[str, np.ndarray]) -> str:
+    """`key` bound to the exact inputs it came with (name, dtype, shape and bytes of each array): what a model that
+    receives both keeps its outputs under, so that inputs sent with another request's key never answer that
+    request. The outputs must be a function of `arrays` alone."""
+    hasher = _hasher()
+    hasher.update(b"f5-triton bound v1")
+    _add_text(hasher, key)
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        _add_text(hasher, f"{name} {array.dtype.str} {array.shape}")
+        hasher.update(array.tobytes())
     return hasher.hexdigest()
 
 

@@ -59,7 +59,8 @@ def cmd_serve(args) -> int:
     if not repo.is_dir():
         raise InvalidInputError("--model-repo", f"{repo} is not a folder; render one with scripts/build_model_repo.py")
     if args.detach:
-        serve_args = ["--model-repo", str(repo), "--http-port", str(args.http_port), "--grpc-port", str(args.grpc_port),
+        serve_args = ["--model-repo", str(repo), "--host", args.host, "--http-port", str(args.http_port),
+                      "--grpc-port", str(args.grpc_port),
                       "--metrics-port", str(args.metrics_port), "--log-verbose", str(args.log_verbose),
                       "--ready-timeout", str(args.ready_timeout)]
         for flag, value in (("--log-file", args.log_file), ("--pid-file", args.pid_file)):
@@ -72,7 +73,7 @@ def cmd_serve(args) -> int:
     if pid_file is not None:
         pid_file.write()
     try:
-        server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port,
+        server = TritonServer(repo, bind_address=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, log_verbose=args.log_verbose, log_path=args.log_file)
         return run_forever(server, ready_timeout=args.ready_timeout)
     finally:
@@ -99,6 +100,8 @@ def cmd_status(args) -> int:
 
 
 GATEWAY_KEY_ENV = "F5_TRITON_GATEWAY_KEY"
+#: The address tritonserver listens on, for run.sh, `f5-triton serve`, the image, compose and the K8s manifests.
+HOST_ENV = "F5_TRITON_HOST"
 
 
 def cmd_gateway(args) -> int:
@@ -124,6 +127,9 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="start tritonserver on a model repository and wait until ready",
                            formatter_class=defaults)
     serve.add_argument("--model-repo", required=True, help="repository rendered by scripts/build_model_repo.py")
+    serve.add_argument("--host", default=os.environ.get(HOST_ENV) or "127.0.0.1",
+                       help=f"address the HTTP, gRPC and metrics ports listen on; 0.0.0.0: all interfaces (then set "
+                       f"F5_TRITON_ADMIN_KEY, see README). {HOST_ENV} sets it too")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)

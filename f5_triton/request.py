@@ -88,7 +88,9 @@ def _decode_text(field: str, value, limits: Limits) -> str:
     return value
 
 
-def _scalar(field: str, value, kind: type, low, high):
+def _scalar(field: str, value, kind: type, low, high, what: str = "", unit: str = "", note: str = ""):
+    """One number of `kind` in [low, high]; `what` and `unit` say what it is in a user's words (a sample rate in
+    Hz), `note` where the limit comes from."""
     array = np.asarray(value)
     if array.size != 1:
         raise InvalidInputError(field, f"expected one value, got shape {array.shape}", "bad_shape")
@@ -104,7 +106,8 @@ def _scalar(field: str, value, kind: type, low, high):
         if not math.isfinite(item):
             raise InvalidInputError(field, f"must be finite, got {item}", "not_finite")
     if not low <= item <= high:
-        raise InvalidInputError(field, f"is {item}; allowed range is [{low}, {high}]", "out_of_range")
+        subject = f"{what} {item}{unit} is outside the allowed range" if what else f"is {item}{unit}; allowed range is"
+        raise InvalidInputError(field, f"{subject} [{low}, {high}]{unit}{note}", "out_of_range")
     return item
 
 
@@ -124,13 +127,11 @@ def validate_request(reference_wav, reference_text, target_text, *, reference_wa
     if wav.ndim != 1:
         raise InvalidInputError("reference_wav", f"must be one mono channel [samples], got shape {wav.shape}", "bad_shape")
     if reference_wav_len is not None:
-        length = _scalar("reference_wav_len", reference_wav_len, int, 0, INT64_MAX)
-        if length > wav.shape[0]:
-            raise InvalidInputError("reference_wav_len", f"is {length} but reference_wav holds {wav.shape[0]} samples",
-                                    "out_of_range")
+        length = _scalar("reference_wav_len", reference_wav_len, int, 0, wav.shape[0],
+                         note=", the samples reference_wav holds")
         wav = wav[:length]
     rate = SAMPLE_RATE if sample_rate is None else _scalar(
-        "sample_rate", sample_rate, int, limits.min_sample_rate, limits.max_sample_rate)
+        "sample_rate", sample_rate, int, limits.min_sample_rate, limits.max_sample_rate, what="sample rate", unit=" Hz")
     if wav.shape[0] == 0:
         raise InvalidInputError("reference_wav", "is empty", "empty_audio")
     if not np.all(np.isfinite(wav)):

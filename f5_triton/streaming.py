@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from f5_triton import audio, text
-from f5_triton.cache import LRUCache, output_key, reference_key
+from f5_triton.cache import LRUCache, request_output_key
 from f5_triton.config import (CROSS_FADE_SECONDS, DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_SAMPLING, SAMPLE_RATE,
                               SamplingConfig)
 from f5_triton.guards import check_finite
@@ -130,11 +130,8 @@ class StreamingSynthesizer:
     def _output_key(self, request: SynthesisRequest) -> str | None:
         if self.output_cache is None or not self.output_cache.enabled:
             return None
-        return output_key(
-            reference_key(request.reference_wav, request.sample_rate, request.reference_text),
-            request.target_text, request.seed, nfe_steps=request.nfe_steps, cfg_strength=request.cfg_strength,
-            speed=request.speed, sway_sampling_coef=request.sway_sampling_coef,
-            first_chunk_bytes=self.first_chunk_bytes, cross_fade_seconds=self.cross_fade_seconds)
+        return request_output_key(request, first_chunk_bytes=self.first_chunk_bytes,
+                                  cross_fade_seconds=self.cross_fade_seconds)
 
     def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None) -> Iterator[Piece]:
         """Pieces of `request`'s audio; the last has `is_final`. `on_step(i)` may raise to cancel."""

@@ -116,7 +116,7 @@ def test_read_audio_errors(tmp_path):
     with pytest.raises(InvalidInputError) as err:
         read_audio(garbage)
     assert err.value.field == "reference_audio" and err.value.reason == "unreadable"
-    assert str(garbage) in str(err.value)
+    assert str(garbage) in str(err.value) and "as wav, flac, ogg or mp3 audio" in str(err.value)
 
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, dtype=np.float32), 16000)

@@ -9,6 +9,7 @@ from f5_triton.cache import (
     OUTPUT_CACHE_DEFAULTS,
     REFERENCE_CACHE_DEFAULTS,
     LRUCache,
+    bound_key,
     cache_from_params,
     output_key,
     reference_key,
@@ -98,6 +99,18 @@ def test_output_key_needs_a_seed_and_every_setting():
 
 
 # --------------------------------------------------------------------------- in the pipeline
+
+
+def test_bound_key_follows_every_input():
+    arrays = {"tokens": np.arange(6, dtype=np.int32).reshape(2, 3), "seeds": np.array([7, 8], dtype=np.int64)}
+    key = bound_key("k", arrays)
+    assert bound_key("k", {name: value.copy() for name, value in arrays.items()}) == key
+    assert bound_key("other", arrays) != key
+    for changed in ({**arrays, "seeds": np.array([7, 9], dtype=np.int64)},  # a value
+                    {**arrays, "tokens": arrays["tokens"].reshape(3, 2)},  # a shape
+                    {**arrays, "seeds": arrays["seeds"].astype(np.int32)},  # a type
+                    {"tokens": arrays["tokens"]}):  # an input left out
+        assert bound_key("k", changed) != key
 
 
 def test_reference_cache_hit_gives_identical_jobs(tts, ref_wave):
@@ -194,6 +207,37 @@ def test_server_output_cache_repeats_seeded_streams(streaming_server, ref_wave, 
     unseeded = cache_events(streaming_server)
     assert all(delta(after, unseeded, "f5_tts_streaming", "output", event) == 0 for event in ("hits", "misses"))
     assert delta(after, unseeded, "f5_tts_streaming", "reference", "hits") == 2  # the voice is still cached
+
+
+@pytest.mark.server
+def test_server_output_cache_repeats_seeded_f5_tts_requests(streaming_server, ref_wave, cache_events):
+    """`f5_tts` has the streaming model's output cache (same key, limits, metric): flow_matching keeps a seeded
+    request's generated chunks, so the same request again skips the DiT, is much faster and gives the same bytes;
+    requests without a seed are never looked up."""
+    import time
+
+    from f5_triton.client import synthesize
+
+    text = "The ensemble says it again."
+
+    def run(nfe_steps=16, **optional):
+        start = time.perf_counter()
+        audio = synthesize(streaming_server.urls.grpc, ref_wave, REF_TEXT, text, nfe_steps=nfe_steps, timeout=300,
+                           **optional)
+        return audio, time.perf_counter() - start
+
+    before = cache_events(streaming_server)
+    (first, cold), (again, warm) = run(seed=321), run(seed=321)
+    print(f"f5_tts seeded request: {cold:.2f} s computed, {warm:.2f} s from the output cache")
+    np.testing.assert_array_equal(first, again)
+    assert warm < cold / 3
+    after = cache_events(streaming_server)
+    assert delta(before, after, "flow_matching", "output", "misses") == 1
+    assert delta(before, after, "flow_matching", "output", "hits") == 1
+    (a, _), (b, _) = run(nfe_steps=2), run(nfe_steps=2)
+    assert not np.array_equal(a, b)  # unseeded: never from the cache
+    unseeded = cache_events(streaming_server)
+    assert all(delta(after, unseeded, "flow_matching", "output", event) == 0 for event in ("hits", "misses"))
 
 
 @pytest.mark.server

@@ -40,7 +40,7 @@ def test_synth_writes_wav_of_expected_length(tmp_path, tiny_ckpt, ref_en):
 @pytest.mark.parametrize("case,expected", [
     ("missing_ref", "reference_audio"),
     ("empty_text", "target_text: is empty"),
-    ("rate_96k", "sample_rate: is 96000"),
+    ("rate_96k", "sample_rate: sample rate 96000 Hz is outside the allowed range [8000, 48000] Hz"),
     ("corrupt_ckpt", "cannot read checkpoint"),
     ("vocab_mismatch", "vocab has"),
     ("no_model", "--ckpt-dir"),

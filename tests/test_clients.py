@@ -39,6 +39,16 @@ def test_unreachable_server_is_one_line(ref_en, tmp_path):
     assert result.stderr.startswith("client_http.py: error: ")
 
 
+def test_unreadable_reference_names_the_formats_read(tmp_path):
+    from f5_triton.supervisor.server import free_port
+
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"not audio" * 100)
+    result = client("client_grpc.py", f"127.0.0.1:{free_port()}", garbage, "Hello.", tmp_path / "never.wav")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"cannot read {garbage} as wav, flac, ogg or mp3 audio" in result.stderr
+
+
 def test_success_prints_latency_rtf_and_the_random_weights_warning(streaming_server, ref_en, tmp_path):
     import re
 

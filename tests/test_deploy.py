@@ -161,33 +161,105 @@ def test_compose_file_is_valid_compose_spec():
     assert errors_of(compose_validator(), compose) == []
 
 
-def test_compose_services():
-    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-    for name in ("tts", "tts-jetson"):
-        service = services[name]
-        ports = [interpolate(p) for p in service["ports"]]
-        assert ports == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"], name
-        assert service["shm_size"]
-        assert TRITON_HEALTH["ready"] in " ".join(service["healthcheck"]["test"])
-        ckpts = [v for v in service["volumes"] if v["target"] == "/ckpts"]
-        assert ckpts and ckpts[0]["type"] == "bind" and ckpts[0]["read_only"] is True
-        cache = [v for v in service["volumes"] if v["target"] == "/cache"]
-        assert cache and cache[0]["type"] == "volume" and cache[0]["source"] == "f5-cache"
-        assert service["build"]["dockerfile"] == "Dockerfile.server"
-        assert service["command"][0] == "serve"
-    assert "profiles" not in services["tts"]
-    devices = services["tts"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+def render_compose(env: dict[str, str] | None = None, profiles: tuple[str, ...] = ()) -> dict:
+    """docker-compose.yml as `docker compose config` renders it: ${VAR:-default} from `env` (else the default),
+    YAML anchors merged, only the services enabled without a profile or by one of `profiles`."""
+    env = env or {}
 
-    jetson = services["tts-jetson"]
-    assert jetson["profiles"] == ["jetson"]
-    assert jetson["runtime"] == "nvidia"
-    assert jetson["build"]["args"]["TRITON_FLAVOR"] == "py3-igpu"
-    assert jetson["build"]["args"]["FLASH_ATTN_PIP"] == ""  # FlashAttention-4 is untested on Jetson
-    env = {k: interpolate(str(v)) for k, v in jetson["environment"].items()}
-    assert env["MAX_BATCH_SIZE"] == "4" and env["DTYPE"] == "fp16" and env["BACKEND"] == "trt"
-    # engines are built at first start and kept in the named volume
-    assert "f5-cache" in yaml.safe_load((REPO / "docker-compose.yml").read_text())["volumes"]
+    def interpolated(value):  # compose interpolates each string value after parsing: types stay as written
+        if isinstance(value, dict):
+            return {key: interpolated(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [interpolated(item) for item in value]
+        if isinstance(value, str):
+            return re.sub(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}", lambda m: env.get(m[1]) or m[2] or "", value)
+        return value
+
+    doc = interpolated(yaml.safe_load((REPO / "docker-compose.yml").read_text()))
+    doc["services"] = {name: service for name, service in doc["services"].items()
+                       if set(service.get("profiles", profiles)) & set(profiles) or "profiles" not in service}
+    return doc
+
+
+# The services of each platform: (profiles enabled, suffix of its service names); `download` has its own profile
+PLATFORMS = {"x86": ((), ""), "jetson": (("jetson",), "-jetson")}
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_compose_runs_the_whole_product(platform):
+    """Triton and the gateway (its page), one image per platform built with that platform's arguments, whatever
+    service builds it, read-only checkpoints that Docker never creates as root."""
+    profiles, suffix = PLATFORMS[platform]
+    version = "24.12"
+    rendered = render_compose({"TRITON_VERSION": version, "JETSON_TRITON_VERSION": version}, (*profiles, "download"))
+    assert errors_of(compose_validator(), rendered) == []
+    services = {name.removesuffix(suffix): service for name, service in rendered["services"].items()
+                if name.endswith(suffix) and (suffix or not name.endswith("-jetson"))}
+    assert set(services) == {"tts", "gateway", "download"}, platform
+    tag = f"f5-triton:{version}" + ("-igpu" if platform == "jetson" else "")
+    builds = {json.dumps(service["build"], sort_keys=True) for service in services.values()}
+    assert {service["image"] for service in services.values()} == {tag} and len(builds) == 1
+    build = services["tts"]["build"]
+    assert build["args"]["TRITON_VERSION"] == version and build["dockerfile"] == "Dockerfile.server"
+    if platform == "jetson":
+        assert build["args"]["TRITON_FLAVOR"] == "py3-igpu" and build["args"]["FLASH_ATTN_PIP"] == ""
+        assert all(service["runtime"] == "nvidia" for service in services.values())
+
+    tts, gateway = services["tts"], services["gateway"]
+    assert [interpolate(p) for p in tts["ports"]] == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001",
+                                                      "127.0.0.1:8002:8002"]
+    assert tts["shm_size"] and tts["command"][0] == "serve"
+    assert TRITON_HEALTH["ready"] in " ".join(tts["healthcheck"]["test"])
+    cache = [v for v in tts["volumes"] if v["target"] == "/cache"]
+    assert cache and cache[0]["type"] == "volume" and cache[0]["source"] == "f5-cache"
+    ckpts = [v for v in tts["volumes"] if v["target"] == "/ckpts"]
+    assert ckpts and ckpts[0]["type"] == "bind" and ckpts[0]["read_only"] is True
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind":  # a missing host folder is an error, not a root-owned folder
+                assert volume["bind"]["create_host_path"] is False, volume
+
+    assert gateway["entrypoint"][:2] == ["f5-triton", "gateway"] and "--host" in gateway["entrypoint"]
+    assert gateway["command"] == ["--triton-url", f"tts{suffix}:8001"]
+    assert gateway["depends_on"] == {f"tts{suffix}": {"condition": "service_healthy"}}
+    assert gateway["ports"] == ["127.0.0.1:8080:8080"]
+    assert "/health" in " ".join(gateway["healthcheck"]["test"])
+    assert [v["source"] for v in gateway["volumes"] if v["target"] == "/voices"] == ["f5-voices"]
+    assert {"f5-cache", "f5-voices"} <= set(rendered["volumes"])
+
+
+def test_compose_gpus_follow_gpus():
+    """GPUS names the host's GPUs: all of them are reserved (Docker passes device_ids to the NVIDIA runtime as
+    NVIDIA_VISIBLE_DEVICES, joined by commas), and run.sh serves on every GPU the container sees."""
+    for gpus, expected in ((None, "0"), ("0,1", "0,1"), ("2", "2")):
+        tts = render_compose({"GPUS": gpus} if gpus else {})["services"]["tts"]
+        (device,) = tts["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert ",".join(device["device_ids"]) == expected
+        assert tts["environment"]["GPUS"] == "visible"
+    run_sh = (REPO / "run.sh").read_text()
+    assert re.search(r'if \[ "\$\{GPUS:-\}" = visible \]; then.*\n\s+GPUS=\$\(nvidia-smi --query-gpu=index', run_sh)
+
+
+def test_compose_health_check_times_are_the_images():
+    """The x86 tts service waits for Triton as long as a plain `docker run` of the image does."""
+    healthcheck = " ".join(rest for k, rest in dockerfile_instructions(REPO / "Dockerfile.server") if k == "HEALTHCHECK")
+    flags = dict(re.findall(r"--([a-z-]+)=(\S+)", healthcheck))
+    compose = render_compose()["services"]["tts"]["healthcheck"]
+    assert {key.replace("_", "-"): str(value) for key, value in compose.items() if key != "test"} == flags
+
+
+def test_triton_listens_on_every_interface_in_containers_only():
+    """run.sh and f5-triton serve default to 127.0.0.1; the image, and so compose, and the K8s manifests set
+    F5_TRITON_HOST=0.0.0.0, since a container's ports are reached from outside its own loopback."""
+    env = " ".join(rest for k, rest in dockerfile_instructions(REPO / "Dockerfile.server") if k == "ENV")
+    assert "F5_TRITON_HOST=0.0.0.0" in env
+    assert "F5_TRITON_HOST=${F5_TRITON_HOST:-127.0.0.1}" in (REPO / "run.sh").read_text()
+    for name, service in render_compose(profiles=("jetson", "download"))["services"].items():
+        assert "F5_TRITON_HOST" not in service.get("environment", {}), name
+    assert config_of(render("base"))["F5_TRITON_HOST"] == "0.0.0.0"
+    env = {e["name"]: e["value"] for e in yaml.safe_load(ISVC.read_text())["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["F5_TRITON_HOST"] == "0.0.0.0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +329,11 @@ def test_dockerfile_rules():
 
     # Triton 2.51's python-backend stub crashes on BYTES inputs under numpy 2 (python_backend#384)
     assert any(k == "RUN" and re.search(r'"numpy[^"]*<2"', rest) for k, rest in instructions)
+
+    # the whole product: the gateway's extra, and the reference clip run.sh's stages 5-8 use
+    assert any(k == "RUN" and "['optional-dependencies']['gateway']" in rest for k, rest in instructions)
+    assert ("COPY", "examples ./examples") in instructions
+    assert 'ref=$(user_path "${REF_AUDIO:-}" "$ROOT/examples/basic_ref_en.flac")' in (REPO / "run.sh").read_text()
 
     entrypoint = json.loads(next(rest for k, rest in instructions if k == "ENTRYPOINT"))
     assert entrypoint[-1].endswith("/run.sh")

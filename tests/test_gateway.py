@@ -211,8 +211,86 @@ def test_models_health_and_unknown_routes(gateway):
         connection.putheader(header, value)
     connection.endheaders()
     response = connection.getresponse()
-    assert response.status == 413 and json.load(response)["error"]["code"] == "too_large"
+    error = json.load(response)["error"]
+    assert response.status == 413 and error["code"] == "too_large" and "the gateway's limit of" in error["message"]
     connection.close()
+
+
+def test_key_and_body_limit_come_before_the_body(tmp_path):
+    """A chunked body is bounded as it streams in: keyless, 401 before the body is read; keyed, 413 naming the limit
+    once it is passed; the gateway process (a real `f5-triton gateway`) keeps its memory through 64 MB sent."""
+    import os
+    import select
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    from f5_triton.gateway import GatewayConfig
+    from f5_triton.supervisor.server import free_port
+
+    port, total, limit = free_port(), 64 * 2**20, GatewayConfig.max_upload_bytes + 2**16
+    gateway = subprocess.Popen([sys.executable, "-m", "f5_triton.cli", "gateway", "--triton-url", "127.0.0.1:1",
+                                "--port", str(port), "--voices", str(tmp_path), "--log-level", "warning"],
+                               env={**os.environ, "F5_TRITON_GATEWAY_KEY": API_KEY})
+
+    def send_chunked(headers: str) -> tuple[int, int, dict]:
+        """(bytes sent before the gateway answered or stopped reading, its status, its JSON error)."""
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(f"POST /v1/audio/speech HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                         f"Transfer-Encoding: chunked\r\n{headers}\r\n".encode())
+            chunk, sent = b"x" * 2**20, 0
+            try:
+                while sent < total and not select.select([sock], [], [], 0)[0]:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+            except OSError:  # the gateway closed the connection after answering
+                pass
+            answer = http.client.HTTPResponse(sock)
+            answer.begin()
+            return sent, answer.status, json.loads(answer.read())["error"]
+
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert gateway.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.1)
+        before = psutil.Process(gateway.pid).memory_info().rss
+        sent, status, error = send_chunked("")
+        assert status == 401 and error["code"] == "invalid_api_key", error
+        assert sent < limit, sent  # answered from the headers, not after reading the body
+        sent, status, error = send_chunked(f"Authorization: Bearer {API_KEY}\r\n")
+        assert status == 413 and error["code"] == "too_large", error
+        assert f"the gateway's limit of {limit} bytes" in error["message"]
+        assert limit < sent < total  # read up to the limit, no further
+        growth = psutil.Process(gateway.pid).memory_info().rss - before
+        assert growth < limit + 16 * 2**20, growth / 2**20
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+
+
+def test_messages_name_the_field_and_the_limit(run_gateway, tmp_path, ref_wave):
+    """Refusals that need no Triton, from a gateway whose Triton is unreachable: bad JSON is not a field, and a
+    sample rate is called one."""
+    from f5_triton.config import DEFAULT_LIMITS
+    from f5_triton.gateway import GatewayConfig
+
+    with run_gateway(GatewayConfig(triton_url="127.0.0.1:1", voices_dir=tmp_path)) as url:
+        broken = b'{"model": "tts-1",, "input": "Hi."}'
+        status, answer = call(url, "POST", "/v1/audio/speech", broken, "application/json")
+        assert status == 400 and answer["error"]["param"] is None and answer["error"]["code"] == "invalid_json"
+        assert answer["error"]["message"].startswith("the request body is not valid JSON: ")
+        assert answer["error"]["message"].endswith(f" at character {broken.index(b',,') + 2}"), answer  # the 2nd comma
+
+        clip = io.BytesIO()
+        sf.write(clip, ref_wave[::6], 4000, format="WAV")
+        status, answer = call(url, "POST", "/v1/voices",
+                              *multipart({"name": "slow", "transcript": REF_TEXT}, {"audio": clip.getvalue()}))
+        assert status == 400 and answer["error"]["param"] == "audio"
+        assert answer["error"]["message"] == (f"audio: sample rate 4000 Hz is outside the allowed range "
+                                              f"[{DEFAULT_LIMITS.min_sample_rate}, {DEFAULT_LIMITS.max_sample_rate}] Hz")
 
 
 def test_unreachable_triton_is_503(ref_wave):

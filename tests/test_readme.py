@@ -31,7 +31,7 @@ BACKGROUND = re.compile(r"\s&\s*(#.*)?$")
 # what a fresh clone does not have: made by run.sh, the clients, the gateway or the tests
 NOT_IN_A_CLONE = {".git", "ckpts", "build", "out", "voices", ".pytest_cache", "__pycache__"}
 RUN_SH_VARIABLES = ("CKPT_DIR", "MODEL_DIR", "BUILD_DIR", "MODEL_REPO", "OUT_DIR", "LOG_DIR", "PID_FILE",
-                    "SERVER_LOG", "TRITON_LOG", "SERVE_DETACH", "BACKEND", "TARGET", "RANDOM_WEIGHTS", "F5_MODEL",
+                    "SERVER_LOG", "TRITON_LOG", "SERVE_DETACH", "F5_TRITON_HOST", "BACKEND", "TARGET", "RANDOM_WEIGHTS", "F5_MODEL",
                     "NFE", "REF_AUDIO", "REF_TEXT", "MAX_BATCH_SIZE", "GPUS", "REPO_ARGS", "F5_TRITON_GATEWAY_KEY")
 
 

@@ -29,7 +29,7 @@ RUN_SH = str(REPO / "run.sh")
 CPU = ["--backend", "torch", "--target", "cpu"]
 # Variables run.sh reads: none may leak in from the environment of whoever runs the tests.
 RUN_SH_VARIABLES = ("CKPT_DIR", "MODEL_DIR", "BUILD_DIR", "ONNX_DIR", "ENGINE_ROOT", "ENGINE_DIR", "MODEL_REPO",
-                    "OUT_DIR", "LOG_DIR", "PID_FILE", "SERVER_LOG", "TRITON_LOG", "SERVE_DETACH", "BACKEND",
+                    "OUT_DIR", "LOG_DIR", "PID_FILE", "SERVER_LOG", "TRITON_LOG", "SERVE_DETACH", "F5_TRITON_HOST", "BACKEND",
                     "TARGET", "RANDOM_WEIGHTS", "F5_MODEL", "NFE", "DTYPE", "MAX_BATCH_SIZE", "GPUS",
                     "FLOW_INSTANCES", "REPO_ARGS", "REF_AUDIO", "REF_TEXT", "TARGET_TEXT", "SERVER_HOST",
                     "HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "READY_TIMEOUT", "BENCH_ARGS", "BENCH_BATCH_SIZE",
@@ -108,6 +108,24 @@ def test_shellcheck():
     assert out.returncode == 0, out.stdout
 
 
+def test_booleans_are_read_as_parse_bool_reads_them():
+    """RANDOM_WEIGHTS and SERVE_DETACH take parse_bool's words (any case); another word is an error naming them."""
+    from f5_triton.config import parse_bool
+
+    function = re.search(r"^as_bool\(\) \{\n.*?^\}\n", Path(RUN_SH).read_text(), re.M | re.S).group(0)
+    words = ("1", "true", "Yes", "ON", "0", "false", "No", "off", "", "maybe", "2")
+    script = function + "".join(f'as_bool SERVE_DETACH "{word}" || printf E; echo\n' for word in words)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    expected = []
+    for word in words:
+        try:
+            expected.append(str(int(parse_bool(word))))
+        except ValueError:
+            expected.append("E")
+    assert out.stdout.splitlines() == expected
+    assert "SERVE_DETACH must be true or false (1/yes/on or 0/no/off), got 'maybe'" in out.stderr
+
+
 def test_arguments_are_checked(tmp_path):
     env = run_sh_env(tmp_path)
     assert "Stages" in run(["--help"], env).stdout
@@ -146,6 +164,9 @@ def test_stages_0_to_6_write_the_client_audio(stages):
         assert len(wave) > SAMPLE_RATE  # the target text is several seconds of speech
         waves[protocol] = wave
     assert len(waves["grpc"]) == len(waves["http"])  # same request, same duration estimate
+    # Triton listens on this host only, and stage 4 says where it listens
+    assert re.search(r"run\.sh:   http=http://127\.0\.0\.1:\d+ grpc=127\.0\.0\.1:\d+ metrics=\S+ "
+                     r"\(listening on 127\.0\.0\.1\)$", stages.result.stdout, re.M), stages.result.stdout
 
 
 def test_random_weights_are_labelled_everywhere(stages):

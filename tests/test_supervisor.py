@@ -322,27 +322,33 @@ def test_missing_repository_fails_fast_with_log_tail(tmp_path: Path, install: Tr
     assert not srv.is_running()
 
 
-def test_run_forever_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", [None, "0.0.0.0"])
+def test_serve_listens_where_asked_and_stops_on_sigterm(tmp_path: Path, host: str | None) -> None:
+    """`f5-triton serve` binds Triton's ports to 127.0.0.1 unless F5_TRITON_HOST (or --host) says otherwise, its
+    ready line names the real address, and SIGTERM stops it."""
+    psutil = pytest.importorskip("psutil")
     (tmp_path / "repo").mkdir()
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    log_path = str(tmp_path / "tritonserver.log")
-    script = textwrap.dedent(
-        f"""
-        from f5_triton.supervisor.server import TritonServer
-        from f5_triton.supervisor.service import run_forever
-        server = TritonServer({str(tmp_path / "repo")!r}, bind_address="127.0.0.1", log_path={log_path!r}, **{ports!r})
-        server.start()
-        print("pid", server.pid, flush=True)
-        raise SystemExit(run_forever(server, ready_timeout=30))
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    env = {k: v for k, v in os.environ.items() if k != "F5_TRITON_HOST"}
+    if host:
+        env["F5_TRITON_HOST"] = host
+    pid_file = tmp_path / "server.pid"
+    proc = subprocess.Popen([sys.executable, "-m", "f5_triton.cli", "serve", "--model-repo", str(tmp_path / "repo"),
+                             *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))),
+                             "--log-file", str(tmp_path / "tritonserver.log"), "--ready-timeout", "30",
+                             "--pid-file", str(pid_file)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
-        server_pid = int(proc.stdout.readline().split()[1])
         ready = proc.stdout.readline()
-        assert ready.startswith("f5-triton: server ready  http=http://127.0.0.1:")
-        assert f"grpc=127.0.0.1:{ports['grpc_port']}" in ready and "metrics=http://" in ready
+        address = host or "127.0.0.1"
+        assert ready.startswith(f"f5-triton: server ready  http=http://127.0.0.1:{ports['http']} "), ready
+        assert f"grpc=127.0.0.1:{ports['grpc']}" in ready and "metrics=http://" in ready
+        assert ready.rstrip().endswith(f"(listening on {address}{', all interfaces' if host else ''})"), ready
+        # gRPC binds 127.0.0.1 as IPv6-mapped ::ffff:127.0.0.1, and 0.0.0.0 as :: (every interface, both families)
+        listening = {c.laddr.port: {"::": "0.0.0.0"}.get(ip, ip) for c in psutil.net_connections("tcp")
+                     if c.status == "LISTEN" and (ip := c.laddr.ip.removeprefix("::ffff:"))}
+        assert {port: listening.get(port) for port in ports.values()} == {port: address for port in ports.values()}
+        (server_pid,) = [c.pid for c in psutil.Process(proc.pid).children()]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from f5_triton.errors import InvalidInputError
 from f5_triton.gateway import errors, formats
@@ -97,18 +100,36 @@ def _audio_stream(pieces: Iterator[np.ndarray], first: np.ndarray, encoder: form
         pieces.close()  # a client that went away cancels the Triton request
 
 
+class FrontDoor:
+    """Pure ASGI, before anything reads the body: requests under /v1 need `Authorization: Bearer <api_key>` (when one
+    is set), checked from the headers alone (FastAPI reads a body before it runs dependencies: a dependency would come
+    too late); a body declared larger than `max_body` is refused (413) unread. Bodies that do not declare their size
+    (chunked) are counted as they stream in, behind this door (Starlette's RequestBodyLimitMiddleware)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            refusal = None
+            if self.expected is not None and scope["path"].startswith("/v1") and not hmac.compare_digest(
+                    headers.get("authorization", "").encode(), self.expected):
+                refusal = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                   type=errors.AUTHENTICATION, code="invalid_api_key")
+            elif headers.get("content-length", "").isdigit() and int(headers["content-length"]) > self.max_body:
+                refusal = errors.too_large(self.max_body)
+            if refusal is not None:
+                return await refusal.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> FastAPI:
     """The gateway application for `config` (`backend` defaults to gRPC at `config.triton_url`)."""
     backend = backend or TritonBackend(config.triton_url, config.model, config.streaming_model, config.timeout)
     voices = VoiceRegistry(config.voices_dir)
-
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", type=errors.AUTHENTICATION,
-                           code="invalid_api_key")
 
     def find_voice(name: str) -> Voice:
         try:
@@ -125,17 +146,13 @@ def create_app(config: GatewayConfig, backend: TritonBackend | None = None) -> F
 
     app = FastAPI(title="f5-triton gateway", description="OpenAI-compatible speech API over Triton")
     errors.install(app)
+    # Every body, chunked or not, is bounded by an upload and its form fields: nothing larger is ever buffered (413,
+    # the limit named). The door (added last: outermost) answers from the headers; behind it bodies are counted.
+    max_body = config.max_upload_bytes + 2**16
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body)
+    app.add_middleware(FrontDoor, api_key=config.api_key, max_body=max_body)
     app.state.config, app.state.backend, app.state.voices = config, backend, voices
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-    max_body = config.max_upload_bytes + 2**16  # an upload and its form fields
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        # uvicorn reads bodies of any size; refuse declared oversize ones before they are read
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body:
-            return APIError(413, f"request body is larger than {max_body} bytes", code="too_large").response()
-        return await call_next(request)
+    api = APIRouter(prefix="/v1")
 
     @api.post("/audio/speech")
     def speech(body: SpeechRequest) -> Response:

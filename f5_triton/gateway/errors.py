@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from f5_triton.errors import InvalidInputError
 
@@ -41,6 +42,12 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers or None)
 
 
+def too_large(limit: int) -> APIError:
+    """413 for a request body over the gateway's `limit` (bytes), naming it."""
+    return APIError(413, f"request body is larger than the gateway's limit of {limit} bytes ({limit / 2**20:.1f} MiB)",
+                    code="too_large")
+
+
 def from_invalid_input(exc: InvalidInputError, fields: dict[str, str]) -> APIError:
     """Our InvalidInputError -> 400, its field renamed to the API's name (`fields`)."""
     message = str(exc)
@@ -53,6 +60,11 @@ def from_invalid_input(exc: InvalidInputError, fields: dict[str, str]) -> APIErr
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        offset = first["loc"][-1]  # from 0; users count from 1
+        detail = first.get("ctx", {}).get("error", first["msg"])
+        return APIError(400, f"the request body is not valid JSON: {detail} at character {offset + 1}",
+                        code="invalid_json").response()
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "form", "query", "path")]
     param = ".".join(location) or None
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
@@ -60,6 +72,9 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+    if exc.status_code == 413 and limit is not None:  # Starlette's body limit, passed while the body streamed in
+        return too_large(limit).response()
     kind = {401: AUTHENTICATION, 404: NOT_FOUND}.get(exc.status_code, INVALID_REQUEST)
     return APIError(exc.status_code, str(exc.detail), type=kind).response()
 

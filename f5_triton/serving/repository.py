@@ -96,7 +96,7 @@ class RepositoryOptions:
     first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES  # streaming: UTF-8 bytes of the first chunk (split_for_streaming)
     reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
     reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
-    output_cache_entries: int = int(OUTPUT_CACHE_DEFAULTS["entries"])  # streaming, seeded requests only; 0 = off
+    output_cache_entries: int = int(OUTPUT_CACHE_DEFAULTS["entries"])  # both models, seeded requests only; 0 = off
     output_cache_mb: float = OUTPUT_CACHE_DEFAULTS["mb"]
 
     def __post_init__(self):
@@ -289,6 +289,8 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
     }
     reference_cache = {"reference_cache_entries": options.reference_cache_entries,
                        "reference_cache_mb": options.reference_cache_mb}
+    # one output cache policy for both served models: f5_tts keeps its outputs in flow_matching
+    output_cache = {"output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb}
     per_model = {
         "preprocess": {"vocab": common["vocab"], "nfe_steps": options.nfe_steps,
                        "sway_sampling_coef": options.sway_sampling_coef, **reference_cache,
@@ -303,7 +305,8 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
                           "dit_graph_max_tokens": options.dit_graph_max_tokens,
                           "warmup_requests": options.max_batch_size if options.warmup else 0,
                           "warmup_nfe_steps": options.nfe_steps,
-                          "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
+                          "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve(),
+                          **output_cache},
         "postprocess": {"vocoder_model": "vocoder"},
         "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
                     **{k: v for k, v in common.items() if k.startswith("limit_")},
@@ -324,7 +327,6 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "max_queued": options.streaming_max_queued,
         **{f"pacing_{f.name}": str(getattr(options.streaming_pacing, f.name)).lower()
            for f in dataclasses.fields(PacingConfig)},
-        "output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb,
     }
     # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine settings
     per_model["flow_matching"]["vocode"] = str(options.vocoder_in_flow).lower()

@@ -37,6 +37,23 @@ WAVE_FIELDS: tuple[WireField, ...] = (
 )
 
 
+#: preprocess -> flow_matching: the request's output-cache key (`cache.request_output_key`), empty when it has none
+#: (no seed). flow_matching answers a key it has kept from its output cache, without running the DiT.
+OUTPUT_KEY = "output_key"
+
+
+def pack_output_key(key: str | None) -> np.ndarray:
+    return np.array([(key or "").encode("ascii")], dtype=np.object_)
+
+
+def unpack_output_key(value: np.ndarray | None) -> str | None:
+    """The key flow_matching received, or None (not sent: a direct call; empty: a request without a seed)."""
+    if value is None:
+        return None
+    key = value.reshape(-1)[0]
+    return (key.decode("ascii") if isinstance(key, bytes) else str(key)) or None
+
+
 def pack_prepared(prepared: Prepared) -> dict[str, np.ndarray]:
     """preprocess -> flow_matching (and ref_rms -> postprocess)."""
     jobs = prepared.jobs

@@ -30,7 +30,8 @@ _SERVE_COMMAND = re.compile(r"(f5_triton\.cli|f5-triton) serve\b")
 def run_forever(server: TritonServer, ready_timeout: float | None = None) -> int:
     """Start ``server`` if needed, announce readiness and serve until Ctrl-C / SIGTERM.
 
-    Prints ``f5-triton: server ready  http=... grpc=... metrics=...`` once ready.
+    Prints ``f5-triton: server ready  http=... grpc=... metrics=... (listening on ADDRESS)`` once ready: the URLs
+    to use from this host, and the address the ports are bound to.
     On SIGINT or SIGTERM the server is stopped gracefully and 0 is returned; if
     the server dies on its own, its log tail goes to stderr and its exit status
     (or 1) is returned. Must run in the main thread (it installs a SIGTERM handler).
@@ -46,7 +47,10 @@ def run_forever(server: TritonServer, ready_timeout: float | None = None) -> int
             server.start()
         server.wait_ready(server.ready_timeout if ready_timeout is None else ready_timeout)
         urls = server.urls
-        print(f"{READY_LINE}  http={urls.http} grpc={urls.grpc} metrics={urls.metrics}", flush=True)
+        address = server.bind_address or "0.0.0.0"  # tritonserver's default: all interfaces
+        everyone = ", all interfaces" if address in ("0.0.0.0", "::") else ""
+        print(f"{READY_LINE}  http={urls.http} grpc={urls.grpc} metrics={urls.metrics} "
+              f"(listening on {address}{everyone})", flush=True)
         while not stop_requested.wait(0.5):
             code = server.returncode
             if code is not None:

@@ -6,6 +6,10 @@ decoded in one vocoder call on this model's device, right after sampling.
 
 Requests whose client cancelled them, or whose Triton `timeout` passed, are dropped between ODE
 steps (the rest of the batch goes on); jobs are validated first, as this model can be called directly.
+
+The output cache (`output_cache_entries` / `output_cache_mb`, as f5_tts_streaming's): a request that comes with an
+`output_key` (preprocess sends one for every request with an explicit seed) gets its outputs kept under that key bound
+to its inputs (f5_triton.cache.bound_key); the same request again is answered from there, without the DiT.
 """
 
 import os
@@ -17,11 +21,13 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 
 import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
 
+from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, bound_key, cache_from_params
 from f5_triton.errors import InvalidInputError
 from f5_triton.serving import triton_io, wire
-from f5_triton.serving.metrics import Metrics
+from f5_triton.serving.metrics import Metrics, cache_observer
 
-INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "sampling", triton_io.RECEIVED_AT)
+INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "sampling", triton_io.RECEIVED_AT,
+               wire.OUTPUT_KEY)
 
 
 class TritonPythonModel:
@@ -42,15 +48,24 @@ class TritonPythonModel:
         dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
         self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
         self.metrics = Metrics(args["model_name"])
+        self.output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
+                                              cache_observer(args["model_name"], "output"))
 
     def execute(self, requests):
-        jobs, owners, starts = [], [], []
+        jobs, owners, starts, keys = [], [], [], {}
         responses = [None] * len(requests)
         for index, request in enumerate(requests):
             starts.append(None)
             try:
                 arrays = triton_io.inputs(request, INPUT_NAMES)
                 starts[index] = triton_io.received_at(arrays.pop(triton_io.RECEIVED_AT))
+                key = wire.unpack_output_key(arrays.pop(wire.OUTPUT_KEY))
+                if key is not None and self.output_cache.enabled:
+                    keys[index] = bound_key(key, arrays)
+                    kept = self.output_cache.get(keys[index])
+                    if kept is not None:
+                        responses[index] = triton_io.response(kept)
+                        continue
                 try:
                     request_jobs = wire.unpack_jobs(arrays, index)
                 except (TypeError, ValueError, IndexError) as exc:
@@ -86,7 +101,10 @@ class TritonPythonModel:
         pack = wire.pack_mels if self.vocoder is None else wire.pack_waves
         for index, own in finished.items():
             try:
-                responses[index] = triton_io.response(pack(own))
+                outputs = pack(own)
+                responses[index] = triton_io.response(outputs)
+                if index in keys:
+                    self.output_cache.put(keys[index], outputs, sum(a.nbytes for a in outputs.values()))
             except Exception as exc:
                 responses[index] = triton_io.error_response(exc, self.metrics)
         return responses

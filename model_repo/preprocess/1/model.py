@@ -1,4 +1,5 @@
-"""Triton adapter: validate a request and prepare its flow-matching jobs (f5_triton.pipeline.Preprocessor)."""
+"""Triton adapter: validate a request and prepare its flow-matching jobs (f5_triton.pipeline.Preprocessor), with
+the key flow_matching's output cache keeps them under (f5_triton.cache.request_output_key; empty without a seed)."""
 
 import os
 import sys
@@ -11,7 +12,7 @@ import time
 
 import numpy as np
 
-from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params
+from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params, request_output_key
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS
 from f5_triton.serving import factories, triton_io, wire
@@ -37,7 +38,8 @@ class TritonPythonModel:
                 synthesis = factories.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
                                                        self.sampling, self.preprocess.limits)
                 arrays = wire.pack_prepared(self.preprocess(synthesis))
-                responses.append(triton_io.response({**arrays, triton_io.RECEIVED_AT: received_at}))
+                key = wire.pack_output_key(request_output_key(synthesis, chunking="offline"))
+                responses.append(triton_io.response({**arrays, wire.OUTPUT_KEY: key, triton_io.RECEIVED_AT: received_at}))
             except Exception as exc:
                 responses.append(triton_io.error_response(exc, self.metrics))
         return responses
