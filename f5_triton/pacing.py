@@ -89,8 +89,8 @@ class LineFit:
         return a + b * x
 
 
-# Estimates are stretched by this much: the fit is of recent rounds, and a round can be slower than its line
-# (attention grows with the square of a sequence, the host may be busy).
+# Estimates are stretched by at least this much (more while rounds run slower than their line: `slowdown`): the fit
+# is of recent rounds, and a round can be slower than its line (attention grows with the square of a sequence).
 SAFETY = 1.25
 
 
@@ -100,6 +100,8 @@ class WorkCost:
 
     step: LineFit = field(default_factory=LineFit)  # seconds of one ODE step of a batch, by its tokens
     vocoder: LineFit = field(default_factory=LineFit)  # seconds of one vocoder call, by its frames
+    # how much slower than their line the last rounds ran: rises at once, falls slowly (a busy host, a shared GPU)
+    slowdown: float = 1.0
 
     @property
     def known(self) -> bool:
@@ -109,14 +111,26 @@ class WorkCost:
     def observe_steps(self, tokens: int, steps: int, seconds: float) -> None:
         """A round ran `steps` ODE steps of batches of `tokens` tokens (summed over groups) in `seconds`."""
         if steps > 0:
+            self._track(self.step, tokens, seconds / steps)
             self.step.observe(tokens, seconds / steps)
 
     def observe_vocoder(self, frames: int, seconds: float) -> None:
+        self._track(self.vocoder, frames, seconds)
         self.vocoder.observe(frames, seconds)
+
+    def _track(self, line: LineFit, x: float, seconds: float) -> None:
+        expected = line(x) if line.count else 0.0
+        if expected > 0:
+            ratio = seconds / expected
+            self.slowdown = max(1.0, ratio if ratio > self.slowdown else 0.9 * self.slowdown + 0.1 * ratio)
+
+    @property
+    def stretch(self) -> float:
+        return max(SAFETY, self.slowdown)
 
     def steps_seconds(self, tokens: int, steps: int) -> float:
         """`steps` ODE steps of one batch of `tokens` tokens."""
-        return SAFETY * steps * self.step(tokens) if steps > 0 and tokens > 0 else 0.0
+        return self.stretch * steps * self.step(tokens) if steps > 0 and tokens > 0 else 0.0
 
     def batch_seconds(self, chunks: Iterable[Chunk], steps_done: int = 0) -> float:
         """The chunks run together as one batch (a cohort) from step `steps_done` on, then vocoded in one call."""
@@ -125,4 +139,4 @@ class WorkCost:
             return 0.0
         steps = max(c.steps for c in chunks) - steps_done
         frames = sum(c.frames for c in chunks)
-        return self.steps_seconds(sum(c.tokens for c in chunks), steps) + SAFETY * self.vocoder(frames)
+        return self.steps_seconds(sum(c.tokens for c in chunks), steps) + self.stretch * self.vocoder(frames)

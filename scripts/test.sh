@@ -3,7 +3,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 bash scripts/setup_env.sh dev || exit 1
-.venv/bin/python -m pytest -q -rs -p no:cacheprovider --timeout=900 "$@"  # -rs: say why tests skipped
+# -rs: say why tests skipped; two xdist workers (one per core: most tests wait on servers and subprocesses), a file's
+# tests in one worker (tests/conftest.py); PYTEST_WORKERS=0 runs them in this process
+.venv/bin/python -m pytest -q -rs -p no:cacheprovider --timeout=900 -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"
 status=$?
 if [ "$status" -eq 5 ]; then  # pytest: no tests collected
   echo "pytest collected no tests (exit 5): nothing ran"; exit 0

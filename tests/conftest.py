@@ -12,8 +12,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/upstream.py
 
 
+# Files whose tests drive run.sh and the supervisor's pid files and services: they run in one xdist worker, in turn.
+SERIAL_FILES = {"test_readme", "test_run_sh", "test_service", "test_supervisor", "test_tensorrt"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` (the GPU lane runs them: scripts/gpu_lane.sh) skip where torch sees no CUDA device."""
+    """Tests marked `gpu` (the GPU lane runs them: scripts/gpu_lane.sh) skip where torch sees no CUDA device.
+
+    Under pytest-xdist (`--dist loadgroup`, scripts/test.sh) a file's tests stay in one worker, so a module's or the
+    session's servers start once per worker, not once per test."""
+    for item in items:
+        stem = Path(str(item.fspath)).stem
+        item.add_marker(pytest.mark.xdist_group("serial" if stem in SERIAL_FILES else stem))
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
         import torch
