@@ -217,6 +217,7 @@ class StreamScheduler:
         start = time.perf_counter()
         for _ in self.stream(warm_up_request(sampling)):
             pass
+        self.late_pieces = 0  # its short first piece is no listener's
         return time.perf_counter() - start
 
     @property
