@@ -218,6 +218,13 @@ for what in $WHAT; do
         > "$OUT/server-rate.log" 2>&1 &
       server=$!
       wait_ready stream_rate | tee "$OUT/stream_rate.log"
+      for pass in first-after-ready again; do  # the first stream after "ready", then the same request warm
+        echo "$pass:" | tee -a "$OUT/stream_rate.log"
+        "$PY" client_grpc.py --streaming --server-url "localhost:$GRPC_PORT" --reference-audio examples/basic_ref_en.flac \
+          --reference-text "Some call me nature, others call me mother nature." --output-audio "$OUT/first.wav" \
+          --target-text "I have been a silent spectator. I watched species evolve, empires rise and fall." 2>&1 \
+          | grep -v -i warn | tee -a "$OUT/stream_rate.log"
+      done
       rate() {  # rate LABEL SET [ARGS...]: one benchmark.py run, cut at RATE_STEP_S seconds
         local label=$1 set=$2
         shift 2

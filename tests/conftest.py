@@ -12,18 +12,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/upstream.py
 
 
-# Files whose tests drive run.sh and the supervisor's pid files and services: they run in one xdist worker, in turn.
-SERIAL_FILES = {"test_readme", "test_run_sh", "test_service", "test_supervisor", "test_tensorrt"}
-
-
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` (the GPU lane runs them: scripts/gpu_lane.sh) skip where torch sees no CUDA device.
-
-    Under pytest-xdist (`--dist loadgroup`, scripts/test.sh) a file's tests stay in one worker, so a module's or the
-    session's servers start once per worker, not once per test."""
-    for item in items:
-        stem = Path(str(item.fspath)).stem
-        item.add_marker(pytest.mark.xdist_group("serial" if stem in SERIAL_FILES else stem))
+    """Tests marked `gpu` (the GPU lane runs them: scripts/gpu_lane.sh) skip where torch sees no CUDA device."""
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
         import torch
@@ -76,14 +66,18 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def streaming_server(tiny_ckpt, tmp_path_factory):
     """tritonserver with `f5_tts` and `f5_tts_streaming` (cpu target, tiny checkpoint, nfe 4 unless a
-    request says otherwise, small caches), shared by the streaming, cache and gateway tests."""
+    request says otherwise, small caches), shared by the streaming, cache and gateway tests. Its streams are not
+    paced: the tests here check which stream runs with which, and pacing makes that depend on this machine's speed
+    (tests/test_streaming.py tests pacing on its own scheduler and server)."""
+    from f5_triton.config import PacingConfig
     from f5_triton.supervisor.server import TritonServer, free_port
     from f5_triton.serving.repository import RepositoryOptions, render
 
     repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                     vocoder=tiny_ckpt / "vocos", nfe_steps=4, queue_delay_us=1000,
                                     preprocess_instances=1, postprocess_instances=1, reference_cache_entries=8,
-                                    output_cache_entries=8, output_cache_mb=64),
+                                    output_cache_entries=8, output_cache_mb=64,
+                                    streaming_pacing=PacingConfig(enabled=False)),
                   tmp_path_factory.mktemp("streaming_repo") / "model_repo")
     with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
         yield server
