@@ -646,7 +646,8 @@ def test_with_two_flow_instances_and_client_retries_nothing_fails(tiny_server, r
             np.testing.assert_allclose(outcome, expected, atol=1e-4, rtol=0)
         assert len({o.shape for o in in_flight}) == 1
         assert [r.error for r in srv.stub_replacements] == [None]
-        np.testing.assert_array_equal(synthesize(srv, good_fields(ref_wave)), expected)
+        # the other instance, or the replacement, may answer: the same arithmetic in another process (float noise)
+        np.testing.assert_allclose(synthesize(srv, good_fields(ref_wave)), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.server
