@@ -65,6 +65,8 @@ if [ "${1:-}" = --lane ]; then
   work=$(mktemp -d)
   DEST=$work/wheels/base && mkdir -p "$DEST" "$work/wheels/numpy1" && base_wheels && rm -f "$DEST"/*.sh
   mv "$DEST"/numpy-*.whl "$work/wheels/numpy1/"  # for the tritonserver stubs only (NUMPY1_SITE)
+  # tritonclient's HTTP client (the lane's server part answers HTTP too): the GPU image has none of these
+  dl geventhttpclient gevent greenlet zope.event zope.interface brotli
   DEST=$work/wheels/fa4 && mkdir -p "$DEST" && fa4_wheels
   tar -C "$work" -cf "$work/lane.tar" wheels
   rm -rf "$prefix"-[0-9]*
