@@ -104,13 +104,6 @@ class _Stream:
     def playing(self) -> bool:
         return self.playback.started is not None
 
-    @property
-    def next_chunk(self) -> Chunk | None:
-        """The chunk whose piece a listener waits for after the work now in hand: an idle playing stream's next one;
-        for a stream in a cohort or before its first chunk, the one after that. None if there is none."""
-        index = len(self.pieces.made) + (0 if self.playing and self.cohort is None else 1)
-        return self.chunk(index) if index < len(self.prepared.jobs) else None
-
 
 def chunk_of(job: Job) -> Chunk:
     """A job's cost: its frames in both guidance rows (one without guidance), its steps, its generated frames."""
@@ -331,7 +324,7 @@ class StreamScheduler:
         margin, fade = self.pacing.margin_seconds, self.synthesizer.cross_fade_seconds
         streams = [*self._active, candidate]
         running_first, running_later = self._cohorts.get(True), self._cohorts.get(False)
-        fresh = [s for s in streams if not s.playing and s.cohort is None]
+        fresh = [s for s in streams if not s.pieces.made and s.cohort is None]
         end = now + self._remaining(running_first) + self.cost.batch_seconds(s.chunk(0) for s in fresh)
         first_piece = end  # when every stream not yet playing gets its first piece, at the latest
         end += self._remaining(running_later)
@@ -341,7 +334,7 @@ class StreamScheduler:
         # each stream's next chunk not in hand, and when its listener runs out of what comes before that chunk
         position, due = {}, {}
         for s in streams:
-            position[s] = len(s.pieces.made) + (0 if s.playing and s.cohort is None else 1)
+            position[s] = len(s.pieces.made) + (0 if s.pieces.made and s.cohort is None else 1)
             due[s] = s.playback.deadline if s.playing else first_piece + s.chunk(0).audio_seconds - fade
             if s in in_later:  # its running chunk is handed out before the next one is due
                 due[s] += s.chunk(position[s] - 1).audio_seconds - fade
