@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from f5_triton.config import DEFAULT_LIMITS
 from f5_triton.errors import CheckpointError
 from f5_triton.model_paths import find_vocoder
 
@@ -313,7 +314,7 @@ def export_onnx(network: str, files: ModelFiles, onnx_dir: Path, precision: str 
 
 
 def build_plan(network: str, onnx_dir: Path, engines: Path, requests: int, precision: str = "fp16",
-               max_frames: int = 4096, workspace_gib: float = 4.0, log: Log = print) -> Path:
+               max_frames: int = DEFAULT_LIMITS.max_mel_frames, workspace_gib: float = 4.0, log: Log = print) -> Path:
     """ENGINE_DIR/<network>.plan from its ONNX file, for up to ``requests`` requests, unless up to date."""
     out = engines / f"{network}.plan"
     suffix = onnx_suffix(precision)

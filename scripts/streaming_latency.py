@@ -39,7 +39,7 @@ def build(args):
 
 def main(argv: list[str] | None = None) -> int:
     from f5_triton.bench import add_engine_args
-    from f5_triton.config import DEFAULT_SAMPLING
+    from f5_triton.config import DEFAULT_SAMPLING, DEFAULT_STREAMING
     from f5_triton.model_paths import add_model_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-text", default=DEFAULT_REFERENCE_TEXT)
     parser.add_argument("--text", default=THIRTY_SECONDS, help="text to speak (default: ~30 s of speech)")
     parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps)
-    parser.add_argument("--first-chunk-bytes", type=int, default=50)
+    parser.add_argument("--first-chunk-bytes", type=int, default=DEFAULT_STREAMING.first_chunk_bytes)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write the runs here")

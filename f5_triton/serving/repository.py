@@ -23,15 +23,17 @@ instance is replaced, so that requests queue meanwhile instead of failing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import py_compile
 import shutil
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
+from typing import Any
 
-from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS
-from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_PACING, DEFAULT_SAMPLING, DTYPES, N_MELS, PacingConfig
+from f5_triton.config import (DEFAULT_CACHES, DEFAULT_PACING, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, DEFAULT_STREAMING,
+                              DTYPES, N_MELS, Limits, parse_bool, setting)
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
@@ -40,74 +42,118 @@ TARGETS = ("cpu", "gpu", "trt")
 STEP_MODELS = (MODEL, "preprocess", "flow_matching", "postprocess", "vocoder")
 
 
+@dataclass(frozen=True)
+class Section:
+    """A section of the serving configuration (a frozen dataclass of `config.setting` fields) inside
+    :class:`RepositoryOptions`: each field is the option `<option><name>` (or `nested` holds the whole section), the
+    flag `--<flag><name>` and the parameter `<param><name>` of `models`, read back at load with
+    `config.settings_from(params, defaults, param)`. `models` maps a field-name prefix to its models where the
+    fields of one section go to different models."""
+
+    defaults: Any
+    models: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
+    option: str = ""
+    param: str = ""
+    nested: str | None = None
+    flag: str | None = None  # default: `nested` or `option`
+
+    def models_of(self, name: str) -> tuple[str, ...]:
+        if isinstance(self.models, dict):
+            return next(models for prefix, models in self.models.items() if name.startswith(prefix))
+        return self.models
+
+    @property
+    def flag_prefix(self) -> str:
+        return self.flag if self.flag is not None else (self.nested + "_" if self.nested else self.option)
+
+
+SECTIONS = (
+    Section(DEFAULT_SCHEDULER, models=(STREAMING_MODEL,), option="streaming_"),
+    Section(DEFAULT_PACING, models=(STREAMING_MODEL,), nested="streaming_pacing", flag="stream_pacing_",
+            param="pacing_"),
+    Section(DEFAULT_STREAMING, models=(STREAMING_MODEL,)),
+    Section(DEFAULT_CACHES, models={"reference_": ("preprocess", STREAMING_MODEL),
+                                    "output_": ("flow_matching", STREAMING_MODEL)}),
+)
+
+# The settings a target decides when left unset (None): fp16 and larger batches on GPUs, compile / CUDA graphs / the
+# vocoder in flow_matching's process on the gpu target, warm-up at load on GPUs (otherwise the first requests wait
+# minutes for torch.compile); the trt target's vocoder is its own tensorrt_plan model.
+TARGET_DEFAULTS = {
+    "cpu": {"dtype": "fp32", "max_batch_size": 4, "warmup": False, "vocoder_in_flow": False, "dit_compile": False,
+            "dit_cuda_graphs": False},
+    "gpu": {"dtype": "fp16", "max_batch_size": 8, "warmup": True, "vocoder_in_flow": True, "dit_compile": True,
+            "dit_cuda_graphs": True},
+    "trt": {"dtype": "fp16", "max_batch_size": 8, "warmup": True, "vocoder_in_flow": False, "dit_compile": False,
+            "dit_cuda_graphs": False},
+}
+ENGINES = ("torch", "onnxruntime", "tensorrt")
+
+
 @dataclass
-class RepositoryOptions:
-    target: str
-    ckpt: Path
-    vocab: Path
-    vocoder: Path
-    arch: str | None = None
-    nfe_steps: int = DEFAULT_SAMPLING.nfe_steps
-    sway_sampling_coef: float = DEFAULT_SAMPLING.sway_sampling_coef
-    dtype: str | None = None  # fp32 | fp16 | bf16; default fp32 on cpu, fp16 on GPUs
-    max_batch_size: int | None = None  # flow-matching batch (requests); default 4 on cpu, 8 on GPUs
-    preferred_batch_sizes: list[int] | None = None
+class _Options:
+    """A rendered repository's settings: each has one default (None: the target's, `TARGET_DEFAULTS`) and a help;
+    :func:`add_repository_arguments` makes each a flag (and `F5_REPO_<FLAG>` an environment name), :func:`render`
+    writes them into the models' parameters. The sections' fields (`SECTIONS`) follow these."""
+
+    # the builder's own choice (run.sh: --backend, --target), never the environment's
+    target: str = setting(None, "cpu, gpu or trt (module doc)", choices=TARGETS, required=True, environ=False)
+    ckpt: Path = setting(None, "the DiT checkpoint", flag=None)  # --ckpt-dir and friends (model_paths)
+    vocab: Path = setting(None, "the vocabulary", flag=None)
+    vocoder: Path = setting(None, "the Vocos folder", flag=None)
+    arch: str | None = setting(None, "architecture when no model.yaml is beside the checkpoint", flag=None)
+    nfe_steps: int = setting(DEFAULT_SAMPLING.nfe_steps, "default ODE steps when a request sends none", flag="nfe")
+    sway_sampling_coef: float = setting(DEFAULT_SAMPLING.sway_sampling_coef, "sway sampling of the time grid")
+    dtype: str | None = setting(None, "GPU precision", choices=sorted(DTYPES))
+    max_batch_size: int | None = setting(None, "flow-matching dynamic batch (requests)")
+    preferred_batch_sizes: list[int] | None = setting(None, "flow matching's preferred batches (default: half and "
+                                                            "the whole of the largest)")
     # A lone request waits this long for company; under load batches fill while the instance is busy anyway
     # (H200: 2 ms -> 0.5 ms took concurrency-1 latency from +15 % to +8 % over offline, concurrency 16 unchanged).
-    queue_delay_us: int = 500
-    vocoder_max_batch_size: int = 8
-    vocoder_queue_delay_us: int = 500
-    gpus: list[int] = field(default_factory=lambda: [0])
-    flow_instances_per_device: int = 1  # 2: one death leaves one serving (twice the model's memory)
-    flow_standby: bool = True  # the passive flow_matching instance that lets requests wait out a restart
-    vocoder_instances_per_device: int = 1
-    preprocess_instances: int = 2
-    postprocess_instances: int = 2
-    dit_engine: str = "torch"  # torch | onnxruntime | tensorrt
-    dit_engine_path: Path | None = None
-    dit_compile: bool | None = None  # torch engine on GPU: torch.compile the DiT step (default on for gpu)
-    dit_cuda_graphs: bool | None = None  # torch engine on GPU: CUDA graphs per frame bucket (default on for gpu)
-    dit_graph_max_rows: int = 2  # with CUDA graphs: larger DiT batches (2 rows per request) run packed, without graphs
-    dit_graph_steps: int = 8  # with CUDA graphs: ODE steps per graph replay (cancellation granularity); 0 = per step
-    # with CUDA graphs: packed DiT batches of up to this many tokens (2 per frame of a request) replay graphs too
-    dit_graph_max_tokens: int = 12288
-    # flow matching runs synthetic batches at load (compile, graph captures) before the server reports ready;
-    # default on for GPU targets, where otherwise the first requests wait minutes for torch.compile
-    warmup: bool | None = None
+    queue_delay_us: int = setting(500, "flow matching's dynamic batcher: how long a lone request waits for company")
+    vocoder_max_batch_size: int = setting(8, "the vocoder model's dynamic batch")
+    vocoder_queue_delay_us: int = setting(500, "the vocoder model's dynamic batcher delay")
+    gpus: list[int] = setting([0], "GPU ids for flow-matching, vocoder and streaming instances, e.g. 0,1")
+    flow_instances_per_device: int = setting(1, "flow-matching instances per GPU (or on the CPU); 2: a dead one "
+                                                "leaves one serving (twice the model's memory)", flag="flow_instances")
+    flow_standby: bool = setting(True, "the passive flow_matching instance that lets requests wait out a restart")
+    vocoder_instances_per_device: int = setting(1, "vocoder instances per GPU", flag="vocoder_instances")
+    preprocess_instances: int = setting(2, "preprocess instances")
+    postprocess_instances: int = setting(2, "postprocess instances")
+    dit_engine: str = setting("torch", "the DiT step's engine", choices=ENGINES)
+    dit_engine_path: Path | None = setting(None, ".onnx or .plan of the DiT step")
+    dit_compile: bool | None = setting(None, "torch engine on GPU: torch.compile the DiT step")
+    dit_cuda_graphs: bool | None = setting(None, "torch engine on GPU: CUDA graphs per frame bucket")
+    dit_graph_max_rows: int = setting(2, "gpu target: DiT batches of more rows (2 per request) run packed, without "
+                                         "CUDA graphs", flag="graph_max_rows")
+    dit_graph_steps: int = setting(8, "gpu target: ODE steps per CUDA-graph replay (requests cancel between "
+                                      "replays); 0 = per step", flag="graph_steps")
+    dit_graph_max_tokens: int = setting(12288, "gpu target: packed DiT batches of up to this many tokens (2 per "
+                                               "frame of a request) replay CUDA graphs too; 0 = none",
+                                        flag="graph_max_tokens")
+    warmup: bool | None = setting(None, "compile and capture CUDA graphs at load, before the server is ready")
     # torch CPU threads per python-backend instance: CPU stages, and GPU instances (0 = one per core, torch's
     # default, kept for flow matching and the vocoder on the cpu target, where the DiT itself runs on them)
-    torch_threads: int = 2
-    vocoder_engine: str = "torch"  # for the python vocoder: torch | onnxruntime | tensorrt (TensorRT-RTX plans)
-    vocoder_engine_path: Path | None = None
-    vocoder_plan: Path | None = None  # trt target: the Vocos TensorRT plan
-    # flow_matching vocodes its batch in its own process (no second CUDA context time-slicing the GPU);
-    # default on for gpu, off for cpu and trt (whose vocoder is the native tensorrt_plan model)
-    vocoder_in_flow: bool | None = None
-    engine_fallback: bool = True
-    max_queue_size: int = 64
-    queue_timeout_us: int = 60_000_000
-    limits: dict[str, str] = field(default_factory=dict)  # Limits overrides, e.g. {"max_text_bytes": "1000"}
-    streaming: bool = True  # render f5_tts_streaming
-    streaming_instances_per_device: int = 1  # each batches its streams (stream_scheduler), with its own DiT + vocoder
-    streaming_granularity: str = "cohort"  # how streams share the DiT: "cohort" or "chunk" (docs/streaming.md)
-    streaming_max_streams: int = 16  # streams generated together per instance; more wait
-    streaming_max_queued: int = 64  # streams waiting per instance; more are refused with UNAVAILABLE (retry)
-    streaming_pacing: PacingConfig = DEFAULT_PACING  # admission by playback deadline, the queue's time limit
-    first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES  # streaming: UTF-8 bytes of the first chunk (split_for_streaming)
-    reference_cache_entries: int = int(REFERENCE_CACHE_DEFAULTS["entries"])  # preprocess + streaming; 0 = off
-    reference_cache_mb: float = REFERENCE_CACHE_DEFAULTS["mb"]
-    output_cache_entries: int = int(OUTPUT_CACHE_DEFAULTS["entries"])  # both models, seeded requests only; 0 = off
-    output_cache_mb: float = OUTPUT_CACHE_DEFAULTS["mb"]
+    torch_threads: int = setting(2, "torch CPU threads per python-backend instance (the cpu target's DiT and vocoder "
+                                    "keep every core)")
+    vocoder_engine: str = setting("torch", "python vocoder's engine (tensorrt: TensorRT-RTX plans, which the trt "
+                                           "target's native tensorrt_plan model cannot load)", choices=ENGINES)
+    vocoder_engine_path: Path | None = setting(None, ".onnx or .plan of Vocos for --vocoder-engine")
+    vocoder_plan: Path | None = setting(None, "trt target: Vocos TensorRT plan")
+    vocoder_in_flow: bool | None = setting(None, "flow_matching vocodes its batch in its own process and sends "
+                                                 "postprocess waveforms (no second CUDA context time-slicing the GPU)")
+    engine_fallback: bool = setting(True, "fall back to torch when an engine cannot load", flag="fallback")
+    max_queue_size: int = setting(64, "requests waiting before rejection")
+    queue_timeout_us: int = setting(60_000_000, "queued longer -> rejected")
+    limits: dict[str, str] = setting({}, "request limits (config.Limits), e.g. {\"max_text_bytes\": \"1000\"}",
+                                     flag="limit_")
+    streaming: bool = setting(True, "render the f5_tts_streaming model")
+    streaming_instances_per_device: int = setting(1, "f5_tts_streaming instances per GPU, each batching its streams "
+                                                     "with its own DiT and vocoder", flag="streaming_instances")
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-        on_gpu = self.target != "cpu"
-        self.dtype = self.dtype or ("fp16" if on_gpu else "fp32")
-        self.max_batch_size = self.max_batch_size or (8 if on_gpu else 4)
-        self.warmup = on_gpu if self.warmup is None else self.warmup
-        if not self.preferred_batch_sizes:
-            self.preferred_batch_sizes = sorted({max(1, self.max_batch_size // 2), self.max_batch_size})
         if self.target == "trt":
             self.dit_engine = "tensorrt"
             if self.dit_engine_path is None or self.vocoder_plan is None:
@@ -115,8 +161,158 @@ class RepositoryOptions:
             if self.vocoder_in_flow:
                 raise ValueError("--vocoder-in-flow is for the cpu and gpu targets: the trt target's vocoder is "
                                  "its own tensorrt_plan model")
-        if self.vocoder_in_flow is None:
-            self.vocoder_in_flow = self.target == "gpu"
+        for name, default in TARGET_DEFAULTS[self.target].items():
+            value = getattr(self, name)
+            if value is None or (not isinstance(value, bool) and not value):
+                setattr(self, name, default)
+        if not self.preferred_batch_sizes:
+            self.preferred_batch_sizes = sorted({max(1, self.max_batch_size // 2), self.max_batch_size})
+
+
+def options_type(sections: tuple[Section, ...] = SECTIONS) -> type:
+    """The repository's options: `_Options` and the fields of `sections`, each a flag, parameters and an
+    environment name of its own."""
+    extra = []
+    for section in sections:
+        if section.nested:
+            extra.append((section.nested, type(section.defaults), field(default=section.defaults,
+                                                                        metadata={"section": section})))
+            continue
+        for f in dataclasses.fields(section.defaults):
+            extra.append((section.option + f.name, f.type,
+                          field(default=f.default, metadata={**f.metadata, "section": section, "name": f.name})))
+    return dataclasses.make_dataclass("RepositoryOptions", extra, bases=(_Options,),
+                                      namespace={"__doc__": _Options.__doc__, "__module__": __name__})
+
+
+RepositoryOptions = options_type()
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of a repository option (`part`: the section field or limit it sets, if any)."""
+
+    option: str
+    part: str | None
+    dest: str
+    kwargs: dict
+    environ: bool = True  # also read from the environment (`F5_REPO_<FLAG>`)
+
+    @property
+    def name(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "F5_REPO_" + self.dest.upper()
+
+
+_KINDS = {"int": int, "float": float, "str": str, "Path": Path}
+
+
+def _flag_kwargs(kind: str | type, default, meta) -> dict:
+    kind = (kind if isinstance(kind, str) else kind.__name__).removesuffix(" | None")
+    kwargs = {"default": list(default) if isinstance(default, list) else default, "help": meta["help"]}
+    kwargs.update((key, meta[key]) for key in ("choices", "required") if key in meta)
+    if kind == "bool":
+        return {**kwargs, "action": argparse.BooleanOptionalAction}
+    if kind == "list[int]":
+        return {**kwargs, "type": lambda text: [int(x) for x in text.split(",")]}
+    return {**kwargs, "type": _KINDS[kind]}
+
+
+def _help(f: dataclasses.Field, section: Section | None) -> str:
+    """A flag's help: the setting's, after the models that read it, with the targets' defaults."""
+    text = f.metadata["help"]
+    if section is not None:
+        text = f"{', '.join(section.models_of(f.metadata.get('name', f.name)))}: {text}"
+    if f.name in TARGET_DEFAULTS["cpu"]:
+        text += " (default: " + ", ".join(f"{target} {values[f.name]}" for target, values in TARGET_DEFAULTS.items()) + ")"
+    return text
+
+
+def repository_flags(options: type = None) -> list[Flag]:
+    """Every flag of `options` (default :data:`RepositoryOptions`), in field order."""
+    flags = []
+    for f in dataclasses.fields(options or RepositoryOptions):
+        meta = f.metadata
+        section = meta.get("section")
+        if section is not None and section.nested:
+            flags += [Flag(f.name, part.name, section.flag_prefix + part.name,
+                           _flag_kwargs(part.type, part.default, {**part.metadata, "help": _help(part, section)}))
+                      for part in dataclasses.fields(section.defaults)]
+        elif f.name == "limits":
+            flags += [Flag(f.name, part.name, meta["flag"] + part.name,
+                           {"help": f"requests' {part.name} (config.Limits; default {part.default})",
+                            "type": _KINDS[part.type]})
+                      for part in dataclasses.fields(Limits)]
+        elif meta.get("flag", f.name) is not None:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flags.append(Flag(f.name, None, meta.get("flag", f.name),
+                              _flag_kwargs(f.type, default, {**meta, "help": _help(f, section)}),
+                              environ=meta.get("environ", True)))
+    return flags
+
+
+def add_repository_arguments(parser: argparse.ArgumentParser, options: type = None) -> None:
+    """The options of a rendered repository as command-line arguments (scripts/build_model_repo.py,
+    `f5-triton build repository`); :func:`options_from_args` turns them into :class:`RepositoryOptions`."""
+    for flag in repository_flags(options):
+        parser.add_argument(flag.name, dest=flag.dest, **flag.kwargs)
+
+
+def options_from_args(args: argparse.Namespace, ckpt: Path, vocab: Path, vocoder: Path,
+                      options: type = None) -> RepositoryOptions:
+    """:class:`RepositoryOptions` from the arguments of :func:`add_repository_arguments`."""
+    options = options or RepositoryOptions
+    values: dict = {"ckpt": ckpt, "vocab": vocab, "vocoder": vocoder, "arch": getattr(args, "arch", None)}
+    parts: dict[str, dict] = {}
+    for flag in repository_flags(options):
+        value = getattr(args, flag.dest)
+        if flag.part is None:
+            values[flag.option] = value
+        elif value is not None:
+            parts.setdefault(flag.option, {})[flag.part] = value
+    for f in dataclasses.fields(options):
+        if f.name in parts or f.name == "limits":
+            values[f.name] = (parts.get(f.name, {}) if f.name == "limits"
+                              else dataclasses.replace(f.default, **parts[f.name]))
+    return options(**values)
+
+
+def environment_arguments(environ: Mapping[str, str], options: type = None) -> list[str]:
+    """Flags for the options that `environ` sets, as `F5_REPO_<FLAG>` (F5_REPO_FIRST_CHUNK_BYTES=30,
+    F5_REPO_WARMUP=false): what run.sh, compose and the K8s manifests pass to `f5-triton build repository`."""
+    args = []
+    for flag in repository_flags(options):
+        value = environ.get(flag.env, "") if flag.environ else ""
+        if value == "":
+            continue
+        if flag.kwargs.get("action") is argparse.BooleanOptionalAction:
+            try:
+                args.append(flag.name if parse_bool(value) else "--no-" + flag.name[2:])
+            except ValueError:
+                raise ValueError(f"{flag.env} must be true or false (1/yes/on or 0/no/off), got {value!r}") from None
+        else:
+            args += [flag.name, value]
+    return args
+
+
+def _section_parameters(options) -> dict[str, dict[str, object]]:
+    """The sections' parameters of each model: `<param><name>` -> value (booleans as true/false)."""
+    per_model: dict[str, dict[str, object]] = {}
+    for f in dataclasses.fields(options):
+        section = f.metadata.get("section")
+        if section is None:
+            continue
+        value = getattr(options, f.name)
+        parts = ([(part.name, getattr(value, part.name)) for part in dataclasses.fields(section.defaults)]
+                 if section.nested else [(f.metadata["name"], value)])
+        for name, part in parts:
+            for model in section.models_of(name):
+                per_model.setdefault(model, {})[section.param + name] = str(part).lower() if isinstance(part, bool) \
+                    else part
+    return per_model
 
 
 def _field_block(fields: tuple[WireField, ...], ragged: bool = False, all_optional: bool = False) -> str:
@@ -166,83 +362,6 @@ def _flow_instances(model: str, count: int, kind: str, gpus: list[int], standby:
     return ",\n".join(rows)
 
 
-def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a rendered repository as command-line arguments (scripts/build_model_repo.py,
-    `f5-triton build repository`); :func:`options_from_args` turns them into :class:`RepositoryOptions`."""
-    parser.add_argument("--target", required=True, choices=TARGETS)
-    parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps,
-                        help="default ODE steps when a request sends none")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="GPU precision (default fp16)")
-    parser.add_argument("--max-batch-size", type=int, help="flow-matching dynamic batch (default 4 cpu, 8 gpu)")
-    parser.add_argument("--preferred-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--queue-delay-us", type=int, default=500,
-                        help="flow matching's dynamic batcher: how long a lone request waits for company")
-    parser.add_argument("--max-queue-size", type=int, default=64, help="requests waiting before rejection")
-    parser.add_argument("--queue-timeout-us", type=int, default=60_000_000, help="queued longer -> rejected")
-    parser.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[0],
-                        help="GPU ids for flow-matching and vocoder instances, e.g. 0,1")
-    parser.add_argument("--flow-instances", type=int, default=1,
-                        help="flow-matching instances per GPU (or on the CPU); 2: a dead one leaves one serving")
-    parser.add_argument("--vocoder-instances", type=int, default=1, help="vocoder instances per GPU")
-    parser.add_argument("--preprocess-instances", type=int, default=2)
-    parser.add_argument("--postprocess-instances", type=int, default=2)
-    parser.add_argument("--dit-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    parser.add_argument("--dit-engine-path", help=".onnx or .plan of the DiT step")
-    parser.add_argument("--vocoder-engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
-                        help="python vocoder's engine (tensorrt: TensorRT-RTX plans, which the trt target's "
-                             "native tensorrt_plan model cannot load)")
-    parser.add_argument("--vocoder-engine-path", help=".onnx or .plan of Vocos for --vocoder-engine")
-    parser.add_argument("--vocoder-plan", help="trt target: Vocos TensorRT plan")
-    parser.add_argument("--vocoder-in-flow", action=argparse.BooleanOptionalAction, default=None,
-                        help="flow_matching vocodes its batch in its own process and sends postprocess waveforms "
-                             "(default: on for gpu, off for cpu; trt: off, its vocoder is a tensorrt_plan model)")
-    parser.add_argument("--graph-steps", type=int, default=8,
-                        help="gpu target: ODE steps per CUDA-graph replay (requests cancel between replays); 0 = per step")
-    parser.add_argument("--graph-max-rows", type=int, default=2,
-                        help="gpu target: DiT batches of more rows (2 per request) run without CUDA graphs")
-    parser.add_argument("--graph-max-tokens", type=int, default=RepositoryOptions.dit_graph_max_tokens,
-                        help="gpu target: packed DiT batches of up to this many tokens (2 per frame of a request) "
-                             "replay CUDA graphs too; 0 = none")
-    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile and capture CUDA graphs at load, before the server is ready (default: on for GPU "
-                             "targets)")
-    parser.add_argument("--no-streaming", action="store_true", help="leave out the f5_tts_streaming model")
-    parser.add_argument("--streaming-granularity", choices=["cohort", "chunk"], default="cohort",
-                        help="f5_tts_streaming: how streams share the DiT (docs/streaming.md): new streams' first chunks "
-                             "between segments of the others' (cohort), or in the next round of whole chunks (chunk)")
-    parser.add_argument("--streaming-max-streams", type=int, default=16,
-                        help="f5_tts_streaming: streams generated together per instance (more wait)")
-    parser.add_argument("--streaming-max-queued", type=int, default=64,
-                        help="f5_tts_streaming: streams waiting per instance; more are refused with UNAVAILABLE")
-    for f in dataclasses.fields(PacingConfig):
-        default = getattr(DEFAULT_PACING, f.name)
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
-        parser.add_argument(f"--stream-pacing-{f.name.replace('_', '-')}", dest=f"stream_pacing_{f.name}",
-                            default=default, help=f"f5_tts_streaming: {f.metadata['help']}", **kind)
-    parser.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to torch")
-
-
-def options_from_args(args: argparse.Namespace, ckpt: Path, vocab: Path, vocoder: Path) -> RepositoryOptions:
-    """:class:`RepositoryOptions` from the arguments of :func:`add_repository_arguments`."""
-    return RepositoryOptions(
-        target=args.target, ckpt=ckpt, vocab=vocab, vocoder=vocoder, arch=args.arch, nfe_steps=args.nfe,
-        dtype=args.dtype, max_batch_size=args.max_batch_size, preferred_batch_sizes=args.preferred_batch_sizes,
-        queue_delay_us=args.queue_delay_us, max_queue_size=args.max_queue_size,
-        queue_timeout_us=args.queue_timeout_us, gpus=args.gpus, flow_instances_per_device=args.flow_instances,
-        vocoder_instances_per_device=args.vocoder_instances, preprocess_instances=args.preprocess_instances,
-        postprocess_instances=args.postprocess_instances, dit_engine=args.dit_engine,
-        dit_engine_path=args.dit_engine_path, vocoder_engine=args.vocoder_engine,
-        vocoder_engine_path=args.vocoder_engine_path, vocoder_plan=args.vocoder_plan,
-        vocoder_in_flow=args.vocoder_in_flow,
-        dit_graph_steps=args.graph_steps, dit_graph_max_rows=args.graph_max_rows,
-        dit_graph_max_tokens=args.graph_max_tokens,
-        warmup=args.warmup, streaming=not args.no_streaming, engine_fallback=not args.no_fallback,
-        streaming_granularity=args.streaming_granularity, streaming_max_streams=args.streaming_max_streams,
-        streaming_max_queued=args.streaming_max_queued,
-        streaming_pacing=PacingConfig(**{f.name: getattr(args, f"stream_pacing_{f.name}")
-                                         for f in dataclasses.fields(PacingConfig)}))
-
-
 def render(options: RepositoryOptions, output: str | Path, templates: Path = TEMPLATES) -> Path:
     """Write a complete model repository to `output` (replaced if it exists)."""
     from f5_triton.checkpoints import is_random_checkpoint
@@ -287,26 +406,19 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "vocoder_instances": _instances(options.vocoder_instances_per_device, kind, options.gpus),
         "streaming_instances": _instances(options.streaming_instances_per_device, kind, options.gpus),
     }
-    reference_cache = {"reference_cache_entries": options.reference_cache_entries,
-                       "reference_cache_mb": options.reference_cache_mb}
-    # one output cache policy for both served models: f5_tts keeps its outputs in flow_matching
-    output_cache = {"output_cache_entries": options.output_cache_entries, "output_cache_mb": options.output_cache_mb}
     per_model = {
         "preprocess": {"vocab": common["vocab"], "nfe_steps": options.nfe_steps,
-                       "sway_sampling_coef": options.sway_sampling_coef, **reference_cache,
+                       "sway_sampling_coef": options.sway_sampling_coef,
                        **{k: v for k, v in common.items() if k.startswith("limit_")}},
         "flow_matching": {**common, "dit_engine": options.dit_engine,
-                          "dit_compile": str(options.target == "gpu" if options.dit_compile is None
-                                             else options.dit_compile).lower(),
-                          "dit_cuda_graphs": str(options.target == "gpu" if options.dit_cuda_graphs is None
-                                                 else options.dit_cuda_graphs).lower(),
+                          "dit_compile": str(options.dit_compile).lower(),
+                          "dit_cuda_graphs": str(options.dit_cuda_graphs).lower(),
                           "dit_graph_steps": options.dit_graph_steps,
                           "dit_graph_max_rows": options.dit_graph_max_rows,
                           "dit_graph_max_tokens": options.dit_graph_max_tokens,
                           "warmup_requests": options.max_batch_size if options.warmup else 0,
                           "warmup_nfe_steps": options.nfe_steps,
-                          "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve(),
-                          **output_cache},
+                          "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
         "postprocess": {"vocoder_model": "vocoder"},
         "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
                     **{k: v for k, v in common.items() if k.startswith("limit_")},
@@ -322,12 +434,9 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
            if options.target == "trt" else
            {k: v for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine")}),
         "warmup_requests": options.streaming_max_streams if options.warmup else 0,
-        "first_chunk_bytes": options.first_chunk_bytes, **reference_cache,
-        "granularity": options.streaming_granularity, "max_streams": options.streaming_max_streams,
-        "max_queued": options.streaming_max_queued,
-        **{f"pacing_{f.name}": str(getattr(options.streaming_pacing, f.name)).lower()
-           for f in dataclasses.fields(PacingConfig)},
     }
+    for name, params in _section_parameters(options).items():  # one output cache policy for both served models
+        per_model[name].update(params)
     # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine settings
     per_model["flow_matching"]["vocode"] = str(options.vocoder_in_flow).lower()
     if options.vocoder_in_flow:
