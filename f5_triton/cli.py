@@ -182,7 +182,7 @@ def _engine_dir(args) -> Path:
 
 def _environment_arguments() -> list[str]:
     """scripts/build_model_repo.py flags for the repository options the environment sets (`F5_REPO_<FLAG>`)."""
-    from f5_triton.serving.repository import environment_arguments
+    from f5_triton.repository import environment_arguments
 
     try:
         return environment_arguments(os.environ)

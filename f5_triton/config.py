@@ -112,7 +112,7 @@ def setting(default, help: str, **meta):
     """A serving setting: a dataclass field with its one default and its `help` in the field's metadata.
 
     Sections of the serving configuration (`PacingConfig`, `StreamingConfig`, `SchedulerConfig`, `CacheConfig`,
-    and `serving.repository.RepositoryOptions`) declare their fields with it; `serving.repository` turns each into a
+    and `repository.RepositoryOptions`) declare their fields with it; `repository` turns each into a
     command-line flag, an environment name and model-config parameters, which the models read back once at load
     (`settings_from`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
     `choices`, `required`, `environ` (False: not read from the environment)."""

@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def repository_options(checkpoint: Path, **options):
-    from f5_triton.serving.repository import RepositoryOptions
+    from f5_triton.repository import RepositoryOptions
 
     return RepositoryOptions(target="gpu", ckpt=checkpoint / "model.safetensors", vocab=checkpoint / "vocab.txt",
                              vocoder=checkpoint / "vocos", arch=ARCH, nfe_steps=NFE, **options)
@@ -57,7 +57,7 @@ def flow_params(checkpoint, tmp_path_factory) -> dict[str, str]:
     packed graphs up to its token limit, the vocoder in the same process)."""
     from test_repository import parse
 
-    from f5_triton.serving.repository import render
+    from f5_triton.repository import render
 
     repo = render(repository_options(checkpoint), tmp_path_factory.mktemp("gpu_repo") / "model_repo")
     params = {k: v.string_value for k, v in parse(repo / "flow_matching" / "config.pbtxt").parameters.items()}

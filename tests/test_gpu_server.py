@@ -27,7 +27,7 @@ SOAK_MAX_GPU_GROWTH = 0.02
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):  # noqa: F811
-    from f5_triton.serving.repository import render
+    from f5_triton.repository import render
     from f5_triton.supervisor.server import TritonServer, free_port
 
     repo = render(repository_options(checkpoint, max_batch_size=16, preferred_batch_sizes=[8, 16]),

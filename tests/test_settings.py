@@ -16,7 +16,7 @@ from f5_triton.config import (DEFAULT_CACHES, DEFAULT_LIMITS, DEFAULT_SAMPLING, 
                               SchedulerConfig, setting, settings_from)
 from f5_triton.model_paths import add_model_args, resolve_model_paths
 from f5_triton.request import STREAMING_MODEL
-from f5_triton.serving.repository import (SECTIONS, RepositoryOptions, Section, add_repository_arguments,
+from f5_triton.repository import (SECTIONS, RepositoryOptions, Section, add_repository_arguments,
                                           environment_arguments, options_from_args, options_type, render,
                                           repository_flags)
 

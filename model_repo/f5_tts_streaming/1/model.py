@@ -71,12 +71,9 @@ class TritonSink:
         self.sender.send(triton_io.error_response(error, self.metrics), flags=FINAL)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        params = triton_io.parameters(args)
-        triton_io.set_torch_threads(params)
-        device = triton_io.device(args)
-        model = args["model_name"]
+class TritonPythonModel(triton_io.Adapter):
+    def load(self, args):
+        params, device, model = self.params, triton_io.device(args), self.name
         reference_cache = cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
                                             metrics.cache_observer(model, "reference"))
         output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
@@ -88,7 +85,6 @@ class TritonPythonModel:
                                         **dataclasses.asdict(settings_from(params, DEFAULT_STREAMING)))
         self.scheduler = StreamScheduler(streamer, **dataclasses.asdict(settings_from(params, DEFAULT_SCHEDULER)),
                                          pacing=settings_from(params, DEFAULT_PACING, "pacing_")).start()
-        self.metrics = metrics.Metrics(model)
         self.sampling = factories.sampling_from_params(params)
         if warmed_up:
             seconds = self.scheduler.warm_up(self.sampling)

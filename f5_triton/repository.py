@@ -37,7 +37,7 @@ from f5_triton.config import (DEFAULT_CACHES, DEFAULT_PACING, DEFAULT_SAMPLING, 
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_repo"
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_repo"
 TARGETS = ("cpu", "gpu", "trt")
 STEP_MODELS = (MODEL, "preprocess", "flow_matching", "postprocess", "vocoder")
 
@@ -227,7 +227,7 @@ def _help(f: dataclasses.Field, section: Section | None) -> str:
     if section is not None:
         text = f"{', '.join(section.models_of(f.metadata.get('name', f.name)))}: {text}"
     if f.name in TARGET_DEFAULTS["cpu"]:
-        text += " (default: " + ", ".join(f"{target} {values[f.name]}" for target, values in TARGET_DEFAULTS.items()) + ")"
+        text += f" (default: {', '.join(f'{target} {values[f.name]}' for target, values in TARGET_DEFAULTS.items())})"
     return text
 
 
