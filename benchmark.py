@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from f5_triton import bench
+from benchmarks import bench
 from f5_triton.client import default_metrics_url, default_url
 from f5_triton.config import DEFAULT_SAMPLING, DEFAULT_SCHEDULER, SAMPLE_RATE
 from f5_triton.request import MODEL, STREAMING_MODEL

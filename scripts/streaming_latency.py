@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = REPO / "examples" / "basic_ref_en.flac"
 DEFAULT_REFERENCE_TEXT = "Some call me nature, others call me mother nature."
@@ -29,7 +31,7 @@ THIRTY_SECONDS = (
 
 def build(args):
     """The streaming synthesizer over the pipeline the engine options describe."""
-    from f5_triton.bench import tts_from_args
+    from benchmarks.bench import tts_from_args
     from f5_triton.streaming import StreamingSynthesizer
 
     tts, args.dtype = tts_from_args(args)
@@ -38,7 +40,7 @@ def build(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from f5_triton.bench import add_engine_args
+    from benchmarks.bench import add_engine_args
     from f5_triton.config import DEFAULT_SAMPLING, DEFAULT_STREAMING
     from f5_triton.model_paths import add_model_args
 

@@ -2,7 +2,7 @@
 
 ground (config, errors) → domain (text, audio, model, vocoder, request; sampler, checkpoints and pacing over them)
 → model_paths, engines → export → cache, guards → pipeline → streaming → stream_scheduler → hosts (client, serving,
-supervisor) → repository → gateway, build → cli → bench → soak. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
+supervisor) → repository → gateway, build → cli. Benchmark and soak support (benchmarks/) is outside the package. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
 never one ranked the same or higher. A new module must be given its place here.
 """
 
@@ -30,8 +30,6 @@ RANKS: dict[str, int] = {
     "f5_triton.repository": 10,
     "f5_triton.gateway": 11, "f5_triton.build": 11,
     "f5_triton.cli": 12,
-    "f5_triton.bench": 13,
-    "f5_triton.soak": 14,
 }
 
 
