@@ -67,14 +67,27 @@ ARCHITECTURES: dict[str, DiTConfig] = {
 }
 
 
+def setting(default, help: str, **meta):
+    """A serving setting: a dataclass field with its one default and its `help` in the field's metadata.
+
+    Sections of the serving configuration (`SamplingConfig`, `PacingConfig`, `StreamingConfig`, `SchedulerConfig`,
+    `CacheConfig`, and `repository.RepositoryOptions`) declare their fields with it; `repository` turns each into a
+    command-line flag, an environment name and model-config parameters, which the models read back once at load
+    (`settings_from`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
+    `choices`, `required`, `environ` (False: not read from the environment)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Defaults of upstream `infer_process` / `CFM.sample`."""
+    """Defaults of upstream `infer_process` / `CFM.sample`: a served model's where a request sends none."""
 
-    nfe_steps: int = 32
-    cfg_strength: float = 2.0
-    sway_sampling_coef: float = -1.0
-    speed: float = 1.0
+    nfe_steps: int = setting(32, "ODE steps when a request sends none (16 or 7: faster)", flag="nfe")
+    cfg_strength: float = setting(2.0, "classifier-free guidance strength when a request sends none")
+    sway_sampling_coef: float = setting(-1.0, "sway sampling of the time grid (not a request field)")
+    speed: float = setting(1.0, "speaking rate when a request sends none")
 
 
 @dataclass(frozen=True)
@@ -106,19 +119,6 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-
-
-def setting(default, help: str, **meta):
-    """A serving setting: a dataclass field with its one default and its `help` in the field's metadata.
-
-    Sections of the serving configuration (`PacingConfig`, `StreamingConfig`, `SchedulerConfig`, `CacheConfig`,
-    and `repository.RepositoryOptions`) declare their fields with it; `repository` turns each into a
-    command-line flag, an environment name and model-config parameters, which the models read back once at load
-    (`settings_from`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
-    `choices`, `required`, `environ` (False: not read from the environment)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class Section:
 
 
 SECTIONS = (
+    Section(DEFAULT_SAMPLING, models=("preprocess", STREAMING_MODEL)),
     Section(DEFAULT_SCHEDULER, models=(STREAMING_MODEL,), option="streaming_"),
     Section(DEFAULT_PACING, models=(STREAMING_MODEL,), nested="streaming_pacing", flag="stream_pacing_",
             param="pacing_"),
@@ -102,8 +103,6 @@ class _Options:
     vocab: Path = setting(None, "the vocabulary", flag=None)
     vocoder: Path = setting(None, "the Vocos folder", flag=None)
     arch: str | None = setting(None, "architecture when no model.yaml is beside the checkpoint", flag=None)
-    nfe_steps: int = setting(DEFAULT_SAMPLING.nfe_steps, "default ODE steps when a request sends none", flag="nfe")
-    sway_sampling_coef: float = setting(DEFAULT_SAMPLING.sway_sampling_coef, "sway sampling of the time grid")
     dtype: str | None = setting(None, "GPU precision", choices=sorted(DTYPES))
     max_batch_size: int | None = setting(None, "flow-matching dynamic batch (requests)")
     preferred_batch_sizes: list[int] | None = setting(None, "flow matching's preferred batches (default: half and "
@@ -407,9 +406,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "streaming_instances": _instances(options.streaming_instances_per_device, kind, options.gpus),
     }
     per_model = {
-        "preprocess": {"vocab": common["vocab"], "nfe_steps": options.nfe_steps,
-                       "sway_sampling_coef": options.sway_sampling_coef,
-                       **{k: v for k, v in common.items() if k.startswith("limit_")}},
+        "preprocess": {"vocab": common["vocab"], **{k: v for k, v in common.items() if k.startswith("limit_")}},
         "flow_matching": {**common, "dit_engine": options.dit_engine,
                           "dit_compile": str(options.dit_compile).lower(),
                           "dit_cuda_graphs": str(options.dit_cuda_graphs).lower(),
@@ -428,7 +425,7 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
     # what a client can read back from the models' config (f5_triton.client.random_weights)
     weights = {"checkpoint": common["ckpt"], "random_weights": str(is_random_checkpoint(options.ckpt)).lower()}
     per_model[STREAMING_MODEL] = {**weights,
-        **per_model["flow_matching"], "nfe_steps": options.nfe_steps, "sway_sampling_coef": options.sway_sampling_coef,
+        **per_model["flow_matching"],
         # the trt target's Vocos plan runs in process through the tensorrt engine
         **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
            if options.target == "trt" else
