@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from f5_triton import bench
+from benchmarks import bench
 from f5_triton.client import default_metrics_url, default_url
-from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE
+from f5_triton.config import DEFAULT_SAMPLING, DEFAULT_SCHEDULER, SAMPLE_RATE
 from f5_triton.request import MODEL, STREAMING_MODEL
 
 
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     stream.add_argument("--streaming", action="store_true",
                         help="stream each request (server: f5_tts_streaming; offline: the stream scheduler in "
                              "process, at --concurrency)")
-    stream.add_argument("--granularity", choices=["cohort", "chunk"], default="cohort", help="offline --streaming")
+    stream.add_argument("--granularity", choices=["cohort", "chunk"], default=DEFAULT_SCHEDULER.granularity, help="offline --streaming")
     stream.add_argument("--max-streams", type=int, default=32, help="offline --streaming: streams batched at once")
     stream.add_argument("--profile", nargs="?", const="", metavar="DIR",
                         help="offline --streaming: torch.profiler over each row of the last pass (every thread's host "

@@ -172,7 +172,7 @@ server_pid() {  # the pid of the server stage 4 started (background or foregroun
 # container image); on a fresh checkout, create .venv first (scripts/setup_env.sh: needs PyPI).
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python
-  elif python3 -c "import torch, tritonclient, f5_triton.serving.repository" >/dev/null 2>&1; then PYTHON=python3
+  elif python3 -c "import torch, tritonclient, f5_triton.repository" >/dev/null 2>&1; then PYTHON=python3
   elif [ "$COMMAND" = stop ]; then die "no Python environment with f5-triton (set PYTHON): no server of this checkout runs"
   else
     say "no Python environment with f5-triton yet: creating .venv (bash scripts/setup_env.sh, a few minutes)"

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from f5_triton.config import DEFAULT_LIMITS
 from f5_triton.errors import CheckpointError
 from f5_triton.model_paths import find_vocoder
 
@@ -266,7 +267,7 @@ def engine_dir(engine_root: Path, label: str) -> Path:
 def engine_batches(max_batch_size: int | None = None) -> dict[str, int]:
     """Requests per batch that the plans must take: the flow-matching batch of the rendered repository
     (``max_batch_size``, else the repository's GPU default) for the DiT step, its vocoder batch for Vocos."""
-    from f5_triton.serving.repository import RepositoryOptions
+    from f5_triton.repository import RepositoryOptions
 
     options = RepositoryOptions("gpu", Path(), Path(), Path(), max_batch_size=max_batch_size or None)
     return {"dit_step": int(options.max_batch_size), "vocoder": options.vocoder_max_batch_size}
@@ -313,7 +314,7 @@ def export_onnx(network: str, files: ModelFiles, onnx_dir: Path, precision: str 
 
 
 def build_plan(network: str, onnx_dir: Path, engines: Path, requests: int, precision: str = "fp16",
-               max_frames: int = 4096, workspace_gib: float = 4.0, log: Log = print) -> Path:
+               max_frames: int = DEFAULT_LIMITS.max_mel_frames, workspace_gib: float = 4.0, log: Log = print) -> Path:
     """ENGINE_DIR/<network>.plan from its ONNX file, for up to ``requests`` requests, unless up to date."""
     out = engines / f"{network}.plan"
     suffix = onnx_suffix(precision)
@@ -395,7 +396,7 @@ def render_repository(output: Path, model_dir: Path, settings: RepositorySetting
     """Stage 3: render the model repository at ``output`` unless it is up to date."""
     import argparse
 
-    from f5_triton.serving import repository
+    from f5_triton import repository
 
     if output.resolve() == repository.TEMPLATES.resolve():
         raise BuildError(f"MODEL_REPO must not be {repository.TEMPLATES}: that folder holds the templates")

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from f5_triton.config import DEFAULT_CACHES
+
 if TYPE_CHECKING:
     from f5_triton.request import SynthesisRequest
 
@@ -205,9 +207,9 @@ def bound_key(key: str, arrays: dict[str, np.ndarray]) -> str:
 
 # --------------------------------------------------------------------------- configuration
 
-# Defaults: a 12 s reference is ~450 kB of mel, a 30 s output ~2.9 MB of float32.
-REFERENCE_CACHE_DEFAULTS = {"entries": 128, "mb": 64.0}
-OUTPUT_CACHE_DEFAULTS = {"entries": 32, "mb": 128.0}
+# Defaults: config.CacheConfig
+REFERENCE_CACHE_DEFAULTS = {"entries": DEFAULT_CACHES.reference_cache_entries, "mb": DEFAULT_CACHES.reference_cache_mb}
+OUTPUT_CACHE_DEFAULTS = {"entries": DEFAULT_CACHES.output_cache_entries, "mb": DEFAULT_CACHES.output_cache_mb}
 
 
 def cache_from_params(params: dict[str, str], name: str, defaults: dict[str, float],

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from f5_triton.build import BuildError
-from f5_triton.config import DTYPES
+from f5_triton.config import DEFAULT_LIMITS, DTYPES
 from f5_triton.errors import CheckpointError, InvalidInputError
 from f5_triton.model_paths import add_model_args, resolve_model_paths
 from f5_triton.supervisor.errors import TritonServerError
@@ -180,6 +180,16 @@ def _engine_dir(args) -> Path:
     return engine_dir(Path(args.engine_root), args.label)
 
 
+def _environment_arguments() -> list[str]:
+    """scripts/build_model_repo.py flags for the repository options the environment sets (`F5_REPO_<FLAG>`)."""
+    from f5_triton.repository import environment_arguments
+
+    try:
+        return environment_arguments(os.environ)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+
+
 def cmd_build(args) -> int:
     from f5_triton import build
 
@@ -204,7 +214,7 @@ def cmd_build(args) -> int:
         settings = build.RepositorySettings(
             args.backend, args.target, arch=args.arch, engines=_engine_dir(args) if args.backend == "trt" else None,
             max_batch_size=args.max_batch_size, nfe=args.nfe, dtype=args.dtype, gpus=args.gpus,
-            flow_instances=args.flow_instances, extra=tuple(args.repo_args.split()))
+            flow_instances=args.flow_instances, extra=(*_environment_arguments(), *args.repo_args.split()))
         build.render_repository(Path(args.output), Path(args.model_dir), settings)
     return 0
 
@@ -242,7 +252,8 @@ def add_build_commands(sub: argparse._SubParsersAction) -> None:
         model_args(network)
         network.add_argument("--onnx-dir", required=True, help="folder of the ONNX files")
         engine_args(network)
-        network.add_argument("--max-frames", type=int, default=4096, help="longest mel the plans take")
+        network.add_argument("--max-frames", type=int, default=DEFAULT_LIMITS.max_mel_frames,
+                             help="longest mel the plans take")
         network.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace")
 
     repository = step("repository", "stage 3: render the model repository, only when stale")
@@ -255,7 +266,8 @@ def add_build_commands(sub: argparse._SubParsersAction) -> None:
     repository.add_argument("--gpus", help="GPU ids, e.g. 0,1")
     repository.add_argument("--flow-instances", type=int, help="flow-matching instances per device")
     repository.add_argument("--repo-args", default="", help="further scripts/build_model_repo.py arguments, split "
-                            "on spaces (--repo-args='--no-streaming ...')")
+                            "on spaces (--repo-args='--no-streaming ...'); each of them is also read from the "
+                            "environment as F5_REPO_<FLAG> (F5_REPO_FIRST_CHUNK_BYTES=30), which --repo-args overrides")
 
     directory = step("engine-dir", "print the folder of this machine's plans of a model")
     engine_args(directory)

@@ -13,7 +13,6 @@ N_FFT = 1024
 N_MELS = 100
 TARGET_RMS = 0.1  # quiet references are raised to this level and the output lowered back
 CROSS_FADE_SECONDS = 0.15
-DEFAULT_FIRST_CHUNK_BYTES = 50  # streaming, as upstream's socket server: about one short sentence
 
 
 def vocoder_samples(frames: int, hop_length: int = HOP_LENGTH) -> int:
@@ -68,14 +67,27 @@ ARCHITECTURES: dict[str, DiTConfig] = {
 }
 
 
+def setting(default, help: str, **meta):
+    """A serving setting: a dataclass field with its one default and its `help` in the field's metadata.
+
+    Sections of the serving configuration (`SamplingConfig`, `PacingConfig`, `StreamingConfig`, `SchedulerConfig`,
+    `CacheConfig`, and `repository.RepositoryOptions`) declare their fields with it; `repository` turns each into a
+    command-line flag, an environment name and model-config parameters, which the models read back once at load
+    (`settings_from`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
+    `choices`, `required`, `environ` (False: not read from the environment)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Defaults of upstream `infer_process` / `CFM.sample`."""
+    """Defaults of upstream `infer_process` / `CFM.sample`: a served model's where a request sends none."""
 
-    nfe_steps: int = 32
-    cfg_strength: float = 2.0
-    sway_sampling_coef: float = -1.0
-    speed: float = 1.0
+    nfe_steps: int = setting(32, "ODE steps when a request sends none (16 or 7: faster)", flag="nfe")
+    cfg_strength: float = setting(2.0, "classifier-free guidance strength when a request sends none")
+    sway_sampling_coef: float = setting(-1.0, "sway sampling of the time grid (not a request field)")
+    speed: float = setting(1.0, "speaking rate when a request sends none")
 
 
 @dataclass(frozen=True)
@@ -111,19 +123,53 @@ DEFAULT_LIMITS = Limits()
 
 @dataclass(frozen=True)
 class PacingConfig:
-    """How the stream scheduler keeps every admitted stream ahead of its listener (docs/streaming.md). Each field's
-    `help` is its command-line help (`serving.repository`: --stream-pacing-<field>)."""
+    """How the stream scheduler keeps every admitted stream ahead of its listener (docs/streaming.md)."""
 
-    enabled: bool = field(default=True, metadata={"help": (
+    enabled: bool = setting(True, (
         "admit streams by playback deadline and run later chunks first when a listener would run out; off: admit "
-        "by the stream limit alone")})
-    margin_seconds: float = field(default=0.25, metadata={"help": (
-        "a streamed piece is due this long before its listener would run out (network, client buffering)")})
-    queue_seconds: float = field(default=10.0, metadata={"help": (
-        "a stream waits at most this long to start, then is refused with UNAVAILABLE (retriable)")})
+        "by the stream limit alone"))
+    margin_seconds: float = setting(0.25, (
+        "a streamed piece is due this long before its listener would run out (network, client buffering)"))
+    queue_seconds: float = setting(10.0, (
+        "a stream waits at most this long to start, then is refused with UNAVAILABLE (retriable)"))
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """How f5_tts_streaming cuts a text into pieces (`streaming.StreamingSynthesizer`'s keywords)."""
+
+    first_chunk_bytes: int = setting(50, (  # as upstream's socket server: about one short sentence
+        "UTF-8 bytes of a stream's first text chunk (text.split_for_streaming): shorter, the first audio sooner"))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How f5_tts_streaming batches its streams (`stream_scheduler.StreamScheduler`'s keywords)."""
+
+    granularity: str = setting("cohort", (
+        "how streams share the DiT (docs/streaming.md): new streams' first chunks between segments of the "
+        "others' (cohort), or in the next round of whole chunks (chunk)"), choices=("cohort", "chunk"))
+    max_streams: int = setting(16, "streams generated together per instance (more wait)")
+    max_queued: int = setting(64, "streams waiting per instance; more are refused with UNAVAILABLE (retriable)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Prompt and output caches (`cache.cache_from_params`); 0 entries turns a cache off. A 12 s reference is
+    ~450 kB of mel, a 30 s output ~2.9 MB of float32."""
+
+    reference_cache_entries: int = setting(128, "references kept prepared (preprocess, f5_tts_streaming); 0 = off")
+    reference_cache_mb: float = setting(64.0, "reference cache size limit in MiB")
+    output_cache_entries: int = setting(32, (
+        "seeded requests' outputs kept (flow_matching, f5_tts_streaming); 0 = off"))
+    output_cache_mb: float = setting(128.0, "output cache size limit in MiB")
 
 
 DEFAULT_PACING = PacingConfig()
+DEFAULT_STREAMING = StreamingConfig()
+DEFAULT_SCHEDULER = SchedulerConfig()
+DEFAULT_CACHES = CacheConfig()
+DEFAULT_FIRST_CHUNK_BYTES = DEFAULT_STREAMING.first_chunk_bytes
 
 # CUDA graphs need fixed shapes: a call's frames are padded up to the next of these (< 5% waste).
 CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))
@@ -151,8 +197,8 @@ def parse_bool(value, default: bool | None = None) -> bool:
 
 
 def settings_from(params: dict[str, str], defaults, prefix: str = ""):
-    """`defaults` (a dataclass instance: `DEFAULT_LIMITS`, `DEFAULT_SAMPLING`) with every `<prefix><field>` of
-    `params` applied, each converted to its field's type."""
+    """`defaults` (a dataclass instance: `DEFAULT_LIMITS`, `DEFAULT_SAMPLING`, a section) with every
+    `<prefix><field>` of `params` applied, each converted to its field's type."""
     changes = {}
     for f in dataclasses.fields(defaults):
         value = params.get(prefix + f.name)

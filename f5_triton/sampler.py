@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from f5_triton.config import DEFAULT_SAMPLING
 from f5_triton.model.dit import lens_to_mask
 from f5_triton.model.packing import Packing
 
@@ -31,8 +32,8 @@ EPSS_STEPS: dict[int, list[int]] = {
 }
 
 
-def time_grid(steps: int, sway_sampling_coef: float | None = -1.0, use_epss: bool = True,
-              device=None, dtype=torch.float32) -> torch.Tensor:
+def time_grid(steps: int, sway_sampling_coef: float | None = DEFAULT_SAMPLING.sway_sampling_coef,
+              use_epss: bool = True, device=None, dtype=torch.float32) -> torch.Tensor:
     """The `steps + 1` time points from 0 to 1 at which the flow is evaluated (last one is not)."""
     if use_epss and steps in EPSS_STEPS:
         t = torch.tensor(EPSS_STEPS[steps], device=device, dtype=dtype) / 32
@@ -118,8 +119,10 @@ class SamplingInputs:
 
 
 @torch.inference_mode()
-def prepare(model, cond: torch.Tensor, text: torch.Tensor, duration: int | torch.Tensor, *, steps: int = 32,
-            cfg_strength: float = 2.0, sway_sampling_coef: float | None = -1.0, noise: torch.Tensor | None = None,
+def prepare(model, cond: torch.Tensor, text: torch.Tensor, duration: int | torch.Tensor, *,
+            steps: int = DEFAULT_SAMPLING.nfe_steps,
+            cfg_strength: float = DEFAULT_SAMPLING.cfg_strength,
+            sway_sampling_coef: float | None = DEFAULT_SAMPLING.sway_sampling_coef, noise: torch.Tensor | None = None,
             seed: int | Sequence[int | None] | None = None, lens: torch.Tensor | None = None, use_epss: bool = True,
             max_duration: int = 65536) -> SamplingInputs:
     """Noise, masks, text embeddings (once per request) and the time grid of a `sample` call."""
@@ -169,9 +172,9 @@ def sample(
     text: torch.Tensor,
     duration: int | torch.Tensor,
     *,
-    steps: int = 32,
-    cfg_strength: float = 2.0,
-    sway_sampling_coef: float | None = -1.0,
+    steps: int = DEFAULT_SAMPLING.nfe_steps,
+    cfg_strength: float = DEFAULT_SAMPLING.cfg_strength,
+    sway_sampling_coef: float | None = DEFAULT_SAMPLING.sway_sampling_coef,
     noise: torch.Tensor | None = None,
     seed: int | Sequence[int | None] | None = None,
     lens: torch.Tensor | None = None,

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from f5_triton.bench import gpu_time_ms
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+from benchmarks.bench import gpu_time_ms
 
 
 def attention_with_key_bias(q, k, v, key_valid: torch.Tensor) -> torch.Tensor:

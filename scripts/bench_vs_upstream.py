@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/upstream.py: upstream loader
 
-from f5_triton import bench  # noqa: E402
+import _checkout  # noqa: E402,F401  (benchmarks/ beside the package)
+from benchmarks import bench  # noqa: E402
 from f5_triton.config import ARCHITECTURES, DEFAULT_SAMPLING, HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 from f5_triton.engines import torch_dtype  # noqa: E402
 
@@ -61,7 +62,7 @@ def main() -> None:
     p.add_argument("--skip-upstream", action="store_true")
     p.add_argument("--max-rel-l2", type=float, default=bench.FP16_WAVE_REL_L2,
                    help="fail (exit 1) when any row's audio is further than this relative L2 from our fp32 output "
-                        "(default: f5_triton.bench.FP16_WAVE_REL_L2, justified there)")
+                        "(default: benchmarks.bench.FP16_WAVE_REL_L2, justified there)")
     p.add_argument("--output-json")
     p.add_argument("--plot", help="PNG bar chart of the side-by-side times")
     args = p.parse_args()

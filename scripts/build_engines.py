@@ -26,6 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from f5_triton.config import DEFAULT_LIMITS
 from f5_triton.engines.base import NETWORKS, EngineUnavailable
 
 
@@ -45,7 +46,7 @@ def main() -> int:
     limits.add_argument("--max-requests", type=int, default=4)
     limits.add_argument("--min-frames", type=int, default=1)
     limits.add_argument("--opt-frames", type=int, help="default: 1024, or --max-frames when smaller")
-    limits.add_argument("--max-frames", type=int, default=4096)
+    limits.add_argument("--max-frames", type=int, default=DEFAULT_LIMITS.max_mel_frames)
     parser.add_argument("--workspace-gib", type=float, default=1.0, help="builder workspace limit (GiB)")
     parser.add_argument("--timing-cache", type=Path, help="TensorRT's timing cache file, loaded if present and saved "
                         "after (default: OUTPUT_DIR/timing.cache; TensorRT-RTX has none)")

@@ -11,7 +11,7 @@ import sys
 
 from f5_triton.errors import CheckpointError, InvalidInputError
 from f5_triton.model_paths import add_model_args, resolve_model_paths
-from f5_triton.serving.repository import add_repository_arguments, options_from_args, render
+from f5_triton.repository import add_repository_arguments, options_from_args, render
 
 
 def main() -> None:

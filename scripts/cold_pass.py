@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from f5_triton import bench
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+from benchmarks import bench
 from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING
 from f5_triton.model_paths import add_model_args
 from f5_triton.request import validate_request

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from f5_triton.bench import MIXED_REFERENCE_SECONDS, MIXED_TARGET_SECONDS, dit_step_flops, gpu_time_ms, matmul_peak_tflops
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+from benchmarks.bench import MIXED_REFERENCE_SECONDS, MIXED_TARGET_SECONDS, dit_step_flops, gpu_time_ms, matmul_peak_tflops
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES, HOP_LENGTH, SAMPLE_RATE
 from f5_triton.model import fa4

@@ -12,7 +12,8 @@ A `file:suffix` argument appends the suffix to that file's labels.
 import argparse
 import json
 
-from f5_triton.bench import plot_open_loop, plot_runs, plot_streaming
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+from benchmarks.bench import plot_open_loop, plot_runs, plot_streaming
 
 
 def main() -> None:

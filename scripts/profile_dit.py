@@ -20,7 +20,8 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from f5_triton.bench import dit_step_flops, gpu_time_ms, matmul_peak_tflops
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+from benchmarks.bench import dit_step_flops, gpu_time_ms, matmul_peak_tflops
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES
 

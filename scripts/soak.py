@@ -19,9 +19,10 @@ import contextlib
 import json
 import sys
 
-from f5_triton import soak
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+from benchmarks import soak
+from benchmarks.bench import synthetic_reference
 from f5_triton.audio import read_audio
-from f5_triton.bench import synthetic_reference
 from f5_triton.config import SAMPLE_RATE
 
 

@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = REPO / "examples" / "basic_ref_en.flac"
 DEFAULT_REFERENCE_TEXT = "Some call me nature, others call me mother nature."
@@ -29,7 +31,7 @@ THIRTY_SECONDS = (
 
 def build(args):
     """The streaming synthesizer over the pipeline the engine options describe."""
-    from f5_triton.bench import tts_from_args
+    from benchmarks.bench import tts_from_args
     from f5_triton.streaming import StreamingSynthesizer
 
     tts, args.dtype = tts_from_args(args)
@@ -38,8 +40,8 @@ def build(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from f5_triton.bench import add_engine_args
-    from f5_triton.config import DEFAULT_SAMPLING
+    from benchmarks.bench import add_engine_args
+    from f5_triton.config import DEFAULT_SAMPLING, DEFAULT_STREAMING
     from f5_triton.model_paths import add_model_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-text", default=DEFAULT_REFERENCE_TEXT)
     parser.add_argument("--text", default=THIRTY_SECONDS, help="text to speak (default: ~30 s of speech)")
     parser.add_argument("--nfe", type=int, default=DEFAULT_SAMPLING.nfe_steps)
-    parser.add_argument("--first-chunk-bytes", type=int, default=50)
+    parser.add_argument("--first-chunk-bytes", type=int, default=DEFAULT_STREAMING.first_chunk_bytes)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write the runs here")

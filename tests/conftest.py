@@ -71,7 +71,7 @@ def streaming_server(tiny_ckpt, tmp_path_factory):
     (tests/test_streaming.py tests pacing on its own scheduler and server)."""
     from f5_triton.config import PacingConfig
     from f5_triton.supervisor.server import TritonServer, free_port
-    from f5_triton.serving.repository import RepositoryOptions, render
+    from f5_triton.repository import RepositoryOptions, render
 
     repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                     vocoder=tiny_ckpt / "vocos", nfe_steps=4, queue_delay_us=1000,
@@ -97,7 +97,7 @@ def tiny_server(tiny_ckpt, tmp_path_factory):
     import os
 
     from f5_triton.supervisor.server import TritonServer, free_port
-    from f5_triton.serving.repository import RepositoryOptions, render
+    from f5_triton.repository import RepositoryOptions, render
 
     @contextlib.contextmanager
     def serve(exit_timeout_secs: int = 30, log_path=None, **options):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from f5_triton import bench
+from benchmarks import bench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

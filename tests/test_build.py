@@ -28,7 +28,7 @@ from f5_triton.build import (
     prepare_checkpoint,
     render_repository,
 )
-from f5_triton.serving.repository import TEMPLATES, RepositoryOptions
+from f5_triton.repository import TEMPLATES, RepositoryOptions
 
 
 def touch_later(path: Path, seconds: float = 2.0) -> None:

@@ -4,7 +4,7 @@ fp16, torch.compile, CUDA graphs replayed for real, FlashAttention-4, packed mix
 requests, and the streaming scheduler over that solver, on a random checkpoint of the real F5TTS_v1_Base
 architecture (the production shapes and kernels). Flow matching and its vocoder are built from the parameters
 that the project's renderer writes for a `--target gpu` repository, through the factories the Triton models call.
-Tolerances: `f5_triton.bench.FP16_MEL_REL_L2` / `FP16_WAVE_REL_L2` (justified there). Marker `gpu`: skipped
+Tolerances: `benchmarks.bench.FP16_MEL_REL_L2` / `FP16_WAVE_REL_L2` (justified there). Marker `gpu`: skipped
 without CUDA; the GPU lane (scripts/gpu_lane.sh tests) runs it with FA4 installed, where a skip is a failure.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from f5_triton import bench, soak
+from benchmarks import bench, soak
 from f5_triton.config import SAMPLE_RATE
 
 pytestmark = pytest.mark.gpu
@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def repository_options(checkpoint: Path, **options):
-    from f5_triton.serving.repository import RepositoryOptions
+    from f5_triton.repository import RepositoryOptions
 
     return RepositoryOptions(target="gpu", ckpt=checkpoint / "model.safetensors", vocab=checkpoint / "vocab.txt",
                              vocoder=checkpoint / "vocos", arch=ARCH, nfe_steps=NFE, **options)
@@ -57,7 +57,7 @@ def flow_params(checkpoint, tmp_path_factory) -> dict[str, str]:
     packed graphs up to its token limit, the vocoder in the same process)."""
     from test_repository import parse
 
-    from f5_triton.serving.repository import render
+    from f5_triton.repository import render
 
     repo = render(repository_options(checkpoint), tmp_path_factory.mktemp("gpu_repo") / "model_repo")
     params = {k: v.string_value for k, v in parse(repo / "flow_matching" / "config.pbtxt").parameters.items()}

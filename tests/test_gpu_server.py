@@ -1,6 +1,6 @@
 """The GPU-target Triton server: rendered by the project (`--target gpu`: KIND_GPU instances, fp16, compile, CUDA
 graphs captured at warm-up, FA4), started by the project's supervisor, answering gRPC, HTTP and streaming requests
-within `f5_triton.bench.FP16_WAVE_REL_L2` of the in-process fp32 pipeline on the same seeds; a killed flow_matching
+within `benchmarks.bench.FP16_WAVE_REL_L2` of the in-process fp32 pipeline on the same seeds; a killed flow_matching
 stub is replaced and serves again; then (`-k soak`) GPU_SOAK_SECONDS (default 300) of mixed traffic with no failure
 and flat memory. Marker `gpu`: the GPU lane runs it (scripts/gpu_lane.sh server, soak).
 """
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from f5_triton import bench, soak
+from benchmarks import bench, soak
 from f5_triton.config import SAMPLE_RATE
 from test_gpu_lane import ARCH, NFE, checkpoint, record, repository_options  # noqa: F401  (checkpoint: fixture)
 
@@ -27,7 +27,7 @@ SOAK_MAX_GPU_GROWTH = 0.02
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):  # noqa: F811
-    from f5_triton.serving.repository import render
+    from f5_triton.repository import render
     from f5_triton.supervisor.server import TritonServer, free_port
 
     repo = render(repository_options(checkpoint, max_batch_size=16, preferred_batch_sizes=[8, 16]),

@@ -2,7 +2,7 @@
 
 ground (config, errors) → domain (text, audio, model, vocoder, request; sampler, checkpoints and pacing over them)
 → model_paths, engines → export → cache, guards → pipeline → streaming → stream_scheduler → hosts (client, serving,
-supervisor) → gateway, build → cli → bench → soak. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
+supervisor) → repository → gateway, build → cli. Benchmark and soak support (benchmarks/) is outside the package. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
 never one ranked the same or higher. A new module must be given its place here.
 """
 
@@ -27,10 +27,9 @@ RANKS: dict[str, int] = {
     "f5_triton.streaming": 7,
     "f5_triton.stream_scheduler": 8,
     "f5_triton.client": 9, "f5_triton.serving": 9, "f5_triton.supervisor": 9,
-    "f5_triton.gateway": 10, "f5_triton.build": 10,
-    "f5_triton.cli": 11,
-    "f5_triton.bench": 12,
-    "f5_triton.soak": 13,
+    "f5_triton.repository": 10,
+    "f5_triton.gateway": 11, "f5_triton.build": 11,
+    "f5_triton.cli": 12,
 }
 
 
@@ -96,3 +95,21 @@ def test_the_supervisor_imports_no_pipeline_or_model_code():
     for path in sorted((PACKAGE / "supervisor").glob("*.py")):
         for line, target in imported_modules(path):
             assert target in allowed or target.startswith("f5_triton.supervisor"), f"{path.name}:{line} imports {target}"
+
+
+def test_no_import_circle():
+    """No module imports, even for typing only, a module that imports it back (a package's own `__init__`
+    aside): the supervisor's watchdog knows the server it watches through a Protocol."""
+    names = {module_name(path) for path in MODULES}
+    graph = {}
+    for path in MODULES:
+        source, targets = module_name(path), set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("f5_triton"):
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
+                            for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in names}
+        graph[source] = {t for t in targets if t in names and not source.startswith(t + ".")}
+    circles = [(a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, ())]
+    assert not circles, f"modules importing each other: {circles}"

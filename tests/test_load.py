@@ -125,7 +125,7 @@ SOAK_SECONDS = 120  # CI's short soak: the first minute settles (caches, allocat
 
 
 def test_a_short_soak_has_no_failures_and_flat_memory(server, ref_wave, tmp_path):
-    from f5_triton import soak
+    from benchmarks import soak
 
     items = soak.mixed_items(ref_wave, SAMPLE_RATE)
     report = soak.soak(server.urls.grpc, server.pid, items, SOAK_SECONDS, concurrency=4, memory_interval=5.0)

@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2
 from f5_triton.errors import InvalidInputError
 from f5_triton.request import INPUTS
 from f5_triton.serving import wire
-from f5_triton.serving.repository import STEP_MODELS, RepositoryOptions, render
+from f5_triton.repository import STEP_MODELS, RepositoryOptions, render
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -452,7 +452,7 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from f5_triton.serving.repository import RepositoryOptions, render
+    from f5_triton.repository import RepositoryOptions, render
     from f5_triton.request import INPUTS
 
     options = dict(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",

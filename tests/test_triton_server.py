@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from f5_triton.request import validate_request
-from f5_triton.serving.repository import RepositoryOptions, render
+from f5_triton.repository import RepositoryOptions, render
 
 pytestmark = pytest.mark.server
 

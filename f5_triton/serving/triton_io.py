@@ -172,3 +172,40 @@ class RequestWatch:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(
             f"deadline exceeded: the request's timeout of {timeout:g} s passed before its audio was generated",
             pb_utils.TritonError.UNAVAILABLE))
+
+
+class Adapter:
+    """Base of the model_repo/*/1/model.py adapters (`TritonPythonModel`), so that each states only what is particular
+    to it. `initialize` reads the model's config parameters (`self.params`), sets torch's threads, makes its metrics
+    (`self.metrics`) and calls `load(args)`, which builds what the model runs, once; `answer_each` is the usual
+    `execute`: one response per request, an exception becoming that request's error response (and counted).
+
+    The `sys.path` preamble stays in each model.py: it runs before this package can be imported."""
+
+    standby_loads = True  # False: a passive instance (flow_matching's standby) loads nothing
+
+    def initialize(self, args: dict) -> None:
+        if not self.standby_loads and is_passive(args):
+            return
+        self.name = args["model_name"]
+        self.params = parameters(args)
+        set_torch_threads(self.params)
+        self.metrics = metric_names.Metrics(self.name)
+        self.load(args)
+
+    def load(self, args: dict) -> None:
+        """Build what the model runs from `self.params` (and `device(args)`)."""
+
+    def error(self, exc: Exception):
+        """The response to a request that raised `exc` (counted in the model's metrics)."""
+        return error_response(exc, self.metrics)
+
+    def answer_each(self, requests, answer) -> list:
+        """`answer(request)` for each request, or the error response of the exception it raised."""
+        responses = []
+        for request in requests:
+            try:
+                responses.append(answer(request))
+            except Exception as exc:
+                responses.append(self.error(exc))
+        return responses

@@ -14,7 +14,7 @@ watchdog thread (:mod:`f5_triton.supervisor.watchdog`) that replaces the dead in
 (:meth:`TritonServer.replace_instance`): a load with the model's configuration changed
 only in its instance groups, which Triton applies in place -- the other instances keep
 serving, and a model rendered with one group per instance plus a passive standby
-(f5_triton.serving.repository) has the dead one taken out of service at once, so that
+(f5_triton.repository) has the dead one taken out of service at once, so that
 requests wait in the queue for its replacement.
 """
 

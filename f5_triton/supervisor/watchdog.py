@@ -9,12 +9,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from f5_triton.supervisor.errors import TritonServerError
-
-if TYPE_CHECKING:
-    from f5_triton.supervisor.server import TritonServer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +28,17 @@ class StubReplacement:
     error: str | None = None  #: why it failed, or None
 
 
+class Supervised(Protocol):
+    """What the watchdog needs of the server it watches (`server.TritonServer`, which starts the watchdog)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def is_running(self) -> bool: ...
+
+    def replace_instance(self, model: str, instance: str, generation: int = 1) -> int: ...
+
+
 class StubWatchdog(threading.Thread):
     """Replaces any python-backend stub of ``server`` that died, by :meth:`TritonServer.replace_instance`.
 
@@ -43,7 +51,7 @@ class StubWatchdog(threading.Thread):
     seconds. Recoveries are recorded in ``replacements``.
     """
 
-    def __init__(self, server: TritonServer, interval: float = 1.0, retry_after: float = 10.0,
+    def __init__(self, server: Supervised, interval: float = 1.0, retry_after: float = 10.0,
                  debounce: float = 0.2):
         super().__init__(name=f"stub-watchdog-{server.pid}", daemon=True)
         self.server = server

@@ -17,13 +17,14 @@ import sys
 # before any import, so packages installed only on PYTHONPATH (and their versions) are the ones used.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
+import dataclasses
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
-from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_PACING, SAMPLE_RATE, settings_from
+from f5_triton.config import DEFAULT_PACING, DEFAULT_SCHEDULER, DEFAULT_STREAMING, SAMPLE_RATE, settings_from
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS
@@ -70,12 +71,9 @@ class TritonSink:
         self.sender.send(triton_io.error_response(error, self.metrics), flags=FINAL)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        params = triton_io.parameters(args)
-        triton_io.set_torch_threads(params)
-        device = triton_io.device(args)
-        model = args["model_name"]
+class TritonPythonModel(triton_io.Adapter):
+    def load(self, args):
+        params, device, model = self.params, triton_io.device(args), self.name
         reference_cache = cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
                                             metrics.cache_observer(model, "reference"))
         output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
@@ -83,16 +81,10 @@ class TritonPythonModel:
         preprocess = Preprocessor(Tokenizer(params["vocab"]), factories.limits_from_params(params), cache=reference_cache)
         flow_matcher, vocoder = factories.load_flow_matcher(params, device), factories.load_vocoder(params, device)
         warmed_up = factories.warm_up(params, flow_matcher, vocoder, name=model) is not None
-        streamer = StreamingSynthesizer(
-            preprocess, flow_matcher, vocoder,
-            first_chunk_bytes=int(params.get("first_chunk_bytes", DEFAULT_FIRST_CHUNK_BYTES)),
-            output_cache=output_cache)
-        options = {name: kind(params[name]) for name, kind in (("granularity", str), ("max_streams", int),
-                                                               ("max_queued", int))
-                   if name in params}
-        self.scheduler = StreamScheduler(streamer, **options, pacing=settings_from(params, DEFAULT_PACING, "pacing_")
-                                         ).start()  # StreamScheduler's defaults otherwise
-        self.metrics = metrics.Metrics(model)
+        streamer = StreamingSynthesizer(preprocess, flow_matcher, vocoder, output_cache=output_cache,
+                                        **dataclasses.asdict(settings_from(params, DEFAULT_STREAMING)))
+        self.scheduler = StreamScheduler(streamer, **dataclasses.asdict(settings_from(params, DEFAULT_SCHEDULER)),
+                                         pacing=settings_from(params, DEFAULT_PACING, "pacing_")).start()
         self.sampling = factories.sampling_from_params(params)
         if warmed_up:
             seconds = self.scheduler.warm_up(self.sampling)

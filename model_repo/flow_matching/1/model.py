@@ -24,32 +24,29 @@ import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the p
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, bound_key, cache_from_params
 from f5_triton.errors import InvalidInputError
 from f5_triton.serving import triton_io, wire
-from f5_triton.serving.metrics import Metrics, cache_observer
+from f5_triton.serving.metrics import cache_observer
 
 INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "sampling", triton_io.RECEIVED_AT,
                wire.OUTPUT_KEY)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        if triton_io.is_passive(args):  # the standby: holds the model up while a dead instance is replaced
-            return
+class TritonPythonModel(triton_io.Adapter):
+    standby_loads = False  # the standby holds the model up while a dead instance is replaced
+
+    def load(self, args):
         from f5_triton.guards import check_finite  # torch: not imported by the standby (41 MiB RSS, not 670)
         from f5_triton.serving import factories
 
         self.factories, self.check_finite = factories, check_finite
-        params = triton_io.parameters(args)
-        triton_io.set_torch_threads(params)
-        device = triton_io.device(args)
+        params, device = self.params, triton_io.device(args)
         self.flow_matching = self.factories.load_flow_matcher(params, device)
         self.vocoder = self.factories.load_flow_vocoder(params, device)  # None: postprocess calls the `vocoder` model
-        self.factories.warm_up(params, self.flow_matching, self.vocoder, name=args["model_name"])
+        self.factories.warm_up(params, self.flow_matching, self.vocoder, name=self.name)
         self.limits = self.factories.limits_from_params(params)
         dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
         self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
-        self.metrics = Metrics(args["model_name"])
         self.output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
-                                              cache_observer(args["model_name"], "output"))
+                                              cache_observer(self.name, "output"))
 
     def execute(self, requests):
         jobs, owners, starts, keys = [], [], [], {}
@@ -72,7 +69,7 @@ class TritonPythonModel:
                     raise InvalidInputError("flow_matching inputs", f"do not form jobs: {exc}", "bad_shape") from None
                 self.factories.validate_jobs(request_jobs, self.limits, self.vocab_size)
             except Exception as exc:
-                responses[index] = triton_io.error_response(exc, self.metrics)
+                responses[index] = self.error(exc)
                 continue
             jobs.extend(request_jobs)
             owners.extend([index] * len(request_jobs))
@@ -82,7 +79,7 @@ class TritonPythonModel:
         try:
             mels = self.flow_matching(jobs, keep=lambda job: watch.alive(job.request_index))
         except Exception as exc:
-            return [r or triton_io.error_response(exc, self.metrics) for r in responses]
+            return [r or self.error(exc) for r in responses]
         finished = {}  # request index -> its chunk mels
         for index in sorted(set(owners)):
             own = [m for m, o in zip(mels, owners) if o == index]
@@ -92,12 +89,12 @@ class TritonPythonModel:
                 else:
                     finished[index] = self.check_finite(own)
             except Exception as exc:
-                responses[index] = triton_io.error_response(exc, self.metrics)
+                responses[index] = self.error(exc)
         if self.vocoder is not None and finished:
             try:
                 finished = self.factories.vocode_together(self.vocoder, finished)  # one call for the whole batch
             except Exception as exc:
-                return [r or triton_io.error_response(exc, self.metrics) for r in responses]
+                return [r or self.error(exc) for r in responses]
         pack = wire.pack_mels if self.vocoder is None else wire.pack_waves
         for index, own in finished.items():
             try:
@@ -106,5 +103,5 @@ class TritonPythonModel:
                 if index in keys:
                     self.output_cache.put(keys[index], outputs, sum(a.nbytes for a in outputs.values()))
             except Exception as exc:
-                responses[index] = triton_io.error_response(exc, self.metrics)
+                responses[index] = self.error(exc)
         return responses

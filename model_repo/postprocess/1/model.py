@@ -25,17 +25,13 @@ from f5_triton.config import SAMPLE_RATE, vocoder_samples
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import finish
 from f5_triton.serving import triton_io, wire
-from f5_triton.serving.metrics import Metrics
 
 INPUT_NAMES = tuple(f.name for f in wire.MEL_FIELDS + wire.WAVE_FIELDS) + ("ref_rms", triton_io.RECEIVED_AT)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        params = triton_io.parameters(args)
-        triton_io.set_torch_threads(params)
-        self.vocoder_model = params.get("vocoder_model", "vocoder")
-        self.metrics = Metrics(args["model_name"])
+class TritonPythonModel(triton_io.Adapter):
+    def load(self, args):
+        self.vocoder_model = self.params.get("vocoder_model", "vocoder")
 
     async def execute(self, requests):
         return await asyncio.gather(*(self._finish(request) for request in requests))
@@ -50,7 +46,7 @@ class TritonPythonModel:
             self.metrics.generated(len(wave) / SAMPLE_RATE, None if start is None else time.time() - start)
             return triton_io.response({"waveform": wave})
         except Exception as exc:
-            return triton_io.error_response(exc, self.metrics)
+            return self.error(exc)
 
     async def _vocode(self, mel):
         """One chunk [n_mels, frames] -> waveform, as a request to the vocoder model (so it batches)."""

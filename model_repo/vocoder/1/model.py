@@ -11,16 +11,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from f5_triton.serving import factories, triton_io
-from f5_triton.serving.metrics import Metrics
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        params = triton_io.parameters(args)
-        triton_io.set_torch_threads(params)
-        self.vocoder = factories.load_vocoder(params, triton_io.device(args))
-        self.limits = factories.limits_from_params(params)
-        self.metrics = Metrics(args["model_name"])
+class TritonPythonModel(triton_io.Adapter):
+    def load(self, args):
+        self.vocoder = factories.load_vocoder(self.params, triton_io.device(args))
+        self.limits = factories.limits_from_params(self.params)
 
     def execute(self, requests):
         # each request is [batch, n_mels, frames] (+ valid frames per item); frames differ across requests
@@ -33,13 +29,13 @@ class TritonPythonModel:
                 batches[index] = factories.vocoder_items(mel, None if lengths is None else lengths.as_numpy(),
                                                       self.limits)
             except Exception as exc:
-                responses[index] = triton_io.error_response(exc, self.metrics)
+                responses[index] = self.error(exc)
         if not batches:
             return responses
         try:
             waves = iter(self.vocoder([m for batch in batches.values() for m in batch]))
         except Exception as exc:
-            return [r or triton_io.error_response(exc, self.metrics) for r in responses]
+            return [r or self.error(exc) for r in responses]
         for index, batch in batches.items():
             items = [next(waves) for _ in batch]
             padded = np.zeros((len(items), max(len(w) for w in items)), dtype=np.float32)

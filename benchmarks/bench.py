@@ -41,11 +41,11 @@ def add_engine_args(parser) -> None:
     group.add_argument("--random-weights", metavar="ARCH", help="random weights of this architecture (timing only)")
     group.add_argument("--device", default=None, help="cuda when a GPU is visible, else cpu")
     group.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on GPU")
-    group.add_argument("--dit-engine", "--backend-type", dest="dit_engine", default="torch",
+    group.add_argument("--dit-engine", "--backend-type", dest="dit_engine", default=EngineConfig.kind,
                        choices=[*ENGINE_KINDS, *ENGINE_ALIASES],
                        help="engine of the DiT step (upstream's names accepted: pytorch, trt)")
     group.add_argument("--dit-engine-path", help=".onnx / .plan of the DiT step")
-    group.add_argument("--vocoder-engine", default="torch", choices=ENGINE_KINDS)
+    group.add_argument("--vocoder-engine", default=EngineConfig.kind, choices=ENGINE_KINDS)
     group.add_argument("--vocoder-engine-path", help=".onnx / .plan of the vocoder")
     group.add_argument("--compile", dest="dit_compile", action="store_true",
                        help="torch engine: torch.compile the DiT step")

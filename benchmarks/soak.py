@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from f5_triton.bench import BUILTIN_REF_TEXT, BUILTIN_TARGETS, Item
+from benchmarks.bench import BUILTIN_REF_TEXT, BUILTIN_TARGETS, Item
 
 SETTLE_S = 60.0  # memory is compared from the end of the first minute on
 
@@ -179,7 +179,7 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from f5_triton.bench import _save
+        from benchmarks.bench import _save
 
         fig, (lat, mem) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
         rows = self.per_minute()

@@ -1,0 +1,462 @@
+"""Render a ready Triton model repository from the templates in model_repo/ for a target.
+
+Targets:
+  cpu   every step on the CPU, torch (or onnxruntime) engines, fp32
+  gpu   flow matching and vocoder on GPU(s), torch engines, fp16 by default
+  trt   flow matching through a TensorRT DiT plan (python model), vocoder as a native
+        `tensorrt_plan` model; engines come from scripts/build_engines.py on the serving GPU
+
+`vocoder_in_flow` (default: on for gpu, off for cpu and trt) decodes each dynamic batch's mels in
+the flow_matching model's own process, on its device, so postprocess gets waveforms and only
+restores level and cross-fades; off, postprocess calls the `vocoder` model per chunk (BLS). The
+`vocoder` model is rendered either way (clients may call it directly).
+
+Besides the `f5_tts` ensemble and its steps, `f5_tts_streaming` (decoupled, one response per text
+chunk) is rendered unless `streaming=False`. Cache sizes of 0 turn the reference / output caches off.
+
+flow_matching's instances are one instance group each, told apart by a host-policy name of their own, so
+that the supervisor's watchdog can replace a dead one alone (`supervisor.watchdog.StubWatchdog`): Triton keeps the
+others serving. A passive `standby` instance (it loads nothing) keeps the model valid while its last active
+instance is replaced, so that requests queue meanwhile instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import py_compile
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from f5_triton.config import (DEFAULT_CACHES, DEFAULT_PACING, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, DEFAULT_STREAMING,
+                              DTYPES, N_MELS, Limits, parse_bool, setting)
+from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
+from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_repo"
+TARGETS = ("cpu", "gpu", "trt")
+STEP_MODELS = (MODEL, "preprocess", "flow_matching", "postprocess", "vocoder")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section of the serving configuration (a frozen dataclass of `config.setting` fields) inside
+    :class:`RepositoryOptions`: each field is the option `<option><name>` (or `nested` holds the whole section), the
+    flag `--<flag><name>` and the parameter `<param><name>` of `models`, read back at load with
+    `config.settings_from(params, defaults, param)`. `models` maps a field-name prefix to its models where the
+    fields of one section go to different models."""
+
+    defaults: Any
+    models: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
+    option: str = ""
+    param: str = ""
+    nested: str | None = None
+    flag: str | None = None  # default: `nested` or `option`
+
+    def models_of(self, name: str) -> tuple[str, ...]:
+        if isinstance(self.models, dict):
+            return next(models for prefix, models in self.models.items() if name.startswith(prefix))
+        return self.models
+
+    @property
+    def flag_prefix(self) -> str:
+        return self.flag if self.flag is not None else (self.nested + "_" if self.nested else self.option)
+
+
+SECTIONS = (
+    Section(DEFAULT_SAMPLING, models=("preprocess", STREAMING_MODEL)),
+    Section(DEFAULT_SCHEDULER, models=(STREAMING_MODEL,), option="streaming_"),
+    Section(DEFAULT_PACING, models=(STREAMING_MODEL,), nested="streaming_pacing", flag="stream_pacing_",
+            param="pacing_"),
+    Section(DEFAULT_STREAMING, models=(STREAMING_MODEL,)),
+    Section(DEFAULT_CACHES, models={"reference_": ("preprocess", STREAMING_MODEL),
+                                    "output_": ("flow_matching", STREAMING_MODEL)}),
+)
+
+# The settings a target decides when left unset (None): fp16 and larger batches on GPUs, compile / CUDA graphs / the
+# vocoder in flow_matching's process on the gpu target, warm-up at load on GPUs (otherwise the first requests wait
+# minutes for torch.compile); the trt target's vocoder is its own tensorrt_plan model.
+TARGET_DEFAULTS = {
+    "cpu": {"dtype": "fp32", "max_batch_size": 4, "warmup": False, "vocoder_in_flow": False, "dit_compile": False,
+            "dit_cuda_graphs": False},
+    "gpu": {"dtype": "fp16", "max_batch_size": 8, "warmup": True, "vocoder_in_flow": True, "dit_compile": True,
+            "dit_cuda_graphs": True},
+    "trt": {"dtype": "fp16", "max_batch_size": 8, "warmup": True, "vocoder_in_flow": False, "dit_compile": False,
+            "dit_cuda_graphs": False},
+}
+ENGINES = ("torch", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class _Options:
+    """A rendered repository's settings: each has one default (None: the target's, `TARGET_DEFAULTS`) and a help;
+    :func:`add_repository_arguments` makes each a flag (and `F5_REPO_<FLAG>` an environment name), :func:`render`
+    writes them into the models' parameters. The sections' fields (`SECTIONS`) follow these."""
+
+    # the builder's own choice (run.sh: --backend, --target), never the environment's
+    target: str = setting(None, "cpu, gpu or trt (module doc)", choices=TARGETS, required=True, environ=False)
+    ckpt: Path = setting(None, "the DiT checkpoint", flag=None)  # --ckpt-dir and friends (model_paths)
+    vocab: Path = setting(None, "the vocabulary", flag=None)
+    vocoder: Path = setting(None, "the Vocos folder", flag=None)
+    arch: str | None = setting(None, "architecture when no model.yaml is beside the checkpoint", flag=None)
+    dtype: str | None = setting(None, "GPU precision", choices=sorted(DTYPES))
+    max_batch_size: int | None = setting(None, "flow-matching dynamic batch (requests)")
+    preferred_batch_sizes: list[int] | None = setting(None, "flow matching's preferred batches (default: half and "
+                                                            "the whole of the largest)")
+    # A lone request waits this long for company; under load batches fill while the instance is busy anyway
+    # (H200: 2 ms -> 0.5 ms took concurrency-1 latency from +15 % to +8 % over offline, concurrency 16 unchanged).
+    queue_delay_us: int = setting(500, "flow matching's dynamic batcher: how long a lone request waits for company")
+    vocoder_max_batch_size: int = setting(8, "the vocoder model's dynamic batch")
+    vocoder_queue_delay_us: int = setting(500, "the vocoder model's dynamic batcher delay")
+    gpus: list[int] = setting([0], "GPU ids for flow-matching, vocoder and streaming instances, e.g. 0,1")
+    flow_instances_per_device: int = setting(1, "flow-matching instances per GPU (or on the CPU); 2: a dead one "
+                                                "leaves one serving (twice the model's memory)", flag="flow_instances")
+    flow_standby: bool = setting(True, "the passive flow_matching instance that lets requests wait out a restart")
+    vocoder_instances_per_device: int = setting(1, "vocoder instances per GPU", flag="vocoder_instances")
+    preprocess_instances: int = setting(2, "preprocess instances")
+    postprocess_instances: int = setting(2, "postprocess instances")
+    dit_engine: str = setting("torch", "the DiT step's engine", choices=ENGINES)
+    dit_engine_path: Path | None = setting(None, ".onnx or .plan of the DiT step")
+    dit_compile: bool | None = setting(None, "torch engine on GPU: torch.compile the DiT step")
+    dit_cuda_graphs: bool | None = setting(None, "torch engine on GPU: CUDA graphs per frame bucket")
+    dit_graph_max_rows: int = setting(2, "gpu target: DiT batches of more rows (2 per request) run packed, without "
+                                         "CUDA graphs", flag="graph_max_rows")
+    dit_graph_steps: int = setting(8, "gpu target: ODE steps per CUDA-graph replay (requests cancel between "
+                                      "replays); 0 = per step", flag="graph_steps")
+    dit_graph_max_tokens: int = setting(12288, "gpu target: packed DiT batches of up to this many tokens (2 per "
+                                               "frame of a request) replay CUDA graphs too; 0 = none",
+                                        flag="graph_max_tokens")
+    warmup: bool | None = setting(None, "compile and capture CUDA graphs at load, before the server is ready")
+    # torch CPU threads per python-backend instance: CPU stages, and GPU instances (0 = one per core, torch's
+    # default, kept for flow matching and the vocoder on the cpu target, where the DiT itself runs on them)
+    torch_threads: int = setting(2, "torch CPU threads per python-backend instance (the cpu target's DiT and vocoder "
+                                    "keep every core)")
+    vocoder_engine: str = setting("torch", "python vocoder's engine (tensorrt: TensorRT-RTX plans, which the trt "
+                                           "target's native tensorrt_plan model cannot load)", choices=ENGINES)
+    vocoder_engine_path: Path | None = setting(None, ".onnx or .plan of Vocos for --vocoder-engine")
+    vocoder_plan: Path | None = setting(None, "trt target: Vocos TensorRT plan")
+    vocoder_in_flow: bool | None = setting(None, "flow_matching vocodes its batch in its own process and sends "
+                                                 "postprocess waveforms (no second CUDA context time-slicing the GPU)")
+    engine_fallback: bool = setting(True, "fall back to torch when an engine cannot load", flag="fallback")
+    max_queue_size: int = setting(64, "requests waiting before rejection")
+    queue_timeout_us: int = setting(60_000_000, "queued longer -> rejected")
+    limits: dict[str, str] = setting({}, "request limits (config.Limits), e.g. {\"max_text_bytes\": \"1000\"}",
+                                     flag="limit_")
+    streaming: bool = setting(True, "render the f5_tts_streaming model")
+    streaming_instances_per_device: int = setting(1, "f5_tts_streaming instances per GPU, each batching its streams "
+                                                     "with its own DiT and vocoder", flag="streaming_instances")
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target == "trt":
+            self.dit_engine = "tensorrt"
+            if self.dit_engine_path is None or self.vocoder_plan is None:
+                raise ValueError("the trt target needs --dit-engine-path (DiT .plan) and --vocoder-plan (Vocos .plan)")
+            if self.vocoder_in_flow:
+                raise ValueError("--vocoder-in-flow is for the cpu and gpu targets: the trt target's vocoder is "
+                                 "its own tensorrt_plan model")
+        for name, default in TARGET_DEFAULTS[self.target].items():
+            value = getattr(self, name)
+            if value is None or (not isinstance(value, bool) and not value):
+                setattr(self, name, default)
+        if not self.preferred_batch_sizes:
+            self.preferred_batch_sizes = sorted({max(1, self.max_batch_size // 2), self.max_batch_size})
+
+
+def options_type(sections: tuple[Section, ...] = SECTIONS) -> type:
+    """The repository's options: `_Options` and the fields of `sections`, each a flag, parameters and an
+    environment name of its own."""
+    extra = []
+    for section in sections:
+        if section.nested:
+            extra.append((section.nested, type(section.defaults), field(default=section.defaults,
+                                                                        metadata={"section": section})))
+            continue
+        for f in dataclasses.fields(section.defaults):
+            extra.append((section.option + f.name, f.type,
+                          field(default=f.default, metadata={**f.metadata, "section": section, "name": f.name})))
+    return dataclasses.make_dataclass("RepositoryOptions", extra, bases=(_Options,),
+                                      namespace={"__doc__": _Options.__doc__, "__module__": __name__})
+
+
+RepositoryOptions = options_type()
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of a repository option (`part`: the section field or limit it sets, if any)."""
+
+    option: str
+    part: str | None
+    dest: str
+    kwargs: dict
+    environ: bool = True  # also read from the environment (`F5_REPO_<FLAG>`)
+
+    @property
+    def name(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "F5_REPO_" + self.dest.upper()
+
+
+_KINDS = {"int": int, "float": float, "str": str, "Path": Path}
+
+
+def _flag_kwargs(kind: str | type, default, meta) -> dict:
+    kind = (kind if isinstance(kind, str) else kind.__name__).removesuffix(" | None")
+    kwargs = {"default": list(default) if isinstance(default, list) else default, "help": meta["help"]}
+    kwargs.update((key, meta[key]) for key in ("choices", "required") if key in meta)
+    if kind == "bool":
+        return {**kwargs, "action": argparse.BooleanOptionalAction}
+    if kind == "list[int]":
+        return {**kwargs, "type": lambda text: [int(x) for x in text.split(",")]}
+    return {**kwargs, "type": _KINDS[kind]}
+
+
+def _help(f: dataclasses.Field, section: Section | None) -> str:
+    """A flag's help: the setting's, after the models that read it, with the targets' defaults."""
+    text = f.metadata["help"]
+    if section is not None:
+        text = f"{', '.join(section.models_of(f.metadata.get('name', f.name)))}: {text}"
+    if f.name in TARGET_DEFAULTS["cpu"]:
+        text += f" (default: {', '.join(f'{target} {values[f.name]}' for target, values in TARGET_DEFAULTS.items())})"
+    return text
+
+
+def repository_flags(options: type = None) -> list[Flag]:
+    """Every flag of `options` (default :data:`RepositoryOptions`), in field order."""
+    flags = []
+    for f in dataclasses.fields(options or RepositoryOptions):
+        meta = f.metadata
+        section = meta.get("section")
+        if section is not None and section.nested:
+            flags += [Flag(f.name, part.name, section.flag_prefix + part.name,
+                           _flag_kwargs(part.type, part.default, {**part.metadata, "help": _help(part, section)}))
+                      for part in dataclasses.fields(section.defaults)]
+        elif f.name == "limits":
+            flags += [Flag(f.name, part.name, meta["flag"] + part.name,
+                           {"help": f"requests' {part.name} (config.Limits; default {part.default})",
+                            "type": _KINDS[part.type]})
+                      for part in dataclasses.fields(Limits)]
+        elif meta.get("flag", f.name) is not None:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flags.append(Flag(f.name, None, meta.get("flag", f.name),
+                              _flag_kwargs(f.type, default, {**meta, "help": _help(f, section)}),
+                              environ=meta.get("environ", True)))
+    return flags
+
+
+def add_repository_arguments(parser: argparse.ArgumentParser, options: type = None) -> None:
+    """The options of a rendered repository as command-line arguments (scripts/build_model_repo.py,
+    `f5-triton build repository`); :func:`options_from_args` turns them into :class:`RepositoryOptions`."""
+    for flag in repository_flags(options):
+        parser.add_argument(flag.name, dest=flag.dest, **flag.kwargs)
+
+
+def options_from_args(args: argparse.Namespace, ckpt: Path, vocab: Path, vocoder: Path,
+                      options: type = None) -> RepositoryOptions:
+    """:class:`RepositoryOptions` from the arguments of :func:`add_repository_arguments`."""
+    options = options or RepositoryOptions
+    values: dict = {"ckpt": ckpt, "vocab": vocab, "vocoder": vocoder, "arch": getattr(args, "arch", None)}
+    parts: dict[str, dict] = {}
+    for flag in repository_flags(options):
+        value = getattr(args, flag.dest)
+        if flag.part is None:
+            values[flag.option] = value
+        elif value is not None:
+            parts.setdefault(flag.option, {})[flag.part] = value
+    for f in dataclasses.fields(options):
+        if f.name in parts or f.name == "limits":
+            values[f.name] = (parts.get(f.name, {}) if f.name == "limits"
+                              else dataclasses.replace(f.default, **parts[f.name]))
+    return options(**values)
+
+
+def environment_arguments(environ: Mapping[str, str], options: type = None) -> list[str]:
+    """Flags for the options that `environ` sets, as `F5_REPO_<FLAG>` (F5_REPO_FIRST_CHUNK_BYTES=30,
+    F5_REPO_WARMUP=false): what run.sh, compose and the K8s manifests pass to `f5-triton build repository`."""
+    args = []
+    for flag in repository_flags(options):
+        value = environ.get(flag.env, "") if flag.environ else ""
+        if value == "":
+            continue
+        if flag.kwargs.get("action") is argparse.BooleanOptionalAction:
+            try:
+                args.append(flag.name if parse_bool(value) else "--no-" + flag.name[2:])
+            except ValueError:
+                raise ValueError(f"{flag.env} must be true or false (1/yes/on or 0/no/off), got {value!r}") from None
+        else:
+            args += [flag.name, value]
+    return args
+
+
+def _section_parameters(options) -> dict[str, dict[str, object]]:
+    """The sections' parameters of each model: `<param><name>` -> value (booleans as true/false)."""
+    per_model: dict[str, dict[str, object]] = {}
+    for f in dataclasses.fields(options):
+        section = f.metadata.get("section")
+        if section is None:
+            continue
+        value = getattr(options, f.name)
+        parts = ([(part.name, getattr(value, part.name)) for part in dataclasses.fields(section.defaults)]
+                 if section.nested else [(f.metadata["name"], value)])
+        for name, part in parts:
+            for model in section.models_of(name):
+                per_model.setdefault(model, {})[section.param + name] = str(part).lower() if isinstance(part, bool) \
+                    else part
+    return per_model
+
+
+def _field_block(fields: tuple[WireField, ...], ragged: bool = False, all_optional: bool = False) -> str:
+    rows = []
+    for f in fields:
+        dims = ", ".join(str(d) for d in f.dims)
+        extra = " optional: true" if f.optional or all_optional else ""
+        if ragged and -1 in f.dims:
+            extra += " allow_ragged_batch: true"
+        rows.append(f'  {{ name: "{f.name}" data_type: {f.triton_type} dims: [ {dims} ]{extra} }}')
+    return ",\n".join(rows)
+
+
+def _tensor_map(kind: str, fields: tuple[WireField, ...]) -> str:
+    """Ensemble step lines mapping each field to the ensemble tensor of the same name."""
+    return "\n".join(f'      {kind} {{ key: "{f.name}" value: "{f.name}" }}' for f in fields)
+
+
+def _parameters(values: dict[str, object]) -> str:
+    return ",\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()
+                      if v is not None)
+
+
+def _instances(count: int, kind: str, gpus: list[int]) -> str:
+    if kind == "KIND_CPU":
+        return f"  {{ count: {count} kind: KIND_CPU }}"
+    devices = ", ".join(str(g) for g in gpus)
+    return f"  {{ count: {count} kind: KIND_GPU gpus: [ {devices} ] }}"
+
+
+STANDBY_GROUP = "standby"
+
+
+def _flow_instances(model: str, count: int, kind: str, gpus: list[int], standby: bool) -> str:
+    """One group per instance (`<model>_<device>_<slot>`), each with its own host-policy name: Triton tells
+    instances of a model apart by their group's settings (name and count aside), and the watchdog
+    removes or adds exactly one. The policy names are not defined on the command line, so they set nothing."""
+    devices = ["cpu"] if kind == "KIND_CPU" else [f"gpu{g}" for g in gpus]
+    rows = []
+    for device in devices:
+        placement = "kind: KIND_CPU" if device == "cpu" else f"kind: KIND_GPU gpus: [ {device[3:]} ]"
+        for slot in range(count):
+            name = f"{model}_{device}_{slot}"
+            rows.append(f'  {{ name: "{name}" count: 1 {placement} host_policy: "{name}" }}')
+    if standby:
+        rows.append(f'  {{ name: "{model}_{STANDBY_GROUP}" count: 1 kind: KIND_CPU passive: true }}')
+    return ",\n".join(rows)
+
+
+def render(options: RepositoryOptions, output: str | Path, templates: Path = TEMPLATES) -> Path:
+    """Write a complete model repository to `output` (replaced if it exists)."""
+    from f5_triton.checkpoints import is_random_checkpoint
+
+    output = Path(output)
+    if output.exists():
+        shutil.rmtree(output)
+    kind = "KIND_CPU" if options.target == "cpu" else "KIND_GPU"
+    queue_policy = (f"  default_queue_policy {{\n    timeout_action: REJECT\n"
+                    f"    default_timeout_microseconds: {options.queue_timeout_us}\n"
+                    f"    allow_timeout_override: true\n    max_queue_size: {options.max_queue_size}\n  }}")
+    common = {
+        "ckpt": Path(options.ckpt).resolve(), "vocab": Path(options.vocab).resolve(),
+        "vocoder": Path(options.vocoder).resolve(), "arch": options.arch, "dtype": options.dtype,
+        "engine_fallback": str(options.engine_fallback).lower(),
+        **{f"limit_{k}": v for k, v in options.limits.items()},
+    }
+    chunk_fields = WAVE_FIELDS if options.vocoder_in_flow else MEL_FIELDS  # flow_matching -> postprocess
+    values = {
+        # Request inputs are all optional for Triton, so that a missing one reaches validate_request
+        # ("target_text: is required") instead of the ensemble's "unexpected deadlock" error.
+        "inputs": "input [\n" + _field_block(INPUTS, all_optional=True) + "\n]",
+        "outputs": "output [\n" + _field_block(OUTPUTS) + "\n]",
+        "stream_outputs": "output [\n" + _field_block(STREAM_OUTPUTS) + "\n]",
+        "ragged_inputs": "input [\n" + _field_block(INPUTS, ragged=True, all_optional=True) + "\n]",
+        "preprocess_input_map": _tensor_map("input_map", INPUTS),
+        "n_mels": N_MELS,
+        "flow_matching_outputs": "output [\n" + _field_block(chunk_fields) + "\n]",
+        "flow_matching_output_map": _tensor_map("output_map", chunk_fields),
+        "postprocess_chunk_inputs": _field_block(MEL_FIELDS + WAVE_FIELDS, ragged=True, all_optional=True),
+        "postprocess_chunk_map": _tensor_map("input_map", chunk_fields),
+        "max_batch_size": options.max_batch_size,
+        "preferred_batch_sizes": ", ".join(str(b) for b in options.preferred_batch_sizes),
+        "queue_delay_us": options.queue_delay_us,
+        "queue_policy": queue_policy,
+        "vocoder_max_batch_size": options.vocoder_max_batch_size,
+        "vocoder_queue_delay_us": options.vocoder_queue_delay_us,
+        "preprocess_instances": options.preprocess_instances,
+        "postprocess_instances": options.postprocess_instances,
+        "flow_matching_instances": _flow_instances("flow_matching", options.flow_instances_per_device, kind,
+                                                   options.gpus, options.flow_standby),
+        "vocoder_instances": _instances(options.vocoder_instances_per_device, kind, options.gpus),
+        "streaming_instances": _instances(options.streaming_instances_per_device, kind, options.gpus),
+    }
+    per_model = {
+        "preprocess": {"vocab": common["vocab"], **{k: v for k, v in common.items() if k.startswith("limit_")}},
+        "flow_matching": {**common, "dit_engine": options.dit_engine,
+                          "dit_compile": str(options.dit_compile).lower(),
+                          "dit_cuda_graphs": str(options.dit_cuda_graphs).lower(),
+                          "dit_graph_steps": options.dit_graph_steps,
+                          "dit_graph_max_rows": options.dit_graph_max_rows,
+                          "dit_graph_max_tokens": options.dit_graph_max_tokens,
+                          "warmup_requests": options.max_batch_size if options.warmup else 0,
+                          "warmup_nfe_steps": options.nfe_steps,
+                          "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
+        "postprocess": {"vocoder_model": "vocoder"},
+        "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
+                    **{k: v for k, v in common.items() if k.startswith("limit_")},
+                    "vocoder_engine": options.vocoder_engine,
+                    "vocoder_engine_path": options.vocoder_engine_path and Path(options.vocoder_engine_path).resolve()},
+    }
+    # what a client can read back from the models' config (f5_triton.client.random_weights)
+    weights = {"checkpoint": common["ckpt"], "random_weights": str(is_random_checkpoint(options.ckpt)).lower()}
+    per_model[STREAMING_MODEL] = {**weights,
+        **per_model["flow_matching"],
+        # the trt target's Vocos plan runs in process through the tensorrt engine
+        **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
+           if options.target == "trt" else
+           {k: v for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine")}),
+        "warmup_requests": options.streaming_max_streams if options.warmup else 0,
+    }
+    for name, params in _section_parameters(options).items():  # one output cache policy for both served models
+        per_model[name].update(params)
+    # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine settings
+    per_model["flow_matching"]["vocode"] = str(options.vocoder_in_flow).lower()
+    if options.vocoder_in_flow:
+        per_model["flow_matching"].update(
+            (k, v) for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine"))
+    for name, params in per_model.items():  # the DiT and Vocos keep every core where they run on the CPU
+        params["torch_threads"] = (0 if kind == "KIND_CPU" and name in ("flow_matching", "vocoder", STREAMING_MODEL)
+                                   else options.torch_threads)
+    per_model["f5_tts"] = weights
+    for name in STEP_MODELS + ((STREAMING_MODEL,) if options.streaming else ()):
+        source, target = templates / name, output / name
+        (target / "1").mkdir(parents=True)
+        template_name = "config.pbtxt"
+        if name == "vocoder":
+            template_name = "config.pbtxt.trt" if options.target == "trt" else "config.pbtxt.python"
+        text = Template((source / template_name).read_text()).substitute(
+            values, parameters=_parameters(per_model.get(name, {})))
+        (target / "config.pbtxt").write_text(text)
+        if name == "vocoder" and options.target == "trt":
+            shutil.copyfile(options.vocoder_plan, target / "1" / "model.plan")
+        elif (source / "1" / "model.py").exists():
+            shutil.copyfile(source / "1" / "model.py", target / "1" / "model.py")
+            # A stub writing __pycache__ into the version folder would make Triton see the model as modified,
+            # and turn the watchdog's replacement of one instance into a reload of the whole model.
+            py_compile.compile(str(target / "1" / "model.py"), doraise=True)
+    return output

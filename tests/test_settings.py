@@ -1,0 +1,160 @@
+"""The serving configuration: each setting declared once (`config.setting`) is a flag of the repository builder, an
+environment name, a parameter of the rendered models that reads back typed; no default is written twice."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from f5_triton.config import (DEFAULT_CACHES, DEFAULT_LIMITS, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, DEFAULT_STREAMING,
+                              SchedulerConfig, setting, settings_from)
+from f5_triton.model_paths import add_model_args, resolve_model_paths
+from f5_triton.request import STREAMING_MODEL
+from f5_triton.repository import (SECTIONS, RepositoryOptions, Section, add_repository_arguments,
+                                          environment_arguments, options_from_args, options_type, render,
+                                          repository_flags)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parameters(repo: Path, model: str) -> dict[str, str]:
+    config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def options_from(command_line: list[str], options: type = RepositoryOptions):
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    add_repository_arguments(parser, options)
+    args = parser.parse_args(command_line)
+    return options_from_args(args, *resolve_model_paths(args), options=options)
+
+
+def test_a_setting_added_to_a_section_is_a_flag_an_environment_name_and_a_parameter_read_back(tmp_path, tiny_ckpt):
+    # the one edit: a field of the scheduler's section
+    scheduler = dataclasses.make_dataclass("Scheduler", [("lookahead", int, setting(3, "chunks prepared ahead"))],
+                                           bases=(SchedulerConfig,), frozen=True)
+    sections = tuple(dataclasses.replace(s, defaults=scheduler()) if s.defaults is DEFAULT_SCHEDULER else s
+                     for s in SECTIONS)
+    options = options_type(sections)
+    flag = next(f for f in repository_flags(options) if f.part is None and f.option == "streaming_lookahead")
+    assert (flag.name, flag.env, flag.kwargs["default"]) == ("--streaming-lookahead", "F5_REPO_STREAMING_LOOKAHEAD", 3)
+    from_environment = environment_arguments({"F5_REPO_STREAMING_LOOKAHEAD": "7"}, options)
+    assert from_environment == ["--streaming-lookahead", "7"]
+    repo = render(options_from(["--target", "cpu", "--ckpt-dir", str(tiny_ckpt), *from_environment], options),
+                  tmp_path / "repo")
+    read = settings_from(parameters(repo, STREAMING_MODEL), scheduler())
+    assert read == scheduler(lookahead=7)  # typed, the section's other settings at their defaults
+    assert "lookahead" not in parameters(repo, "flow_matching")  # only the section's models hold it
+
+
+def test_every_option_is_a_flag_and_an_environment_name(tiny_ckpt):
+    flags = repository_flags()
+    # the checkpoint, vocabulary, Vocos and architecture come from model_paths' --ckpt-dir and friends
+    assert {f.option for f in flags} == {f.name for f in dataclasses.fields(RepositoryOptions)} - {
+        "ckpt", "vocab", "vocoder", "arch"}
+    assert len({f.name for f in flags}) == len({f.env for f in flags}) == len(flags)
+    environ = {"F5_REPO_FIRST_CHUNK_BYTES": "30", "F5_REPO_REFERENCE_CACHE_MB": "3.5", "F5_REPO_OUTPUT_CACHE_ENTRIES": "0",
+               "F5_REPO_STREAM_PACING_ENABLED": "off", "F5_REPO_STREAM_PACING_QUEUE_SECONDS": "2",
+               "F5_REPO_LIMIT_MAX_TEXT_BYTES": "1000", "F5_REPO_GPUS": "0,1", "F5_REPO_WARMUP": "no",
+               "F5_REPO_NFE": "16", "F5_REPO_SWAY_SAMPLING_COEF": "-0.5", "F5_REPO_STREAMING_MAX_STREAMS": "4",
+               "F5_REPO_TARGET": "trt"}  # the target is the builder's own (run.sh --backend/--target)
+    options = options_from(["--target", "cpu", "--ckpt-dir", str(tiny_ckpt), *environment_arguments(environ)])
+    assert (options.first_chunk_bytes, options.reference_cache_mb, options.output_cache_entries) == (30, 3.5, 0)
+    assert options.streaming_pacing.enabled is False and options.streaming_pacing.queue_seconds == 2.0
+    assert options.limits == {"max_text_bytes": 1000} and options.gpus == [0, 1] and options.warmup is False
+    assert (options.target, options.nfe_steps, options.sway_sampling_coef, options.streaming_max_streams) == (
+        "cpu", 16, -0.5, 4)
+    with pytest.raises(ValueError, match="F5_REPO_FLOW_STANDBY must be true or false"):
+        environment_arguments({"F5_REPO_FLOW_STANDBY": "maybe"})
+
+
+def test_target_defaults_apply_only_where_unset(tiny_ckpt):
+    paths = {"ckpt": tiny_ckpt / "model.safetensors", "vocab": tiny_ckpt / "vocab.txt", "vocoder": tiny_ckpt / "vocos"}
+    cpu, gpu = RepositoryOptions("cpu", **paths), RepositoryOptions("gpu", **paths, dit_compile=False)
+    assert (cpu.dtype, cpu.max_batch_size, cpu.warmup, cpu.dit_cuda_graphs) == ("fp32", 4, False, False)
+    assert (gpu.dtype, gpu.max_batch_size, gpu.warmup, gpu.dit_cuda_graphs, gpu.dit_compile) == (
+        "fp16", 8, True, True, False)
+
+
+# --------------------------------------------------------------------------------------------- one default each
+
+# Other names the tree gives these settings (a DiT engine's, a tool's flag).
+ALIASES = {"nfe": "nfe_steps", "steps": "nfe_steps", "max_frames": "max_mel_frames", "graph_max_rows": "graph_max_rows",
+           "graph_max_tokens": "graph_max_tokens", "graph_steps": "graph_steps"}
+# Defaults that are another tool's own choice, not the server's (each says why), and the lead's file this branch
+# leaves alone (its defaults must equal the configuration's: checked below).
+DELIBERATE = {
+    ("benchmark.py", "nfe"): "benchmarks measure 16 steps, the setting the README's numbers use",
+    ("scripts/bench_vs_upstream.py", "nfe"): "compares with upstream at the benchmark's 16 steps",
+    ("benchmark.py", "max_streams"): "offline streaming benchmark: streams batched at once",
+    ("f5_triton/engines/base.py", "graph_max_rows"): "an engine's own default, for in-process use (bench, tests)",
+    ("f5_triton/engines/base.py", "graph_max_tokens"): "an engine's own default: packed graphs off in process",
+    ("f5_triton/engines/base.py", "graph_steps"): "an engine's own default",
+    ("f5_triton/gateway/app.py", "speed"): "the OpenAI speech API's published default",
+}
+LEADS = "f5_triton/stream_scheduler.py"
+CONFIGURATION = {type(d).__name__ for d in (DEFAULT_SAMPLING, DEFAULT_LIMITS, DEFAULT_STREAMING, DEFAULT_SCHEDULER,
+                                            DEFAULT_CACHES)}
+
+
+def known_settings() -> set[str]:
+    names = set(ALIASES)
+    for defaults in (DEFAULT_SAMPLING, DEFAULT_LIMITS, DEFAULT_STREAMING, DEFAULT_SCHEDULER, DEFAULT_CACHES):
+        names |= {f.name for f in dataclasses.fields(defaults)}
+    for flag in repository_flags():
+        if isinstance(flag.kwargs.get("default"), (int, float, str)) and not isinstance(flag.kwargs["default"], bool):
+            names |= {flag.dest, flag.option}
+    return names
+
+
+def literal_defaults(tree: ast.AST, definitions: set[str] = frozenset()):
+    """(name, line) of every constant default given to a name: function parameters, class fields (but those of the
+    classes named in `definitions`), argparse flags' `default=`."""
+    skip = {id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name in definitions for n in c.body}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            yield from ((a.arg, d.lineno) for a, d in pairs if isinstance(d, ast.Constant) and d.value is not None)
+        elif (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and id(node) not in skip
+              and isinstance(node.value, ast.Constant) and node.value.value is not None):
+            yield node.target.id, node.lineno
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args:
+            flag = node.args[0].value if isinstance(node.args[0], ast.Constant) else ""
+            default = next((k.value for k in node.keywords if k.arg == "default"), None)
+            if isinstance(default, ast.Constant) and default.value is not None and str(flag).startswith("--"):
+                yield flag[2:].replace("-", "_"), node.lineno
+
+
+def test_no_setting_default_is_written_twice():
+    names = known_settings()
+    files = [*REPO.glob("f5_triton/**/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("model_repo/*/1/model.py"),
+             *REPO.glob("scripts/*.py"), *REPO.glob("*.py")]
+    found = []
+    for path in files:
+        where = path.relative_to(REPO).as_posix()
+        # the configuration's own classes (config.py) hold the one default of each
+        definitions = CONFIGURATION if where == "f5_triton/config.py" else set()
+        for name, line in literal_defaults(ast.parse(path.read_text()), definitions):
+            if name in names and (where, name) not in DELIBERATE and where != LEADS:
+                found.append(f"{where}:{line}: {name}")
+    assert not found, "defaults written beside the configuration (config.setting): " + ", ".join(found)
+
+
+def test_the_stream_schedulers_own_defaults_are_the_configurations():
+    import inspect
+
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    signature = inspect.signature(StreamScheduler)
+    assert {f.name: signature.parameters[f.name].default for f in dataclasses.fields(DEFAULT_SCHEDULER)} == \
+        dataclasses.asdict(DEFAULT_SCHEDULER)
