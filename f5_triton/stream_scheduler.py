@@ -50,7 +50,8 @@ from typing import Protocol
 
 from torch.profiler import record_function
 
-from f5_triton.config import DEFAULT_PACING, DEFAULT_SAMPLING, SAMPLE_RATE, PacingConfig, SamplingConfig
+from f5_triton.config import (DEFAULT_PACING, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, SAMPLE_RATE, PacingConfig,
+                              SamplingConfig)
 from f5_triton.errors import ServerBusyError
 from f5_triton.guards import check_finite
 from f5_triton.pacing import Chunk, Playback, WorkCost
@@ -141,8 +142,9 @@ class StreamScheduler:
     admission by playback deadline and the queue's time limit (module doc).
     """
 
-    def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = "cohort", max_streams: int = 16,
-                 max_queued: int = 64, max_rows: int | None = None, pacing: PacingConfig = DEFAULT_PACING):
+    def __init__(self, synthesizer: StreamingSynthesizer, *, granularity: str = DEFAULT_SCHEDULER.granularity,
+                 max_streams: int = DEFAULT_SCHEDULER.max_streams, max_queued: int = DEFAULT_SCHEDULER.max_queued,
+                 max_rows: int | None = None, pacing: PacingConfig = DEFAULT_PACING):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if max_streams < 1 or max_queued < 0 or (max_rows is not None and max_rows < 1):

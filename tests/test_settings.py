@@ -88,8 +88,7 @@ def test_target_defaults_apply_only_where_unset(tiny_ckpt):
 # Other names the tree gives these settings (a DiT engine's, a tool's flag).
 ALIASES = {"nfe": "nfe_steps", "steps": "nfe_steps", "max_frames": "max_mel_frames", "graph_max_rows": "graph_max_rows",
            "graph_max_tokens": "graph_max_tokens", "graph_steps": "graph_steps"}
-# Defaults that are another tool's own choice, not the server's (each says why), and the lead's file this branch
-# leaves alone (its defaults must equal the configuration's: checked below).
+# Defaults that are another tool's own choice, not the server's (each says why).
 DELIBERATE = {
     ("benchmark.py", "nfe"): "benchmarks measure 16 steps, the setting the README's numbers use",
     ("scripts/bench_vs_upstream.py", "nfe"): "compares with upstream at the benchmark's 16 steps",
@@ -99,7 +98,6 @@ DELIBERATE = {
     ("f5_triton/engines/base.py", "graph_steps"): "an engine's own default",
     ("f5_triton/gateway/app.py", "speed"): "the OpenAI speech API's published default",
 }
-LEADS = "f5_triton/stream_scheduler.py"
 CONFIGURATION = {type(d).__name__ for d in (DEFAULT_SAMPLING, DEFAULT_LIMITS, DEFAULT_STREAMING, DEFAULT_SCHEDULER,
                                             DEFAULT_CACHES)}
 
@@ -145,7 +143,7 @@ def test_no_setting_default_is_written_twice():
         # the configuration's own classes (config.py) hold the one default of each
         definitions = CONFIGURATION if where == "f5_triton/config.py" else set()
         for name, line in literal_defaults(ast.parse(path.read_text()), definitions):
-            if name in names and (where, name) not in DELIBERATE and where != LEADS:
+            if name in names and (where, name) not in DELIBERATE:
                 found.append(f"{where}:{line}: {name}")
     assert not found, "defaults written beside the configuration (config.setting): " + ", ".join(found)
 
