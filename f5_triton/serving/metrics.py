@@ -62,20 +62,13 @@ class Metrics:
     def __init__(self, model: str):
         self.model = model
         # The families must outlive their metrics (Triton refuses to update a metric of a deleted family).
-        self._families = {
-            AUDIO_SECONDS: pb_utils.MetricFamily(
-                name=AUDIO_SECONDS, description="Seconds of generated audio returned to clients",
-                kind=pb_utils.MetricFamily.COUNTER),
-            REAL_TIME_FACTOR: pb_utils.MetricFamily(
-                name=REAL_TIME_FACTOR, description="Server time per second of generated audio, per request",
-                kind=pb_utils.MetricFamily.HISTOGRAM),
-            REJECTED: pb_utils.MetricFamily(
-                name=REJECTED, description="Requests answered with an error, by reason",
-                kind=pb_utils.MetricFamily.COUNTER),
-            QUEUE_SECONDS: pb_utils.MetricFamily(
-                name=QUEUE_SECONDS, description="Seconds a stream waited before its generation started",
-                kind=pb_utils.MetricFamily.HISTOGRAM),
-        }
+        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
+        self._families = {name: pb_utils.MetricFamily(name=name, description=description, kind=kind)
+                          for name, description, kind in (
+            (AUDIO_SECONDS, "Seconds of generated audio returned to clients", counter),
+            (REAL_TIME_FACTOR, "Server time per second of generated audio, per request", histogram),
+            (REJECTED, "Requests answered with an error, by reason", counter),
+            (QUEUE_SECONDS, "Seconds a stream waited before its generation started", histogram))}
         self._metrics: dict[tuple[str, str], object] = {}  # (family, reason) -> metric, made on first use
 
     def _metric(self, family: str, reason: str = ""):
