@@ -351,27 +351,27 @@ class StreamScheduler:
             level = [s for s in level if position[s] < len(s.prepared.jobs)]
         return True
 
-    def _later_slack(self, now: float) -> float:
-        """Seconds to spare before a listener of the later chunks (running, then the next cohort) would run out."""
+    def _later_slack(self, now: float, group: list[_Stream]) -> float:
+        """Seconds to spare before a listener of the later chunks (running, then the next cohort: `group`) would run
+        out."""
         margin = self.pacing.margin_seconds
         running = self._cohorts.get(False)
         end = now + self._remaining(running)
         slack = min((s.playback.deadline - margin - end for s in (running.streams if running else ())
                      if s in self._active), default=float("inf"))
-        group = self._later_group()
         if group:
             end += self.cost.batch_seconds(s.chunk(len(s.pieces.made)) for s in group)
             slack = min(slack, min(s.playback.deadline for s in group) - margin - end)
         return slack
 
-    def _later_group(self) -> list[_Stream]:
+    def _later_group(self, now: float) -> list[_Stream]:
         """The streams the next cohort of later chunks takes: by deadline, while the cohort still ends before the
         earliest one (paced), at least one; every idle one, oldest first, when not paced."""
         idle = [s for s in self._active if s.cohort is None and s.pieces.made]
         if not self._paced():
             return sorted(idle, key=lambda s: s.order)[: self.max_rows]
         idle.sort(key=lambda s: s.playback.deadline)
-        group, now = idle[:1], time.monotonic()
+        group = idle[:1]
         due = idle[0].playback.deadline - self.pacing.margin_seconds if idle else 0.0
         wait = self._remaining(self._cohorts.get(False))
         for stream in idle[1:]:
@@ -414,15 +414,16 @@ class StreamScheduler:
         of them (paced); then the running cohort of later chunks, else a new one (`_later_group`). A cohort's
         streams stay together until its chunks end, so a newcomer waits at most one segment of others' work, and
         every chunk runs in big batches (CUDA graphs where the engine has them)."""
+        now = time.monotonic()
         fresh = [s for s in self._active if s.cohort is None and not s.pieces.made]
         first = self._cohorts.get(True)
         if first is None and fresh:
             first = self._start_cohort(sorted(fresh, key=lambda s: s.order)[: self.max_rows], first=True)
-        if first is not None and not self._later_due(first):
+        group = self._later_group(now)  # the next cohort of later chunks, once the running one (if any) ends
+        if first is not None and not self._later_due(first, now, group):
             return first
         later = self._cohorts.get(False)
         if later is None:
-            group = self._later_group()
             later = self._start_cohort(group, first=False) if group else None
         if later is not None:
             return later
@@ -430,12 +431,12 @@ class StreamScheduler:
             return first
         raise RuntimeError("active streams but no cohort to run")  # every active stream is in one or idle
 
-    def _later_due(self, first: _Cohort) -> bool:
+    def _later_due(self, first: _Cohort, now: float, group: list[_Stream]) -> bool:
         """Whether later chunks must run before `first`'s next segment to keep their listeners ahead."""
         if not self._paced():
             return False
         segment = self.cost.steps_seconds(first.tokens, self._segment_steps)
-        return self._later_slack(time.monotonic()) < segment
+        return self._later_slack(now, group) < segment
 
     def _start_cohort(self, streams: list[_Stream], first: bool) -> _Cohort:
         cohort = _Cohort(streams, [stream.job for stream in streams], first)
