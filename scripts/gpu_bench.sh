@@ -19,7 +19,8 @@
 # stream_rate (issue 36, one device call of ~7 min, server start included): open-loop Poisson arrivals on one server
 #   (traffic-server's): each set of STREAM_SETS (default paragraphs,mixed,uniform) streamed at STREAM_RATES requests/s
 #   (default 2,4,6,8,12,16; RATE_REQUESTS, default 32, per rate), f5_tts at the same rates on RATE_WHOLE_SETS (default
-#   mixed), then closed-loop bursts RATE_CLOSED (default 32,64) streamed on mixed; stream_rate.jsonl (open loop, its
+#   mixed), then closed-loop bursts RATE_CLOSED (default 8,16,32,64) streamed on mixed and f5_tts at RATE_WHOLE_CLOSED
+#   (default 16,32; empty: none) on mixed, the throughput ratio's base; stream_rate.jsonl (open loop, its
 #   capacity lines in stream_rate.log), stream_rate-closed.jsonl, stream_rate.png. Each benchmark is cut at RATE_STEP_S
 #   (default 100) seconds, rows kept as measured. A dry run on the CPU:
 #   ARCH=tiny NFE=2 TARGET=cpu FULL_VOCODER=0 STREAM_RATES=2,inf RATE_REQUESTS=3 RATE_CLOSED=2 PY=.venv/bin/python \
@@ -218,9 +219,14 @@ for what in $WHAT; do
         > "$OUT/server-rate.log" 2>&1 &
       server=$!
       wait_ready stream_rate | tee "$OUT/stream_rate.log"
-      for pass in first-after-ready again; do  # the first stream after "ready", then the same request warm
+      # the first stream after "ready", the same request warm, then warm with a reference the server has not seen
+      # (the example clip cut to 4 s: a reference-cache miss), which splits a cold server from a cold reference
+      "$PY" -c "import soundfile as sf; a, r = sf.read('examples/basic_ref_en.flac'); sf.write('$OUT/new_ref.wav', a[:4 * r], r)"
+      for pass in first-after-ready again new-reference; do
         echo "$pass:" | tee -a "$OUT/stream_rate.log"
-        "$PY" client_grpc.py --streaming --server-url "localhost:$GRPC_PORT" --reference-audio examples/basic_ref_en.flac \
+        ref=examples/basic_ref_en.flac
+        [ "$pass" = new-reference ] && ref=$OUT/new_ref.wav
+        "$PY" client_grpc.py --streaming --server-url "localhost:$GRPC_PORT" --reference-audio "$ref" \
           --reference-text "Some call me nature, others call me mother nature." --output-audio "$OUT/first.wav" \
           --target-text "I have been a silent spectator. I watched species evolve, empires rise and fall." 2>&1 \
           | grep -v -i warn | tee -a "$OUT/stream_rate.log"
@@ -241,8 +247,10 @@ for what in $WHAT; do
       for set in ${whole_sets//,/ }; do
         rate f5_tts "$set" "${open_loop[@]}"
       done
-      RATE_REQUESTS=${RATE_CLOSED_REQUESTS:-64} rate closed mixed --streaming --concurrency "${RATE_CLOSED:-32,64}" \
+      RATE_REQUESTS=${RATE_CLOSED_REQUESTS:-64} rate closed mixed --streaming --concurrency "${RATE_CLOSED:-8,16,32,64}" \
         --output-json "$OUT/stream_rate-closed.jsonl"
+      [ -n "${RATE_WHOLE_CLOSED-16,32}" ] && RATE_REQUESTS=${RATE_CLOSED_REQUESTS:-64} rate closed-whole mixed \
+        --concurrency "${RATE_WHOLE_CLOSED-16,32}" --output-json "$OUT/stream_rate-closed.jsonl"
       "$PY" scripts/plot_results.py "$OUT/stream_rate.jsonl" --output "$OUT/stream_rate.png" \
         --title "open loop, Triton gRPC, $ARCH, NFE $NFE" | tee -a "$OUT/stream_rate.log"
       kill -TERM $server; wait $server ;;
