@@ -2,11 +2,12 @@
 # The GPU test lane (docs/gpu-lane.md): what CI on the CPU cannot run, on a GPU machine, in parts that each fit one
 # device call (< 9 min). Each part writes OUT/gpu-lane-PART.json (date, card, commit, pass/fail/skip per test,
 # figures) and exits non-zero on any failure, and on any skip but the documented hardware ones.
-#   bash scripts/gpu_lane.sh PART...     PART: tests | server | soak | bench | all (= tests server soak bench)
+#   bash scripts/gpu_lane.sh PART...     PART: tests | server | soak | server-soak | bench | all (= tests server soak bench)
 #   tests   every GPU-only test (marker gpu: tests/test_model.py, test_engines.py, test_tensorrt.py's plan run) and
 #           the production path's accuracy test (tests/test_gpu_lane.py), with FlashAttention-4 installed
 #   server  the GPU-target Triton server (tests/test_gpu_server.py): gRPC, HTTP, streaming, a killed stub
 #   soak    GPU_SOAK_SECONDS (default 300) of mixed traffic against that server: 0 failures, memory flat
+#   server-soak  both on one server start (one call of ~8 min instead of two with a start each)
 #   bench   scripts/bench_vs_upstream.py, gated on --max-rel-l2 (upstream beside FA4)
 # Set-up on the GPU machine (no network): the wheels of `bash scripts/prepare_gpu_wheels.sh --lane`, whose header
 # gives the call sequence; then `source /tmp/gpu-lane/setup.sh && bash scripts/gpu_lane.sh PART` per call.
@@ -41,6 +42,8 @@ for part in $PARTS; do
               --timeout=520 ;;
     soak) run "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_server.py -k soak --junitxml="$xml" \
             --timeout=560 ;;
+    server-soak) run "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_server.py --junitxml="$xml" \
+                   --timeout=580 ;;
     bench) run "$PY" scripts/bench_vs_upstream.py --arch F5TTS_v1_Base --nfe 16 --dtype fp16 --repeats 3 \
              --variants compile+graphs --output-json "$OUT/bench.json" 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
            code=${PIPESTATUS[0]}
@@ -53,7 +56,7 @@ open(sys.argv[1], "w").write(f"<testsuite><testcase classname='scripts' name={qu
                              f"{body}</testcase></testsuite>")
 PY
            ;;
-    *) echo "gpu_lane.sh: unknown part '$part' (tests, server, soak, bench, all)" >&2; exit 2 ;;
+    *) echo "gpu_lane.sh: unknown part '$part' (tests, server, soak, server-soak, bench, all)" >&2; exit 2 ;;
   esac
   [ "${GPU_LANE_DRY:-0}" = 1 ] && continue
   "$PY" scripts/gpu_lane_result.py "$part" "$xml" "$ALLOWED_SKIPS" "$OUT" || status=1
