@@ -136,11 +136,17 @@ def synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str
     inputs = build_inputs(module, wave, reference_text, target_text, **optional)
     outputs = [module.InferRequestedOutput("waveform")]
     deadline = None if timeout is None else time.monotonic() + timeout
-    own = None if client is not None else module.InferenceServerClient(url)
+    # gRPC bounds each call (client_timeout); tritonclient.http bounds a connection's reads (network_timeout), so an
+    # HTTP call is bounded only on a connection made here, and a given HTTP client keeps its own timeouts
+    per_call = protocol == "grpc"
+    own = None
+    if client is None:
+        own = (module.InferenceServerClient(url) if per_call or timeout is None else
+               module.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout))
     attempt = 0
     try:
         while True:
-            kwargs = {} if deadline is None else {"client_timeout": max(deadline - time.monotonic(), 0.001)}
+            kwargs = {"client_timeout": max(deadline - time.monotonic(), 0.001)} if per_call and deadline is not None else {}
             try:
                 result = (client or own).infer(model, inputs, outputs=outputs, **kwargs)
                 return result.as_numpy("waveform").reshape(-1)

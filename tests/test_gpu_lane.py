@@ -160,10 +160,13 @@ def test_streaming_scheduler_with_the_production_solver_matches_fp32_eager(check
         for thread in threads:
             thread.join(600)
     worst = 0.0
+    several = 0  # streams of more than one piece (the set's first paragraph is one short sentence: one piece)
     for index, request in enumerate(synthesis):
         expected = [piece.audio for piece in ref_streamer.stream(request)]
-        assert len(got[index]) == len(expected) > 1
+        assert len(got[index]) == len(expected)
+        several += len(expected) > 1
         for piece, ref in zip(got[index], expected):
             worst = max(worst, bench.rel_l2(piece, ref))
             assert bench.rel_l2(piece, ref) <= bench.FP16_WAVE_REL_L2, (index, bench.rel_l2(piece, ref))
+    assert several >= 6, several  # cohorts of later chunks were exercised, not only first chunks
     record(streaming_worst_wave_rel_l2=worst)

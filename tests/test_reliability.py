@@ -468,6 +468,24 @@ def test_a_request_past_its_timeout_is_stopped_between_steps(server, ref_wave, p
     assert (rejected(server, "flow_matching") - before) == collections.Counter({"deadline_exceeded": 1})
 
 
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_client_bounds_its_call_by_timeout_over_either_protocol(server, ref_wave, protocol):
+    """`client.synthesize(timeout=...)` answers within a roomy bound and raises at once past a short one, over both
+    protocols (HTTP bounds the connection it makes; the GPU lane found it refusing gRPC's per-call keyword)."""
+    from f5_triton.client import synthesize as client_synthesize
+
+    wave = client_synthesize(url(server, protocol), ref_wave, REF_TEXT, "A bounded call.", protocol=protocol,
+                             timeout=120, retries=0)
+    assert wave.size > SAMPLE_RATE // 4 and np.isfinite(wave).all()
+    start = time.monotonic()
+    with pytest.raises(Exception) as caught:
+        client_synthesize(url(server, protocol), ref_wave, REF_TEXT, "A call that cannot end in time.",
+                          protocol=protocol, timeout=0.01, retries=0)
+    assert not isinstance(caught.value, TypeError), caught.value
+    assert time.monotonic() - start < 5
+
+
 # -- real server: metrics ------------------------------------------------------------------------------------
 
 @pytest.mark.server
