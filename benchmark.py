@@ -305,10 +305,11 @@ def stream_opener(args, retries: int = 1):
     from f5_triton.request import validate_request
     from f5_triton.stream_scheduler import StreamScheduler
     from f5_triton.streaming import StreamingSynthesizer
+    from f5_triton.text import StreamingChunker
 
     tts, _ = bench.tts_from_args(args)
     seconds = server_warm_up(args, tts, args.max_streams) if args.server_warmup else 0.0
-    scheduler = StreamScheduler(StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder),
+    scheduler = StreamScheduler(StreamingSynthesizer(tts.stages(StreamingChunker())),
                                 granularity=args.granularity, max_streams=args.max_streams).start()
     if args.server_warmup:  # as f5_tts_streaming: a stream through every stage once
         seconds += scheduler.warm_up(SamplingConfig(nfe_steps=args.nfe, cfg_strength=args.cfg))

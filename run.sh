@@ -11,7 +11,7 @@
 # vocoder|repository` (stages 0-3, f5_triton/build.py), `f5-triton serve` (4), `f5-triton stop`.
 #
 # Stages
-#   0  checkpoints: download (scripts/download_models.py), or a random one with --random-weights
+#   0  checkpoints: download (f5-triton build checkpoint), or a random one with --random-weights
 #   1  DiT: export ONNX, build the TensorRT engine           (trt backend only)
 #   2  vocoder: export ONNX, build the TensorRT engine       (trt backend only)
 #      Strongly typed builds: fp16 plans from the fp16 ONNX export (fp32 with DTYPE=fp32). TensorRT

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 def read_raw_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (run scripts/download_models.py, or "
-                              f"scripts/make_random_checkpoint.py for a random one)")
+        raise CheckpointError(f"checkpoint not found: {path} (download one with f5-triton build checkpoint "
+                              f"--model NAME --ckpt-dir ckpts, or scripts/make_random_checkpoint.py for a random one)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -136,7 +136,7 @@ class PacingConfig:
 
 @dataclass(frozen=True)
 class StreamingConfig:
-    """How f5_tts_streaming cuts a text into pieces (`streaming.StreamingSynthesizer`'s keywords)."""
+    """How f5_tts_streaming cuts a text into pieces (`text.StreamingChunker`'s settings)."""
 
     first_chunk_bytes: int = setting(50, (  # as upstream's socket server: about one short sentence
         "UTF-8 bytes of a stream's first text chunk (text.split_for_streaming): shorter, the first audio sooner"))
@@ -169,7 +169,6 @@ DEFAULT_PACING = PacingConfig()
 DEFAULT_STREAMING = StreamingConfig()
 DEFAULT_SCHEDULER = SchedulerConfig()
 DEFAULT_CACHES = CacheConfig()
-DEFAULT_FIRST_CHUNK_BYTES = DEFAULT_STREAMING.first_chunk_bytes
 
 # CUDA graphs need fixed shapes: a call's frames are padded up to the next of these (< 5% waste).
 CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))

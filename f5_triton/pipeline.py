@@ -4,15 +4,17 @@ The same stages run here for the CLI and the offline benchmark, and inside Trito
 models (preprocess -> flow_matching -> vocoder -> postprocess; on GPUs the Vocoder runs inside the
 flow_matching model's process, right after it):
 
-  Preprocessor   resample, level, mel, tokenize, split long text, estimate durations
+  Preprocessor   resample, level, mel, tokenize, split long text (its chunker), estimate durations
   FlowMatcher    flow matching for a batch of jobs (one job = one text chunk of one request)
   Vocoder        mel -> waveform for a batch of jobs
   finish()       restore the reference level, cross-fade the chunks of a request
+  Stages         the three stage objects as one bundle, handed to whoever runs them (streaming and its scheduler)
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import time
 from collections import defaultdict
@@ -83,18 +85,26 @@ Chunker = Callable[[str, int], list[str]]
 class Preprocessor:
     """Request -> jobs: reference level and mel, tokens, text chunks, durations. CPU work.
 
-    `cache` (an `f5_triton.cache.LRUCache`) keeps processed references by content hash, so a voice
-    that comes back skips clipping, resampling and the mel. The tokens are not cached: upstream
+    `chunker` cuts the target text: `text.chunk_text` (offline, as upstream's infer_process) or, for streams,
+    a `text.StreamingChunker`. `cache` (an `f5_triton.cache.LRUCache`) keeps processed references by content hash,
+    so a voice that comes back skips clipping, resampling and the mel. The tokens are not cached: upstream
     tokenizes reference + chunk as one string, and the boundary can change them ("。" + "Hi").
     """
 
     def __init__(self, tokenizer: text.Tokenizer, limits: Limits = DEFAULT_LIMITS, device: str | torch.device = "cpu",
-                 cache=None):
+                 cache=None, chunker: Chunker = text.chunk_text):
         self.tokenizer = tokenizer
         self.limits = limits
         self.device = torch.device(device)
         self.mel = audio.MelSpectrogram().to(self.device)
         self.cache = cache
+        self.chunker = chunker
+
+    def chunked_by(self, chunker: Chunker) -> "Preprocessor":
+        """This preprocessor (tokenizer, limits, mel, reference cache shared) cutting texts with `chunker`."""
+        other = copy.copy(self)
+        other.chunker = chunker
+        return other
 
     def reference(self, request: SynthesisRequest) -> Reference:
         """The processed reference of `request`, from the cache when it has one."""
@@ -117,10 +127,10 @@ class Preprocessor:
         return Reference(mel=ref_mel, frames=wave.shape[-1] // HOP_LENGTH, seconds=wave.shape[-1] / SAMPLE_RATE,
                          rms=float(rms), text=text.fix_reference_text(request.reference_text))
 
-    def __call__(self, request: SynthesisRequest, chunker: Chunker = text.chunk_text) -> Prepared:
+    def __call__(self, request: SynthesisRequest) -> Prepared:
         ref = self.reference(request)
         max_bytes = text.max_chunk_bytes(request.reference_text, ref.seconds, request.speed)
-        chunks = chunker(request.target_text, max_bytes) or [request.target_text.strip()]
+        chunks = self.chunker(request.target_text, max_bytes) or [request.target_text.strip()]
         seed = random.randrange(2**31) if request.seed is None else request.seed
         jobs = []
         for i, chunk in enumerate(chunks):
@@ -288,6 +298,17 @@ class Vocoder:
         return decode_batch(self.decoder, [m.transpose(0, 1).to(self.device) for m in mels])
 
 
+@dataclass(frozen=True)
+class Stages:
+    """The stage objects a host runs, made once (weights, engines, caches) and handed as one bundle to each object
+    that runs them: `streaming.StreamingSynthesizer` and the `stream_scheduler.StreamScheduler` over it share one.
+    How texts are cut is the preprocessor's `chunker`."""
+
+    preprocess: Preprocessor
+    flow_matching: FlowMatcher
+    vocoder: Vocoder
+
+
 def finish(waves: list[np.ndarray], ref_rms: float) -> np.ndarray:
     """A request's chunk waveforms -> one waveform at the reference's level."""
     joined = audio.cross_fade(waves) if len(waves) > 1 else waves[0]
@@ -319,6 +340,12 @@ class TTS:
         if vocoder_engine is not None:
             decoder = vocoder_engine(decoder)
         return cls(model, tokenizer, decoder, device=device, dtype=dtype, **kwargs)
+
+    def stages(self, chunker: Chunker | None = None) -> Stages:
+        """Its stages as a bundle (a stream's: `chunker=text.StreamingChunker()`), the preprocessor cutting texts
+        with `chunker` when given; flow matching, the vocoder and the reference cache are this pipeline's."""
+        preprocess = self.preprocess if chunker is None else self.preprocess.chunked_by(chunker)
+        return Stages(preprocess, self.flow_matching, self.vocoder)
 
     def synthesize(self, requests: list[SynthesisRequest], stage=None) -> list[np.ndarray]:
         """All stages for a batch of validated requests; returns 24 kHz float32 waveforms.

@@ -135,7 +135,8 @@ class _Cohort:
 
 
 class StreamScheduler:
-    """Runs many streams of one `StreamingSynthesizer` (its stages, settings and output cache) together.
+    """Runs many streams of one `StreamingSynthesizer` together: its bundle of stages (`stages`, the same object),
+    settings and output cache.
 
     max_streams: streams generated at once; max_queued: streams waiting beyond them (more are refused with
     `ServerBusyError`); max_rows: chunks per round (per cohort) at most (None: one per active stream); pacing:
@@ -153,6 +154,7 @@ class StreamScheduler:
         if pacing.margin_seconds < 0 or pacing.queue_seconds <= 0:
             raise ValueError(f"need pacing margin_seconds >= 0 and queue_seconds > 0; got {pacing}")
         self.synthesizer = synthesizer
+        self.stages = synthesizer.stages
         self.granularity = granularity
         self.max_streams, self.max_queued, self.max_rows = max_streams, max_queued, max_rows
         self.pacing = pacing
@@ -181,7 +183,7 @@ class StreamScheduler:
             for piece in cached:
                 sink.piece(piece)
             return
-        prepared = self.synthesizer.prepare(request)
+        prepared = self.stages.preprocess(request)
         with self._changed:
             held = len(self._active) + len(self._waiting)
             if held >= self.max_streams + self.max_queued:
@@ -395,8 +397,8 @@ class StreamScheduler:
         jobs = [stream.job for stream in streams]
         owner = {id(job): stream for job, stream in zip(jobs, streams)}
         start = time.monotonic()
-        mels = self.synthesizer.flow_matching(jobs, keep=lambda job: owner[id(job)].sink.wanted())
-        self.synthesizer.flow_matching.synchronize()
+        mels = self.stages.flow_matching(jobs, keep=lambda job: owner[id(job)].sink.wanted())
+        self.stages.flow_matching.synchronize()
         self.cost.observe_steps(sum(chunk_of(job).tokens for job in jobs), max(job.nfe_steps for job in jobs),
                                 time.monotonic() - start)
         finished = []
@@ -453,15 +455,15 @@ class StreamScheduler:
         try:
             if cohort.groups is None:  # noise and text embeddings: in the round, whose failure fails its streams
                 with record_function("stream_scheduler.begin"):
-                    cohort.groups = self.synthesizer.flow_matching.begin(cohort.jobs)
-                    self.synthesizer.flow_matching.synchronize()
+                    cohort.groups = self.stages.flow_matching.begin(cohort.jobs)
+                    self.stages.flow_matching.synchronize()
             start, steps = time.monotonic(), 0
             for _, solving in cohort.groups:
                 if not solving.done:
                     segment = solving.segment
                     solving.advance(segment)
                     steps = max(steps, segment)
-            self.synthesizer.flow_matching.synchronize()
+            self.stages.flow_matching.synchronize()
             self.cost.observe_steps(cohort.tokens, steps, time.monotonic() - start)
             self._segment_steps = steps or self._segment_steps
         except Exception:
@@ -497,7 +499,7 @@ class StreamScheduler:
             return
         with record_function("stream_scheduler.vocode"):
             start = time.monotonic()
-            waves = self.synthesizer.vocoder([mel for _, mel in good])
+            waves = self.stages.vocoder([mel for _, mel in good])
             now = time.monotonic()
             self.cost.observe_vocoder(sum(mel.shape[0] for _, mel in good), now - start)
         for (stream, _), wave in zip(good, waves):

@@ -1,7 +1,7 @@
 """Streaming synthesis: a request's audio as a sequence of pieces, the first one as early as possible.
 
-The target text is split by `text.split_for_streaming` (sentence-sized chunks, a short first one);
-each chunk is generated (flow matching, then the vocoder) on its own and handed out at once. The
+The target text is split by the preprocessor's chunker, a `text.StreamingChunker` (sentence-sized chunks, a short
+first one); each chunk is generated (flow matching, then the vocoder) on its own and handed out at once. The
 chunks are joined with upstream's linear cross-fade: the fade-out tail of each chunk is held back
 until the next chunk arrives (`CrossFadeStream`), so that the concatenated pieces are exactly
 `pipeline.finish(chunk_waves, ref_rms)` of the same chunks. The last piece carries `is_final`.
@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from f5_triton import audio, text
+from f5_triton import audio
 from f5_triton.cache import LRUCache, request_output_key
-from f5_triton.config import (CROSS_FADE_SECONDS, DEFAULT_FIRST_CHUNK_BYTES, DEFAULT_SAMPLING, SAMPLE_RATE,
-                              SamplingConfig)
+from f5_triton.config import CROSS_FADE_SECONDS, DEFAULT_SAMPLING, SAMPLE_RATE, SamplingConfig
 from f5_triton.guards import check_finite
-from f5_triton.pipeline import FlowMatcher, Prepared, Preprocessor, Vocoder
+from f5_triton.pipeline import Prepared, Stages
 from f5_triton.request import SynthesisRequest, validate_request
 
 
@@ -104,33 +103,22 @@ class PieceMaker:
 class StreamingSynthesizer:
     """Request -> `Piece`s, one per text chunk, each as soon as its chunk is generated.
 
-    `output_cache` (an `LRUCache`) replays the pieces of an earlier request with the same
+    `stages`: the bundle it runs, whose preprocessor cuts texts for streams (built with a `text.StreamingChunker`;
+    `TTS.stages(text.StreamingChunker())` in process). A `stream_scheduler.StreamScheduler` over this synthesizer
+    runs the same bundle. `output_cache` (an `LRUCache`) replays the pieces of an earlier request with the same
     reference, text, parameters and explicit seed; requests without a seed are never cached.
     """
 
-    def __init__(self, preprocess: Preprocessor, flow_matching: FlowMatcher, vocoder: Vocoder, *,
-                 first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES, cross_fade_seconds: float = CROSS_FADE_SECONDS,
+    def __init__(self, stages: Stages, *, cross_fade_seconds: float = CROSS_FADE_SECONDS,
                  output_cache: LRUCache | None = None):
-        if first_chunk_bytes < 1:
-            raise ValueError(f"first_chunk_bytes must be >= 1, got {first_chunk_bytes}")
-        self.preprocess = preprocess
-        self.flow_matching = flow_matching
-        self.vocoder = vocoder
-        self.first_chunk_bytes = first_chunk_bytes
+        self.stages = stages
         self.cross_fade_seconds = cross_fade_seconds
         self.output_cache = output_cache
-
-    def chunks(self, target_text: str, max_bytes: int) -> list[str]:
-        """Streaming chunking: the offline chunks with the first one re-split short."""
-        return text.split_for_streaming(target_text, self.first_chunk_bytes, max_chars=max_bytes)
-
-    def prepare(self, request: SynthesisRequest) -> Prepared:
-        return self.preprocess(request, chunker=self.chunks)
 
     def _output_key(self, request: SynthesisRequest) -> str | None:
         if self.output_cache is None or not self.output_cache.enabled:
             return None
-        return request_output_key(request, first_chunk_bytes=self.first_chunk_bytes,
+        return request_output_key(request, chunker=self.stages.preprocess.chunker,
                                   cross_fade_seconds=self.cross_fade_seconds)
 
     def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None) -> Iterator[Piece]:
@@ -139,11 +127,12 @@ class StreamingSynthesizer:
         if cached is not None:
             yield from cached
             return
-        prepared = self.prepare(request)
+        stages = self.stages
+        prepared = stages.preprocess(request)
         pieces = PieceMaker(prepared, self.cross_fade_seconds)
         for job in prepared.jobs:
-            mel = check_finite(self.flow_matching([job], on_step=on_step))
-            yield pieces.add(self.vocoder(mel)[0])
+            mel = check_finite(stages.flow_matching([job], on_step=on_step))
+            yield pieces.add(stages.vocoder(mel)[0])
         self.remember(key, pieces.made)
 
     def remember(self, key: str | None, pieces: list[Piece]) -> None:

@@ -6,7 +6,8 @@
 * `fix_reference_text` is the punctuation upstream adds to the reference transcript before it is
   joined with the text to generate.
 * `chunk_text`, `max_chunk_bytes` and `split_for_streaming` split long target texts into batches
-  that each fit in one generation window.
+  that each fit in one generation window; `StreamingChunker` is `split_for_streaming` with its settings, the
+  chunker a streaming `pipeline.Preprocessor` is built with.
 
 Lengths here are UTF-8 byte counts, as upstream uses them (a Chinese character counts 3).
 """
@@ -17,13 +18,14 @@ import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import rjieba
 import torch
 from pypinyin import Style, lazy_pinyin
 from torch.nn.utils.rnn import pad_sequence
 
-from f5_triton.config import DEFAULT_FIRST_CHUNK_BYTES
+from f5_triton.config import DEFAULT_STREAMING, StreamingConfig
 from f5_triton.errors import CheckpointError
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "chunk_text",
     "max_chunk_bytes",
     "split_for_streaming",
+    "StreamingChunker",
 ]
 
 PAD_ID = -1  # batch padding in `encode_batch`; the model shifts ids by +1 so padding becomes 0
@@ -251,8 +254,7 @@ def max_chunk_bytes(ref_text: str, ref_audio_seconds: float, speed: float) -> in
     return int(ref_bytes / ref_audio_seconds * (22 - ref_audio_seconds) * speed)
 
 
-def split_for_streaming(text: str, first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_BYTES,
-                        max_chars: int = 135) -> list[str]:
+def split_for_streaming(text: str, first_chunk_bytes: int, max_chars: int = 135) -> list[str]:
     """Chunks for streaming: `chunk_text` with `max_chars`, then the first chunk's opening sentences, up to
     `first_chunk_bytes`, split off so that the first audio comes back sooner.
 
@@ -270,6 +272,22 @@ def split_for_streaming(text: str, first_chunk_bytes: int = DEFAULT_FIRST_CHUNK_
         first = _opening_words(first, first_chunk_bytes)
     rest = chunks[0][len(first):].strip()  # `first` is a prefix of the first chunk
     return [first] + chunk_text(rest, max_chars=max_chars) + chunks[1:]
+
+
+@dataclass(frozen=True)
+class StreamingChunker:
+    """A stream's chunker (`pipeline.Chunker`): `split_for_streaming` with `config`'s first chunk, each chunk within
+    the request's `max_bytes`. A streaming `pipeline.Preprocessor` is built with one; its repr names its settings
+    (the streaming output cache keys on it)."""
+
+    config: StreamingConfig = DEFAULT_STREAMING
+
+    def __post_init__(self):
+        if self.config.first_chunk_bytes < 1:
+            raise ValueError(f"first_chunk_bytes must be >= 1, got {self.config.first_chunk_bytes}")
+
+    def __call__(self, text: str, max_bytes: int) -> list[str]:
+        return split_for_streaming(text, self.config.first_chunk_bytes, max_chars=max_bytes)
 
 
 def _opening_words(sentence: str, max_bytes: int) -> str:

@@ -32,7 +32,8 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "pytorch_model.bin"
 _HINT = (
     "expected the layout of charactr/vocos-mel-24khz (config.yaml + pytorch_model.bin); "
-    "run scripts/download_models.py, or scripts/make_random_checkpoint.py for random test weights"
+    "download it with f5-triton build checkpoint --model NAME --ckpt-dir ckpts, or "
+    "scripts/make_random_checkpoint.py for random test weights"
 )
 
 

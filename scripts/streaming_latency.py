@@ -32,11 +32,12 @@ THIRTY_SECONDS = (
 def build(args):
     """The streaming synthesizer over the pipeline the engine options describe."""
     from benchmarks.bench import tts_from_args
+    from f5_triton.config import StreamingConfig
     from f5_triton.streaming import StreamingSynthesizer
+    from f5_triton.text import StreamingChunker
 
     tts, args.dtype = tts_from_args(args)
-    return StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder,
-                                first_chunk_bytes=args.first_chunk_bytes)
+    return StreamingSynthesizer(tts.stages(StreamingChunker(StreamingConfig(first_chunk_bytes=args.first_chunk_bytes))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     wave, rate = read_audio(args.reference_audio)
     # no seed: the output cache (off here anyway) must never turn a repeat into a replay
     request = validate_request(wave, args.reference_text, args.text, sample_rate=rate, nfe_steps=args.nfe)
-    chunks = streamer.prepare(request).chunks
+    chunks = streamer.stages.preprocess(request).chunks
     synchronize = lambda: None  # noqa: E731
     if args.device.startswith("cuda"):
         synchronize = torch.cuda.synchronize

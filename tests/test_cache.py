@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,7 @@ from f5_triton.cache import (
 from f5_triton.pipeline import TTS
 from f5_triton.request import validate_request
 from f5_triton.streaming import StreamingSynthesizer
+from f5_triton.text import StreamingChunker
 
 REF_TEXT = "Some call me nature, others call me mother nature."
 TEXT = "A cached voice sounds the same. And so does a cached answer."
@@ -140,8 +143,8 @@ def test_output_cache_replays_seeded_requests_only(tts, ref_wave):
             calls.append(len(jobs))
             return tts.flow_matching(jobs, on_step)
 
-    streamer = StreamingSynthesizer(tts.preprocess, CountingFlowMatcher(), tts.vocoder,
-                                    output_cache=LRUCache("output", 4, 2**26))
+    stages = dataclasses.replace(tts.stages(StreamingChunker()), flow_matching=CountingFlowMatcher())
+    streamer = StreamingSynthesizer(stages, output_cache=LRUCache("output", 4, 2**26))
     seeded = validate_request(ref_wave, REF_TEXT, TEXT, seed=9, nfe_steps=2)
     first = list(streamer.stream(seeded))
     generated = len(calls)

@@ -124,8 +124,8 @@ def test_released_configs_roundtrip_metadata(tmp_path, name):
 
 def test_download_reports_offline_clearly(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "download_models.py"), "--output",
-                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "f5_triton.cli", "build", "checkpoint", "--model", "F5TTS_v1_Base",
+                             "--ckpt-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
     assert "cannot download from the Hugging Face hub" in result.stderr
     assert "make_random_checkpoint.py" in result.stderr

@@ -135,15 +135,15 @@ def test_production_path_matches_fp32_eager_on_mixed_batches(checkpoint, product
 def test_streaming_scheduler_with_the_production_solver_matches_fp32_eager(checkpoint, production, reference):
     """8 paragraphs streamed together through `StreamScheduler` (cohort rounds of graph segments) against each
     stream alone through the fp32 eager synthesizer: every piece within the waveform tolerance."""
-    from f5_triton.pipeline import Preprocessor
+    from f5_triton.pipeline import Preprocessor, Stages
     from f5_triton.request import validate_request
     from f5_triton.config import PacingConfig
     from f5_triton.stream_scheduler import StreamScheduler
     from f5_triton.streaming import StreamingSynthesizer
-    from f5_triton.text import Tokenizer
+    from f5_triton.text import StreamingChunker, Tokenizer
 
-    preprocess = Preprocessor(Tokenizer(checkpoint / "vocab.txt"))
-    streamer, ref_streamer = (StreamingSynthesizer(preprocess, *pair) for pair in (production, reference))
+    preprocess = Preprocessor(Tokenizer(checkpoint / "vocab.txt"), chunker=StreamingChunker())
+    streamer, ref_streamer = (StreamingSynthesizer(Stages(preprocess, *pair)) for pair in (production, reference))
     items = bench.paragraph_items(8)
     synthesis = [validate_request(i.wave, i.reference_text, i.target_text, sample_rate=i.sample_rate, nfe_steps=NFE,
                                   seed=500 + n) for n, i in enumerate(items)]

@@ -65,6 +65,7 @@ def check_answers(server, pipeline) -> dict[str, float]:
     from f5_triton.client import stream_synthesize, synthesize
     from f5_triton.request import validate_request
     from f5_triton.streaming import StreamingSynthesizer
+    from f5_triton.text import StreamingChunker
 
     items = bench.mixed_items(3)
     worst = {}
@@ -74,7 +75,7 @@ def check_answers(server, pipeline) -> dict[str, float]:
         if protocol == "stream":
             got = np.concatenate(list(stream_synthesize(server.urls.grpc, item.wave, item.reference_text,
                                                         item.target_text, timeout=300, **fields)))
-            streamer = StreamingSynthesizer(pipeline.preprocess, pipeline.flow_matching, pipeline.vocoder)
+            streamer = StreamingSynthesizer(pipeline.stages(StreamingChunker()))
             expected = np.concatenate([piece.audio for piece in streamer.stream(request)])
         else:
             url = server.urls.grpc if protocol == "grpc" else server.urls.http_hostport

@@ -16,10 +16,11 @@ import pytest
 import soundfile as sf
 
 from f5_triton import audio, text
-from f5_triton.config import PacingConfig
+from f5_triton.config import DEFAULT_STREAMING, PacingConfig
 from f5_triton.pipeline import TTS, finish
 from f5_triton.request import validate_request
 from f5_triton.streaming import CrossFadeStream, StreamingSynthesizer, time_to_first_audio
+from f5_triton.text import StreamingChunker
 
 REF_TEXT = "Some call me nature, others call me mother nature."
 LONG_TEXT = ("Hello there. This streaming test speaks several sentences, one chunk after another, and each "
@@ -35,7 +36,7 @@ def tts(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def streamer(tts):
-    return StreamingSynthesizer(tts.preprocess, tts.flow_matching, tts.vocoder)
+    return StreamingSynthesizer(tts.stages(StreamingChunker()))
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +73,11 @@ def test_cross_fade_stream_equals_cross_fade(seconds):
 
 def test_pieces_join_to_finish_of_the_streaming_chunks(tts, streamer, ref_wave):
     request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=11, nfe_steps=4)
-    prepared = streamer.prepare(request)
-    max_bytes = text.max_chunk_bytes(REF_TEXT, streamer.preprocess.reference(request).seconds, 1.0)
-    assert prepared.chunks == text.split_for_streaming(LONG_TEXT, 50, max_chars=max_bytes)
-    assert len(prepared.chunks) >= 3 and len(prepared.chunks[0].encode()) <= 50
+    prepared = streamer.stages.preprocess(request)
+    max_bytes = text.max_chunk_bytes(REF_TEXT, streamer.stages.preprocess.reference(request).seconds, 1.0)
+    first_chunk_bytes = DEFAULT_STREAMING.first_chunk_bytes
+    assert prepared.chunks == text.split_for_streaming(LONG_TEXT, first_chunk_bytes, max_chars=max_bytes)
+    assert len(prepared.chunks) >= 3 and len(prepared.chunks[0].encode()) <= first_chunk_bytes
     pieces = list(streamer.stream(request))
     assert [p.chunk_index for p in pieces] == list(range(len(prepared.chunks)))
     assert [p.is_final for p in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -84,7 +86,7 @@ def test_pieces_join_to_finish_of_the_streaming_chunks(tts, streamer, ref_wave):
     np.testing.assert_array_equal(np.concatenate([p.audio for p in pieces]), expected)
 
 
-def test_first_piece_comes_before_the_last_chunk_is_generated(tts, ref_wave):
+def test_first_piece_comes_before_the_last_chunk_is_generated(tts, streamer, ref_wave):
     events = []
 
     class RecordingFlowMatcher:
@@ -92,7 +94,7 @@ def test_first_piece_comes_before_the_last_chunk_is_generated(tts, ref_wave):
             events.append(("generate", jobs[0].chunk_index))
             return tts.flow_matching(jobs, on_step)
 
-    streamer = StreamingSynthesizer(tts.preprocess, RecordingFlowMatcher(), tts.vocoder)
+    streamer = StreamingSynthesizer(dataclasses.replace(streamer.stages, flow_matching=RecordingFlowMatcher()))
     request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=1, nfe_steps=2)
     for piece in streamer.stream(request):
         events.append(("piece", piece.chunk_index))
@@ -239,8 +241,8 @@ def test_cohorts_of_later_chunks_start_together(streamer, ref_wave):
     requests = stream_requests(ref_wave)
     sinks = {name: RecordingSink(name, []) for name in requests}
     began = []
-    original = streamer.flow_matching.begin
-    streamer.flow_matching.begin = lambda jobs: began.append(len(jobs)) or original(jobs)
+    original = streamer.stages.flow_matching.begin
+    streamer.stages.flow_matching.begin = lambda jobs: began.append(len(jobs)) or original(jobs)
     try:
         scheduler.submit(requests["long"], sinks["long"])
         while not sinks["long"].pieces:
@@ -250,7 +252,7 @@ def test_cohorts_of_later_chunks_start_together(streamer, ref_wave):
         scheduler.submit(requests["middle"], sinks["middle"])
         run_all(scheduler)
     finally:
-        del streamer.flow_matching.begin
+        del streamer.stages.flow_matching.begin
     # long's first, long's second, the two newcomers' first chunks together, then the later chunks together
     assert began[:4] == [1, 1, 2, 3]
 
@@ -261,12 +263,12 @@ def test_a_cohort_that_cannot_start_fails_its_streams_and_the_scheduler_goes_on(
     events = []
     scheduler = StreamScheduler(streamer, granularity="cohort", pacing=UNPACED)
     requests = stream_requests(ref_wave)
-    streamer.flow_matching.begin = lambda jobs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+    streamer.stages.flow_matching.begin = lambda jobs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
     try:
         scheduler.submit(requests["short"], RecordingSink("short", events))
         assert scheduler.run_round()
     finally:
-        del streamer.flow_matching.begin
+        del streamer.stages.flow_matching.begin
     assert events == [("short", "failed", "RuntimeError('CUDA out of memory')", None)]
     assert scheduler.active == 0
     sink = RecordingSink("middle", events)
@@ -427,6 +429,34 @@ def test_scheduler_thread_streams_in_process(streamer, ref_wave, alone):
                       - alone["middle"]).max() <= 1e-4
 
 
+def test_the_scheduler_runs_the_stages_its_synthesizer_was_given(tts, ref_wave):
+    """One bundle, built once (here a flow matcher of its own over the tiny DiT and a chunker whose first chunk is
+    shorter than the configuration's): the synthesizer and the scheduler over it hold that same object, and the
+    scheduler's rounds cut, generate and vocode with it (its pieces are the synthesizer's, chunked its way)."""
+    from f5_triton.config import StreamingConfig
+    from f5_triton.pipeline import FlowMatcher, Preprocessor, Stages
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    with pytest.raises(ValueError, match="first_chunk_bytes must be >= 1, got 0"):
+        StreamingChunker(StreamingConfig(first_chunk_bytes=0))
+    chunker = StreamingChunker(StreamingConfig(first_chunk_bytes=12))
+    stages = Stages(Preprocessor(tts.preprocess.tokenizer, chunker=chunker), FlowMatcher(tts.flow_matching.model),
+                    tts.vocoder)
+    synthesizer = StreamingSynthesizer(stages)
+    scheduler = StreamScheduler(synthesizer, granularity="cohort", pacing=UNPACED)
+    assert scheduler.stages is synthesizer.stages is stages
+    request = validate_request(ref_wave, REF_TEXT, "Hello there, you. A second sentence ends it.", seed=4, nfe_steps=2)
+    max_bytes = text.max_chunk_bytes(REF_TEXT, stages.preprocess.reference(request).seconds, 1.0)
+    chunks = text.split_for_streaming(request.target_text, 12, max_chars=max_bytes)
+    assert chunks != text.split_for_streaming(request.target_text, DEFAULT_STREAMING.first_chunk_bytes, max_bytes)
+    sink = RecordingSink("one", [])
+    scheduler.submit(request, sink)
+    run_all(scheduler)
+    assert len(sink.pieces) == len(chunks) == 2
+    alone = np.concatenate([p.audio for p in synthesizer.stream(request)])
+    assert np.abs(np.concatenate(sink.pieces) - alone).max() <= 1e-4
+
+
 def test_warm_up_stream_takes_every_stage_and_leaves_nothing_behind(streamer):
     """The stream a server runs at load: a short first chunk and a longer one, so preprocessing, both kinds of
     cohort, the vocoder and the cross-fade all run; unseeded, so the output cache keeps nothing of it."""
@@ -435,7 +465,7 @@ def test_warm_up_stream_takes_every_stage_and_leaves_nothing_behind(streamer):
     from f5_triton.streaming import warm_up_request
 
     request = warm_up_request(SamplingConfig(nfe_steps=2))
-    jobs = streamer.prepare(request).jobs
+    jobs = streamer.stages.preprocess(request).jobs
     assert request.nfe_steps == 2 and request.seed is None
     assert len(jobs) == 2 and jobs[0].total_frames - jobs[0].ref_frames < jobs[1].total_frames - jobs[1].ref_frames
     with StreamScheduler(streamer) as scheduler:
@@ -493,7 +523,7 @@ def test_server_stream_equals_in_process(streaming_server, tts, streamer, ref_wa
     before = metric_samples(streaming_server, "f5_tts_generated_audio_seconds").get(audio_seconds, 0)
     pieces = stream_pieces(streaming_server, ref_wave, LONG_TEXT, seed=21, nfe_steps=8, speed=1.1)
     request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=21, nfe_steps=8, speed=1.1)
-    prepared = streamer.prepare(request)
+    prepared = streamer.stages.preprocess(request)
     assert len(pieces) == len(prepared.chunks) >= 3
     expected = finish(chunk_waves(tts, prepared), prepared.ref_rms)
     joined = np.concatenate(pieces)

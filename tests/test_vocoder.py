@@ -244,7 +244,7 @@ def test_onnx_export_matches_torch(tmp_path, decoder, dynamo, with_lengths):
 
 
 def test_load_vocos_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist.*download_models"):
+    with pytest.raises(CheckpointError, match="does not exist.*f5-triton build checkpoint"):
         load_vocos(tmp_path / "nowhere")
 
 

@@ -1,6 +1,7 @@
 """Triton adapter (decoupled): stream requests' audio chunk by chunk, all streams batched together.
 
-Flow matching and the vocoder run in this model, loaded once. `execute` validates and preprocesses each
+Preprocessing (with the streaming chunker), flow matching and the vocoder run in this model, loaded once as one
+`pipeline.Stages`. `execute` validates and preprocesses each
 request, hands it to a background `f5_triton.stream_scheduler.StreamScheduler` and returns: the scheduler
 advances every active stream in the same batched DiT call and sends each piece through the request's
 response sender as soon as its chunk is vocoded. A cancelled request (client gone, or
@@ -26,12 +27,12 @@ import triton_python_backend_utils as pb_utils
 from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
 from f5_triton.config import DEFAULT_PACING, DEFAULT_SCHEDULER, DEFAULT_STREAMING, SAMPLE_RATE, settings_from
 from f5_triton.guards import check_finite_audio
-from f5_triton.pipeline import Preprocessor
+from f5_triton.pipeline import Preprocessor, Stages
 from f5_triton.request import INPUTS
 from f5_triton.serving import factories, metrics, triton_io
 from f5_triton.stream_scheduler import StreamScheduler
 from f5_triton.streaming import StreamingSynthesizer
-from f5_triton.text import Tokenizer
+from f5_triton.text import StreamingChunker, Tokenizer
 
 DROPPED = {metrics.CANCELLED: "cancelled by the client", metrics.DEADLINE_EXCEEDED: "past its deadline"}
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -78,12 +79,15 @@ class TritonPythonModel(triton_io.Adapter):
                                             metrics.cache_observer(model, "reference"))
         output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
                                          metrics.cache_observer(model, "output"))
-        preprocess = Preprocessor(Tokenizer(params["vocab"]), factories.limits_from_params(params), cache=reference_cache)
-        flow_matcher, vocoder = factories.load_flow_matcher(params, device), factories.load_vocoder(params, device)
-        warmed_up = factories.warm_up(params, flow_matcher, vocoder, name=model) is not None
-        streamer = StreamingSynthesizer(preprocess, flow_matcher, vocoder, output_cache=output_cache,
-                                        **dataclasses.asdict(settings_from(params, DEFAULT_STREAMING)))
-        self.scheduler = StreamScheduler(streamer, **dataclasses.asdict(settings_from(params, DEFAULT_SCHEDULER)),
+        chunker = StreamingChunker(settings_from(params, DEFAULT_STREAMING))
+        preprocess = Preprocessor(Tokenizer(params["vocab"]), factories.limits_from_params(params),
+                                  cache=reference_cache, chunker=chunker)
+        # one bundle: the synthesizer's and its scheduler's; `execute` validates requests with its limits
+        self.stages = Stages(preprocess, factories.load_flow_matcher(params, device),
+                             factories.load_vocoder(params, device))
+        warmed_up = factories.warm_up(params, self.stages.flow_matching, self.stages.vocoder, name=model) is not None
+        self.scheduler = StreamScheduler(StreamingSynthesizer(self.stages, output_cache=output_cache),
+                                         **dataclasses.asdict(settings_from(params, DEFAULT_SCHEDULER)),
                                          pacing=settings_from(params, DEFAULT_PACING, "pacing_")).start()
         self.sampling = factories.sampling_from_params(params)
         if warmed_up:
@@ -95,7 +99,7 @@ class TritonPythonModel(triton_io.Adapter):
             sink = TritonSink(request, self.metrics)
             try:
                 synthesis = factories.request_from_inputs(triton_io.inputs(request, [f.name for f in INPUTS]),
-                                                       self.sampling, self.scheduler.synthesizer.preprocess.limits)
+                                                       self.sampling, self.stages.preprocess.limits)
                 self.scheduler.submit(synthesis, sink)
             except Exception as exc:
                 sink.failed(exc)
