@@ -75,8 +75,8 @@ def setting(default, help: str, **meta):
 
     Sections of the serving configuration (`SamplingConfig`, `PacingConfig`, `StreamingConfig`, `SchedulerConfig`,
     `CacheConfig`, and `repository.RepositoryOptions`) declare their fields with it; `repository` turns each into a
-    command-line flag, an environment name and model-config parameters, which the models read back once at load
-    (`settings_from`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
+    command-line flag, an environment name and a field of the models' serving document, which they read back once at
+    load (`load_serving_document`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
     `choices`, `required`, `environ` (False: not read from the environment)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
@@ -158,7 +158,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Prompt and output caches (`cache.cache_from_params`); 0 entries turns a cache off. A 12 s reference is
+    """Prompt and output caches (`cache.cache_from_config`); 0 entries turns a cache off. A 12 s reference is
     ~450 kB of mel, a 30 s output ~2.9 MB of float32."""
 
     reference_cache_entries: int = setting(128, "references kept prepared (preprocess, f5_tts_streaming); 0 = off")
@@ -178,7 +178,7 @@ DEFAULT_FIRST_CHUNK_BYTES = DEFAULT_STREAMING.first_chunk_bytes
 CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))
 DEFAULT_SAMPLING = SamplingConfig()
 
-# Settings arrive as strings (Triton model-config parameters) or typed values (CLI flags): these read both.
+# Settings arrive as strings (environment names, limit flags) or typed values (CLI flags): these read both.
 
 # Precision names of CLI flags and model parameters -> torch dtype attribute (`engines.base.torch_dtype`).
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -96,7 +96,7 @@ ENGINES = ("torch", "onnxruntime", "tensorrt")
 class _Options:
     """A rendered repository's settings: each has one default (None: the target's, `TARGET_DEFAULTS`) and a help;
     :func:`add_repository_arguments` makes each a flag (and `F5_REPO_<FLAG>` an environment name), :func:`render`
-    writes them into the models' parameters. The sections' fields (`SECTIONS`) follow these."""
+    writes them into the models' serving documents. The sections' fields (`SECTIONS`) follow these."""
 
     # the builder's own choice (run.sh: --backend, --target), never the environment's
     target: str = setting(None, "cpu, gpu or trt (module doc)", choices=TARGETS, required=True, environ=False)
@@ -170,7 +170,7 @@ class _Options:
 
 
 def options_type(sections: tuple[Section, ...] = SECTIONS) -> type:
-    """The repository's options: `_Options` and the fields of `sections`, each a flag, parameters and an
+    """The repository's options: `_Options` and the fields of `sections`, each a flag, a field of the serving documents and an
     environment name of its own."""
     extra = []
     for section in sections:

@@ -2,7 +2,7 @@
 
 fp16, torch.compile, CUDA graphs replayed for real, FlashAttention-4, packed mixed-length batches of 1 to 16
 requests, and the streaming scheduler over that solver, on a random checkpoint of the real F5TTS_v1_Base
-architecture (the production shapes and kernels). Flow matching and its vocoder are built from the parameters
+architecture (the production shapes and kernels). Flow matching and its vocoder are built from the settings
 that the project's renderer writes for a `--target gpu` repository, through the factories the Triton models call.
 Tolerances: `benchmarks.bench.FP16_MEL_REL_L2` / `FP16_WAVE_REL_L2` (justified there). Marker `gpu`: skipped
 without CUDA; the GPU lane (scripts/gpu_lane.sh tests) runs it with FA4 installed, where a skip is a failure.
