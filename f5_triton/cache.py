@@ -11,8 +11,8 @@
   skips the DiT and only the light postprocess (and the vocoder on the cpu/trt targets) runs again.
 
 Both are `LRUCache`s bounded by entries and by bytes, count hits, misses and evictions, and are
-off when built with zero entries or bytes (`cache_from_params` reads the model config's
-parameters). An optional `observer(event, count)` forwards the counts to a metrics registry;
+off when built with zero entries or bytes (`cache_from_config` builds them from a model's
+`config.CacheConfig`). An optional `observer(event, count)` forwards the counts to a metrics registry;
 inside Triton, `f5_triton.serving.metrics.cache_observer` makes them the Prometheus counter
 `f5_tts_cache_events_total{model, cache, event}`.
 """
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from f5_triton.config import DEFAULT_CACHES
+from f5_triton.config import CacheConfig
 
 if TYPE_CHECKING:
     from f5_triton.request import SynthesisRequest
@@ -207,17 +207,8 @@ def bound_key(key: str, arrays: dict[str, np.ndarray]) -> str:
 
 # --------------------------------------------------------------------------- configuration
 
-# Defaults: config.CacheConfig
-REFERENCE_CACHE_DEFAULTS = {"entries": DEFAULT_CACHES.reference_cache_entries, "mb": DEFAULT_CACHES.reference_cache_mb}
-OUTPUT_CACHE_DEFAULTS = {"entries": DEFAULT_CACHES.output_cache_entries, "mb": DEFAULT_CACHES.output_cache_mb}
-
-
-def cache_from_params(params: dict[str, str], name: str, defaults: dict[str, float],
-                      observer: Observer | None = None) -> LRUCache:
-    """`<name>_cache_entries` / `<name>_cache_mb` of a model config (0 turns the cache off)."""
-    try:
-        entries = int(params.get(f"{name}_cache_entries", defaults["entries"]))
-        megabytes = float(params.get(f"{name}_cache_mb", defaults["mb"]))
-    except ValueError as exc:
-        raise ValueError(f"model config: {name}_cache_entries / {name}_cache_mb must be numbers: {exc}") from None
+def cache_from_config(caches: CacheConfig, name: str, observer: Observer | None = None) -> LRUCache:
+    """The `name` ("reference" or "output") cache of `caches` (`<name>_cache_entries` / `<name>_cache_mb`; 0 turns
+    it off)."""
+    entries, megabytes = getattr(caches, f"{name}_cache_entries"), getattr(caches, f"{name}_cache_mb")
     return LRUCache(name, max(entries, 0), max(int(megabytes * 2**20), 0), observer)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
 
 # Audio: Vocos mel-24khz features, as every released F5-TTS checkpoint uses.
@@ -72,8 +75,8 @@ def setting(default, help: str, **meta):
 
     Sections of the serving configuration (`SamplingConfig`, `PacingConfig`, `StreamingConfig`, `SchedulerConfig`,
     `CacheConfig`, and `repository.RepositoryOptions`) declare their fields with it; `repository` turns each into a
-    command-line flag, an environment name and model-config parameters, which the models read back once at load
-    (`settings_from`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
+    command-line flag, an environment name and a field of the models' serving document, which they read back once at
+    load (`load_serving_document`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
     `choices`, `required`, `environ` (False: not read from the environment)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
@@ -155,7 +158,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Prompt and output caches (`cache.cache_from_params`); 0 entries turns a cache off. A 12 s reference is
+    """Prompt and output caches (`cache.cache_from_config`); 0 entries turns a cache off. A 12 s reference is
     ~450 kB of mel, a 30 s output ~2.9 MB of float32."""
 
     reference_cache_entries: int = setting(128, "references kept prepared (preprocess, f5_tts_streaming); 0 = off")
@@ -174,7 +177,7 @@ DEFAULT_CACHES = CacheConfig()
 CUDA_GRAPH_FRAME_BUCKETS = tuple(range(64, DEFAULT_LIMITS.max_mel_frames + 1, 64))
 DEFAULT_SAMPLING = SamplingConfig()
 
-# Settings arrive as strings (Triton model-config parameters) or typed values (CLI flags): these read both.
+# Settings arrive as strings (environment names, limit flags) or typed values (CLI flags): these read both.
 
 # Precision names of CLI flags and model parameters -> torch dtype attribute (`engines.base.torch_dtype`).
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -205,3 +208,118 @@ def settings_from(params: dict[str, str], defaults, prefix: str = ""):
             kind = type(getattr(defaults, f.name))
             changes[f.name] = parse_bool(value) if kind is bool else kind(value)
     return dataclasses.replace(defaults, **changes)
+
+
+# -- The serving document: each rendered model's settings, one typed JSON parameter of its config.pbtxt ------------
+
+SERVING_DOCUMENT = "serving_config"  # the parameter's key (repository.render writes it, triton_io.Adapter reads it)
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """What a served model loads (absolute paths, as rendered) and its precision on a GPU."""
+
+    ckpt: str | None = None
+    vocab: str | None = None
+    vocoder: str | None = None
+    arch: str | None = None  # None: the checkpoint's model.yaml
+    dtype: str = "fp32"
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Synthetic batches run at load (`factories.warm_up`): compiles and graph captures happen before ready."""
+
+    requests: int = 0  # 0: no warm-up
+    nfe_steps: int = DEFAULT_SAMPLING.nfe_steps
+    every_shape: bool = True  # then every other shape such batches can take, up to the frame limit
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where a model's work runs."""
+
+    torch_threads: int | None = None  # torch CPU threads of the instance's process (RepositoryOptions'); 0 or None:
+    # torch's default, one per core
+    vocode: bool = False  # flow_matching decodes its batch's mels in its own process (wire.WAVE_FIELDS)
+    vocoder_model: str = "vocoder"  # the model postprocess calls for mels (BLS)
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """A served model's settings, rendered into its config.pbtxt as one JSON document (`SERVING_DOCUMENT`: the
+    sections it uses, each `dataclasses.asdict` of its section) and read back once at load
+    (:func:`load_serving_document`); a section the document leaves out keeps its defaults. `dit_engine` and
+    `vocoder_engine` are `engines.EngineConfig`'s fields (which that class checks: it lives above this layer)."""
+
+    weights: WeightsConfig = WeightsConfig()
+    dit_engine: dict = field(default_factory=dict)
+    vocoder_engine: dict = field(default_factory=dict)
+    warmup: WarmupConfig = WarmupConfig()
+    placement: PlacementConfig = PlacementConfig()
+    limits: Limits = DEFAULT_LIMITS
+    sampling: SamplingConfig = DEFAULT_SAMPLING
+    scheduler: SchedulerConfig = DEFAULT_SCHEDULER
+    pacing: PacingConfig = DEFAULT_PACING
+    streaming: StreamingConfig = DEFAULT_STREAMING
+    caches: CacheConfig = DEFAULT_CACHES
+
+
+def serving_section(section) -> str:
+    """The document's name of a section (`SamplingConfig()` -> "sampling")."""
+    return next(name for name, kind in typing.get_type_hints(ServingSettings).items()
+                if isinstance(kind, type) and isinstance(section, kind))
+
+
+def _typed(value, kind, where: str):
+    """`value` (parsed JSON) as a value of the annotation `kind`, or ValueError naming the field `where`."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    for option in options:
+        if dataclasses.is_dataclass(option):
+            return _section_from(value, option, where)
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option in (str, dict) and isinstance(value, option):
+            return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ValueError(f"{SERVING_DOCUMENT}: {where} must be {names}, got {value!r}")
+
+
+def _section_from(values, kind: type, where: str):
+    """A section (or the whole document: `where` "") of parsed JSON -> `kind`, each field checked."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{SERVING_DOCUMENT}: {where or 'the document'} must be an object of {kind.__name__}'s "
+                         f"fields, got {values!r}")
+    hints = typing.get_type_hints(kind)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{SERVING_DOCUMENT}: {where or 'the document'} has unknown fields {unknown}; known: "
+                         f"{sorted(hints)}")
+    typed = {name: _typed(value, hints[name], f"{where}.{name}".lstrip(".")) for name, value in values.items()}
+    for f in dataclasses.fields(kind):
+        choices = f.metadata.get("choices")
+        if choices and f.name in typed and typed[f.name] not in choices:
+            raise ValueError(f"{SERVING_DOCUMENT}: {where}.{f.name} must be one of {choices}, got {typed[f.name]!r}")
+    return kind(**typed)
+
+
+def serving_document(sections: dict) -> dict:
+    """The document of `sections` (name -> a section dataclass, or a dict of some of its fields), as JSON values."""
+    return {name: value if isinstance(value, dict) else dataclasses.asdict(value) for name, value in sections.items()}
+
+
+def load_serving_document(text: str | None, kind: type = ServingSettings) -> ServingSettings:
+    """A model's `SERVING_DOCUMENT` (JSON; None or empty: every default) -> its typed settings (`kind`: a
+    ServingSettings, or a subclass of it with other sections). A section or field that does not exist, or a value of
+    the wrong type, is a ValueError naming it ("sampling.nfe_steps must be int, got 3.5")."""
+    try:
+        document = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{SERVING_DOCUMENT}: not JSON: {exc}") from None
+    return _section_from(document, kind, "")

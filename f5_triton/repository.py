@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import py_compile
 import shutil
 from collections.abc import Mapping
@@ -32,10 +33,12 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from f5_triton.config import (DEFAULT_CACHES, DEFAULT_PACING, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, DEFAULT_STREAMING,
-                              DTYPES, N_MELS, Limits, parse_bool, setting)
+from f5_triton.config import (DEFAULT_CACHES, DEFAULT_LIMITS, DEFAULT_PACING, DEFAULT_SAMPLING, DEFAULT_SCHEDULER,
+                              DEFAULT_STREAMING, DTYPES, N_MELS, SERVING_DOCUMENT, Limits, PlacementConfig,
+                              WarmupConfig, WeightsConfig, parse_bool, serving_document, serving_section, setting,
+                              settings_from)
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
-from f5_triton.serving.wire import MEL_FIELDS, WAVE_FIELDS
+from f5_triton.serving.wire import JOB_FIELDS, MEL_FIELDS, WAVE_FIELDS
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repo"
 TARGETS = ("cpu", "gpu", "trt")
@@ -46,14 +49,13 @@ STEP_MODELS = (MODEL, "preprocess", "flow_matching", "postprocess", "vocoder")
 class Section:
     """A section of the serving configuration (a frozen dataclass of `config.setting` fields) inside
     :class:`RepositoryOptions`: each field is the option `<option><name>` (or `nested` holds the whole section), the
-    flag `--<flag><name>` and the parameter `<param><name>` of `models`, read back at load with
-    `config.settings_from(params, defaults, param)`. `models` maps a field-name prefix to its models where the
-    fields of one section go to different models."""
+    flag `--<flag><name>` and a field of the section in the serving document of `models` (`config.ServingSettings`),
+    read back typed at load. `models` maps a field-name prefix to its models where the fields of one section go to
+    different models."""
 
     defaults: Any
     models: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
     option: str = ""
-    param: str = ""
     nested: str | None = None
     flag: str | None = None  # default: `nested` or `option`
 
@@ -70,8 +72,7 @@ class Section:
 SECTIONS = (
     Section(DEFAULT_SAMPLING, models=("preprocess", STREAMING_MODEL)),
     Section(DEFAULT_SCHEDULER, models=(STREAMING_MODEL,), option="streaming_"),
-    Section(DEFAULT_PACING, models=(STREAMING_MODEL,), nested="streaming_pacing", flag="stream_pacing_",
-            param="pacing_"),
+    Section(DEFAULT_PACING, models=(STREAMING_MODEL,), nested="streaming_pacing", flag="stream_pacing_"),
     Section(DEFAULT_STREAMING, models=(STREAMING_MODEL,)),
     Section(DEFAULT_CACHES, models={"reference_": ("preprocess", STREAMING_MODEL),
                                     "output_": ("flow_matching", STREAMING_MODEL)}),
@@ -95,7 +96,7 @@ ENGINES = ("torch", "onnxruntime", "tensorrt")
 class _Options:
     """A rendered repository's settings: each has one default (None: the target's, `TARGET_DEFAULTS`) and a help;
     :func:`add_repository_arguments` makes each a flag (and `F5_REPO_<FLAG>` an environment name), :func:`render`
-    writes them into the models' parameters. The sections' fields (`SECTIONS`) follow these."""
+    writes them into the models' serving documents. The sections' fields (`SECTIONS`) follow these."""
 
     # the builder's own choice (run.sh: --backend, --target), never the environment's
     target: str = setting(None, "cpu, gpu or trt (module doc)", choices=TARGETS, required=True, environ=False)
@@ -169,7 +170,7 @@ class _Options:
 
 
 def options_type(sections: tuple[Section, ...] = SECTIONS) -> type:
-    """The repository's options: `_Options` and the fields of `sections`, each a flag, parameters and an
+    """The repository's options: `_Options` and the fields of `sections`, each a flag, a field of the serving documents and an
     environment name of its own."""
     extra = []
     for section in sections:
@@ -297,9 +298,9 @@ def environment_arguments(environ: Mapping[str, str], options: type = None) -> l
     return args
 
 
-def _section_parameters(options) -> dict[str, dict[str, object]]:
-    """The sections' parameters of each model: `<param><name>` -> value (booleans as true/false)."""
-    per_model: dict[str, dict[str, object]] = {}
+def _section_documents(options) -> dict[str, dict[str, dict[str, object]]]:
+    """The sections' part of each model's serving document: model -> section name -> {field: value}."""
+    per_model: dict[str, dict[str, dict[str, object]]] = {}
     for f in dataclasses.fields(options):
         section = f.metadata.get("section")
         if section is None:
@@ -309,8 +310,7 @@ def _section_parameters(options) -> dict[str, dict[str, object]]:
                  if section.nested else [(f.metadata["name"], value)])
         for name, part in parts:
             for model in section.models_of(name):
-                per_model.setdefault(model, {})[section.param + name] = str(part).lower() if isinstance(part, bool) \
-                    else part
+                per_model.setdefault(model, {}).setdefault(serving_section(section.defaults), {})[name] = part
     return per_model
 
 
@@ -325,14 +325,26 @@ def _field_block(fields: tuple[WireField, ...], ragged: bool = False, all_option
     return ",\n".join(rows)
 
 
-def _tensor_map(kind: str, fields: tuple[WireField, ...]) -> str:
-    """Ensemble step lines mapping each field to the ensemble tensor of the same name."""
-    return "\n".join(f'      {kind} {{ key: "{f.name}" value: "{f.name}" }}' for f in fields)
+def _tensor_map(kind: str, fields: tuple[WireField, ...], prefix: str = "") -> str:
+    """Ensemble step lines mapping each field to the ensemble tensor `<prefix><name>`."""
+    return "\n".join(f'      {kind} {{ key: "{f.name}" value: "{prefix}{f.name}" }}' for f in fields)
 
 
-def _parameters(values: dict[str, object]) -> str:
-    return ",\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()
-                      if v is not None)
+# The ensemble's tensors between preprocess and flow_matching: prefixed, as some share a request input's name
+# (nfe_steps, cfg_strength) and an ensemble tensor has one producer.
+JOB_TENSOR_PREFIX = "job_"
+
+
+def _parameters(values: dict[str, object], document: dict[str, object] | None = None) -> str:
+    """Parameter rows: `values` (strings for clients: `random_weights`), and the model's serving `document` as one
+    JSON string, a section a line (adjacent quoted strings are one string in protobuf's text format)."""
+    rows = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items() if v is not None]
+    if document:
+        items = [f"{json.dumps(name)}: {json.dumps(value)}" for name, value in document.items()]
+        lines = ("{" + ", \n".join(items) + "}").split("\n")  # JSON strings hold no raw newline
+        quoted = "\n".join("      '" + line.replace("\\", "\\\\").replace("'", "\\'") + "'" for line in lines)
+        rows.append(f'  {{ key: "{SERVING_DOCUMENT}" value: {{ string_value:\n{quoted} }} }}')
+    return ",\n".join(rows)
 
 
 def _instances(count: int, kind: str, gpus: list[int]) -> str:
@@ -372,12 +384,6 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
     queue_policy = (f"  default_queue_policy {{\n    timeout_action: REJECT\n"
                     f"    default_timeout_microseconds: {options.queue_timeout_us}\n"
                     f"    allow_timeout_override: true\n    max_queue_size: {options.max_queue_size}\n  }}")
-    common = {
-        "ckpt": Path(options.ckpt).resolve(), "vocab": Path(options.vocab).resolve(),
-        "vocoder": Path(options.vocoder).resolve(), "arch": options.arch, "dtype": options.dtype,
-        "engine_fallback": str(options.engine_fallback).lower(),
-        **{f"limit_{k}": v for k, v in options.limits.items()},
-    }
     chunk_fields = WAVE_FIELDS if options.vocoder_in_flow else MEL_FIELDS  # flow_matching -> postprocess
     values = {
         # Request inputs are all optional for Triton, so that a missing one reaches validate_request
@@ -387,6 +393,10 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "stream_outputs": "output [\n" + _field_block(STREAM_OUTPUTS) + "\n]",
         "ragged_inputs": "input [\n" + _field_block(INPUTS, ragged=True, all_optional=True) + "\n]",
         "preprocess_input_map": _tensor_map("input_map", INPUTS),
+        "job_outputs": _field_block(JOB_FIELDS),
+        "job_inputs": _field_block(JOB_FIELDS, ragged=True),
+        "job_output_map": _tensor_map("output_map", JOB_FIELDS, JOB_TENSOR_PREFIX),
+        "job_input_map": _tensor_map("input_map", JOB_FIELDS, JOB_TENSOR_PREFIX),
         "n_mels": N_MELS,
         "flow_matching_outputs": "output [\n" + _field_block(chunk_fields) + "\n]",
         "flow_matching_output_map": _tensor_map("output_map", chunk_fields),
@@ -405,44 +415,50 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         "vocoder_instances": _instances(options.vocoder_instances_per_device, kind, options.gpus),
         "streaming_instances": _instances(options.streaming_instances_per_device, kind, options.gpus),
     }
-    per_model = {
-        "preprocess": {"vocab": common["vocab"], **{k: v for k, v in common.items() if k.startswith("limit_")}},
-        "flow_matching": {**common, "dit_engine": options.dit_engine,
-                          "dit_compile": str(options.dit_compile).lower(),
-                          "dit_cuda_graphs": str(options.dit_cuda_graphs).lower(),
-                          "dit_graph_steps": options.dit_graph_steps,
-                          "dit_graph_max_rows": options.dit_graph_max_rows,
-                          "dit_graph_max_tokens": options.dit_graph_max_tokens,
-                          "warmup_requests": options.max_batch_size if options.warmup else 0,
-                          "warmup_nfe_steps": options.nfe_steps,
-                          "dit_engine_path": options.dit_engine_path and Path(options.dit_engine_path).resolve()},
-        "postprocess": {"vocoder_model": "vocoder"},
-        "vocoder": {"vocoder": common["vocoder"], "engine_fallback": common["engine_fallback"],
-                    **{k: v for k, v in common.items() if k.startswith("limit_")},
-                    "vocoder_engine": options.vocoder_engine,
-                    "vocoder_engine_path": options.vocoder_engine_path and Path(options.vocoder_engine_path).resolve()},
+    def resolved(path) -> str | None:
+        return path and str(Path(path).resolve())
+
+    # Each model's serving document (config.ServingSettings): the sections it reads at load.
+    limits = settings_from(options.limits, DEFAULT_LIMITS)
+    weights = WeightsConfig(ckpt=resolved(options.ckpt), vocab=resolved(options.vocab),
+                            vocoder=resolved(options.vocoder), arch=options.arch, dtype=options.dtype)
+    dit_engine = {"kind": options.dit_engine, "path": resolved(options.dit_engine_path),
+                  "fallback": options.engine_fallback, "compile": options.dit_compile,
+                  "cuda_graphs": options.dit_cuda_graphs, "graph_steps": options.dit_graph_steps,
+                  "graph_max_rows": options.dit_graph_max_rows, "graph_max_tokens": options.dit_graph_max_tokens}
+    vocoder_engine = {"kind": options.vocoder_engine, "path": resolved(options.vocoder_engine_path),
+                      "fallback": options.engine_fallback}
+
+    def placement(name: str, **changes) -> PlacementConfig:  # the DiT and Vocos keep every core on the CPU
+        cores = kind == "KIND_CPU" and name in ("flow_matching", "vocoder", STREAMING_MODEL)
+        return PlacementConfig(torch_threads=0 if cores else options.torch_threads, **changes)
+
+    def warmup(requests: int) -> WarmupConfig:
+        return WarmupConfig(requests=requests if options.warmup else 0, nfe_steps=options.nfe_steps)
+
+    documents: dict[str, dict] = {
+        "preprocess": {"weights": {"vocab": weights.vocab}, "limits": limits, "placement": placement("preprocess")},
+        # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine
+        "flow_matching": {"weights": weights, "dit_engine": dit_engine,
+                          **({"vocoder_engine": vocoder_engine} if options.vocoder_in_flow else {}),
+                          "warmup": warmup(options.max_batch_size), "limits": limits,
+                          "placement": placement("flow_matching", vocode=options.vocoder_in_flow)},
+        "postprocess": {"placement": placement("postprocess", vocoder_model="vocoder")},
+        "vocoder": {"weights": {"vocoder": weights.vocoder}, "vocoder_engine": vocoder_engine, "limits": limits,
+                    "placement": placement("vocoder")},
+        STREAMING_MODEL: {"weights": weights, "dit_engine": dit_engine,
+                          # the trt target's Vocos plan runs in process through the tensorrt engine
+                          "vocoder_engine": {**vocoder_engine, "kind": "tensorrt",
+                                             "path": resolved(options.vocoder_plan)}
+                          if options.target == "trt" else vocoder_engine,
+                          "warmup": warmup(options.streaming_max_streams), "limits": limits,
+                          "placement": placement(STREAMING_MODEL)},
     }
+    for name, sections in _section_documents(options).items():  # one output cache policy for both served models
+        documents[name].update(sections)
     # what a client can read back from the models' config (f5_triton.client.random_weights)
-    weights = {"checkpoint": common["ckpt"], "random_weights": str(is_random_checkpoint(options.ckpt)).lower()}
-    per_model[STREAMING_MODEL] = {**weights,
-        **per_model["flow_matching"],
-        # the trt target's Vocos plan runs in process through the tensorrt engine
-        **({"vocoder_engine": "tensorrt", "vocoder_engine_path": Path(options.vocoder_plan).resolve()}
-           if options.target == "trt" else
-           {k: v for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine")}),
-        "warmup_requests": options.streaming_max_streams if options.warmup else 0,
-    }
-    for name, params in _section_parameters(options).items():  # one output cache policy for both served models
-        per_model[name].update(params)
-    # vocode: flow_matching loads its own Vocoder (factories.load_flow_vocoder), with the vocoder model's engine settings
-    per_model["flow_matching"]["vocode"] = str(options.vocoder_in_flow).lower()
-    if options.vocoder_in_flow:
-        per_model["flow_matching"].update(
-            (k, v) for k, v in per_model["vocoder"].items() if k.startswith("vocoder_engine"))
-    for name, params in per_model.items():  # the DiT and Vocos keep every core where they run on the CPU
-        params["torch_threads"] = (0 if kind == "KIND_CPU" and name in ("flow_matching", "vocoder", STREAMING_MODEL)
-                                   else options.torch_threads)
-    per_model["f5_tts"] = weights
+    client_params = {"checkpoint": resolved(options.ckpt),
+                     "random_weights": str(is_random_checkpoint(options.ckpt)).lower()}
     for name in STEP_MODELS + ((STREAMING_MODEL,) if options.streaming else ()):
         source, target = templates / name, output / name
         (target / "1").mkdir(parents=True)
@@ -450,7 +466,8 @@ def render(options: RepositoryOptions, output: str | Path, templates: Path = TEM
         if name == "vocoder":
             template_name = "config.pbtxt.trt" if options.target == "trt" else "config.pbtxt.python"
         text = Template((source / template_name).read_text()).substitute(
-            values, parameters=_parameters(per_model.get(name, {})))
+            values, parameters=_parameters(client_params if name in (MODEL, STREAMING_MODEL) else {},
+                                           serving_document(documents.get(name, {}))))
         (target / "config.pbtxt").write_text(text)
         if name == "vocoder" and options.target == "trt":
             shutil.copyfile(options.vocoder_plan, target / "1" / "model.plan")

@@ -188,3 +188,24 @@ def run_gateway():
             thread.join(10)
 
     return run
+
+
+def rendered_document(repo: Path, model: str) -> str:
+    """The serving document (JSON) of `model` in a rendered repository: its config.pbtxt parsed as tritonserver
+    parses it (protobuf text format)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from f5_triton.config import SERVING_DOCUMENT
+
+    config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert SERVING_DOCUMENT in config.parameters, f"{model}: no {SERVING_DOCUMENT} parameter"
+    return config.parameters[SERVING_DOCUMENT].string_value
+
+
+def rendered_settings(repo: Path, model: str, **kind):
+    """The typed settings (`config.ServingSettings`, or `kind=` a subclass) `model` of a rendered repository reads
+    at load."""
+    from f5_triton.config import load_serving_document
+
+    return load_serving_document(rendered_document(repo, model), **kind)

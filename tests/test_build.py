@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import rendered_settings
 from f5_triton.build import (
     BuildError,
     ModelFiles,
@@ -207,7 +208,7 @@ def test_repository_is_rendered_when_stale(tmp_path, tiny_ckpt):
     render_repository(output, model_dir, settings, logs.append)
     assert logs[-1].startswith("rendering")
     render_repository(output, model_dir, RepositorySettings("torch", "cpu", nfe=8), logs.append)
-    assert logs[-1].startswith("rendering") and 'string_value: "8"' in (output / "preprocess" / "config.pbtxt").read_text()
+    assert logs[-1].startswith("rendering") and rendered_settings(output, "preprocess").sampling.nfe_steps == 8
     with pytest.raises(BuildError, match="holds the templates"):
         render_repository(TEMPLATES, model_dir, settings)
 

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from f5_triton.cache import (
-    OUTPUT_CACHE_DEFAULTS,
-    REFERENCE_CACHE_DEFAULTS,
     LRUCache,
     bound_key,
-    cache_from_params,
+    cache_from_config,
     output_key,
     reference_key,
 )
@@ -68,14 +66,13 @@ def test_disabled_cache_computes_and_stores_nothing():
         LRUCache("t", -1, 10)
 
 
-def test_cache_from_params():
-    cache = cache_from_params({"output_cache_entries": "3", "output_cache_mb": "0.5"}, "output", OUTPUT_CACHE_DEFAULTS)
+def test_cache_from_config():
+    from f5_triton.config import DEFAULT_CACHES, CacheConfig
+
+    cache = cache_from_config(CacheConfig(output_cache_entries=3, output_cache_mb=0.5), "output")
     assert (cache.max_entries, cache.max_bytes, cache.enabled) == (3, 2**19, True)
-    default = cache_from_params({}, "reference", REFERENCE_CACHE_DEFAULTS)
-    assert default.max_entries == REFERENCE_CACHE_DEFAULTS["entries"]
-    assert not cache_from_params({"reference_cache_entries": "0"}, "reference", REFERENCE_CACHE_DEFAULTS).enabled
-    with pytest.raises(ValueError, match="reference_cache_entries"):
-        cache_from_params({"reference_cache_entries": "many"}, "reference", REFERENCE_CACHE_DEFAULTS)
+    assert cache_from_config(DEFAULT_CACHES, "reference").max_entries == DEFAULT_CACHES.reference_cache_entries
+    assert not cache_from_config(CacheConfig(reference_cache_entries=0), "reference").enabled
 
 
 # --------------------------------------------------------------------------- keys

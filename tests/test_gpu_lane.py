@@ -2,7 +2,7 @@
 
 fp16, torch.compile, CUDA graphs replayed for real, FlashAttention-4, packed mixed-length batches of 1 to 16
 requests, and the streaming scheduler over that solver, on a random checkpoint of the real F5TTS_v1_Base
-architecture (the production shapes and kernels). Flow matching and its vocoder are built from the parameters
+architecture (the production shapes and kernels). Flow matching and its vocoder are built from the settings
 that the project's renderer writes for a `--target gpu` repository, through the factories the Triton models call.
 Tolerances: `benchmarks.bench.FP16_MEL_REL_L2` / `FP16_WAVE_REL_L2` (justified there). Marker `gpu`: skipped
 without CUDA; the GPU lane (scripts/gpu_lane.sh tests) runs it with FA4 installed, where a skip is a failure.
@@ -10,6 +10,7 @@ without CUDA; the GPU lane (scripts/gpu_lane.sh tests) runs it with FA4 installe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -52,24 +53,23 @@ def repository_options(checkpoint: Path, **options):
 
 
 @pytest.fixture(scope="module")
-def flow_params(checkpoint, tmp_path_factory) -> dict[str, str]:
-    """flow_matching's parameters as the renderer writes them for the gpu target (fp16, compile, CUDA graphs,
+def flow_params(checkpoint, tmp_path_factory):
+    """flow_matching's settings as the renderer writes them for the gpu target (fp16, compile, CUDA graphs,
     packed graphs up to its token limit, the vocoder in the same process)."""
-    from test_repository import parse
-
+    from conftest import rendered_settings
     from f5_triton.repository import render
 
     repo = render(repository_options(checkpoint), tmp_path_factory.mktemp("gpu_repo") / "model_repo")
-    params = {k: v.string_value for k, v in parse(repo / "flow_matching" / "config.pbtxt").parameters.items()}
-    assert (params["dtype"], params["dit_compile"], params["dit_cuda_graphs"], params["vocode"]) == (
-        "fp16", "true", "true", "true")
-    return params
+    settings = rendered_settings(repo, "flow_matching")
+    assert (settings.weights.dtype, settings.dit_engine["compile"], settings.dit_engine["cuda_graphs"],
+            settings.placement.vocode) == ("fp16", True, True, True)
+    return settings
 
 
-def build(params: dict[str, str]):
+def build(settings):
     from f5_triton.serving import factories
 
-    return factories.load_flow_matcher(params, "cuda:0"), factories.load_flow_vocoder(params, "cuda:0")
+    return factories.load_flow_matcher(settings, "cuda:0"), factories.load_flow_vocoder(settings, "cuda:0")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def production(flow_params):
 def reference(flow_params):
     """The same checkpoint fp32 eager (no TF32): the reference the CPU suite ties to upstream."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    return build({**flow_params, "dtype": "fp32", "dit_compile": "false", "dit_cuda_graphs": "false"})
+    return build(dataclasses.replace(flow_params, weights=dataclasses.replace(flow_params.weights, dtype="fp32"),
+                                     dit_engine={**flow_params.dit_engine, "compile": False, "cuda_graphs": False}))
 
 
 def requests(count: int, short: bool, first_seed: int):

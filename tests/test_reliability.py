@@ -356,7 +356,8 @@ def test_bad_jobs_sent_to_flow_matching_fail_alone(server, preprocessor, ref_wav
         ({**base, "tokens": np.full_like(base["tokens"], vocab_size + 3)}, "tokens"),
         ({**base, "ref_mel": nan_mel[None]}, "ref_mel"),
         ({**base, "ref_frames": np.array([[0]], np.int32)}, "ref_frames"),
-        ({**base, "sampling": np.array([[0, 2.0, -1.0]], np.float32)}, "sampling"),
+        ({**base, "nfe_steps": np.array([[0]], np.int32)}, "nfe_steps"),
+        ({**base, "cfg_strength": np.array([[11.0]], np.float32)}, "cfg_strength"),
     ]
     alone = [flow_mels(infer(server, g, model="flow_matching")) for g in goods]
     before = flow_stats(server)
@@ -374,6 +375,23 @@ def test_bad_jobs_sent_to_flow_matching_fail_alone(server, preprocessor, ref_wav
             np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
 
 
+@pytest.mark.server
+def test_flow_matching_takes_its_sampling_typed(server, preprocessor, ref_wave):
+    """preprocess hands flow_matching the ODE steps as INT32 (wire.JOB_FIELDS), which its jobs get as an int; a
+    float sent for them is refused by Triton itself, naming the input."""
+    from f5_triton.serving import wire
+
+    arrays = flow_inputs(preprocessor, ref_wave, "Typed steps.", seed=3)
+    assert {name: arrays[name].dtype for name in ("nfe_steps", "cfg_strength", "sway_sampling_coef")} == {
+        "nfe_steps": np.int32, "cfg_strength": np.float32, "sway_sampling_coef": np.float32}
+    job = wire.unpack_jobs({name: value[0] for name, value in arrays.items()})[0]
+    assert type(job.nfe_steps) is int and job.nfe_steps == NFE and type(job.cfg_strength) is float
+    assert flow_mels(infer(server, arrays, model="flow_matching"))
+    status, message = error_of(lambda: infer(server, {**arrays, "nfe_steps": arrays["nfe_steps"].astype(np.float32)},
+                                             model="flow_matching"))
+    assert status == INVALID["grpc"] and "nfe_steps" in message and "FP32" in message, message
+
+
 # -- real server: the vocoder in flow_matching's process -------------------------------------------------------
 
 @pytest.mark.server
@@ -388,7 +406,7 @@ def test_vocoder_in_flow_gives_the_same_audio_and_bad_requests_fail_alone(tiny_s
     expected = [baseline] + [synthesize(server, g) for g in goods[1:]]
     base = flow_inputs(preprocessor, ref_wave, "A bad one.", seed=9)
     bad_jobs = [({**base, "ref_frames": np.array([[0]], np.int32)}, "ref_frames"),
-                ({**base, "sampling": np.array([[0, 2.0, -1.0]], np.float32)}, "sampling")]
+                ({**base, "nfe_steps": np.array([[0]], np.int32)}, "nfe_steps")]
     with tiny_server(vocoder_in_flow=True, nfe_steps=NFE, max_batch_size=4, preferred_batch_sizes=[4],
                      queue_delay_us=200_000, preprocess_instances=1, postprocess_instances=1) as srv:
         import tritonclient.grpc

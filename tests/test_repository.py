@@ -14,6 +14,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from conftest import rendered_settings
 from f5_triton.errors import InvalidInputError
 from f5_triton.request import INPUTS
 from f5_triton.serving import wire
@@ -54,10 +55,10 @@ def test_script_renders_every_target(tmp_path, tiny_ckpt, plans, target):
     assert flow.max_batch_size == 4
     assert flow.dynamic_batching.max_queue_delay_microseconds == 1234
     assert all(i.allow_ragged_batch for i in flow.input if -1 in i.dims)
-    params = {k: v.string_value for k, v in flow.parameters.items()}
-    assert Path(params["ckpt"]).is_file() and Path(params["vocab"]).is_file()
-    assert params["dit_engine"] == ("tensorrt" if target == "trt" else "torch")
-    assert configs["preprocess"].parameters["nfe_steps"].string_value == "16"
+    settings = rendered_settings(out, "flow_matching")
+    assert Path(settings.weights.ckpt).is_file() and Path(settings.weights.vocab).is_file()
+    assert settings.dit_engine["kind"] == ("tensorrt" if target == "trt" else "torch")
+    assert rendered_settings(out, "preprocess").sampling.nfe_steps == 16
     fields = wire.MEL_FIELDS if target == "trt" else wire.WAVE_FIELDS  # cpu: --vocoder-in-flow, gpu: default
     assert [o.name for o in flow.output] == [f.name for f in fields]
     kind = model_config_pb2.ModelInstanceGroup.KIND_CPU if target == "cpu" else model_config_pb2.ModelInstanceGroup.KIND_GPU
@@ -78,7 +79,7 @@ def chunk_wiring(out: Path) -> dict[str, list[str]]:
             "flow output_map": sorted(f"{k}->{v}" for k, v in flow_step.output_map.items()),
             "postprocess input_map": sorted(f"{k}<-{v}" for k, v in post_step.input_map.items()
                                             if k not in ("ref_rms", "received_at")),
-            "vocode": [configs["flow_matching"].parameters["vocode"].string_value],
+            "vocode": [rendered_settings(out, "flow_matching").placement.vocode],
             "postprocess optional": [i.name for i in configs["postprocess"].input if i.optional]}
 
 
@@ -93,10 +94,10 @@ def test_vocoder_in_flow_wires_waves_or_mels(tmp_path, tiny_ckpt, target, vocode
     assert chunk_wiring(out) == {
         "flow outputs": names, "flow output_map": sorted(f"{n}->{n}" for n in names),
         "postprocess input_map": sorted(f"{n}<-{n}" for n in names),
-        "vocode": [str(fields is wire.WAVE_FIELDS).lower()],
+        "vocode": [fields is wire.WAVE_FIELDS],
         "postprocess optional": ["mel", "mel_frames", "waves", "wave_samples", "received_at"]}
-    params = {k: v.string_value for k, v in parse(out / "flow_matching" / "config.pbtxt").parameters.items()}
-    assert ("vocoder_engine" in params) == (fields is wire.WAVE_FIELDS) and Path(params["vocoder"]).is_dir()
+    settings = rendered_settings(out, "flow_matching")
+    assert bool(settings.vocoder_engine) == (fields is wire.WAVE_FIELDS) and Path(settings.weights.vocoder).is_dir()
     assert (out / "vocoder" / "config.pbtxt").is_file()  # the vocoder model stays for direct clients
 
 
@@ -179,61 +180,75 @@ def test_trt_repository_passes_tritonserver_config_parsing(tmp_path, tiny_ckpt, 
 
 
 @pytest.mark.parametrize("target, warmup, flow_requests, streaming_requests", [
-    ("cpu", None, "0", "0"), ("gpu", None, "8", "16"), ("gpu", False, "0", "0"), ("cpu", True, "4", "16")])
+    ("cpu", None, 0, 0), ("gpu", None, 8, 16), ("gpu", False, 0, 0), ("cpu", True, 4, 16)])
 def test_warmup_is_on_for_gpus_and_sized_by_the_batch(tmp_path, tiny_ckpt, target, warmup, flow_requests,
                                                       streaming_requests):
     out = render(RepositoryOptions(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                    vocoder=tiny_ckpt / "vocos", warmup=warmup, nfe_steps=16), tmp_path / "repo")
-    flow = parse(out / "flow_matching" / "config.pbtxt").parameters
-    streaming = parse(out / "f5_tts_streaming" / "config.pbtxt").parameters
-    assert flow["warmup_requests"].string_value == flow_requests and flow["warmup_nfe_steps"].string_value == "16"
-    assert streaming["warmup_requests"].string_value == streaming_requests  # f5_tts_streaming batches max_streams
+    flow, streaming = (rendered_settings(out, name).warmup for name in ("flow_matching", "f5_tts_streaming"))
+    assert (flow.requests, flow.nfe_steps) == (flow_requests, 16)
+    assert streaming.requests == streaming_requests  # f5_tts_streaming batches max_streams
 
 
 def test_stage_warm_up_runs_flow_matching_and_vocoder(tiny_ckpt):
+    import dataclasses
+
+    from f5_triton.config import ServingSettings, WarmupConfig, WeightsConfig
     from f5_triton.serving import factories
 
-    params = {"ckpt": str(tiny_ckpt / "model.safetensors"), "vocab": str(tiny_ckpt / "vocab.txt"),
-              "vocoder": str(tiny_ckpt / "vocos"), "warmup_nfe_steps": "2"}
-    flow_matcher, vocoder = factories.load_flow_matcher(params, "cpu"), factories.load_vocoder(params, "cpu")
+    settings = ServingSettings(weights=WeightsConfig(ckpt=str(tiny_ckpt / "model.safetensors"),
+                                                     vocab=str(tiny_ckpt / "vocab.txt"), vocoder=str(tiny_ckpt / "vocos")),
+                               warmup=WarmupConfig(nfe_steps=2))
+    flow_matcher, vocoder = factories.load_flow_matcher(settings, "cpu"), factories.load_vocoder(settings, "cpu")
     decoded = []
     spy = lambda mels: decoded.append(len(mels)) or vocoder(mels)  # noqa: E731
-    assert factories.warm_up(params, flow_matcher, spy) is None and not decoded
-    assert factories.warm_up({**params, "warmup_requests": "3"}, flow_matcher, spy) > 0 and decoded == [1 + 2 + 3 + 2]
+    assert factories.warm_up(settings, flow_matcher, spy) is None and not decoded
+    settings = dataclasses.replace(settings, warmup=WarmupConfig(requests=3, nfe_steps=2))
+    assert factories.warm_up(settings, flow_matcher, spy) > 0 and decoded == [1 + 2 + 3 + 2]
 
 
-@pytest.mark.parametrize("target, gpu_stage_threads", [("cpu", "0"), ("gpu", "2")])
+@pytest.mark.parametrize("target, gpu_stage_threads", [("cpu", 0), ("gpu", 2)])
 def test_torch_threads_are_capped_except_where_the_networks_run_on_the_cpu(tmp_path, tiny_ckpt, target,
                                                                             gpu_stage_threads):
     out = render(RepositoryOptions(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                    vocoder=tiny_ckpt / "vocos"), tmp_path / "repo")
-    threads = {name: parse(out / name / "config.pbtxt").parameters["torch_threads"].string_value
+    threads = {name: rendered_settings(out, name).placement.torch_threads
                for name in ("preprocess", "postprocess", "flow_matching", "vocoder", "f5_tts_streaming")}
-    assert threads == {"preprocess": "2", "postprocess": "2", "flow_matching": gpu_stage_threads,
+    assert threads == {"preprocess": 2, "postprocess": 2, "flow_matching": gpu_stage_threads,
                        "vocoder": gpu_stage_threads, "f5_tts_streaming": gpu_stage_threads}
 
 
 def test_cuda_graph_options_reach_the_flow_matching_engine(tmp_path, tiny_ckpt):
-    from f5_triton.engines import EngineConfig
+    from f5_triton.serving import factories
 
     out = tmp_path / "repo"
     subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "build_model_repo.py"), "--target", "gpu",
                     "--ckpt-dir", str(tiny_ckpt), "--output", str(out), "--graph-steps", "4", "--graph-max-rows", "16",
                     "--no-warmup"], check=True, capture_output=True)
-    params = {k: v.string_value for k, v in parse(out / "flow_matching" / "config.pbtxt").parameters.items()}
-    config = EngineConfig.from_settings(params, "dit", "cuda:0")
+    settings = rendered_settings(out, "flow_matching")
+    config = factories.engine_config(settings, "dit", "cuda:0")
     assert (config.graph_steps, config.graph_max_rows, config.cuda_graphs, config.compile) == (4, 16, True, True)
-    assert params["warmup_requests"] == "0" and "dit_fp8" not in params
+    assert settings.warmup.requests == 0
 
 
-def test_model_parameters_set_limits_and_sampling_defaults():
-    """Limits and sampling defaults come from the config, overridden only by the parameters that name them."""
-    from f5_triton.config import DEFAULT_SAMPLING, parse_bool
+def test_serving_document_sets_limits_and_sampling_defaults():
+    """Limits and sampling defaults come from the config, overridden only by the document's fields that name them;
+    a value of the wrong type or a field that does not exist is refused, naming it."""
+    from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, load_serving_document, parse_bool
     from f5_triton.serving import factories
 
-    params = {"limit_max_text_bytes": "100", "nfe_steps": "8", "sway_sampling_coef": "-0.5"}
-    limits, sampling = factories.limits_from_params(params), factories.sampling_from_params(params)
-    assert limits.max_text_bytes == 100 and limits.max_mel_frames == factories.DEFAULT_LIMITS.max_mel_frames
+    settings = load_serving_document(json.dumps({"limits": {"max_text_bytes": 100},
+                                                 "sampling": {"nfe_steps": 8, "sway_sampling_coef": -0.5}}))
+    limits, sampling = settings.limits, settings.sampling
+    assert limits.max_text_bytes == 100 and limits.max_mel_frames == DEFAULT_LIMITS.max_mel_frames
+    for document, message in [({"sampling": {"nfe_steps": "8"}}, "sampling.nfe_steps must be int, got '8'"),
+                              ({"sampling": {"nfe_steps": 8.0}}, "sampling.nfe_steps must be int, got 8.0"),
+                              ({"pacing": {"enabled": "true"}}, "pacing.enabled must be bool"),
+                              ({"scheduler": {"granularity": "step"}}, "scheduler.granularity must be one of"),
+                              ({"limits": {"max_txt_bytes": 1}}, r"limits has unknown fields \['max_txt_bytes'\]"),
+                              ({"sampler": {}}, r"unknown fields \['sampler'\]")]:
+        with pytest.raises(ValueError, match=message):
+            load_serving_document(json.dumps(document))
     assert (sampling.nfe_steps, sampling.sway_sampling_coef, sampling.cfg_strength) == (
         8, -0.5, DEFAULT_SAMPLING.cfg_strength)
     fields = {"reference_wav": np.full(24_000, 0.1, np.float32), "reference_text": "a b", "target_text": "c d",

@@ -230,7 +230,7 @@ def test_changed_inputs_or_settings_render_again(stages):
     result = run(["3", "3", "--random-weights", *CPU], {**stages.env, "NFE": "8"}, timeout=120)
     assert "rendering" in result.stdout and stamp.stat().st_mtime_ns > second
     config = (stages.work / "build" / "model_repo" / "preprocess" / "config.pbtxt").read_text()
-    assert re.search(r'key: "nfe_steps" value: \{ string_value: "8" \}', config)
+    assert re.search(r'"sampling": \{"nfe_steps": 8,', config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
+from conftest import rendered_document, rendered_settings
 from f5_triton.config import (DEFAULT_CACHES, DEFAULT_LIMITS, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, DEFAULT_STREAMING,
-                              SchedulerConfig, setting, settings_from)
+                              SchedulerConfig, ServingSettings, setting)
 from f5_triton.model_paths import add_model_args, resolve_model_paths
 from f5_triton.request import STREAMING_MODEL
 from f5_triton.repository import (SECTIONS, RepositoryOptions, Section, add_repository_arguments,
@@ -21,11 +21,6 @@ from f5_triton.repository import (SECTIONS, RepositoryOptions, Section, add_repo
                                           repository_flags)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def parameters(repo: Path, model: str) -> dict[str, str]:
-    config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    return {key: value.string_value for key, value in config.parameters.items()}
 
 
 def options_from(command_line: list[str], options: type = RepositoryOptions):
@@ -36,10 +31,12 @@ def options_from(command_line: list[str], options: type = RepositoryOptions):
     return options_from_args(args, *resolve_model_paths(args), options=options)
 
 
-def test_a_setting_added_to_a_section_is_a_flag_an_environment_name_and_a_parameter_read_back(tmp_path, tiny_ckpt):
-    # the one edit: a field of the scheduler's section
+def test_a_setting_added_to_a_section_is_a_flag_an_environment_name_and_read_back_typed(tmp_path, tiny_ckpt):
+    # the one edit: a field of the scheduler's section (here a subclass, and the settings that hold it)
     scheduler = dataclasses.make_dataclass("Scheduler", [("lookahead", int, setting(3, "chunks prepared ahead"))],
                                            bases=(SchedulerConfig,), frozen=True)
+    settings = dataclasses.make_dataclass("Settings", [("scheduler", scheduler, dataclasses.field(default=scheduler()))],
+                                          bases=(ServingSettings,), frozen=True)
     sections = tuple(dataclasses.replace(s, defaults=scheduler()) if s.defaults is DEFAULT_SCHEDULER else s
                      for s in SECTIONS)
     options = options_type(sections)
@@ -49,9 +46,13 @@ def test_a_setting_added_to_a_section_is_a_flag_an_environment_name_and_a_parame
     assert from_environment == ["--streaming-lookahead", "7"]
     repo = render(options_from(["--target", "cpu", "--ckpt-dir", str(tiny_ckpt), *from_environment], options),
                   tmp_path / "repo")
-    read = settings_from(parameters(repo, STREAMING_MODEL), scheduler())
-    assert read == scheduler(lookahead=7)  # typed, the section's other settings at their defaults
-    assert "lookahead" not in parameters(repo, "flow_matching")  # only the section's models hold it
+    # the model's serving document, read back once at load into the typed sections
+    read = rendered_settings(repo, STREAMING_MODEL, kind=settings)
+    assert read.scheduler == scheduler(lookahead=7)  # typed, the section's other settings at their defaults
+    assert json.loads(rendered_document(repo, STREAMING_MODEL))["scheduler"]["lookahead"] == 7
+    assert "scheduler" not in json.loads(rendered_document(repo, "flow_matching"))  # only the section's models
+    with pytest.raises(ValueError, match="scheduler has unknown fields"):  # a server without the field says so
+        rendered_settings(repo, STREAMING_MODEL)
 
 
 def test_every_option_is_a_flag_and_an_environment_name(tiny_ckpt):

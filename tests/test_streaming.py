@@ -485,6 +485,8 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
+    from conftest import rendered_settings
+    from f5_triton.config import SchedulerConfig
     from f5_triton.repository import RepositoryOptions, render
     from f5_triton.request import INPUTS
 
@@ -497,17 +499,16 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     assert config.model_transaction_policy.decoupled and config.backend == "python"
     assert [i.name for i in config.input] == [f.name for f in INPUTS]
     assert [o.name for o in config.output] == ["waveform", "is_final"]
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    assert params["first_chunk_bytes"] == "40" and params["output_cache_entries"] == "0"
-    assert params["reference_cache_entries"] == "128"
-    assert (params["granularity"], params["max_streams"], params["max_queued"]) == ("chunk", "5", "7")
+    settings = rendered_settings(repo, "f5_tts_streaming")
+    assert settings.streaming.first_chunk_bytes == 40 and settings.caches.output_cache_entries == 0
+    assert settings.caches.reference_cache_entries == 128
+    assert settings.scheduler == SchedulerConfig(granularity="chunk", max_streams=5, max_queued=7)
     group = config.instance_group[0]
     kinds = model_config_pb2.ModelInstanceGroup
     assert group.count == 2 and group.kind == (kinds.KIND_CPU if target == "cpu" else kinds.KIND_GPU)
     assert list(group.gpus) == ([] if target == "cpu" else [0, 1])
     assert (repo / "f5_tts_streaming" / "1" / "model.py").is_file()
-    preprocess = text_format.Parse((repo / "preprocess" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert preprocess.parameters["reference_cache_mb"].string_value == "64.0"
+    assert rendered_settings(repo, "preprocess").caches.reference_cache_mb == 64.0
     assert not (render(RepositoryOptions(**options, streaming=False), tmp_path / "plain") / "f5_tts_streaming").exists()
 
 

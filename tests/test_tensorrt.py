@@ -235,6 +235,7 @@ def test_engine_key_names_the_flavour_and_version(trt):
 
 
 def test_run_sh_stages_1_to_3_build_fp16_plans_and_their_repository(trt, tiny_ckpt, tmp_path):
+    from conftest import rendered_settings
     from test_repository import parse
     from test_run_sh import run, run_sh_env
 
@@ -254,13 +255,13 @@ def test_run_sh_stages_1_to_3_build_fp16_plans_and_their_repository(trt, tiny_ck
     assert report["profile"]["mel"][2] == [8, 100, 128]  # the repository's vocoder batch, MAX_FRAMES
 
     repo = tmp_path / "build" / "model_repo"
-    flow = {k: v.string_value for k, v in parse(repo / "flow_matching" / "config.pbtxt").parameters.items()}
+    flow = rendered_settings(repo, "flow_matching").dit_engine
     vocoder = parse(repo / "vocoder" / "config.pbtxt")
-    assert flow["dit_engine"] == "tensorrt" and flow["dit_engine_path"] == str(engines / "dit_step.plan")
+    assert flow["kind"] == "tensorrt" and flow["path"] == str(engines / "dit_step.plan")
     if flavour_of(trt) == "tensorrt-rtx":  # Triton's TensorRT backend cannot load it: a python model runs the plan
         assert vocoder.backend == "python"
-        assert vocoder.parameters["vocoder_engine"].string_value == "tensorrt"
-        assert vocoder.parameters["vocoder_engine_path"].string_value == str(engines / "vocoder.plan")
+        assert rendered_settings(repo, "vocoder").vocoder_engine == {
+            "kind": "tensorrt", "path": str(engines / "vocoder.plan"), "fallback": True}
     else:
         assert vocoder.backend == "tensorrt" and (repo / "vocoder" / "1" / "model.plan").is_file()
 

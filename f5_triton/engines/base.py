@@ -220,7 +220,7 @@ class EngineConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "EngineConfig":
         """Build from field names to strings or typed values: "true", "256,512", ... (`from_settings` reads
-        these from a model's parameters or a command's options)."""
+        these from a command's options; a model's serving document gives typed values)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - fields
         if unknown:
@@ -243,8 +243,8 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], network: str, device: str) -> "EngineConfig":
-        """The engine of `network` ("dit" or "vocoder") on `device`, from flat settings named as the Triton
-        models' parameters and the commands' options: `<network>_engine`, `<network>_engine_path`,
+        """The engine of `network` ("dit" or "vocoder") on `device`, from flat settings named as the
+        commands' options: `<network>_engine`, `<network>_engine_path`,
         `<network>_compile`, `<network>_cuda_graphs`, `<network>_graph_steps`, `<network>_graph_max_rows`,
         `<network>_graph_max_tokens` and
         `engine_fallback`. Values are strings or typed; a setting absent or None keeps the field's default."""

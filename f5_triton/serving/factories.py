@@ -1,5 +1,5 @@
-"""Factories: the pipeline objects a Triton model runs (flow matcher, vocoder, limits, sampling, requests),
-built from its config `parameters` (strings).
+"""Factories: the pipeline objects a Triton model runs (flow matcher, vocoder, requests), built from its typed
+settings (`config.ServingSettings`, read once at load from the serving document of its config.pbtxt).
 
 Kept apart from the adapters so the same construction is tested without a server.
 """
@@ -12,22 +12,12 @@ import time
 import numpy as np
 import torch
 
-from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, Limits, SamplingConfig, parse_bool, settings_from
+from f5_triton.config import Limits, SamplingConfig, ServingSettings
 from f5_triton.errors import InvalidInputError
 from f5_triton.pipeline import FlowMatcher, Job, Vocoder
 from f5_triton.request import SynthesisRequest, validate_request
 
 logger = logging.getLogger(__name__)
-
-
-def limits_from_params(params: dict[str, str]) -> Limits:
-    """Limits with any `limit_<name>` parameter of the model config applied."""
-    return settings_from(params, DEFAULT_LIMITS, prefix="limit_")
-
-
-def sampling_from_params(params: dict[str, str]) -> SamplingConfig:
-    """The model's sampling defaults (`nfe_steps`, `sway_sampling_coef`, ... parameters over `DEFAULT_SAMPLING`)."""
-    return settings_from(params, DEFAULT_SAMPLING)
 
 
 def request_from_inputs(fields: dict, sampling: SamplingConfig, limits: Limits) -> SynthesisRequest:
@@ -40,32 +30,42 @@ def request_from_inputs(fields: dict, sampling: SamplingConfig, limits: Limits) 
     return synthesis
 
 
-def load_flow_matcher(params: dict[str, str], device: str) -> FlowMatcher:
+def engine_config(settings: ServingSettings, network: str, device: str):
+    """The `engines.EngineConfig` of `network` ("dit" or "vocoder") on `device`: the document's `<network>_engine`
+    section (EngineConfig's fields; one it does not know is an error naming it)."""
+    from f5_triton.engines import EngineConfig
+
+    try:
+        return EngineConfig.from_mapping({**getattr(settings, f"{network}_engine"), "device": device})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"serving_config: {network}_engine: {exc}") from None
+
+
+def load_flow_matcher(settings: ServingSettings, device: str) -> FlowMatcher:
     from f5_triton.checkpoints import load_dit
-    from f5_triton.engines import EngineConfig, make_dit_runner, torch_dtype
+    from f5_triton.engines import make_dit_runner, torch_dtype
     from f5_triton.text import Tokenizer
 
-    dtype = torch_dtype(params.get("dtype", "fp32")) if device.startswith("cuda") else torch.float32
-    model = load_dit(params["ckpt"], Tokenizer(params["vocab"]).vocab_size, arch=params.get("arch") or None,
-                     device=device, dtype=dtype)
-    runner = make_dit_runner(model, EngineConfig.from_settings(params, "dit", device))
-    return FlowMatcher(runner, device=device, dtype=dtype)
+    weights = settings.weights
+    dtype = torch_dtype(weights.dtype) if device.startswith("cuda") else torch.float32
+    model = load_dit(weights.ckpt, Tokenizer(weights.vocab).vocab_size, arch=weights.arch or None, device=device,
+                     dtype=dtype)
+    return FlowMatcher(make_dit_runner(model, engine_config(settings, "dit", device)), device=device, dtype=dtype)
 
 
-def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder | None = None,
+def warm_up(settings: ServingSettings, flow_matcher: FlowMatcher, vocoder: Vocoder | None = None,
             name: str = "flow_matching") -> float | None:
-    """Run the `warmup_requests` parameter's synthetic batches through flow matching (and `vocoder`), so compiles
-    and graph captures happen while the model loads, then (unless `warmup_every_shape` is false) every other shape
-    such batches can take up to the frame limit; returns the seconds it took, None when off. Progress goes
-    to the package log (Triton's log inside a server), prefixed with the model's `name`."""
-    requests = int(params.get("warmup_requests", 0))
-    if requests <= 0:
+    """Run the `warmup` section's synthetic batches through flow matching (and `vocoder`), so compiles and graph
+    captures happen while the model loads, then (unless `every_shape` is false) every other shape such batches can
+    take up to the frame limit; returns the seconds it took, None when off. Progress goes to the package log
+    (Triton's log inside a server), prefixed with the model's `name`."""
+    warmup = settings.warmup
+    if warmup.requests <= 0:
         return None
     start = time.perf_counter()
-    every_shape = parse_bool(params.get("warmup_every_shape"), True)
-    mels = flow_matcher.warm_up(requests, nfe_steps=int(params.get("warmup_nfe_steps", DEFAULT_SAMPLING.nfe_steps)),
+    mels = flow_matcher.warm_up(warmup.requests, nfe_steps=warmup.nfe_steps,
                                 log=lambda message: logger.info("%s: %s", name, message),
-                                max_frames=limits_from_params(params).max_mel_frames if every_shape else None)
+                                max_frames=settings.limits.max_mel_frames if warmup.every_shape else None)
     if vocoder is not None:
         vocoder(mels)
     seconds = time.perf_counter() - start
@@ -73,21 +73,21 @@ def warm_up(params: dict[str, str], flow_matcher: FlowMatcher, vocoder: Vocoder 
     return seconds
 
 
-def load_vocoder(params: dict[str, str], device: str) -> Vocoder:
-    from f5_triton.engines import EngineConfig, make_vocoder_runner
+def load_vocoder(settings: ServingSettings, device: str) -> Vocoder:
+    from f5_triton.engines import make_vocoder_runner
     from f5_triton.vocoder import VocosDecoder, load_vocos
 
-    decoder = VocosDecoder(load_vocos(params["vocoder"], device=device)).to(device).eval()
-    return Vocoder(make_vocoder_runner(decoder, EngineConfig.from_settings(params, "vocoder", device)), device=device)
+    decoder = VocosDecoder(load_vocos(settings.weights.vocoder, device=device)).to(device).eval()
+    return Vocoder(make_vocoder_runner(decoder, engine_config(settings, "vocoder", device)), device=device)
 
 
-def load_flow_vocoder(params: dict[str, str], device: str) -> Vocoder | None:
-    """flow_matching's own Vocoder on its device when its `vocode` parameter is true, else None.
+def load_flow_vocoder(settings: ServingSettings, device: str) -> Vocoder | None:
+    """flow_matching's own Vocoder on its device when its placement says `vocode`, else None.
 
     With it, flow_matching sends waveforms (wire.WAVE_FIELDS) and the `vocoder` model is not called:
     no second process whose kernels time-slice the GPU with flow matching.
     """
-    return load_vocoder(params, device) if parse_bool(params.get("vocode"), False) else None
+    return load_vocoder(settings, device) if settings.placement.vocode else None
 
 
 def vocode_together(vocoder: Vocoder, mels: dict[int, list[torch.Tensor]]) -> dict[int, list[np.ndarray]]:
@@ -121,13 +121,13 @@ def validate_jobs(jobs: list[Job], limits: Limits, vocab_size: int) -> list[Job]
             raise InvalidInputError("durations", f"job of {job.total_frames} frames; the limit is "
                                     f"{limits.max_mel_frames}", "too_many_frames")
         if not limits.min_nfe_steps <= job.nfe_steps <= limits.max_nfe_steps:
-            raise InvalidInputError("sampling", f"nfe_steps {job.nfe_steps} outside [{limits.min_nfe_steps}, "
+            raise InvalidInputError("nfe_steps", f"is {job.nfe_steps}; allowed range is [{limits.min_nfe_steps}, "
                                     f"{limits.max_nfe_steps}]", "out_of_range")
         if not limits.min_cfg_strength <= job.cfg_strength <= limits.max_cfg_strength:
-            raise InvalidInputError("sampling", f"cfg_strength {job.cfg_strength} outside "
+            raise InvalidInputError("cfg_strength", f"is {job.cfg_strength}; allowed range is "
                                     f"[{limits.min_cfg_strength}, {limits.max_cfg_strength}]", "out_of_range")
         if not -10.0 <= job.sway_sampling_coef <= 10.0:  # NaN fails too
-            raise InvalidInputError("sampling", f"sway_sampling_coef {job.sway_sampling_coef} outside [-10, 10]",
+            raise InvalidInputError("sway_sampling_coef", f"is {job.sway_sampling_coef}; allowed range is [-10, 10]",
                                     "out_of_range")
         if job.seed < 0:
             raise InvalidInputError("seeds", f"is {job.seed}; seeds are >= 0", "out_of_range")

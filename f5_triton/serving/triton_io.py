@@ -14,6 +14,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from f5_triton.config import SERVING_DOCUMENT, load_serving_document
 from f5_triton.errors import InvalidInputError, ServerBusyError
 from f5_triton.serving import metrics as metric_names
 
@@ -64,14 +65,13 @@ def is_passive(args: dict) -> bool:
     return any(group.get("passive") and name.startswith(group["name"] + "_") for group in groups)
 
 
-def set_torch_threads(params: dict[str, str]) -> None:
-    """Apply the `torch_threads` parameter (0 or absent: torch's default, one thread per core).
+def set_torch_threads(threads: int | None) -> None:
+    """Use `threads` torch CPU threads (placement.torch_threads; 0 or None: torch's default, one thread per core).
 
     Every python-backend instance is its own process; with the default each one starts a thread per
     core, and a dozen of them oversubscribe the host and starve the GPU instances' launch threads.
     """
-    threads = int(params.get("torch_threads", 0))
-    if threads > 0:
+    if threads:
         import torch
 
         torch.set_num_threads(threads)
@@ -176,8 +176,9 @@ class RequestWatch:
 
 class Adapter:
     """Base of the model_repo/*/1/model.py adapters (`TritonPythonModel`), so that each states only what is particular
-    to it. `initialize` reads the model's config parameters (`self.params`), sets torch's threads, makes its metrics
-    (`self.metrics`) and calls `load(args)`, which builds what the model runs, once; `answer_each` is the usual
+    to it. `initialize` reads the model's serving document once into its typed settings (`self.settings`, a
+    `config.ServingSettings`), sets torch's threads, makes its metrics (`self.metrics`) and calls `load(args)`, which
+    builds what the model runs, once; `answer_each` is the usual
     `execute`: one response per request, an exception becoming that request's error response (and counted).
 
     The `sys.path` preamble stays in each model.py: it runs before this package can be imported."""
@@ -188,13 +189,13 @@ class Adapter:
         if not self.standby_loads and is_passive(args):
             return
         self.name = args["model_name"]
-        self.params = parameters(args)
-        set_torch_threads(self.params)
+        self.settings = load_serving_document(parameters(args).get(SERVING_DOCUMENT))
+        set_torch_threads(self.settings.placement.torch_threads)
         self.metrics = metric_names.Metrics(self.name)
         self.load(args)
 
     def load(self, args: dict) -> None:
-        """Build what the model runs from `self.params` (and `device(args)`)."""
+        """Build what the model runs from `self.settings` (and `device(args)`)."""
 
     def error(self, exc: Exception):
         """The response to a request that raised `exc` (counted in the model's metrics)."""

@@ -27,6 +27,19 @@ if TYPE_CHECKING:
 
     from f5_triton.pipeline import Job, Prepared
 
+#: preprocess -> flow_matching: one request's jobs (`pack_prepared` / `unpack_jobs`), one per text chunk sharing the
+#: reference and the sampling settings, each typed as it is used. The repository renders preprocess's outputs,
+#: flow_matching's inputs (ragged where a dimension varies) and the ensemble's maps between them from this table.
+JOB_FIELDS: tuple[WireField, ...] = (
+    WireField("ref_mel", "TYPE_FP32", (-1, N_MELS), False, "the reference's mel [frames, n_mels]"),
+    WireField("ref_frames", "TYPE_INT32", (1,), False, "frames of the reference in ref_mel"),
+    WireField("tokens", "TYPE_INT32", (-1, -1), False, "each chunk's text tokens, padded with -1"),
+    WireField("durations", "TYPE_INT32", (-1,), False, "each chunk's frames to generate"),
+    WireField("seeds", "TYPE_INT64", (-1,), False, "each chunk's noise seed"),
+    WireField("nfe_steps", "TYPE_INT32", (1,), False, "ODE steps"),
+    WireField("cfg_strength", "TYPE_FP32", (1,), False, "classifier-free guidance strength"),
+    WireField("sway_sampling_coef", "TYPE_FP32", (1,), False, "sway sampling of the time grid"),
+)
 MEL_FIELDS: tuple[WireField, ...] = (
     WireField("mel", "TYPE_FP32", (-1, N_MELS, -1), False, "a request's chunk mels, padded to the longest"),
     WireField("mel_frames", "TYPE_INT32", (-1,), False, "valid frames of each chunk's mel"),
@@ -68,7 +81,9 @@ def pack_prepared(prepared: Prepared) -> dict[str, np.ndarray]:
         "tokens": tokens,
         "durations": np.array([j.duration for j in jobs], dtype=np.int32),
         "seeds": np.array([j.seed for j in jobs], dtype=np.int64),
-        "sampling": np.array([first.nfe_steps, first.cfg_strength, first.sway_sampling_coef], dtype=np.float32),
+        "nfe_steps": np.array([first.nfe_steps], dtype=np.int32),
+        "cfg_strength": np.array([first.cfg_strength], dtype=np.float32),
+        "sway_sampling_coef": np.array([first.sway_sampling_coef], dtype=np.float32),
         "ref_rms": np.array([prepared.ref_rms], dtype=np.float32),
     }
 
@@ -80,12 +95,13 @@ def unpack_jobs(arrays: dict[str, np.ndarray], request_index: int = 0) -> list[J
     from f5_triton.pipeline import Job
 
     ref_mel = torch.from_numpy(np.ascontiguousarray(arrays["ref_mel"], dtype=np.float32))
-    nfe_steps, cfg_strength, sway = (float(v) for v in arrays["sampling"].reshape(-1)[:3])
+    nfe_steps, cfg_strength, sway = (arrays[name].reshape(-1)[0].item()
+                                     for name in ("nfe_steps", "cfg_strength", "sway_sampling_coef"))
     tokens = arrays["tokens"].reshape(len(arrays["durations"].reshape(-1)), -1)
     return [
         Job(request_index=request_index, chunk_index=i, ref_mel=ref_mel,
             ref_frames=int(arrays["ref_frames"].reshape(-1)[0]), tokens=[int(t) for t in row if t != -1],
-            duration=int(duration), seed=int(seed), nfe_steps=int(nfe_steps), cfg_strength=cfg_strength,
+            duration=int(duration), seed=int(seed), nfe_steps=nfe_steps, cfg_strength=cfg_strength,
             sway_sampling_coef=sway)
         for i, (row, duration, seed) in enumerate(zip(tokens, arrays["durations"].reshape(-1),
                                                       arrays["seeds"].reshape(-1)))

@@ -24,8 +24,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, REFERENCE_CACHE_DEFAULTS, cache_from_params
-from f5_triton.config import DEFAULT_PACING, DEFAULT_SCHEDULER, DEFAULT_STREAMING, SAMPLE_RATE, settings_from
+from f5_triton.cache import cache_from_config
+from f5_triton.config import SAMPLE_RATE
 from f5_triton.guards import check_finite_audio
 from f5_triton.pipeline import Preprocessor, Stages
 from f5_triton.request import INPUTS
@@ -74,22 +74,18 @@ class TritonSink:
 
 class TritonPythonModel(triton_io.Adapter):
     def load(self, args):
-        params, device, model = self.params, triton_io.device(args), self.name
-        reference_cache = cache_from_params(params, "reference", REFERENCE_CACHE_DEFAULTS,
-                                            metrics.cache_observer(model, "reference"))
-        output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
-                                         metrics.cache_observer(model, "output"))
-        chunker = StreamingChunker(settings_from(params, DEFAULT_STREAMING))
-        preprocess = Preprocessor(Tokenizer(params["vocab"]), factories.limits_from_params(params),
-                                  cache=reference_cache, chunker=chunker)
+        settings, device, model = self.settings, triton_io.device(args), self.name
+        reference_cache = cache_from_config(settings.caches, "reference", metrics.cache_observer(model, "reference"))
+        output_cache = cache_from_config(settings.caches, "output", metrics.cache_observer(model, "output"))
+        preprocess = Preprocessor(Tokenizer(settings.weights.vocab), settings.limits, cache=reference_cache,
+                                  chunker=StreamingChunker(settings.streaming))
         # one bundle: the synthesizer's and its scheduler's; `execute` validates requests with its limits
-        self.stages = Stages(preprocess, factories.load_flow_matcher(params, device),
-                             factories.load_vocoder(params, device))
-        warmed_up = factories.warm_up(params, self.stages.flow_matching, self.stages.vocoder, name=model) is not None
+        self.stages = Stages(preprocess, factories.load_flow_matcher(settings, device),
+                             factories.load_vocoder(settings, device))
+        warmed_up = factories.warm_up(settings, self.stages.flow_matching, self.stages.vocoder, name=model) is not None
         self.scheduler = StreamScheduler(StreamingSynthesizer(self.stages, output_cache=output_cache),
-                                         **dataclasses.asdict(settings_from(params, DEFAULT_SCHEDULER)),
-                                         pacing=settings_from(params, DEFAULT_PACING, "pacing_")).start()
-        self.sampling = factories.sampling_from_params(params)
+                                         **dataclasses.asdict(settings.scheduler), pacing=settings.pacing).start()
+        self.sampling = settings.sampling
         if warmed_up:
             seconds = self.scheduler.warm_up(self.sampling)
             pb_utils.Logger.log_info(f"{model}: a warm-up stream went through every stage in {seconds:.2f} s")

@@ -1,13 +1,13 @@
 """Triton adapter: flow matching for a dynamic batch of requests (f5_triton.pipeline.FlowMatcher).
 
 Sends each request's chunk mels to postprocess (wire.MEL_FIELDS) or, when the repository puts the
-vocoder here (parameter `vocode`), their waveforms (wire.WAVE_FIELDS): the whole batch's mels are
+vocoder here (serving_config's `placement.vocode`), their waveforms (wire.WAVE_FIELDS): the whole batch's mels are
 decoded in one vocoder call on this model's device, right after sampling.
 
 Requests whose client cancelled them, or whose Triton `timeout` passed, are dropped between ODE
 steps (the rest of the batch goes on); jobs are validated first, as this model can be called directly.
 
-The output cache (`output_cache_entries` / `output_cache_mb`, as f5_tts_streaming's): a request that comes with an
+The output cache (`caches.output_cache_entries` / `output_cache_mb`, as f5_tts_streaming's): a request that comes with an
 `output_key` (preprocess sends one for every request with an explicit seed) gets its outputs kept under that key bound
 to its inputs (f5_triton.cache.bound_key); the same request again is answered from there, without the DiT.
 """
@@ -21,13 +21,12 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 
 import triton_python_backend_utils as pb_utils  # noqa: F401  (provided by the python backend)
 
-from f5_triton.cache import OUTPUT_CACHE_DEFAULTS, bound_key, cache_from_params
+from f5_triton.cache import bound_key, cache_from_config
 from f5_triton.errors import InvalidInputError
 from f5_triton.serving import triton_io, wire
 from f5_triton.serving.metrics import cache_observer
 
-INPUT_NAMES = ("ref_mel", "ref_frames", "tokens", "durations", "seeds", "sampling", triton_io.RECEIVED_AT,
-               wire.OUTPUT_KEY)
+INPUT_NAMES = tuple(f.name for f in wire.JOB_FIELDS) + (triton_io.RECEIVED_AT, wire.OUTPUT_KEY)
 
 
 class TritonPythonModel(triton_io.Adapter):
@@ -38,15 +37,14 @@ class TritonPythonModel(triton_io.Adapter):
         from f5_triton.serving import factories
 
         self.factories, self.check_finite = factories, check_finite
-        params, device = self.params, triton_io.device(args)
-        self.flow_matching = self.factories.load_flow_matcher(params, device)
-        self.vocoder = self.factories.load_flow_vocoder(params, device)  # None: postprocess calls the `vocoder` model
-        self.factories.warm_up(params, self.flow_matching, self.vocoder, name=self.name)
-        self.limits = self.factories.limits_from_params(params)
+        settings, device = self.settings, triton_io.device(args)
+        self.flow_matching = self.factories.load_flow_matcher(settings, device)
+        self.vocoder = self.factories.load_flow_vocoder(settings, device)  # None: postprocess calls the `vocoder` model
+        self.factories.warm_up(settings, self.flow_matching, self.vocoder, name=self.name)
+        self.limits = settings.limits
         dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
         self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
-        self.output_cache = cache_from_params(params, "output", OUTPUT_CACHE_DEFAULTS,
-                                              cache_observer(self.name, "output"))
+        self.output_cache = cache_from_config(settings.caches, "output", cache_observer(self.name, "output"))
 
     def execute(self, requests):
         jobs, owners, starts, keys = [], [], [], {}

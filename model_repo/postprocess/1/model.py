@@ -31,7 +31,7 @@ INPUT_NAMES = tuple(f.name for f in wire.MEL_FIELDS + wire.WAVE_FIELDS) + ("ref_
 
 class TritonPythonModel(triton_io.Adapter):
     def load(self, args):
-        self.vocoder_model = self.params.get("vocoder_model", "vocoder")
+        self.vocoder_model = self.settings.placement.vocoder_model
 
     async def execute(self, requests):
         return await asyncio.gather(*(self._finish(request) for request in requests))

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from f5_triton.cache import REFERENCE_CACHE_DEFAULTS, cache_from_params, request_output_key
+from f5_triton.cache import cache_from_config, request_output_key
 from f5_triton.pipeline import Preprocessor
 from f5_triton.request import INPUTS
 from f5_triton.serving import factories, triton_io, wire
@@ -22,10 +22,11 @@ from f5_triton.text import Tokenizer
 
 class TritonPythonModel(triton_io.Adapter):
     def load(self, args):
-        self.preprocess = Preprocessor(Tokenizer(self.params["vocab"]), factories.limits_from_params(self.params),
-                                       cache=cache_from_params(self.params, "reference", REFERENCE_CACHE_DEFAULTS,
+        settings = self.settings
+        self.preprocess = Preprocessor(Tokenizer(settings.weights.vocab), settings.limits,
+                                       cache=cache_from_config(settings.caches, "reference",
                                                                cache_observer(self.name, "reference")))
-        self.sampling = factories.sampling_from_params(self.params)
+        self.sampling = settings.sampling
 
     def execute(self, requests):
         received_at = np.array([time.time()], dtype=np.float64)  # deadlines and the RTF count from here

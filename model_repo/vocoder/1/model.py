@@ -15,8 +15,8 @@ from f5_triton.serving import factories, triton_io
 
 class TritonPythonModel(triton_io.Adapter):
     def load(self, args):
-        self.vocoder = factories.load_vocoder(self.params, triton_io.device(args))
-        self.limits = factories.limits_from_params(self.params)
+        self.vocoder = factories.load_vocoder(self.settings, triton_io.device(args))
+        self.limits = self.settings.limits
 
     def execute(self, requests):
         # each request is [batch, n_mels, frames] (+ valid frames per item); frames differ across requests
