@@ -9,8 +9,11 @@ Tolerances vs torch fp32 (max abs error over valid frames):
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,6 +288,77 @@ def test_dit_runner_accepts_no_mask_and_scalar_time(onnx_dir, dit):
     assert (runner.step(x, cond, text_embed, time, None) - expected).abs().max() <= STEP_TOL
     text = torch.randint(0, 100, (2, 10))
     assert torch.equal(runner.embed_text(text, torch.tensor([33, 20]), 33), dit.embed_text(text, torch.tensor([33, 20]), 33))
+
+
+def _parameters(function) -> list[str]:
+    return [name for name in inspect.signature(function).parameters if name != "self"]
+
+
+def _keeps_the_contract(implementer, protocol, members: tuple[str, ...]) -> None:
+    """`implementer` is a `protocol` (runtime check: the members exist) and each of `members` takes the protocol's
+    parameters, by name and in order (what the runtime check does not see)."""
+    assert isinstance(implementer, protocol), f"{type(implementer).__name__} is no {protocol.__name__}"
+    for member in members:
+        assert _parameters(getattr(implementer, member)) == _parameters(getattr(protocol, member)), \
+            f"{type(implementer).__name__}.{member} drifted from {protocol.__name__}.{member}"
+
+
+def test_step_models_keep_the_samplers_contract(onnx_dir, dit):
+    """Whatever the sampler runs is a `StepModel`, with the Protocol's signatures: the eager DiT, and `DiTRunner`
+    over each engine that runs here (torch eager, torch with a graphed solver, onnxruntime); each engine is an
+    `Engine` (its `packs`, `cover_shapes` as declared), and each solver a `Solver`. The eager DiT and the exported
+    graph's engine have no solver, cover no shapes; the DiT packs every batch, the onnxruntime engine none."""
+    import threading
+
+    from f5_triton.sampler import StepModel
+    from f5_triton.solvers import EulerSolver, GraphedSolver, Solver
+
+    step_members = ("embed_text", "step", "packs", "cover_shapes")
+    torch_runner = make_dit_runner(dit, EngineConfig(cuda_graphs=True))  # on the CPU: eager, no graphs
+    graphed = TorchEngine(DiTStep(dit), DIT_STEP)
+    graphed.solver = GraphedSolver(graphed._forward, (64,), 3, pool=None, lock=threading.Lock())
+    ort_runner = make_dit_runner(dit, ort_config(onnx_dir, DIT_STEP))
+    for model in (dit, torch_runner, DiTRunner(dit, graphed), ort_runner):
+        _keeps_the_contract(model, StepModel, step_members)
+        assert model.solver is None or isinstance(model.solver, Solver)
+        assert model.config is dit.config
+    for engine in (torch_runner.engine, graphed, ort_runner.engine):
+        assert isinstance(engine, Engine)
+        assert _parameters(engine.packs) == _parameters(Engine.packs)
+        assert _parameters(engine.cover_shapes) == _parameters(Engine.cover_shapes)
+    for solver in (EulerSolver(dit.step), graphed.solver):
+        _keeps_the_contract(solver, Solver, ("__call__", "steps_per_replay"))
+    assert dit.solver is None and dit.packs(3) and dit.cover_shapes(4, 1000, 8) == 0
+    assert ort_runner.solver is None and not ort_runner.packs(3) and ort_runner.cover_shapes(4, 1000, 8) == 0
+    assert torch_runner.solver is None and torch_runner.cover_shapes(4, 1000, 8) == 0
+    assert DiTRunner(dit, graphed).solver is graphed.solver
+    assert EulerSolver(dit.step).steps_per_replay(None, True) == 1 and graphed.solver.steps_per_replay(None, True) == 3
+
+
+# what a caller may not probe for by name: the members of `StepModel`, `Solver` and `Engine`, the runner's `model`
+CONTRACT_MEMBERS = {"embed_text", "step", "solver", "solve", "packs", "cover_shapes", "steps_per_replay", "config",
+                    "model"}
+
+
+def _probes(source: str) -> list[str]:
+    """getattr/hasattr calls that name one of CONTRACT_MEMBERS."""
+    return [ast.unparse(node) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in CONTRACT_MEMBERS]
+
+
+def test_no_probe_for_the_step_model_contract():
+    """The sampler, solvers, engines, pipeline and the flow_matching adapter use the contract's members as declared,
+    never probing for one by name (an implementer without one fails at once instead of running another path)."""
+    assert _probes('solve = getattr(model, "solve", None) or partial(euler_solve, model.step)\n'
+                   'ok = hasattr(engine, "packs") and getattr(self.engine, "kind")') == [
+        "getattr(model, 'solve', None)", "hasattr(engine, 'packs')"]
+    root = Path(__file__).resolve().parents[1]
+    package = root / "f5_triton"
+    files = [package / "sampler.py", package / "solvers.py", package / "pipeline.py",
+             *sorted((package / "engines").glob("*.py")), root / "model_repo" / "flow_matching" / "1" / "model.py"]
+    found = [f"{path.relative_to(root)}: {probe}" for path in files for probe in _probes(path.read_text())]
+    assert not found, found
 
 
 @pytest.mark.parametrize("cfg", [2.0, 0.0])
