@@ -29,7 +29,7 @@ from f5_triton import audio, text
 from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SAMPLING, HOP_LENGTH, N_MELS, SAMPLE_RATE, Limits
 from f5_triton.errors import InvalidInputError
 from f5_triton.request import SynthesisRequest
-from f5_triton.sampler import Solving, prepare, sample
+from f5_triton.sampler import Solving, StepModel, prepare, sample
 
 
 @dataclass
@@ -162,8 +162,8 @@ class Preprocessor:
 class FlowMatcher:
     """Jobs -> generated mels, batching jobs that share sampling settings. The heavy stage."""
 
-    def __init__(self, model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.model = model  # the DiT, or an engine runner with the same embed_text/step methods
+    def __init__(self, model: StepModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model  # the DiT, or an engine runner (`engines.DiTRunner`)
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -248,10 +248,9 @@ class FlowMatcher:
             if log is not None:
                 log(f"warm-up batch {number}/{len(batches)}: {len(lengths)} requests, up to {max(lengths)} frames, "
                     f"{time.perf_counter() - start:.1f} s")
-        cover = getattr(self.model, "cover_shapes", None)
-        if max_frames is not None and cover is not None:
+        if max_frames is not None:
             start = time.perf_counter()
-            made = cover(max_requests, max_frames, nfe_steps, log)
+            made = self.model.cover_shapes(max_requests, max_frames, nfe_steps, log)
             if log is not None:
                 log(f"warm-up: every shape of up to {max_requests} requests x {max_frames} frames covered "
                     f"({made} more), {time.perf_counter() - start:.1f} s")
@@ -318,7 +317,7 @@ def finish(waves: list[np.ndarray], ref_rms: float) -> np.ndarray:
 class TTS:
     """The four stages in one process, for the CLI and the offline benchmark."""
 
-    def __init__(self, model, tokenizer: text.Tokenizer, decoder, device: str | torch.device = "cpu",
+    def __init__(self, model: StepModel, tokenizer: text.Tokenizer, decoder, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, limits: Limits = DEFAULT_LIMITS):
         self.preprocess = Preprocessor(tokenizer, limits)
         self.flow_matching = FlowMatcher(model, device, dtype)

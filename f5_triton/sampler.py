@@ -1,9 +1,9 @@
 """Euler flow-matching sampler, equivalent to upstream F5-TTS `CFM.sample`.
 
-The network is anything with `embed_text(text, seq_lens, max_len, drop_text)` and
-`step(x, cond, text_embed, time, mask)`: the torch DiT, or an engine wrapper that runs `step` in
-onnxruntime or TensorRT. Text embeddings are computed once per call; classifier-free guidance
-evaluates the conditional and unconditional branches as one batch of 2B.
+The network is a `StepModel`: the torch DiT, or an engine runner that runs `step` in torch (compiled,
+CUDA graphs), onnxruntime or TensorRT. Text embeddings are computed once per call; classifier-free
+guidance evaluates the conditional and unconditional branches as one batch of 2B. The ODE is integrated
+by the model's `solver` if it has one, else by the plain Euler loop over its `step` (`f5_triton.solvers`).
 
 A network whose `packs(sequences)` says so runs packed batches (`f5_triton.model.packing`): the
 sampler lays the 2B sequences end to end without padding, and `step` gets a `Packing` as its mask.
@@ -11,15 +11,15 @@ sampler lays the 2B sequences end to end without padding, and `step` gets a `Pac
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from f5_triton.config import DEFAULT_SAMPLING
+from f5_triton.config import DEFAULT_SAMPLING, DiTConfig
 from f5_triton.model.dit import lens_to_mask
 from f5_triton.model.packing import Packing
+from f5_triton.solvers import EulerSolver, Solver
 
 # Empirically pruned step sampling (EPSS): upstream's grids, in 1/32 units, for low NFE.
 EPSS_STEPS: dict[int, list[int]] = {
@@ -70,28 +70,31 @@ def _as_seeds(seed, batch: int) -> list[int | None]:
     return seeds
 
 
-def euler_solve(step, x: torch.Tensor, cond: torch.Tensor, text_embed: torch.Tensor, mask: torch.Tensor | None,
-                t: torch.Tensor, cfg_strength: float | torch.Tensor | None = None,
-                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Integrate the flow from x at t[0] to t[-1] with one Euler step per grid interval.
+@runtime_checkable
+class StepModel(Protocol):
+    """What the sampler runs: the eager DiT (`model.DiT`) or a DiT whose step runs in an engine (`engines.DiTRunner`).
 
-    step: the DiT's `step(x, cond, text_embed, time, mask)`. Without guidance (cfg_strength None)
-    cond, text_embed and mask have the B rows of x; with it, 2B rows: conditional then unconditional.
-    Packed (mask a `Packing`): x, cond, text_embed are [tokens, c], the conditional sequences first.
-    on_step(i) is called before step i. No host syncs: this is also what CUDA graphs capture.
+    embed_text, step: the DiT's (text embedded once per request; one flow prediction per ODE step, padded batches
+    with a [b, n] mask or None, packed ones with a `Packing`). solver: the model's own integration of the grid (the
+    torch engine replays it as CUDA graphs), or None: the sampler loops `solvers.euler_solve` over `step`.
+    packs(sequences): whether a batch of so many sequences runs packed. cover_shapes: prepare now every shape a
+    server of up to `max_requests` requests per batch and `max_frames` frames meets (CUDA graphs), returning how
+    many were made: 0 for a model without graphs. config: the DiT's architecture (its text vocabulary).
     """
-    rows = mask.sequences if isinstance(mask, Packing) else cond.shape[0]
-    for i in range(t.shape[0] - 1):
-        if on_step is not None:
-            on_step(i)
-        time = t[i].expand(rows)
-        if cfg_strength is None:
-            flow = step(x, cond, text_embed, time, mask)
-        else:
-            pred, null_pred = step(torch.cat((x, x)), cond, text_embed, time, mask).chunk(2)
-            flow = pred + (pred - null_pred) * cfg_strength
-        x = x + (t[i + 1] - t[i]) * flow
-    return x
+
+    config: DiTConfig
+    solver: Solver | None
+
+    def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+                   drop_text: bool = False) -> torch.Tensor: ...
+
+    def step(self, x: torch.Tensor, cond: torch.Tensor, text_embed: torch.Tensor, time: torch.Tensor,
+             mask: torch.Tensor | Packing | None = None) -> torch.Tensor: ...
+
+    def packs(self, sequences: int) -> bool: ...
+
+    def cover_shapes(self, max_requests: int, max_frames: int, nfe_steps: int,
+                     log: Callable[[str], None] | None = None) -> int: ...
 
 
 @dataclass
@@ -119,7 +122,7 @@ class SamplingInputs:
 
 
 @torch.inference_mode()
-def prepare(model, cond: torch.Tensor, text: torch.Tensor, duration: int | torch.Tensor, *,
+def prepare(model: StepModel, cond: torch.Tensor, text: torch.Tensor, duration: int | torch.Tensor, *,
             steps: int = DEFAULT_SAMPLING.nfe_steps,
             cfg_strength: float = DEFAULT_SAMPLING.cfg_strength,
             sway_sampling_coef: float | None = DEFAULT_SAMPLING.sway_sampling_coef, noise: torch.Tensor | None = None,
@@ -167,7 +170,7 @@ def prepare(model, cond: torch.Tensor, text: torch.Tensor, duration: int | torch
 
 @torch.inference_mode()
 def sample(
-    model,
+    model: StepModel,
     cond: torch.Tensor,
     text: torch.Tensor,
     duration: int | torch.Tensor,
@@ -203,20 +206,19 @@ class Solving:
     """A prepared `sample` call's Euler integration, advanced a few steps at a time (`advance`).
 
     The stream scheduler interleaves batches this way. Steps i..j are `euler_solve` on the sub-grid t[i..j],
-    exactly the arithmetic of the whole loop, so any split gives `sample`'s result. An engine may integrate the
-    grid itself (`model.solve`: the torch engine replays it as CUDA graphs); a model whose `packs` says so runs
-    the batch packed, the sequences laid end to end without padding.
+    exactly the arithmetic of the whole loop, so any split gives `sample`'s result. The model's `solver` integrates
+    the grid if it has one (the torch engine replays it as CUDA graphs), else `EulerSolver` over its `step`; a model
+    whose `packs` says so runs the batch packed, the sequences laid end to end without padding.
     """
 
     @torch.inference_mode()  # inputs made outside it would recompile a compiled step (a tensor's dispatch keys)
-    def __init__(self, model, inputs: SamplingInputs):
+    def __init__(self, model: StepModel, inputs: SamplingInputs):
         self.inputs = inputs
-        self._solve = getattr(model, "solve", None) or functools.partial(euler_solve, model.step)
+        self._solver: Solver = EulerSolver(model.step) if model.solver is None else model.solver
         self.index = 0  # the next step
         x = inputs.x
-        packs = getattr(model, "packs", None)
         self._valid = None
-        if packs is not None and packs(inputs.step_cond.shape[0]):
+        if model.packs(inputs.step_cond.shape[0]):
             self._valid = lens_to_mask(torch.tensor(inputs.durations, device=x.device), x.shape[1])
             branches = 1 if inputs.cfg_strength is None else 2
             step_valid = self._valid if branches == 1 else torch.cat((self._valid, self._valid))
@@ -236,8 +238,7 @@ class Solving:
     @property
     def segment(self) -> int:
         """The steps one `advance` should take: a CUDA graph's (the engine replays whole graphs), else one."""
-        steps_per_replay = getattr(self._solve, "steps_per_replay", None)
-        return 1 if steps_per_replay is None else steps_per_replay(self._mask, self.inputs.cfg_strength is not None)
+        return self._solver.steps_per_replay(self._mask, self.inputs.cfg_strength is not None)
 
     @torch.inference_mode()
     def advance(self, steps: int | None = None, on_step: Callable[[int], None] | None = None) -> None:
@@ -245,8 +246,8 @@ class Solving:
         first = self.index
         end = self.steps if steps is None else min(self.steps, first + steps)
         hook = None if on_step is None else (lambda i: on_step(first + i))
-        self._x = self._solve(self._x, self._cond, self._text, self._mask, self.inputs.t[first:end + 1],
-                              self.inputs.cfg_strength, hook)
+        self._x = self._solver(self._x, self._cond, self._text, self._mask, self.inputs.t[first:end + 1],
+                               self.inputs.cfg_strength, hook)
         self.index = end
 
     @torch.inference_mode()

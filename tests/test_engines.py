@@ -9,8 +9,11 @@ Tolerances vs torch fp32 (max abs error over valid frames):
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,7 +184,7 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
     """The solver's own logic on the CPU: graphs of `graph_steps` steps (the CUDA capture replaced by a plain
     call), frames padded to buckets, `on_step` before each replay, calls without a graph (past the largest
     bucket, or more rows than `max_rows`) padded to a multiple of 8 frames."""
-    from f5_triton.engines import torch_engine
+    from f5_triton import solvers
 
     class Replay:  # what a captured graph does, without CUDA
         def __init__(self, forward, example, pool):
@@ -190,11 +193,11 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
         def replay(self, inputs):
             return self.forward(*inputs)
 
-    monkeypatch.setattr(torch_engine, "_CapturedGraph", Replay)
+    monkeypatch.setattr(solvers, "CapturedGraph", Replay)
     engine = TorchEngine(DiTStep(dit), DIT_STEP)
-    engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128), 3, pool=None, lock=__import__("threading").Lock())
+    engine.solver = solvers.GraphedSolver(engine._forward, (64, 128), 3, pool=None, lock=__import__("threading").Lock())
     runner = DiTRunner(dit, engine)
-    assert runner.solve is engine.solver
+    assert runner.solver is engine.solver
     for durations, cfg, steps in SOLVER_CASES:
         seen = []
         got = sample_case(runner, durations, cfg, steps, on_step=seen.append)
@@ -213,8 +216,8 @@ def test_graphed_solver_segments_and_pads_exactly(dit, monkeypatch):
         frames_seen.append("packed" if isinstance(rest[-1], Packing) else x.shape[1])
         return engine._forward(x, *rest)
 
-    engine.solver = torch_engine.GraphedSolver(forward, (64, 128), 3, pool=None,
-                                               lock=__import__("threading").Lock(), max_rows=2)
+    engine.solver = solvers.GraphedSolver(forward, (64, 128), 3, pool=None,
+                                          lock=__import__("threading").Lock(), max_rows=2)
     runner = DiTRunner(dit, engine)
     for durations, cfg, steps in SOLVER_CASES[:2]:
         seen = []
@@ -232,10 +235,11 @@ def test_calls_without_a_graph_are_padded_to_aligned_frames(dit, monkeypatch):
     """The per-step graphs' fallback (too many rows, or past the largest bucket) pads to a multiple of
     FRAME_ALIGNMENT frames (8 here, to tell both calls apart) and trims back: same valid output, the caller's
     frame count."""
+    from f5_triton import solvers
     from f5_triton.engines import torch_engine
     from f5_triton.engines.networks import random_inputs
 
-    monkeypatch.setattr(torch_engine, "FRAME_ALIGNMENT", 8)
+    monkeypatch.setattr(solvers, "FRAME_ALIGNMENT", 8)
 
     module = DiTStep(dit).eval()
     frames_seen = []
@@ -264,7 +268,7 @@ def test_graphed_solver_matches_eager_sampling_on_gpu(dit, compile_):
     model = copy.deepcopy(dit).cuda()
     runner = make_dit_runner(model, EngineConfig(device="cuda", cuda_graphs=True, compile=compile_,
                                                  frame_buckets=(64, 128), graph_steps=3))
-    assert runner.solve is not None
+    assert runner.solver is not None
     for durations, cfg, steps in SOLVER_CASES:
         got = sample_case(runner, durations, cfg, steps)
         expected = sample_case(model, durations, cfg, steps)
@@ -284,6 +288,77 @@ def test_dit_runner_accepts_no_mask_and_scalar_time(onnx_dir, dit):
     assert (runner.step(x, cond, text_embed, time, None) - expected).abs().max() <= STEP_TOL
     text = torch.randint(0, 100, (2, 10))
     assert torch.equal(runner.embed_text(text, torch.tensor([33, 20]), 33), dit.embed_text(text, torch.tensor([33, 20]), 33))
+
+
+def _parameters(function) -> list[str]:
+    return [name for name in inspect.signature(function).parameters if name != "self"]
+
+
+def _keeps_the_contract(implementer, protocol, members: tuple[str, ...]) -> None:
+    """`implementer` is a `protocol` (runtime check: the members exist) and each of `members` takes the protocol's
+    parameters, by name and in order (what the runtime check does not see)."""
+    assert isinstance(implementer, protocol), f"{type(implementer).__name__} is no {protocol.__name__}"
+    for member in members:
+        assert _parameters(getattr(implementer, member)) == _parameters(getattr(protocol, member)), \
+            f"{type(implementer).__name__}.{member} drifted from {protocol.__name__}.{member}"
+
+
+def test_step_models_keep_the_samplers_contract(onnx_dir, dit):
+    """Whatever the sampler runs is a `StepModel`, with the Protocol's signatures: the eager DiT, and `DiTRunner`
+    over each engine that runs here (torch eager, torch with a graphed solver, onnxruntime); each engine is an
+    `Engine` (its `packs`, `cover_shapes` as declared), and each solver a `Solver`. The eager DiT and the exported
+    graph's engine have no solver, cover no shapes; the DiT packs every batch, the onnxruntime engine none."""
+    import threading
+
+    from f5_triton.sampler import StepModel
+    from f5_triton.solvers import EulerSolver, GraphedSolver, Solver
+
+    step_members = ("embed_text", "step", "packs", "cover_shapes")
+    torch_runner = make_dit_runner(dit, EngineConfig(cuda_graphs=True))  # on the CPU: eager, no graphs
+    graphed = TorchEngine(DiTStep(dit), DIT_STEP)
+    graphed.solver = GraphedSolver(graphed._forward, (64,), 3, pool=None, lock=threading.Lock())
+    ort_runner = make_dit_runner(dit, ort_config(onnx_dir, DIT_STEP))
+    for model in (dit, torch_runner, DiTRunner(dit, graphed), ort_runner):
+        _keeps_the_contract(model, StepModel, step_members)
+        assert model.solver is None or isinstance(model.solver, Solver)
+        assert model.config is dit.config
+    for engine in (torch_runner.engine, graphed, ort_runner.engine):
+        assert isinstance(engine, Engine)
+        assert _parameters(engine.packs) == _parameters(Engine.packs)
+        assert _parameters(engine.cover_shapes) == _parameters(Engine.cover_shapes)
+    for solver in (EulerSolver(dit.step), graphed.solver):
+        _keeps_the_contract(solver, Solver, ("__call__", "steps_per_replay"))
+    assert dit.solver is None and dit.packs(3) and dit.cover_shapes(4, 1000, 8) == 0
+    assert ort_runner.solver is None and not ort_runner.packs(3) and ort_runner.cover_shapes(4, 1000, 8) == 0
+    assert torch_runner.solver is None and torch_runner.cover_shapes(4, 1000, 8) == 0
+    assert DiTRunner(dit, graphed).solver is graphed.solver
+    assert EulerSolver(dit.step).steps_per_replay(None, True) == 1 and graphed.solver.steps_per_replay(None, True) == 3
+
+
+# what a caller may not probe for by name: the members of `StepModel`, `Solver` and `Engine`, the runner's `model`
+CONTRACT_MEMBERS = {"embed_text", "step", "solver", "solve", "packs", "cover_shapes", "steps_per_replay", "config",
+                    "model"}
+
+
+def _probes(source: str) -> list[str]:
+    """getattr/hasattr calls that name one of CONTRACT_MEMBERS."""
+    return [ast.unparse(node) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in CONTRACT_MEMBERS]
+
+
+def test_no_probe_for_the_step_model_contract():
+    """The sampler, solvers, engines, pipeline and the flow_matching adapter use the contract's members as declared,
+    never probing for one by name (an implementer without one fails at once instead of running another path)."""
+    assert _probes('solve = getattr(model, "solve", None) or partial(euler_solve, model.step)\n'
+                   'ok = hasattr(engine, "packs") and getattr(self.engine, "kind")') == [
+        "getattr(model, 'solve', None)", "hasattr(engine, 'packs')"]
+    root = Path(__file__).resolve().parents[1]
+    package = root / "f5_triton"
+    files = [package / "sampler.py", package / "solvers.py", package / "pipeline.py",
+             *sorted((package / "engines").glob("*.py")), root / "model_repo" / "flow_matching" / "1" / "model.py"]
+    found = [f"{path.relative_to(root)}: {probe}" for path in files for probe in _probes(path.read_text())]
+    assert not found, found
 
 
 @pytest.mark.parametrize("cfg", [2.0, 0.0])
@@ -413,13 +488,13 @@ def test_calls_that_compile_are_logged(caplog):
     import logging
     import threading
 
-    from f5_triton.engines import torch_engine
+    from f5_triton import solvers
 
-    solver = torch_engine.GraphedSolver(torch.compile(lambda x, cond, text_embed, time, mask: x * 0.5 + cond),
-                                        (64,), 3, pool=None, lock=threading.Lock(), max_rows=1)
+    solver = solvers.GraphedSolver(torch.compile(lambda x, cond, text_embed, time, mask: x * 0.5 + cond),
+                                   (64,), 3, pool=None, lock=threading.Lock(), max_rows=1)
     x = torch.randn(2, 40, 100)
     t = torch.linspace(0, 1, 4)
-    with caplog.at_level(logging.INFO, logger="f5_triton.engines.torch_engine"):
+    with caplog.at_level(logging.INFO, logger="f5_triton.solvers"):
         solver(x, x, x, None, t)  # 2 rows > max_rows: the compiled function, no graph
         first = [r.getMessage() for r in caplog.records]
         caplog.clear()
@@ -431,7 +506,7 @@ def test_calls_that_compile_are_logged(caplog):
 def test_cover_shapes_leaves_no_graph_to_capture_in_service(dit, monkeypatch):
     """After `cover_shapes` (the server's warm-up), batches of any mix of lengths up to the frame limit and up to
     the graphed row count replay existing graphs: no capture while users wait. Larger batches run packed."""
-    from f5_triton.engines import torch_engine
+    from f5_triton import solvers
 
     captured = []
 
@@ -443,10 +518,10 @@ def test_cover_shapes_leaves_no_graph_to_capture_in_service(dit, monkeypatch):
         def replay(self, inputs):
             return self.forward(*inputs)
 
-    monkeypatch.setattr(torch_engine, "_CapturedGraph", Replay)
+    monkeypatch.setattr(solvers, "CapturedGraph", Replay)
     engine = TorchEngine(DiTStep(dit), DIT_STEP)
-    engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128, 192), 3, pool=None,
-                                               lock=__import__("threading").Lock(), max_rows=2)
+    engine.solver = solvers.GraphedSolver(engine._forward, (64, 128, 192), 3, pool=None,
+                                          lock=__import__("threading").Lock(), max_rows=2)
     runner = DiTRunner(dit, engine)
     made = runner.cover_shapes(max_requests=2, max_frames=150, nfe_steps=7)
     # rows 2 (one request with guidance; 4 > max_rows), buckets 64..192 (the one holding 150 frames), segments of
@@ -482,7 +557,7 @@ def test_packed_graphs_replay_any_small_batch_exactly(dit, monkeypatch):
     attention by one that reads only tensors, as the GPU kernels do): tokens rounded up to a bucket, sequences
     filled to a fixed count, each request's result that of the request alone; the warm-up captures every bucket up
     to `max_tokens`, and then batches of any lengths replay those graphs, capturing nothing."""
-    from f5_triton.engines import torch_engine
+    from f5_triton import solvers
     from f5_triton.model import dit as dit_module
 
     captured = []
@@ -496,12 +571,12 @@ def test_packed_graphs_replay_any_small_batch_exactly(dit, monkeypatch):
             return self.forward(*inputs)
 
     assert not DiTStep(dit).packing_is_data  # the CPU's packed attention loops over `lengths`: the engine graphs none
-    monkeypatch.setattr(torch_engine, "_CapturedGraph", Replay)
+    monkeypatch.setattr(solvers, "CapturedGraph", Replay)
     monkeypatch.setattr(dit_module, "packed_attention", _tensor_only_attention)
     engine = TorchEngine(DiTStep(dit), DIT_STEP)
-    solver = engine.solver = torch_engine.GraphedSolver(engine._forward, (64, 128), 3, pool=None,
-                                                        lock=__import__("threading").Lock(), max_rows=2,
-                                                        max_tokens=2048)
+    solver = engine.solver = solvers.GraphedSolver(engine._forward, (64, 128), 3, pool=None,
+                                                   lock=__import__("threading").Lock(), max_rows=2,
+                                                   max_tokens=2048)
     runner = DiTRunner(dit, engine)
     # packed buckets 2048 and 1024 (largest first), 3 steps a replay (about one request's graph of work) and the
     # remainder 1 of 7 steps
@@ -575,10 +650,10 @@ def test_packed_graphs_match_the_packed_step_on_gpu(compile_):
     graphed = make_dit_runner(model, EngineConfig(**settings, graph_max_tokens=2048))
     plain = make_dit_runner(model, EngineConfig(**settings))
     made = graphed.cover_shapes(max_requests=1, max_frames=128, nfe_steps=8)
-    assert made == len(graphed.solve.graphs) and ("packed", 2048, 3, True) in graphed.solve.graphs
+    assert made == len(graphed.solver.graphs) and ("packed", 2048, 3, True) in graphed.solver.graphs
     for durations, cfg, steps in [((100, 80, 61), 2.0, 8), ((90, 33, 120, 7), 2.0, 8), ((300, 290), 2.0, 8)]:
         got = sample_case(graphed, durations, cfg, steps).float()
         expected = sample_case(plain, durations, cfg, steps).float()
         for row, n in enumerate(durations):
             assert (got[row, :n] - expected[row, :n]).abs().max() <= 2e-2 * expected[row, :n].abs().max()
-    assert len(graphed.solve.graphs) == made
+    assert len(graphed.solver.graphs) == made

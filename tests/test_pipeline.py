@@ -99,8 +99,7 @@ def test_warm_up_runs_single_ragged_and_full_batches(tts, monkeypatch):
     """What a server runs before it reports ready: compiles and graph captures happen here, not on requests;
     then the engine covers every other shape up to the frame limit."""
     messages, covered = [], []
-    monkeypatch.setattr(tts.flow_matching.model, "cover_shapes", lambda *args: covered.append(args[:3]) or 0,
-                        raising=False)
+    monkeypatch.setattr(tts.flow_matching.model, "cover_shapes", lambda *args: covered.append(args[:3]) or 0)
     mels = tts.flow_matching.warm_up(4, nfe_steps=2, longest=96, log=messages.append, max_frames=512)
     assert [m.split(":")[0] for m in messages] == [f"warm-up batch {i}/4" for i in range(1, 5)] + ["warm-up"]
     assert covered == [(4, 512, 2)]

@@ -16,6 +16,16 @@ def model():
     return random_dit(ARCHITECTURES["tiny"], seed=0)
 
 
+def runner_of(model, step=None, embed_text=None, packs: bool = False) -> sampler.StepModel:
+    """The DiT behind the sampler's contract (`StepModel`) with the test's own `step` or `embed_text` (counting,
+    checking) and its `packs` answer: False, the sampler pads, as for the onnxruntime and TensorRT engines."""
+    runner = SimpleNamespace(config=model.config, solver=None, embed_text=embed_text or model.embed_text,
+                             step=step or model.step, packs=lambda sequences: packs,
+                             cover_shapes=lambda *args, **kwargs: 0)
+    assert isinstance(runner, sampler.StepModel)
+    return runner
+
+
 @pytest.fixture(scope="module")
 def reference(model):
     dit = upstream.load("model.backbones.dit")
@@ -94,16 +104,15 @@ def test_noise_shape_is_checked(model):
 def test_text_embedding_runs_once_per_call(model):
     calls = {"embed": 0, "step": 0}
 
-    class Counting:
-        def embed_text(self, *a, **k):
-            calls["embed"] += 1
-            return model.embed_text(*a, **k)
+    def embed_text(*a, **k):
+        calls["embed"] += 1
+        return model.embed_text(*a, **k)
 
-        def step(self, *a, **k):
-            calls["step"] += 1
-            return model.step(*a, **k)
+    def step(*a, **k):
+        calls["step"] += 1
+        return model.step(*a, **k)
 
-    sampler.sample(Counting(), torch.randn(2, 30, 100), torch.randint(0, 256, (2, 20)), 60, steps=16, seed=0)
+    sampler.sample(runner_of(model, step, embed_text), torch.randn(2, 30, 100), torch.randint(0, 256, (2, 20)), 60, steps=16, seed=0)
     assert calls == {"embed": 2, "step": 16}  # cond + uncond once; one 2B batch per step
 
 
@@ -134,9 +143,7 @@ def test_packed_batches_equal_padded_and_single(model, cfg, durations):
     seeds = [11 + i for i in range(b)]
     kwargs = dict(steps=6, cfg_strength=cfg, seed=seeds, lens=lens)
     packed = sampler.sample(model, cond, text, duration, **kwargs)
-    # the DiT without `packs`: the sampler pads, as for the onnxruntime and TensorRT engines
-    padded = sampler.sample(SimpleNamespace(embed_text=model.embed_text, step=model.step), cond, text, duration,
-                            **kwargs)
+    padded = sampler.sample(runner_of(model), cond, text, duration, **kwargs)  # the DiT, its `packs` False
     for i in range(b):
         n = int(duration[i])
         assert (packed[i, :n] - padded[i, :n]).abs().max() <= 1e-4
@@ -161,7 +168,7 @@ def test_solving_in_segments_ends_where_sample_ends(model, segments, packed):
         seen.append(all(t.is_inference() for t in (x, cond, text_embed, time)))
         return model.step(x, cond, text_embed, time, mask)
 
-    runner = SimpleNamespace(embed_text=model.embed_text, step=step, **({"packs": model.packs} if packed else {}))
+    runner = runner_of(model, step, packs=packed)
     expected = sampler.sample(runner, cond, text, duration, lens=lens, steps=6, seed=seeds)
     solving = sampler.Solving(runner, sampler.prepare(runner, cond, text, duration, lens=lens, steps=6, seed=seeds))
     calls = []

@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
 
+from f5_triton.config import DiTConfig
 from f5_triton.engines.base import (
     DIT_INPUTS,
     DIT_OUTPUTS,
@@ -42,6 +44,7 @@ from f5_triton.engines.base import (
 from f5_triton.engines.networks import DiTStep, VocoderNetwork, as_network
 from f5_triton.engines.torch_engine import TorchEngine
 from f5_triton.model.packing import Packing
+from f5_triton.solvers import Solver
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +88,11 @@ def load_engine(config: EngineConfig, torch_module: nn.Module) -> Engine:
 
 
 class DiTRunner:
-    """A DiT whose per-step network runs in an engine; usable wherever the DiT is (sampler, TTS).
+    """A DiT whose per-step network runs in an engine; usable wherever the DiT is (a `sampler.StepModel`).
 
-    `embed_text` runs once per request in torch, from the model; `step` goes through the engine.
+    `embed_text` runs once per request in torch, from the model; `step` goes through the engine, and so do
+    `solver`, `packs` and `cover_shapes` (the `Engine` interface's: an exported graph's engine has no solver,
+    takes padded batches and has no shapes to prepare).
     """
 
     def __init__(self, model: nn.Module, step_engine: Engine):
@@ -101,23 +106,26 @@ class DiTRunner:
         return self.engine.kind
 
     @property
-    def solve(self):
-        """The engine's own ODE loop (`sampler.euler_solve`'s contract), or None: the sampler loops over `step`."""
-        return getattr(self.engine, "solver", None)
+    def config(self) -> DiTConfig:
+        """The DiT's architecture (its text vocabulary, dimensions)."""
+        return self.model.config
+
+    @property
+    def solver(self) -> Solver | None:
+        """The engine's own ODE integration (the torch engine's CUDA graphs), or None: the sampler loops over `step`."""
+        return self.engine.solver
 
     def packs(self, sequences: int) -> bool:
-        """Whether the sampler should pack a batch of `sequences` (`sampler.sample`): as the engine says (the torch
+        """Whether the sampler should pack a batch of `sequences` (`sampler.Solving`): as the engine says (the torch
         engine: batches no CUDA graph covers); engines of exported graphs take padded batches."""
-        packs = getattr(self.engine, "packs", None)
-        return packs is not None and packs(sequences)
+        return self.engine.packs(sequences)
 
-    def cover_shapes(self, max_requests: int, max_frames: int, nfe_steps: int, log=None) -> int:
+    def cover_shapes(self, max_requests: int, max_frames: int, nfe_steps: int,
+                     log: Callable[[str], None] | None = None) -> int:
         """Have the engine prepare every shape a server of up to `max_requests` requests per batch and `max_frames`
         frames meets (the torch engine: all its CUDA graphs; `TorchEngine.cover_shapes`); returns how many it made."""
-        cover = getattr(self.engine, "cover_shapes", None)
-        if cover is None:
-            return 0
-        return cover(2 * max_requests, max_frames, nfe_steps, self.model.mel_dim, self.model.config.text_dim, log)
+        return self.engine.cover_shapes(2 * max_requests, max_frames, nfe_steps, self.model.mel_dim,
+                                        self.model.config.text_dim, log)
 
     def embed_text(self, text: torch.Tensor, seq_lens: torch.Tensor, max_len: int, drop_text: bool = False):
         return self.model.embed_text(text, seq_lens, max_len, drop_text=drop_text)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 from f5_triton.config import CUDA_GRAPH_FRAME_BUCKETS, DTYPES, HOP_LENGTH, parse_bool
+from f5_triton.solvers import Solver
 
 ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
 ENGINE_ALIASES = {"pytorch": "torch", "trt": "tensorrt"}  # upstream benchmark.py's --backend-type names
@@ -257,13 +258,30 @@ class EngineConfig:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Runs one network: `engine(*inputs)` with `spec.input_names` in order -> the output tensor."""
+    """Runs one network: `engine(*inputs)` with `spec.input_names` in order -> the output tensor.
+
+    For the DiT step an engine also says how the sampler should use it (`DiTRunner` passes these on as its
+    `sampler.StepModel`): `solver`, its own ODE integration or None (the sampler loops over the step); `packs`,
+    whether a batch of so many sequences goes packed; `cover_shapes`, preparing every shape a server meets. The
+    defaults are an engine of an exported graph's: no solver, padded batches, nothing to prepare.
+    """
 
     kind: str
     spec: NetworkSpec
     device: torch.device
+    solver: Solver | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def packs(self, sequences: int) -> bool:
+        """Whether a DiT step over `sequences` sequences should run packed (a `Packing` in place of the mask)."""
+        return False
+
+    def cover_shapes(self, max_rows: int, max_frames: int, total_steps: int, mel_dim: int, text_dim: int,
+                     log: Callable[[str], None] | None = None) -> int:
+        """Prepare now every shape that solves of up to `max_rows` rows, `max_frames` frames and `total_steps` ODE
+        steps can meet; returns how many were made."""
+        return 0
 
 
 def require_file(config: EngineConfig, spec: NetworkSpec, suffix: str) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from f5_triton.engines.base import EngineConfig, EngineUnavailable, NetworkSpec, require_file
+from f5_triton.engines.base import Engine, EngineConfig, EngineUnavailable, NetworkSpec, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _provider_name(provider) -> str:
     return provider[0] if isinstance(provider, (tuple, list)) else provider
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(Engine):
     """One network's .onnx file in onnxruntime; raises EngineUnavailable when it cannot run here."""
 
     kind = "onnxruntime"

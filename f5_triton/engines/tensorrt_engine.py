@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from f5_triton.engines.base import EngineConfig, EngineUnavailable, NetworkSpec, ShapeOutOfRange, require_file
+from f5_triton.engines.base import Engine, EngineConfig, EngineUnavailable, NetworkSpec, ShapeOutOfRange, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _torch_dtypes(trt) -> dict:
     return {getattr(trt, name): dtype for name, dtype in names.items() if hasattr(trt, name)}
 
 
-class TensorRTEngine:
+class TensorRTEngine(Engine):
     """One network's TensorRT plan; raises EngineUnavailable when it cannot be loaded here."""
 
     kind = "tensorrt"

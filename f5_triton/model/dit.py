@@ -536,9 +536,17 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(dim, mel_dim)
         self.kernels = Kernels()  # the plain path until `optimize_for` chooses the device's
 
+    # What the sampler asks of the model it runs (`sampler.StepModel`), answered for this eager module: no solver
+    # of its own (the sampler loops its Euler steps over `step`), every batch packed, no CUDA graphs to prepare.
+    solver = None
+
     def packs(self, sequences: int) -> bool:
         """Whether a step over `sequences` sequences should run packed (the sampler asks): always."""
         return True
+
+    def cover_shapes(self, max_requests: int, max_frames: int, nfe_steps: int, log=None) -> int:
+        """The shapes prepared ahead of a server's requests (`FlowMatcher.warm_up`): none, eager needs none."""
+        return 0
 
     @classmethod
     def from_config(cls, config: DiTConfig) -> "DiT":

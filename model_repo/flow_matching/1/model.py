@@ -42,8 +42,8 @@ class TritonPythonModel(triton_io.Adapter):
         self.vocoder = self.factories.load_flow_vocoder(settings, device)  # None: postprocess calls the `vocoder` model
         self.factories.warm_up(settings, self.flow_matching, self.vocoder, name=self.name)
         self.limits = settings.limits
-        dit = getattr(self.flow_matching.model, "model", self.flow_matching.model)  # engine runners wrap the DiT
-        self.vocab_size = dit.config.text_num_embeds  # read from the loaded model, not the vocab file again
+        # read from the loaded model (the DiT, or an engine runner: `sampler.StepModel.config`), not the vocab file
+        self.vocab_size = self.flow_matching.model.config.text_num_embeds
         self.output_cache = cache_from_config(settings.caches, "output", cache_observer(self.name, "output"))
 
     def execute(self, requests):
