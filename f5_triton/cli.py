@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from f5_triton.build import BuildError
-from f5_triton.config import DEFAULT_LIMITS, DTYPES
+from f5_triton.config import DEFAULT_LIMITS, DEFAULT_SERVER, DTYPES, ServerConfig
 from f5_triton.errors import CheckpointError, InvalidInputError
+from f5_triton.flags import add_flags, flags_values, setting_flags
 from f5_triton.model_paths import add_model_args, resolve_model_paths
 from f5_triton.supervisor.errors import TritonServerError
 
@@ -58,24 +59,24 @@ def cmd_serve(args) -> int:
     repo = Path(args.model_repo)
     if not repo.is_dir():
         raise InvalidInputError("--model-repo", f"{repo} is not a folder; render one with scripts/build_model_repo.py")
+    config = ServerConfig(**flags_values(SERVE_FLAGS, args))
     if args.detach:
-        serve_args = ["--model-repo", str(repo), "--host", args.host, "--http-port", str(args.http_port),
-                      "--grpc-port", str(args.grpc_port),
-                      "--metrics-port", str(args.metrics_port), "--log-verbose", str(args.log_verbose),
-                      "--ready-timeout", str(args.ready_timeout)]
+        serve_args = ["--model-repo", str(repo)]
+        for flag in SERVE_FLAGS:
+            serve_args += flag.arguments(getattr(config, flag.option))
         for flag, value in (("--log-file", args.log_file), ("--pid-file", args.pid_file)):
             if value:
                 serve_args += [flag, str(value)]
-        pid = detach(serve_args, Path(args.detach), args.ready_timeout)
+        pid = detach(serve_args, Path(args.detach), config.ready_timeout_seconds)
         print(f"f5-triton: server ready in the background (pid {pid}, output in {args.detach})")
         return 0
     pid_file = PidFile(args.pid_file) if args.pid_file else None
     if pid_file is not None:
         pid_file.write()
     try:
-        server = TritonServer(repo, bind_address=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, log_verbose=args.log_verbose, log_path=args.log_file)
-        return run_forever(server, ready_timeout=args.ready_timeout)
+        server = TritonServer(repo, bind_address=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
+                              metrics_port=config.metrics_port, log_verbose=config.log_verbose, log_path=args.log_file)
+        return run_forever(server, ready_timeout=config.ready_timeout_seconds)
     finally:
         if pid_file is not None:
             pid_file.remove(only_pid=os.getpid())
@@ -100,19 +101,25 @@ def cmd_status(args) -> int:
 
 
 GATEWAY_KEY_ENV = "F5_TRITON_GATEWAY_KEY"
-#: The address tritonserver listens on, for run.sh, `f5-triton serve`, the image, compose and the K8s manifests.
-HOST_ENV = "F5_TRITON_HOST"
+#: `f5-triton serve`'s flags, each a setting of `config.ServerConfig` with its environment name (HTTP_PORT, ...).
+SERVE_FLAGS = setting_flags(ServerConfig)
+GRPC_PORT_ENV = next(flag.env for flag in SERVE_FLAGS if flag.option == "grpc_port")
 
 
 def cmd_gateway(args) -> int:
     try:
         import uvicorn
 
+        from f5_triton.client import default_url
         from f5_triton.gateway import GatewayConfig, create_app
     except ImportError as exc:
         raise InvalidInputError("gateway", f"needs the gateway extra ({exc.name} is missing): "
                                 "pip install 'f5-triton[gateway]'") from None
-    config = GatewayConfig(triton_url=args.triton_url, voices_dir=Path(args.voices), model=args.model,
+    try:
+        triton_url = args.triton_url or default_url("grpc")
+    except ValueError as exc:  # GRPC_PORT is not a port
+        raise InvalidInputError("--triton-url", str(exc)) from None
+    config = GatewayConfig(triton_url=triton_url, voices_dir=Path(args.voices), model=args.model,
                            streaming_model=args.streaming_model, timeout=args.timeout,
                            allow_upload=not args.no_upload, api_key=os.environ.get(GATEWAY_KEY_ENV) or None)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
@@ -121,21 +128,12 @@ def cmd_gateway(args) -> int:
 
 def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     """serve (tritonserver on a model repository) and gateway (the OpenAI-style speech API in front of it)."""
-    from f5_triton.client import default_url
-
     defaults = argparse.ArgumentDefaultsHelpFormatter
     serve = sub.add_parser("serve", help="start tritonserver on a model repository and wait until ready",
                            formatter_class=defaults)
     serve.add_argument("--model-repo", required=True, help="repository rendered by scripts/build_model_repo.py")
-    serve.add_argument("--host", default=os.environ.get(HOST_ENV) or "127.0.0.1",
-                       help=f"address the HTTP, gRPC and metrics ports listen on; 0.0.0.0: all interfaces (then set "
-                       f"F5_TRITON_ADMIN_KEY, see README). {HOST_ENV} sets it too")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    add_flags(serve, SERVE_FLAGS, os.environ)
     serve.add_argument("--log-file", help="tritonserver log, appended to (default: a new temporary file)")
-    serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for all models")
     serve.add_argument("--pid-file", help="write this process's pid there while it runs (for f5-triton stop)")
     serve.add_argument("--detach", metavar="LOG", help="run in the background, in a session of its own, its output "
                        "appended to LOG; return once the server is ready")
@@ -155,8 +153,8 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
                              formatter_class=defaults,
                              description=f"The OpenAI-style speech API and a page to try voices at http://HOST:PORT/. "
                              f"Set {GATEWAY_KEY_ENV} to require that API key (Bearer).")
-    gateway.add_argument("--triton-url", default=default_url("grpc"),
-                         help="gRPC host:port of tritonserver (GRPC_PORT sets the port)")
+    gateway.add_argument("--triton-url", help=f"gRPC host:port of tritonserver; None: localhost, port "
+                         f"${GRPC_PORT_ENV} or {DEFAULT_SERVER.grpc_port}")
     gateway.add_argument("--voices", default="voices",
                          help="folder of <name>.wav + <name>.txt reference voices (made if missing; uploads go there)")
     gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")

@@ -26,7 +26,8 @@ from types import ModuleType
 
 import numpy as np
 
-from f5_triton.config import DEFAULT_SAMPLING, SAMPLE_RATE, parse_bool
+from f5_triton.config import DEFAULT_SAMPLING, DEFAULT_SERVER, SAMPLE_RATE, parse_bool
+from f5_triton.flags import environment_setting
 from f5_triton.request import INPUTS, MODEL, STREAM_OUTPUTS, STREAMING_MODEL
 
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_STRING": object}
@@ -249,15 +250,14 @@ def server_message(exc: Exception) -> str:
 
 
 def default_url(protocol: str) -> str:
-    """localhost and the port run.sh serves on: HTTP_PORT (8000) or GRPC_PORT (8001)."""
-    if protocol == "http":
-        return f"localhost:{os.environ.get('HTTP_PORT') or 8000}"
-    return f"localhost:{os.environ.get('GRPC_PORT') or 8001}"
+    """localhost and the port run.sh and `f5-triton serve` serve on (`config.ServerConfig`): HTTP_PORT or GRPC_PORT
+    where set, else 8000 or 8001."""
+    return f"localhost:{environment_setting(DEFAULT_SERVER, f'{protocol}_port', os.environ)}"
 
 
 def default_metrics_url(host: str = "localhost") -> str:
-    """Triton's Prometheus endpoint on `host` at the port run.sh serves it on: METRICS_PORT (8002)."""
-    return f"http://{host}:{os.environ.get('METRICS_PORT') or 8002}/metrics"
+    """Triton's Prometheus endpoint on `host` at the port run.sh serves it on: METRICS_PORT, else 8002."""
+    return f"http://{host}:{environment_setting(DEFAULT_SERVER, 'metrics_port', os.environ)}/metrics"
 
 
 def add_request_args(parser: argparse.ArgumentParser, url: str, streaming: bool = False) -> None:
@@ -293,7 +293,11 @@ def run_client(protocol: str, argv: list[str] | None = None) -> int:
     prog = f"client_{protocol}.py"
     parser = argparse.ArgumentParser(prog=prog, description=f"Speak a text in the voice of a reference clip, "
                                      f"through Triton over {protocol.upper()}.")
-    add_request_args(parser, default_url(protocol), streaming=protocol == "grpc")
+    try:
+        url = default_url(protocol)
+    except ValueError as exc:  # HTTP_PORT or GRPC_PORT is not a port
+        parser.error(str(exc))
+    add_request_args(parser, url, streaming=protocol == "grpc")
     if protocol == "grpc":
         parser.add_argument("--streaming", action="store_true",
                             help=f"stream from {STREAMING_MODEL}; reports the time to first audio")

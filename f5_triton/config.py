@@ -77,7 +77,8 @@ def setting(default, help: str, **meta):
     `CacheConfig`, and `repository.RepositoryOptions`) declare their fields with it; `repository` turns each into a
     command-line flag, an environment name and a field of the models' serving document, which they read back once at
     load (`load_serving_document`). Further `meta`: `flag` (the flag's name when not the field's; None: no flag of its own),
-    `choices`, `required`, `environ` (False: not read from the environment)."""
+    `choices`, `required`, `environ` (the environment name that sets it; False: none; default: the flags' prefix and
+    the flag's name, as `F5_REPO_<FLAG>`: `flags.environment_name`)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -168,6 +169,23 @@ class CacheConfig:
     output_cache_mb: float = setting(128.0, "output cache size limit in MiB")
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how `f5-triton serve` runs tritonserver (`flags.setting_flags` makes its flags); the clients, the
+    gateway and run.sh, compose and the K8s manifests use these ports and environment names too."""
+
+    host: str = setting("127.0.0.1", (
+        "address the HTTP, gRPC and metrics ports listen on; 0.0.0.0: all interfaces (then set F5_TRITON_ADMIN_KEY, "
+        "see README)"), environ="F5_TRITON_HOST")
+    http_port: int = setting(8000, "HTTP (KServe v2) port", environ="HTTP_PORT")
+    grpc_port: int = setting(8001, "gRPC (KServe v2) port", environ="GRPC_PORT")
+    metrics_port: int = setting(8002, "Prometheus metrics port", environ="METRICS_PORT")
+    log_verbose: int = setting(0, "tritonserver --log-verbose level")
+    ready_timeout_seconds: float = setting(600.0, "seconds to wait for all models", flag="ready_timeout",
+                                           environ="READY_TIMEOUT")
+
+
+DEFAULT_SERVER = ServerConfig()
 DEFAULT_PACING = PacingConfig()
 DEFAULT_STREAMING = StreamingConfig()
 DEFAULT_SCHEDULER = SchedulerConfig()

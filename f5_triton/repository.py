@@ -35,8 +35,8 @@ from typing import Any
 
 from f5_triton.config import (DEFAULT_CACHES, DEFAULT_LIMITS, DEFAULT_PACING, DEFAULT_SAMPLING, DEFAULT_SCHEDULER,
                               DEFAULT_STREAMING, DTYPES, N_MELS, SERVING_DOCUMENT, Limits, PlacementConfig,
-                              WarmupConfig, WeightsConfig, parse_bool, serving_document, serving_section, setting,
-                              settings_from)
+                              WarmupConfig, WeightsConfig, serving_document, serving_section, setting, settings_from)
+from f5_triton.flags import Flag, add_flags, environment_name, field_flag, flag_kwargs
 from f5_triton.request import INPUTS, MODEL, OUTPUTS, STREAM_OUTPUTS, STREAMING_MODEL, WireField
 from f5_triton.serving.wire import JOB_FIELDS, MEL_FIELDS, WAVE_FIELDS
 
@@ -188,37 +188,11 @@ def options_type(sections: tuple[Section, ...] = SECTIONS) -> type:
 RepositoryOptions = options_type()
 
 
-@dataclass(frozen=True)
-class Flag:
-    """One command-line flag of a repository option (`part`: the section field or limit it sets, if any)."""
-
-    option: str
-    part: str | None
-    dest: str
-    kwargs: dict
-    environ: bool = True  # also read from the environment (`F5_REPO_<FLAG>`)
-
-    @property
-    def name(self) -> str:
-        return "--" + self.dest.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return "F5_REPO_" + self.dest.upper()
+REPOSITORY_ENV_PREFIX = "F5_REPO_"  # a repository option's environment name: F5_REPO_<FLAG>
 
 
-_KINDS = {"int": int, "float": float, "str": str, "Path": Path}
-
-
-def _flag_kwargs(kind: str | type, default, meta) -> dict:
-    kind = (kind if isinstance(kind, str) else kind.__name__).removesuffix(" | None")
-    kwargs = {"default": list(default) if isinstance(default, list) else default, "help": meta["help"]}
-    kwargs.update((key, meta[key]) for key in ("choices", "required") if key in meta)
-    if kind == "bool":
-        return {**kwargs, "action": argparse.BooleanOptionalAction}
-    if kind == "list[int]":
-        return {**kwargs, "type": lambda text: [int(x) for x in text.split(",")]}
-    return {**kwargs, "type": _KINDS[kind]}
+def _flag(option: str, part: str | None, dest: str, kwargs: dict) -> Flag:
+    return Flag(option, part, dest, kwargs, environment_name({}, dest, REPOSITORY_ENV_PREFIX))
 
 
 def _help(f: dataclasses.Field, section: Section | None) -> str:
@@ -238,27 +212,23 @@ def repository_flags(options: type = None) -> list[Flag]:
         meta = f.metadata
         section = meta.get("section")
         if section is not None and section.nested:
-            flags += [Flag(f.name, part.name, section.flag_prefix + part.name,
-                           _flag_kwargs(part.type, part.default, {**part.metadata, "help": _help(part, section)}))
+            flags += [_flag(f.name, part.name, section.flag_prefix + part.name,
+                            flag_kwargs(part.type, part.default, {**part.metadata, "help": _help(part, section)}))
                       for part in dataclasses.fields(section.defaults)]
         elif f.name == "limits":
-            flags += [Flag(f.name, part.name, meta["flag"] + part.name,
-                           {"help": f"requests' {part.name} (config.Limits; default {part.default})",
-                            "type": _KINDS[part.type]})
+            flags += [_flag(f.name, part.name, meta["flag"] + part.name,
+                            flag_kwargs(part.type, None, {"help": f"requests' {part.name} (config.Limits; default "
+                                                                  f"{part.default})"}))
                       for part in dataclasses.fields(Limits)]
-        elif meta.get("flag", f.name) is not None:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            flags.append(Flag(f.name, None, meta.get("flag", f.name),
-                              _flag_kwargs(f.type, default, {**meta, "help": _help(f, section)}),
-                              environ=meta.get("environ", True)))
-    return flags
+        else:
+            flags.append(field_flag(f, _help(f, section), REPOSITORY_ENV_PREFIX))
+    return [flag for flag in flags if flag is not None]
 
 
 def add_repository_arguments(parser: argparse.ArgumentParser, options: type = None) -> None:
     """The options of a rendered repository as command-line arguments (scripts/build_model_repo.py,
     `f5-triton build repository`); :func:`options_from_args` turns them into :class:`RepositoryOptions`."""
-    for flag in repository_flags(options):
-        parser.add_argument(flag.name, dest=flag.dest, **flag.kwargs)
+    add_flags(parser, repository_flags(options))
 
 
 def options_from_args(args: argparse.Namespace, ckpt: Path, vocab: Path, vocoder: Path,
@@ -285,16 +255,10 @@ def environment_arguments(environ: Mapping[str, str], options: type = None) -> l
     F5_REPO_WARMUP=false): what run.sh, compose and the K8s manifests pass to `f5-triton build repository`."""
     args = []
     for flag in repository_flags(options):
-        value = environ.get(flag.env, "") if flag.environ else ""
-        if value == "":
-            continue
-        if flag.kwargs.get("action") is argparse.BooleanOptionalAction:
-            try:
-                args.append(flag.name if parse_bool(value) else "--no-" + flag.name[2:])
-            except ValueError:
-                raise ValueError(f"{flag.env} must be true or false (1/yes/on or 0/no/off), got {value!r}") from None
-        else:
-            args += [flag.name, value]
+        value = environ.get(flag.env, "") if flag.env else ""
+        if value != "":
+            flag.parse(value)  # a ValueError naming F5_REPO_<FLAG> and what it must be
+            args += flag.arguments(value)
     return args
 
 

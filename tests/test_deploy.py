@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from f5_triton.config import DEFAULT_SERVER
+
 jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,9 @@ K8S_VERSIONS = ("1.29", "1.36")
 # The Kubernetes definitions the KServe schema refers to (see scripts/kserve_schema.py).
 KSERVE_K8S_VERSION = "1.36.0"
 TRITON_HEALTH = {"ready": "/v2/health/ready", "live": "/v2/health/live"}
+# Triton's ports in the image, compose and the manifests: `f5-triton serve`'s defaults (config.ServerConfig).
+SERVER_PORTS = {"http": DEFAULT_SERVER.http_port, "grpc": DEFAULT_SERVER.grpc_port,
+                "metrics": DEFAULT_SERVER.metrics_port}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +211,7 @@ def test_compose_runs_the_whole_product(platform):
         assert all(service["runtime"] == "nvidia" for service in services.values())
 
     tts, gateway = services["tts"], services["gateway"]
-    assert [interpolate(p) for p in tts["ports"]] == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001",
-                                                      "127.0.0.1:8002:8002"]
+    assert [interpolate(p) for p in tts["ports"]] == [f"127.0.0.1:{port}:{port}" for port in SERVER_PORTS.values()]
     assert tts["shm_size"] and tts["command"][0] == "serve"
     assert TRITON_HEALTH["ready"] in " ".join(tts["healthcheck"]["test"])
     cache = [v for v in tts["volumes"] if v["target"] == "/cache"]
@@ -220,7 +224,7 @@ def test_compose_runs_the_whole_product(platform):
                 assert volume["bind"]["create_host_path"] is False, volume
 
     assert gateway["entrypoint"][:2] == ["f5-triton", "gateway"] and "--host" in gateway["entrypoint"]
-    assert gateway["command"] == ["--triton-url", f"tts{suffix}:8001"]
+    assert gateway["command"] == ["--triton-url", f"tts{suffix}:{DEFAULT_SERVER.grpc_port}"]
     assert gateway["depends_on"] == {f"tts{suffix}": {"condition": "service_healthy"}}
     assert gateway["ports"] == ["127.0.0.1:8080:8080"]
     assert "/health" in " ".join(gateway["healthcheck"]["test"])
@@ -403,7 +407,9 @@ def test_deployment_serves_triton_on_a_gpu():
     assert server["readinessProbe"]["httpGet"]["path"] == TRITON_HEALTH["ready"]
     assert server["livenessProbe"]["httpGet"]["path"] == TRITON_HEALTH["live"]
     assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 300
-    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == SERVER_PORTS
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(DEFAULT_SERVER.metrics_port)
     # run.sh stages: the init container prepares (checkpoints, engines, repository), the server serves
     assert prepare["args"] == ["0", "3"] and server["args"] == ["4", "4"]
 
@@ -420,7 +426,7 @@ def test_deployment_serves_triton_on_a_gpu():
     assert pod["securityContext"]["runAsNonRoot"] is True
 
     ports = {p["name"]: p["port"] for p in one(docs, "Service")["spec"]["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert ports == SERVER_PORTS
 
 
 def adapter_rules() -> list[dict]:
@@ -472,6 +478,10 @@ def test_kserve_inferenceservice():
     assert prepare["args"] == ["0", "3"] and server["args"] == ["4", "4"]
     assert server["readinessProbe"]["httpGet"]["path"] == TRITON_HEALTH["ready"]
     assert server["livenessProbe"]["httpGet"]["path"] == TRITON_HEALTH["live"]
+    assert [p["containerPort"] for p in server["ports"]] == [DEFAULT_SERVER.http_port]  # KServe routes one port
+    assert {server[probe]["httpGet"]["port"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")} == {
+        DEFAULT_SERVER.http_port}
+    assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(DEFAULT_SERVER.metrics_port)
     claim = {v["name"]: v for v in predictor["volumes"]}["cache"]["persistentVolumeClaim"]["claimName"]
     assert claim == one(base_files(), "PersistentVolumeClaim")["metadata"]["name"]
     (metric,) = predictor["autoScaling"]["metrics"]

@@ -1,6 +1,6 @@
 """The layering contract of the package (docs/architecture.md): every import runs downward.
 
-ground (config, errors) → domain (text, audio, model, vocoder, request; solvers, checkpoints and pacing over them)
+ground (config, errors) → flags, domain (text, audio, model, vocoder, request; solvers, checkpoints and pacing over them)
 → sampler, model_paths, engines → export → cache, guards → pipeline → streaming → stream_scheduler → hosts (client, serving,
 supervisor) → repository → gateway, build → cli. Benchmark and soak support (benchmarks/) is outside the package. A module may import its own unit (e.g. serving.* from serving.*) and any unit ranked lower;
 never one ranked the same or higher. A new module must be given its place here.
@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "f5_triton"
 
 RANKS: dict[str, int] = {
     "f5_triton": 0, "f5_triton.config": 0, "f5_triton.errors": 0,
-    "f5_triton.text": 1, "f5_triton.audio": 1, "f5_triton.model": 1, "f5_triton.vocoder": 1,
+    "f5_triton.flags": 1, "f5_triton.text": 1, "f5_triton.audio": 1, "f5_triton.model": 1, "f5_triton.vocoder": 1,
     "f5_triton.request": 1,
     "f5_triton.solvers": 2, "f5_triton.checkpoints": 2, "f5_triton.pacing": 2,
     "f5_triton.sampler": 3, "f5_triton.engines": 3, "f5_triton.model_paths": 3,

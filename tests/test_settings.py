@@ -7,13 +7,17 @@ import argparse
 import ast
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from conftest import rendered_document, rendered_settings
-from f5_triton.config import (DEFAULT_CACHES, DEFAULT_LIMITS, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, DEFAULT_STREAMING,
-                              SchedulerConfig, ServingSettings, setting)
+from f5_triton.config import (DEFAULT_CACHES, DEFAULT_LIMITS, DEFAULT_SAMPLING, DEFAULT_SCHEDULER, DEFAULT_SERVER,
+                              DEFAULT_STREAMING, SchedulerConfig, ServerConfig, ServingSettings, setting)
+from f5_triton.cli import SERVE_FLAGS, build_parser
+from f5_triton.client import default_url
+from f5_triton.flags import flags_values
 from f5_triton.model_paths import add_model_args, resolve_model_paths
 from f5_triton.request import STREAMING_MODEL
 from f5_triton.repository import (SECTIONS, RepositoryOptions, Section, add_repository_arguments,
@@ -74,6 +78,8 @@ def test_every_option_is_a_flag_and_an_environment_name(tiny_ckpt):
         "cpu", 16, -0.5, 4)
     with pytest.raises(ValueError, match="F5_REPO_FLOW_STANDBY must be true or false"):
         environment_arguments({"F5_REPO_FLOW_STANDBY": "maybe"})
+    with pytest.raises(ValueError, match="F5_REPO_NFE must be an integer, got '1x'"):
+        environment_arguments({"F5_REPO_NFE": "1x"})
 
 
 def test_target_defaults_apply_only_where_unset(tiny_ckpt):
@@ -98,16 +104,20 @@ DELIBERATE = {
     ("f5_triton/engines/base.py", "graph_max_tokens"): "an engine's own default: packed graphs off in process",
     ("f5_triton/engines/base.py", "graph_steps"): "an engine's own default",
     ("f5_triton/gateway/app.py", "speed"): "the OpenAI speech API's published default",
+    ("f5_triton/cli.py", "host"): "the gateway's own listen address, not Triton's",
+    ("f5_triton/client.py", "host"): "the host a client reads the metrics of, not the address Triton listens on",
+    ("f5_triton/supervisor/server.py", "ready_timeout"): "`with TritonServer(...)`'s own wait (tests, soak)",
 }
-CONFIGURATION = {type(d).__name__ for d in (DEFAULT_SAMPLING, DEFAULT_LIMITS, DEFAULT_STREAMING, DEFAULT_SCHEDULER,
-                                            DEFAULT_CACHES)}
+SECTION_DEFAULTS = (DEFAULT_SAMPLING, DEFAULT_LIMITS, DEFAULT_STREAMING, DEFAULT_SCHEDULER, DEFAULT_CACHES,
+                    DEFAULT_SERVER)
+CONFIGURATION = {type(d).__name__ for d in SECTION_DEFAULTS}
 
 
 def known_settings() -> set[str]:
     names = set(ALIASES)
-    for defaults in (DEFAULT_SAMPLING, DEFAULT_LIMITS, DEFAULT_STREAMING, DEFAULT_SCHEDULER, DEFAULT_CACHES):
+    for defaults in SECTION_DEFAULTS:
         names |= {f.name for f in dataclasses.fields(defaults)}
-    for flag in repository_flags():
+    for flag in [*repository_flags(), *SERVE_FLAGS]:
         if isinstance(flag.kwargs.get("default"), (int, float, str)) and not isinstance(flag.kwargs["default"], bool):
             names |= {flag.dest, flag.option}
     return names
@@ -157,3 +167,82 @@ def test_the_stream_schedulers_own_defaults_are_the_configurations():
     signature = inspect.signature(StreamScheduler)
     assert {f.name: signature.parameters[f.name].default for f in dataclasses.fields(DEFAULT_SCHEDULER)} == \
         dataclasses.asdict(DEFAULT_SCHEDULER)
+
+
+# --------------------------------------------------------------------------------------------- f5-triton serve
+
+SERVE_ENVIRONMENT = [flag.env for flag in SERVE_FLAGS if flag.env]
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["serve"]
+
+
+def test_serve_has_the_server_configurations_flags_with_the_defaults_it_had(monkeypatch):
+    for name in SERVE_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    assert SERVE_ENVIRONMENT == ["F5_TRITON_HOST", "HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "READY_TIMEOUT"]
+    options = [a.option_strings[0] for a in serve_parser()._actions]
+    # the flags and defaults `f5-triton serve` had before they were generated from config.ServerConfig
+    assert sorted(options) == sorted(["-h", "--model-repo", "--host", "--http-port", "--grpc-port", "--metrics-port",
+                                      "--log-verbose", "--log-file", "--ready-timeout", "--pid-file", "--detach"])
+    args = build_parser().parse_args(["serve", "--model-repo", "repo"])
+    assert {k: v for k, v in vars(args).items() if k != "func"} == {
+        "command": "serve", "model_repo": "repo", "host": "127.0.0.1", "http_port": 8000, "grpc_port": 8001,
+        "metrics_port": 8002, "log_verbose": 0, "log_file": None, "ready_timeout": 600.0, "pid_file": None,
+        "detach": None}
+    assert ServerConfig(**flags_values(SERVE_FLAGS, args)) == DEFAULT_SERVER
+    assert default_url("http") == "localhost:8000" and default_url("grpc") == "localhost:8001"
+
+
+def test_an_environment_name_sets_a_serve_flag_and_the_command_line_wins(monkeypatch, capsys):
+    monkeypatch.setenv("HTTP_PORT", "18000")
+    monkeypatch.setenv("F5_TRITON_HOST", "0.0.0.0")
+    monkeypatch.setenv("READY_TIMEOUT", "30")
+    monkeypatch.delenv("GRPC_PORT", raising=False)
+    args = build_parser().parse_args(["serve", "--model-repo", "repo"])
+    assert (args.http_port, args.host, args.ready_timeout, args.grpc_port) == (18000, "0.0.0.0", 30.0, 8001)
+    assert build_parser().parse_args(["serve", "--model-repo", "repo", "--http-port", "9000"]).http_port == 9000
+    assert default_url("http") == "localhost:18000"  # the clients' default follows the same name
+    assert "(HTTP_PORT sets it too) (default: 18000)" in " ".join(serve_parser().format_help().split())
+
+    monkeypatch.setenv("HTTP_PORT", "80a0")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model-repo", "repo"])
+    assert "argument --http-port: HTTP_PORT must be an integer, got '80a0'" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--model-repo", "repo", "--http-port", "1"]).http_port == 1
+    assert build_parser().parse_args(["status", "--pid-file", "p"]).pid_file == "p"  # other commands are not hurt
+    with pytest.raises(ValueError, match="HTTP_PORT must be an integer, got '80a0'"):
+        default_url("http")
+
+
+def test_a_detached_serve_gets_the_same_settings():
+    """`serve --detach` starts `serve` again with its settings as flags (each flag's `arguments`)."""
+    config = ServerConfig(host="::", http_port=1, grpc_port=2, metrics_port=3, log_verbose=2, ready_timeout_seconds=2.5)
+    argv = [arg for flag in SERVE_FLAGS for arg in flag.arguments(getattr(config, flag.option))]
+    args = build_parser().parse_args(["serve", "--model-repo", "repo", *argv])
+    assert ServerConfig(**flags_values(SERVE_FLAGS, args)) == config
+
+
+def test_shell_and_container_files_default_to_the_server_configuration():
+    """run.sh, the GPU scripts, compose, the image and the K8s manifests write the ports and host in their own
+    languages; each literal is ServerConfig's default (the image's F5_TRITON_HOST=0.0.0.0 is a container's own)."""
+    defaults = {flag.env: flag.kwargs["default"] for flag in SERVE_FLAGS if flag.env}
+    files = [REPO / "run.sh", REPO / "docker-compose.yml", *sorted((REPO / "scripts").glob("*.sh"))]
+    found = {}
+    for path in files:
+        for name, value in re.findall(r"\$\{(\w+):-([^}]*)\}", path.read_text()):
+            if name in defaults:
+                found.setdefault(name, set()).add((path.name, type(defaults[name])(value)))
+    assert {name: {value for _, value in places} for name, places in found.items()} == {
+        name: {default} for name, default in defaults.items()}
+    assert {path for places in found.values() for path, _ in places} >= {"run.sh", "docker-compose.yml"}
+
+    ports = {name: default for name, default in defaults.items() if name.endswith("_PORT")}
+    image = (REPO / "Dockerfile.server").read_text()
+    assert {name: int(value) for name, value in re.findall(r"\b(\w+_PORT)=(\d+)", image) if name in ports} == ports
+    assert {int(p) for p in re.search(r"^EXPOSE (.*)$", image, re.M)[1].split()} >= set(ports.values())
+    compose = (REPO / "docker-compose.yml").read_text()
+    assert {name: int(inside) for name, inside in re.findall(r"\$\{(\w+_PORT):-\d+\}:(\d+)", compose)
+            if name in ports} == ports  # the container's side: the image's ports

@@ -325,17 +325,20 @@ def test_missing_repository_fails_fast_with_log_tail(tmp_path: Path, install: Tr
 @pytest.mark.parametrize("host", [None, "0.0.0.0"])
 def test_serve_listens_where_asked_and_stops_on_sigterm(tmp_path: Path, host: str | None) -> None:
     """`f5-triton serve` binds Triton's ports to 127.0.0.1 unless F5_TRITON_HOST (or --host) says otherwise, its
-    ready line names the real address, and SIGTERM stops it."""
+    ready line names the real address, and SIGTERM stops it. Its ports come from flags, or from the environment
+    names run.sh and the image use (HTTP_PORT, GRPC_PORT, METRICS_PORT)."""
     psutil = pytest.importorskip("psutil")
     (tmp_path / "repo").mkdir()
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    env = {k: v for k, v in os.environ.items() if k != "F5_TRITON_HOST"}
+    env = {k: v for k, v in os.environ.items() if k not in ("F5_TRITON_HOST", "HTTP_PORT", "GRPC_PORT", "METRICS_PORT")}
+    port_flags = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
     if host:
         env["F5_TRITON_HOST"] = host
+        env.update({f"{name.upper()}_PORT": str(port) for name, port in ports.items()})
+        port_flags = []
     pid_file = tmp_path / "server.pid"
     proc = subprocess.Popen([sys.executable, "-m", "f5_triton.cli", "serve", "--model-repo", str(tmp_path / "repo"),
-                             *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))),
-                             "--log-file", str(tmp_path / "tritonserver.log"), "--ready-timeout", "30",
+                             *port_flags, "--log-file", str(tmp_path / "tritonserver.log"), "--ready-timeout", "30",
                              "--pid-file", str(pid_file)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None

@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from f5_triton.config import DEFAULT_SERVER
 from f5_triton.errors import InvalidInputError
 from f5_triton.gateway import errors, formats
 from f5_triton.gateway.backend import TritonBackend
@@ -40,7 +41,7 @@ UPLOAD_FIELDS = {"reference_wav": "audio", "sample_rate": "audio", "reference_te
 
 @dataclass
 class GatewayConfig:
-    triton_url: str = "localhost:8001"  # gRPC host:port
+    triton_url: str = f"localhost:{DEFAULT_SERVER.grpc_port}"  # gRPC host:port
     voices_dir: Path = Path("voices")
     model: str = "f5_tts"
     streaming_model: str = "f5_tts_streaming"

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
+from f5_triton.config import DEFAULT_SERVER
 from f5_triton.supervisor.errors import TritonServerError
 from f5_triton.supervisor.install import TritonInstall, find_tritonserver
 from f5_triton.supervisor.watchdog import StubReplacement, StubWatchdog
@@ -133,10 +134,10 @@ class TritonServer:
     def __init__(
         self,
         model_repo: str | os.PathLike[str],
-        http_port: int = 8000,
-        grpc_port: int = 8001,
-        metrics_port: int = 8002,
-        log_verbose: int = 0,
+        http_port: int = DEFAULT_SERVER.http_port,
+        grpc_port: int = DEFAULT_SERVER.grpc_port,
+        metrics_port: int = DEFAULT_SERVER.metrics_port,
+        log_verbose: int = DEFAULT_SERVER.log_verbose,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         *,
