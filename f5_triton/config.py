@@ -140,10 +140,15 @@ class PacingConfig:
 
 @dataclass(frozen=True)
 class StreamingConfig:
-    """How f5_tts_streaming cuts a text into pieces (`text.StreamingChunker`'s settings)."""
+    """How f5_tts_streaming cuts a text into pieces (`text.StreamingChunker`'s settings) and samples the first one
+    (`streaming.StreamingSynthesizer`)."""
 
     first_chunk_bytes: int = setting(50, (  # as upstream's socket server: about one short sentence
         "UTF-8 bytes of a stream's first text chunk (text.split_for_streaming): shorter, the first audio sooner"))
+    first_chunk_nfe_steps: int = setting(0, (
+        "opt-in, off (0) by default: ODE steps of a stream's first chunk, at most the request's own; at 5, 6, 7, 10 "
+        "or 12 on upstream's EPSS grid. The first audio comes sooner; its quality cannot be judged without the "
+        "published weights (docs/streaming.md)"))
 
 
 @dataclass(frozen=True)

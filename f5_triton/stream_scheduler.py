@@ -183,7 +183,7 @@ class StreamScheduler:
             for piece in cached:
                 sink.piece(piece)
             return
-        prepared = self.stages.preprocess(request)
+        prepared = self.synthesizer.prepare(request)
         with self._changed:
             held = len(self._active) + len(self._waiting)
             if held >= self.max_streams + self.max_queued:

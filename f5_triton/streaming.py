@@ -12,6 +12,7 @@ until the next chunk arrives (`CrossFadeStream`), so that the concatenated piece
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ import numpy as np
 
 from f5_triton import audio
 from f5_triton.cache import LRUCache, request_output_key
-from f5_triton.config import CROSS_FADE_SECONDS, DEFAULT_SAMPLING, SAMPLE_RATE, SamplingConfig
+from f5_triton.config import (CROSS_FADE_SECONDS, DEFAULT_LIMITS, DEFAULT_SAMPLING, DEFAULT_STREAMING, SAMPLE_RATE,
+                              SamplingConfig)
 from f5_triton.guards import check_finite
 from f5_triton.pipeline import Prepared, Stages
 from f5_triton.request import SynthesisRequest, validate_request
@@ -110,16 +112,30 @@ class StreamingSynthesizer:
     """
 
     def __init__(self, stages: Stages, *, cross_fade_seconds: float = CROSS_FADE_SECONDS,
-                 output_cache: LRUCache | None = None):
+                 output_cache: LRUCache | None = None,
+                 first_chunk_nfe_steps: int = DEFAULT_STREAMING.first_chunk_nfe_steps):
+        if not 0 <= first_chunk_nfe_steps <= DEFAULT_LIMITS.max_nfe_steps:
+            raise ValueError(f"first_chunk_nfe_steps must be 0 (off) or 1..{DEFAULT_LIMITS.max_nfe_steps}, "
+                             f"got {first_chunk_nfe_steps}")
         self.stages = stages
         self.cross_fade_seconds = cross_fade_seconds
         self.output_cache = output_cache
+        self.first_chunk_nfe_steps = first_chunk_nfe_steps
+
+    def prepare(self, request: SynthesisRequest) -> Prepared:
+        """`request` preprocessed into its chunks' jobs, the first one on `first_chunk_nfe_steps` steps when set."""
+        prepared = self.stages.preprocess(request)
+        first = prepared.jobs[0] if prepared.jobs else None
+        if first is not None and 0 < self.first_chunk_nfe_steps < first.nfe_steps:
+            prepared.jobs[0] = dataclasses.replace(first, nfe_steps=self.first_chunk_nfe_steps)
+        return prepared
 
     def _output_key(self, request: SynthesisRequest) -> str | None:
         if self.output_cache is None or not self.output_cache.enabled:
             return None
         return request_output_key(request, chunker=self.stages.preprocess.chunker,
-                                  cross_fade_seconds=self.cross_fade_seconds)
+                                  cross_fade_seconds=self.cross_fade_seconds,
+                                  first_chunk_nfe_steps=self.first_chunk_nfe_steps)
 
     def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None) -> Iterator[Piece]:
         """Pieces of `request`'s audio; the last has `is_final`. `on_step(i)` may raise to cancel."""
@@ -128,7 +144,7 @@ class StreamingSynthesizer:
             yield from cached
             return
         stages = self.stages
-        prepared = stages.preprocess(request)
+        prepared = self.prepare(request)
         pieces = PieceMaker(prepared, self.cross_fade_seconds)
         for job in prepared.jobs:
             mel = check_finite(stages.flow_matching([job], on_step=on_step))

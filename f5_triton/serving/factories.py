@@ -54,18 +54,20 @@ def load_flow_matcher(settings: ServingSettings, device: str) -> FlowMatcher:
 
 
 def warm_up(settings: ServingSettings, flow_matcher: FlowMatcher, vocoder: Vocoder | None = None,
-            name: str = "flow_matching") -> float | None:
+            name: str = "flow_matching", also_nfe_steps: tuple[int, ...] = ()) -> float | None:
     """Run the `warmup` section's synthetic batches through flow matching (and `vocoder`), so compiles and graph
     captures happen while the model loads, then (unless `every_shape` is false) every other shape such batches can
-    take up to the frame limit; returns the seconds it took, None when off. Progress goes to the package log
+    take up to the frame limit; again for each of `also_nfe_steps` (other step counts the model runs: their CUDA
+    graphs' segments differ). Returns the seconds it took, None when off. Progress goes to the package log
     (Triton's log inside a server), prefixed with the model's `name`."""
     warmup = settings.warmup
     if warmup.requests <= 0:
         return None
     start = time.perf_counter()
-    mels = flow_matcher.warm_up(warmup.requests, nfe_steps=warmup.nfe_steps,
-                                log=lambda message: logger.info("%s: %s", name, message),
-                                max_frames=settings.limits.max_mel_frames if warmup.every_shape else None)
+    for steps in dict.fromkeys((warmup.nfe_steps, *also_nfe_steps)):
+        mels = flow_matcher.warm_up(warmup.requests, nfe_steps=steps,
+                                    log=lambda message: logger.info("%s: %s", name, message),
+                                    max_frames=settings.limits.max_mel_frames if warmup.every_shape else None)
     if vocoder is not None:
         vocoder(mels)
     seconds = time.perf_counter() - start

@@ -82,9 +82,12 @@ class TritonPythonModel(triton_io.Adapter):
         # one bundle: the synthesizer's and its scheduler's; `execute` validates requests with its limits
         self.stages = Stages(preprocess, factories.load_flow_matcher(settings, device),
                              factories.load_vocoder(settings, device))
-        warmed_up = factories.warm_up(settings, self.stages.flow_matching, self.stages.vocoder, name=model) is not None
-        self.scheduler = StreamScheduler(StreamingSynthesizer(self.stages, output_cache=output_cache),
-                                         **dataclasses.asdict(settings.scheduler), pacing=settings.pacing).start()
+        first_steps = settings.streaming.first_chunk_nfe_steps  # opt-in: first chunks on fewer steps
+        warmed_up = factories.warm_up(settings, self.stages.flow_matching, self.stages.vocoder, name=model,
+                                      also_nfe_steps=(first_steps,) if first_steps else ()) is not None
+        streamer = StreamingSynthesizer(self.stages, output_cache=output_cache, first_chunk_nfe_steps=first_steps)
+        self.scheduler = StreamScheduler(streamer, **dataclasses.asdict(settings.scheduler),
+                                         pacing=settings.pacing).start()
         self.sampling = settings.sampling
         if warmed_up:
             seconds = self.scheduler.warm_up(self.sampling)
