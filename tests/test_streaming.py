@@ -113,15 +113,20 @@ def test_time_to_first_audio_in_process(streamer, ref_wave):
 
 
 def test_streaming_latency_script(tiny_ckpt, ref_en, tmp_path):
+    """The script times the default and the opt-in first chunk on fewer steps in one run, and measures how far the
+    option's audio is from the default's (same seed)."""
     out = tmp_path / "runs.json"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "streaming_latency.py"), "--ckpt-dir", str(tiny_ckpt),
-         "--device", "cpu", "--nfe", "2", "--repeats", "2", "--warmup", "0", "--reference-audio", str(ref_en),
-         "--json", str(out)], capture_output=True, text=True, timeout=300)
+         "--device", "cpu", "--nfe", "2", "--first-chunk-nfe-steps", "1", "--repeats", "2", "--warmup", "0",
+         "--reference-audio", str(ref_en), "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"time to first audio: median [\d.]+ ms", result.stdout), result.stdout
-    runs = json.loads(out.read_text())["runs"]
-    assert len(runs) == 2 and all(0 < r["first_audio_s"] < r["total_s"] and r["audio_s"] > 20 for r in runs)
+    for label in ("default: ", "first chunk on 1 steps: "):
+        assert re.search(label + r"time to first audio: median [\d.]+ ms", result.stdout), result.stdout
+    report = json.loads(out.read_text())
+    for runs in (report["runs"], report["default_runs"]):
+        assert len(runs) == 2 and all(0 < r["first_audio_s"] < r["total_s"] and r["audio_s"] > 20 for r in runs)
+    assert report["first_piece_rel_l2"] > 0.01 and 0 < report["whole_rel_l2"] < report["first_piece_rel_l2"]
 
 
 # --------------------------------------------------------------------------- continuous batching, in process
