@@ -464,23 +464,23 @@ def test_the_scheduler_runs_the_stages_its_synthesizer_was_given(tts, ref_wave):
 
 def test_first_chunk_on_fewer_steps_is_opt_in_and_changes_only_the_first_chunk(streamer, ref_wave):
     """`first_chunk_nfe_steps` (off by default): a stream's first chunk runs on that many steps (upstream's EPSS grid
-    at 7), exactly what the same chunk gives at a request's own 7 steps; every later chunk is the default's, in
+    at 5), exactly what the same chunk gives at a request's own 5 steps; every later chunk is the default's, in
     process and through the scheduler (from the third piece on: the second holds the first chunk's faded tail)."""
     from f5_triton.stream_scheduler import StreamScheduler
 
     assert DEFAULT_STREAMING.first_chunk_nfe_steps == 0 and streamer.first_chunk_nfe_steps == 0
     with pytest.raises(ValueError, match="first_chunk_nfe_steps must be 0 .off. or 1..64, got 65"):
         StreamingSynthesizer(streamer.stages, first_chunk_nfe_steps=65)
-    fast = StreamingSynthesizer(streamer.stages, first_chunk_nfe_steps=7)
-    request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=11, nfe_steps=16)
+    fast = StreamingSynthesizer(streamer.stages, first_chunk_nfe_steps=5)
+    request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=11, nfe_steps=7)
     jobs = fast.prepare(request).jobs
-    assert len(jobs) >= 3 and jobs[0].nfe_steps == 7 and {job.nfe_steps for job in jobs[1:]} == {16}
-    assert [job.nfe_steps for job in streamer.prepare(request).jobs] == [16] * len(jobs)
+    assert len(jobs) >= 3 and jobs[0].nfe_steps == 5 and {job.nfe_steps for job in jobs[1:]} == {7}
+    assert [job.nfe_steps for job in streamer.prepare(request).jobs] == [7] * len(jobs)
     got = [piece.audio for piece in fast.stream(request)]
     default = [piece.audio for piece in streamer.stream(request)]
-    at_seven = [piece.audio for piece in streamer.stream(dataclasses.replace(request, nfe_steps=7))]
-    assert len(got) == len(default) == len(at_seven) == len(jobs)
-    np.testing.assert_array_equal(got[0], at_seven[0])
+    at_five = [piece.audio for piece in streamer.stream(dataclasses.replace(request, nfe_steps=5))]
+    assert len(got) == len(default) == len(at_five) == len(jobs)
+    np.testing.assert_array_equal(got[0], at_five[0])
     for piece, expected in zip(got[2:], default[2:]):
         np.testing.assert_array_equal(piece, expected)
     assert not np.array_equal(got[0], default[0])
