@@ -139,15 +139,13 @@ def synthesize(url: str, wave: np.ndarray, reference_text: str, target_text: str
     deadline = None if timeout is None else time.monotonic() + timeout
     # gRPC bounds each call (client_timeout); tritonclient.http bounds a connection's reads (network_timeout), so an
     # HTTP call is bounded only on a connection made here, and a given HTTP client keeps its own timeouts
-    per_call = protocol == "grpc"
-    own = None
-    if client is None:
-        own = (module.InferenceServerClient(url) if per_call or timeout is None else
-               module.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout))
+    per_call = protocol == "grpc" and deadline is not None
+    bounds = {} if protocol == "grpc" or timeout is None else {"connection_timeout": timeout, "network_timeout": timeout}
+    own = None if client is not None else module.InferenceServerClient(url, **bounds)
     attempt = 0
     try:
         while True:
-            kwargs = {"client_timeout": max(deadline - time.monotonic(), 0.001)} if per_call and deadline is not None else {}
+            kwargs = {"client_timeout": max(deadline - time.monotonic(), 0.001)} if per_call else {}
             try:
                 result = (client or own).infer(model, inputs, outputs=outputs, **kwargs)
                 return result.as_numpy("waveform").reshape(-1)

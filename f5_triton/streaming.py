@@ -125,8 +125,8 @@ class StreamingSynthesizer:
     def prepare(self, request: SynthesisRequest) -> Prepared:
         """`request` preprocessed into its chunks' jobs, the first one on `first_chunk_nfe_steps` steps when set."""
         prepared = self.stages.preprocess(request)
-        first = prepared.jobs[0] if prepared.jobs else None
-        if first is not None and 0 < self.first_chunk_nfe_steps < first.nfe_steps:
+        first = prepared.jobs[0]  # a request has at least one chunk
+        if 0 < self.first_chunk_nfe_steps < first.nfe_steps:
             prepared.jobs[0] = dataclasses.replace(first, nfe_steps=self.first_chunk_nfe_steps)
         return prepared
 
