@@ -64,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="name of this configuration in the report")
     p.add_argument("--output-json", help="append results as JSON lines")
     p.add_argument("--plot", help="PNG of the sweep (batch sizes or concurrencies)")
+    p.add_argument("--chunking-work", action="store_true",
+                   help="no model, no GPU: each set's DiT work whole (as f5_tts cuts texts) against streamed (as "
+                        "f5_tts_streaming does), from the package's preprocessing, and the bound that puts on streamed "
+                        "against whole-response throughput; then exit (default --set: every built-in set)")
     off = p.add_argument_group("offline")
     add_model_args(off)
     off.add_argument("--batch-size", default="1", help="batch size, or a comma list for a sweep")
@@ -102,7 +106,8 @@ def parse_args(argv=None):
                              "ops and the GPU's kernels; it slows the host down): where the GPU idled, printed and "
                              "kept in the row's extra.gpu_idle; with DIR also a Chrome trace per row there (large)")
     args = p.parse_args(argv)
-    args.set = args.set or ("paragraphs" if args.streaming else "uniform")
+    args.set = args.set or (",".join(bench.BUILTIN_SETS) if args.chunking_work
+                            else "paragraphs" if args.streaming else "uniform")
     unknown = set(args.set.split(",")) - set(bench.BUILTIN_SETS)
     if unknown:
         p.error(f"--set: unknown set(s) {sorted(unknown)}; known: {', '.join(bench.BUILTIN_SETS)}")
@@ -411,9 +416,22 @@ def main_open_loop(args, sets: list[str], results: list) -> str:
     return label
 
 
+def main_chunking_work(args, sets: list[str]) -> None:
+    """--chunking-work: the table of `bench.chunking_work` per set."""
+    rows = [(name, *bench.chunking_work(load_items(args, name), args.nfe, args.cfg, vocab=args.vocab))
+            for name in sets]
+    print(bench.format_chunking_table(rows))
+    print("bound: whole / streamed work x streamed / whole audio, by the linear term (tokens x steps), the attention "
+          "term (rows x length^2 x steps) and both as F5TTS_v1_Base's FLOPs: the most streamed throughput can reach "
+          "against whole responses' when the chunks alone differ (same batching, same kernels)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sets = ["dataset"] if args.dataset else args.set.split(",")
+    if args.chunking_work:
+        main_chunking_work(args, sets)
+        return 0
     results = Results(args.output_json)
     if args.request_rate is not None:
         label = main_open_loop(args, sets, results)

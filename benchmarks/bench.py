@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +214,82 @@ def builtin_set(name: str, count: int, ref_audio: str | None = None) -> list[Ite
         items = builtin_items(4, ref_audio)
         return [items[i % len(items)] for i in range(count)]
     raise ValueError(f"unknown built-in set {name!r}; known: {BUILTIN_SETS}")
+
+
+@dataclass(frozen=True)
+class DitWork:
+    """The DiT work of some requests' chunks (jobs), summed: what a chunking costs, whatever the card."""
+
+    requests: int = 0
+    chunks: int = 0
+    tokens: int = 0  # the linear term: Σ over chunks of tokens per ODE step (both guidance rows) × steps
+    attention: int = 0  # the attention term: Σ over chunks of rows × sequence length² × steps
+    flops: float = 0.0  # both terms weighted as in one step of `arch` (`dit_step_flops`), × steps
+    audio_seconds: float = 0.0  # the audio the chunks give, cross-faded as a request's chunks are
+
+    def __add__(self, other: "DitWork") -> "DitWork":
+        return DitWork(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+def dit_work(jobs, arch: str = "F5TTS_v1_Base") -> DitWork:
+    """The DiT work of one request's jobs (`pipeline.Prepared.jobs`): each chunk's sequence is the reference's frames
+    and its own, in both guidance rows, for all its ODE steps (`stream_scheduler.chunk_of`)."""
+    from f5_triton.audio import cross_fade
+    from f5_triton.config import ARCHITECTURES, HOP_LENGTH
+    from f5_triton.stream_scheduler import chunk_of
+
+    config = ARCHITECTURES[arch]
+    tokens = attention = flops = 0
+    for job in jobs:
+        chunk, length = chunk_of(job), job.total_frames
+        rows = chunk.tokens // length
+        tokens += chunk.tokens * chunk.steps
+        attention += rows * length * length * chunk.steps
+        flops += dit_step_flops(config, chunk.tokens, length) * chunk.steps
+    samples = len(cross_fade([np.zeros((job.total_frames - job.ref_frames) * HOP_LENGTH) for job in jobs]))
+    return DitWork(1, len(jobs), tokens, attention, flops, samples / SAMPLE_RATE)
+
+
+def chunking_work(items: list[Item], nfe_steps: int = 16, cfg_strength: float = 2.0, streaming=None,
+                  vocab: str | Path | None = None) -> tuple[DitWork, DitWork]:
+    """(whole, streamed): the DiT work of `items` as the whole-response model cuts them (`text.chunk_text` within
+    the request's max bytes: the preprocess model's `Preprocessor`) and as a stream does (`StreamingSynthesizer.prepare`
+    with a `text.StreamingChunker` of `streaming`, default the served `StreamingConfig`). CPU only, no weights: token
+    counts do not depend on the vocab's contents (an unknown token still counts one), so `vocab` may be omitted."""
+    from f5_triton.config import DEFAULT_STREAMING
+    from f5_triton.pipeline import Preprocessor, Stages
+    from f5_triton.request import validate_request
+    from f5_triton.streaming import StreamingSynthesizer
+    from f5_triton.text import StreamingChunker, Tokenizer
+
+    streaming = streaming or DEFAULT_STREAMING
+    whole = Preprocessor(Tokenizer(vocab) if vocab else Tokenizer.from_tokens([" "]))
+    # only its preprocessing runs: no flow matching or vocoder is needed to cut a text and size its chunks
+    streamer = StreamingSynthesizer(Stages(whole.chunked_by(StreamingChunker(streaming)), None, None),
+                                    first_chunk_nfe_steps=streaming.first_chunk_nfe_steps)
+    totals = [DitWork(), DitWork()]
+    for item in items:
+        request = validate_request(item.wave, item.reference_text, item.target_text, sample_rate=item.sample_rate,
+                                   nfe_steps=nfe_steps, cfg_strength=cfg_strength, seed=0)
+        totals[0] += dit_work(whole(request).jobs)
+        totals[1] += dit_work(streamer.prepare(request).jobs)
+    return totals[0], totals[1]
+
+
+def format_chunking_table(rows: list[tuple[str, DitWork, DitWork]]) -> str:
+    """(set, whole, streamed) rows: chunks, each work term, and whole/streamed of each: the most streamed throughput
+    (audio seconds per second) can reach against whole responses' from the chunking alone, audio-normalised (a
+    stream's audio differs a little: its chunks' durations are estimated apart)."""
+    header = ("set", "requests", "chunks whole/streamed", "tokens×steps whole/streamed",
+              "audio s whole/streamed", "bound: linear", "bound: attention", "bound: FLOPs")
+
+    def bound(whole: DitWork, streamed: DitWork, term: str) -> str:
+        return f"{getattr(whole, term) / getattr(streamed, term) * streamed.audio_seconds / whole.audio_seconds:.3f}"
+
+    table = [header] + [(name, str(w.requests), f"{w.chunks} / {s.chunks}", f"{w.tokens:.3e} / {s.tokens:.3e}",
+                         f"{w.audio_seconds:.1f} / {s.audio_seconds:.1f}", bound(w, s, "tokens"),
+                         bound(w, s, "attention"), bound(w, s, "flops")) for name, w, s in rows]
+    return _columns(table)
 
 
 def load_items(path: str | Path) -> list[Item]:

@@ -355,3 +355,44 @@ def test_benchmark_open_loop_through_triton(streaming_server, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "FAILED (t paragraphs, rate inf): InferenceServerException" in captured.err and "no_such_model" in captured.err
     assert "FAILED: 3 request(s) failed (not refused)" in captured.err
+
+
+def test_chunking_work_matches_a_hand_count_of_one_request():
+    """One request chunked by hand with the duration rule (estimate_duration: ref + int(ref / ref bytes x chunk bytes))
+    and its split for streaming (first chunk_bytes 50: the opening sentences up to 50 bytes)."""
+    from f5_triton.config import ARCHITECTURES, CROSS_FADE_SECONDS
+
+    t = np.arange(3 * 24000) / 24000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)  # no silence: clipping only appends 50 ms (1198)
+    item = bench.Item(tone, 24000, "Some call me nature.",
+                      "Hello there, my friend. This is a small test of the streaming chunker today.")
+    whole, streamed = bench.chunking_work([item], nfe_steps=16, cfg_strength=2.0)
+    ref = (72000 + 1198) // 256  # 285 frames; "Some call me nature.  " is 22 bytes as the model sees it
+    # whole: one chunk of 76 bytes; streamed: "Hello there, my friend." (23) and the rest (52)
+    lengths_whole = [ref + int(ref / 22 * 76)]  # 1269
+    lengths_streamed = [ref + int(ref / 22 * 23), ref + int(ref / 22 * 52)]  # 582, 958
+    assert (lengths_whole, lengths_streamed) == ([1269], [582, 958])
+    for work, lengths in ((whole, lengths_whole), (streamed, lengths_streamed)):
+        assert work.requests == 1 and work.chunks == len(lengths)
+        assert work.tokens == sum(2 * n * 16 for n in lengths)  # two guidance rows, 16 steps
+        assert work.attention == sum(2 * n * n * 16 for n in lengths)
+        assert work.flops == pytest.approx(sum(16 * bench.dit_step_flops(ARCHITECTURES["F5TTS_v1_Base"], 2 * n, n)
+                                               for n in lengths))
+    fade = int(CROSS_FADE_SECONDS * 24000)
+    assert whole.audio_seconds == pytest.approx((1269 - ref) * 256 / 24000)
+    assert streamed.audio_seconds == pytest.approx(((582 - ref) + (958 - ref)) * 256 / 24000 - fade / 24000)
+    # the reference is in each chunk's sequence: the stream does 1540 / 1269 of the whole request's linear work
+    table = bench.format_chunking_table([("one", whole, streamed)])
+    linear = 1269 / 1540 * streamed.audio_seconds / whole.audio_seconds
+    assert f"{linear:.3f}" in table.splitlines()[-1] and "1 / 2" in table
+
+
+def test_chunking_work_option_prints_every_set(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_main", REPO_ROOT / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--chunking-work", "--num-requests", "2"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[2:5]] == list(bench.BUILTIN_SETS), out
