@@ -24,8 +24,9 @@ removed: docs/streaming.md.)
 Pacing (`config.PacingConfig`, on by default): a listener plays a stream from its first piece without pause, so
 each later piece is due before the audio already handed out has played (`pacing.Playback`). The scheduler learns
 how long its rounds take (`pacing.WorkCost`) and admits a waiting stream only if, with its first chunk added, the
-work standing before every stream's next piece (new first chunks, the running cohort of later chunks, one cohort of
-every next chunk) still ends before that piece is due; otherwise the stream waits before its first audio. In
+work standing before every stream's next piece (new first chunks, the running cohort of later chunks, then the
+cohorts of later chunks as the rounds will form them, by deadline) still ends before that piece is due; otherwise the
+stream waits before its first audio. In
 cohort granularity, later chunks go before new first chunks once a listener's margin is down to one segment of
 them, and a cohort of later chunks takes streams by deadline while it can still end before the earliest.
 
@@ -44,7 +45,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -320,9 +321,9 @@ class StreamScheduler:
 
     def _fits(self, candidate: _Stream, now: float) -> bool:
         """Whether `candidate` may start now: with it, every stream's every piece still comes before its listener
-        runs out. The bound runs the work as the cohorts give it under load: the first chunks in hand (new ones
-        with the candidate's), the running cohort of later chunks, then level by level one cohort of every
-        stream's next chunk, each as one batch."""
+        runs out. The bound follows the schedule the rounds keep: the first chunks in hand (new ones with the
+        candidate's), the running cohort of later chunks, then the cohorts of later chunks as `_later_group` forms
+        them, by deadline (chunk granularity: every stream's next chunk in one round), each run as one batch."""
         if not self._paced() or not self._active:
             return True
         margin, fade = self.pacing.margin_seconds, self.synthesizer.cross_fade_seconds
@@ -342,15 +343,19 @@ class StreamScheduler:
             due[s] = s.playback.deadline if s.playing else first_piece + s.chunk(0).audio_seconds - fade
             if s in in_later:  # its running chunk is handed out before the next one is due
                 due[s] += s.chunk(position[s] - 1).audio_seconds - fade
-        level = [s for s in streams if position[s] < len(s.prepared.jobs)]
-        while level:
-            end += self.cost.batch_seconds(s.chunk(position[s]) for s in level)
-            for s in level:
+        pending = [s for s in streams if position[s] < len(s.prepared.jobs)]
+        while pending:
+            if self.granularity == "cohort":
+                group = self._deadline_group(pending, end, due.__getitem__, lambda s: s.chunk(position[s]))
+            else:
+                group = pending
+            end += self.cost.batch_seconds(s.chunk(position[s]) for s in group)
+            for s in group:
                 if end > due[s] - margin:
                     return False
                 due[s] += s.chunk(position[s]).audio_seconds - fade
                 position[s] += 1
-            level = [s for s in level if position[s] < len(s.prepared.jobs)]
+            pending = [s for s in pending if position[s] < len(s.prepared.jobs)]
         return True
 
     def _later_slack(self, now: float, group: list[_Stream]) -> float:
@@ -367,20 +372,26 @@ class StreamScheduler:
         return slack
 
     def _later_group(self, now: float) -> list[_Stream]:
-        """The streams the next cohort of later chunks takes: by deadline, while the cohort still ends before the
-        earliest one (paced), at least one; every idle one, oldest first, when not paced."""
+        """The streams the next cohort of later chunks takes (paced: `_deadline_group` of the idle ones, once the
+        running cohort of later chunks ends); every idle one, oldest first, when not paced."""
         idle = [s for s in self._active if s.cohort is None and s.pieces.made]
         if not self._paced():
             return sorted(idle, key=lambda s: s.order)[: self.max_rows]
-        idle.sort(key=lambda s: s.playback.deadline)
+        return self._deadline_group(idle, now + self._remaining(self._cohorts.get(False)),
+                                    lambda s: s.playback.deadline, lambda s: s.chunk(len(s.pieces.made)))
+
+    def _deadline_group(self, idle: list[_Stream], start: float, deadline: Callable[[_Stream], float],
+                        chunk: Callable[[_Stream], Chunk]) -> list[_Stream]:
+        """A cohort of later chunks starting at `start`: the idle streams by `deadline`, while the cohort (their
+        `chunk`s) still ends before the earliest one, at least one. `_later_group` starts cohorts by it and `_fits`
+        follows them with it."""
+        idle = sorted(idle, key=deadline)
         group = idle[:1]
-        due = idle[0].playback.deadline - self.pacing.margin_seconds if idle else 0.0
-        wait = self._remaining(self._cohorts.get(False))
+        due = deadline(idle[0]) - self.pacing.margin_seconds if idle else 0.0
         for stream in idle[1:]:
             if self.max_rows is not None and len(group) >= self.max_rows:
                 break
-            chunks = [s.chunk(len(s.pieces.made)) for s in (*group, stream)]
-            if now + wait + self.cost.batch_seconds(chunks) > due:
+            if start + self.cost.batch_seconds(chunk(s) for s in (*group, stream)) > due:
                 break
             group.append(stream)
         return group

@@ -62,3 +62,91 @@ def test_work_cost_stretches_while_rounds_run_slower_than_their_line():
     for _ in range(60):  # then rounds on their line again: the stretch falls back
         cost.observe_steps(4_000, 1, 0.002 + 1e-6 * 4_000)
     assert cost.slowdown < SAFETY
+
+
+# --------------------------------------------------------------------------- the scheduler's admission bound
+
+NOW, FADE = 100.0, 0.15
+
+
+def _job(ref: int, generated: int):
+    import torch
+
+    from f5_triton.pipeline import Job
+
+    return Job(request_index=0, chunk_index=0, ref_mel=torch.zeros(ref, 100), ref_frames=ref, tokens=[0] * 10,
+               duration=ref + generated, seed=0, nfe_steps=16, cfg_strength=2.0, sway_sampling_coef=-1.0)
+
+
+def _known_cost() -> WorkCost:
+    """A WorkCost that learnt step = 1e-3 + 1e-6 x tokens and vocoder = 2e-3 + 2e-7 x frames (the smaller batch first,
+    so that its stretch stays SAFETY)."""
+    cost = WorkCost()
+    for tokens in (1_000, 10_000, 20_000):
+        cost.observe_steps(tokens, 4, 4 * (1e-3 + 1e-6 * tokens))
+    for frames in (100, 5_000):
+        cost.observe_vocoder(frames, 2e-3 + 2e-7 * frames)
+    assert cost.stretch == SAFETY
+    return cost
+
+
+def _batch(*chunks: tuple[int, int]) -> float:
+    """Hand count of a cohort of (ref, generated) chunks: 16 steps of both guidance rows, then the vocoder."""
+    tokens, frames = sum(2 * (r + g) for r, g in chunks), sum(g for _, g in chunks)
+    return SAFETY * (16 * (1e-3 + 1e-6 * tokens) + 2e-3 + 2e-7 * frames)
+
+
+def _admission(candidate_first: tuple[int, int]):
+    """A scheduler (margin 0) with four playing streams, each with one chunk of (ref, generated) frames left: A's
+    listener runs out 0.1 s from now (300, 300), B, C, D's in 8 s (500, 1500); and a new stream E of two chunks,
+    `candidate_first` then (300, 900). Returns the scheduler, E, and its `_fits` now."""
+    from f5_triton.config import PacingConfig
+    from f5_triton.pipeline import Prepared, Stages
+    from f5_triton.stream_scheduler import QueueSink, StreamScheduler, _Stream
+    from f5_triton.streaming import PieceMaker, StreamingSynthesizer
+
+    # admission reads jobs, pieces and deadlines only: no stage runs
+    synthesizer = StreamingSynthesizer(Stages(None, None, None), cross_fade_seconds=FADE)
+    scheduler = StreamScheduler(synthesizer, pacing=PacingConfig(margin_seconds=0.0))
+    scheduler.cost = _known_cost()
+
+    def stream(order, chunks, deadline=None):
+        prepared = Prepared([_job(*c) for c in chunks], ref_rms=0.1)
+        s = _Stream(QueueSink(), prepared, PieceMaker(prepared, FADE), None, order, NOW)
+        if deadline is not None:  # playing, its first chunk handed out
+            s.pieces.add(np.zeros(24_000, dtype=np.float32))
+            s.playback = Playback(started=deadline - 1.0, seconds=1.0)
+        return s
+
+    scheduler._active = [stream(0, [(300, 100), (300, 300)], NOW + 0.1)] + [
+        stream(i, [(500, 100), (500, 1500)], NOW + 8.0) for i in (1, 2, 3)]
+    candidate = stream(4, [candidate_first, (300, 900)])
+    return scheduler, candidate, scheduler._fits(candidate, NOW)
+
+
+def test_admission_follows_the_deadline_ordered_cohorts_and_admits_what_one_batch_per_level_refused():
+    scheduler, candidate, fits = _admission((300, 150))
+    first_piece = NOW + _batch((300, 150))
+    due_e = first_piece + 150 * 256 / 24000 - FADE
+    # the former bound: every stream's next chunk in one batch after the first chunks, before A's listener runs out
+    assert first_piece + _batch((300, 300), *[(500, 1500)] * 3, (300, 900)) > NOW + 0.1
+    # the rounds' schedule: A's chunk alone (with E's it would end too late for A), then E, B, C, D together
+    assert first_piece + _batch((300, 300), (300, 900)) > NOW + 0.1
+    a_done = first_piece + _batch((300, 300))
+    assert a_done <= NOW + 0.1
+    assert a_done + _batch((300, 900), *[(500, 1500)] * 3) <= min(due_e, NOW + 8.0)
+    assert fits
+    # the cohorts `_fits` followed are the ones the rounds form: `_later_group`'s, once E is playing
+    a = scheduler._active[0]
+    scheduler._active.remove(a)
+    candidate.pieces.add(np.zeros(3600, dtype=np.float32))
+    candidate.playback = Playback(started=NOW, seconds=1.0)
+    scheduler._active.append(candidate)
+    assert scheduler._later_group(NOW) == [candidate, *scheduler._active[:3]]
+
+
+def test_admission_refuses_a_newcomer_whose_first_chunk_would_make_a_listener_run_out():
+    scheduler, _, fits = _admission((300, 1200))
+    # E's first chunk goes first; A's chunk, alone after it, would end after A's listener ran out
+    assert NOW + _batch((300, 1200)) + _batch((300, 300)) > NOW + 0.1
+    assert not fits

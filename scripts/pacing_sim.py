@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""The stream scheduler under load on the CPU, its GPU work replaced by sleeps of a linear cost model.
+
+A CPU simulation, never a GPU result: `StreamScheduler` (its rounds, cohorts, pacing and admission, unchanged) runs
+real streams of a built-in set, preprocessed by the package (the streaming chunker, the duration rule); only the
+flow-matching segments and the vocoder calls sleep instead of computing, for as long as the model below says:
+
+    one ODE step of a cohort: step_base + step_per_token x tokens (tokens: both guidance rows of every chunk)
+    one vocoder call:         vocoder_base + vocoder_per_frame x frames
+    a segment (the steps a round advances): 8 steps up to --segment-tokens tokens, halved each time the cohort's
+    tokens double past that, at least 1 (CUDA graphs of packed batches: about one request's graph of work a round)
+
+The defaults are H100-like for random F5TTS_v1_Base at fp16. Closed loop at each --concurrency, as
+`benchmark.py --streaming` (each client sends its next request when its last one ends), with the benchmark's own
+timing: first audio, playback stalls, aggregate audio s/s; and how long streams waited for admission and the pieces
+the scheduler itself handed out late.
+
+    python scripts/pacing_sim.py --set mixed --concurrency 8,16 --num-requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench  # noqa: E402
+from f5_triton.config import DEFAULT_SCHEDULER, HOP_LENGTH, SamplingConfig  # noqa: E402
+from f5_triton.pipeline import Preprocessor, Stages  # noqa: E402
+from f5_triton.request import validate_request  # noqa: E402
+from f5_triton.stream_scheduler import QueueSink, StreamScheduler, chunk_of  # noqa: E402
+from f5_triton.streaming import StreamingSynthesizer  # noqa: E402
+from f5_triton.text import StreamingChunker, Tokenizer  # noqa: E402
+
+
+class SleepingSolving:
+    """`sampler.Solving`'s interface for one cohort: each `advance` sleeps its steps' time."""
+
+    def __init__(self, jobs, model):
+        self.jobs, self.model = jobs, model
+        self.tokens = sum(chunk_of(job).tokens for job in jobs)
+        self.steps = max(job.nfe_steps for job in jobs)
+        self.index = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.steps
+
+    @property
+    def segment(self) -> int:
+        doublings = max(0, math.ceil(math.log2(self.tokens / self.model.segment_tokens))) if self.tokens else 0
+        return max(1, 8 >> doublings)
+
+    def advance(self, steps=None, on_step=None) -> None:
+        end = self.steps if steps is None else min(self.steps, self.index + steps)
+        time.sleep((end - self.index) * (self.model.step_base + self.model.step_per_token * self.tokens))
+        self.index = end
+
+    def result(self):
+        return [torch.zeros(job.total_frames, 1) for job in self.jobs]
+
+
+class SleepingFlowMatcher:
+    """`pipeline.FlowMatcher`'s interface (what the scheduler calls), sleeping."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def begin(self, jobs):
+        return [(list(range(len(jobs))), SleepingSolving(jobs, self.model))]
+
+    def __call__(self, jobs, on_step=None, keep=None):
+        solving = SleepingSolving(jobs, self.model)
+        solving.advance()
+        return solving.result()
+
+    def synchronize(self) -> None:
+        pass
+
+
+class SleepingVocoder:
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, mels):
+        frames = sum(mel.shape[0] for mel in mels)
+        time.sleep(self.model.vocoder_base + self.model.vocoder_per_frame * frames)
+        return [np.zeros(mel.shape[0] * HOP_LENGTH, dtype=np.float32) for mel in mels]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", default="mixed", choices=bench.BUILTIN_SETS)
+    p.add_argument("--concurrency", default="8,16", help="closed-loop clients, a comma list")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--nfe", type=int, default=16)
+    p.add_argument("--max-streams", type=int, default=DEFAULT_SCHEDULER.max_streams)
+    p.add_argument("--step-base", type=float, default=1.0e-3, help="seconds of one ODE step of a cohort, fixed part")
+    p.add_argument("--step-per-token", type=float, default=1.05e-6, help="... and per token (both guidance rows)")
+    p.add_argument("--vocoder-base", type=float, default=2e-3)
+    p.add_argument("--vocoder-per-frame", type=float, default=2e-7)
+    p.add_argument("--segment-tokens", type=int, default=4096)
+    p.add_argument("--label", default="sim")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = SimpleNamespace(**{k: getattr(args, k) for k in ("step_base", "step_per_token", "vocoder_base",
+                                                             "vocoder_per_frame", "segment_tokens")})
+    from f5_triton.cache import LRUCache
+
+    preprocess = Preprocessor(Tokenizer.from_tokens([" "]), cache=LRUCache("references", 1024, 2**30), chunker=StreamingChunker())
+    stages = Stages(preprocess, SleepingFlowMatcher(model), SleepingVocoder(model))
+    items = bench.builtin_set(args.set, args.num_requests)
+    requests = [validate_request(it.wave, it.reference_text, it.target_text, sample_rate=it.sample_rate,
+                                 nfe_steps=args.nfe, seed=i) for i, it in enumerate(items)]
+    for request in requests:  # the references' mels into the cache: the timed requests preprocess as a warm server
+        preprocess(request)
+    results = []
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        # a scheduler per row: its cost model learns from the warm-up stream, as a server's at load
+        with StreamScheduler(StreamingSynthesizer(stages), max_streams=args.max_streams) as scheduler:
+            scheduler.warm_up(SamplingConfig(nfe_steps=args.nfe))
+            result = run_closed_loop(scheduler, requests, concurrency, f"{args.label} {args.set}")
+            result.extra["late_pieces"] = scheduler.late_pieces
+        results.append(result)
+        print(bench.format_streaming_table([result]).splitlines()[-1], flush=True)
+    print("CPU simulation (sleeps of a linear cost model, not a GPU):")
+    print(bench.format_streaming_table(results))
+    print("admission wait p50 / p90 ms, pieces the scheduler handed out late: " + "; ".join(
+        f"c{r.concurrency} {1000 * r.extra['queued_p50_s']:.0f} / {1000 * r.extra['queued_p90_s']:.0f}, "
+        f"{r.extra['late_pieces']}" for r in results))
+    return 0
+
+
+def run_closed_loop(scheduler, requests, concurrency: int, label: str) -> bench.Result:
+    import concurrent.futures
+
+    queued = []
+
+    class Sink(QueueSink):
+        def started(self, queued_seconds: float) -> None:
+            queued.append(queued_seconds)
+
+    def pieces(request):  # `StreamScheduler.stream`, with the admission wait kept
+        sink = Sink()
+        scheduler.submit(request, sink)
+        while True:
+            item = sink.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item.audio
+            if item.is_final:
+                return
+
+    result = bench.Result(mode="cpu simulation", label=label, requests=len(requests), concurrency=concurrency)
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
+        timings = list(pool.map(lambda request: bench.time_stream(pieces(request)), requests))
+        result.wall_seconds = time.perf_counter() - start
+    bench.add_stream_timings(result, timings, opening=concurrency)
+    result.extra.update(queued_p50_s=float(np.percentile(queued, 50)), queued_p90_s=float(np.percentile(queued, 90)))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
