@@ -9,6 +9,7 @@ Triton's statistics.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 import time
@@ -863,22 +864,226 @@ def gpu_time_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def matmul_peak_tflops(size: int = 8192) -> float:
-    """The GPU's measured bf16 matmul throughput (size^3 GEMMs), the denominator of MFU."""
+def matmul_peak_tflops(size: int = 8192, dtype: str = "bfloat16") -> float:
+    """The GPU's measured matmul throughput in `dtype` (size^3 GEMMs), the denominator of MFU."""
     import torch
 
-    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(size, size, device="cuda", dtype=getattr(torch, dtype)) for _ in range(2))
     return 2 * size**3 / (gpu_time_ms(lambda: a @ b) / 1e3) / 1e12
 
 
+def memory_bandwidth_gbps(megabytes: int = 2048) -> float:
+    """The GPU's measured memory bandwidth: a device-to-device copy of `megabytes`, bytes read + written per second
+    (GB/s), the memory ceiling of a roofline."""
+    import torch
+
+    src = torch.empty(megabytes << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (gpu_time_ms(lambda: dst.copy_(src)) / 1e3) / 1e9
+
+
+# The packed DiT step's cost model, per kind of kernel (issue 33). FLOPs are matrix FLOPs (GEMMs, convolutions,
+# attention: what torch.utils.flop_counter counts); elementwise arithmetic is not counted, those kinds are bound by
+# their bytes. Bytes are what each kernel reads and writes once, in fp16, assuming the fusion of the compiled step
+# (inductor, as profiled in docs/results/h200-packed-burst-s12-nhwc.json):
+# - each LayerNorm is one kernel with the residual add and gate of the sublayer before it and the modulation after
+#   it: it reads the residual stream and the sublayer's output, writes the new residual stream and the normed input
+#   (the first norm's sublayer is the position convolution, whose last Mish it applies; the output norm writes no
+#   residual), plus each token's sequence index and the per-sequence shift/scale/gate rows;
+# - the GELU is in the first feed-forward GEMM's epilogue (`Kernels.gelu_epilogue`), biases in every GEMM's;
+# - rotary: one kernel reads q and k (from the q/k/v GEMM's output), each token's position and its fp32 cos/sin
+#   rows, and writes q and k; v goes to the attention as the GEMM wrote it;
+# - attention reads q, k, v once and writes its output (the flash kernels' ideal);
+# - the position convolution: the gapped layout (read the tokens, write them with the gaps), two grouped
+#   convolutions, the first Mish (the second is in the first norm kernel); the inputs' concatenation is counted with
+#   the input projection; the time embedding's sinusoid and SiLU with its GEMMs, all on [sequences, ...] rows.
+# The text embedding runs once per request, not in the step. "other" (memsets, copies, unrecognised kernels) is
+# measured only.
+STEP_KINDS = ("GEMM q/k/v + out", "GEMM feed-forward", "GEMM input projection", "GEMM output projection", "attention",
+              "norms + modulation + residual", "rotary q/k", "time embedding + modulation", "position convolution",
+              "other")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Matrix FLOPs and bytes moved of some kernels."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+    def __mul__(self, times: float) -> "Cost":
+        return Cost(self.flops * times, self.bytes * times)
+
+    __rmul__ = __mul__
+
+
+def step_costs(config, lengths, value_bytes: int = 2) -> dict[str, Cost]:
+    """The cost of one packed DiT step over sequences of `lengths` tokens, per kind (`STEP_KINDS`)."""
+    from f5_triton.model.dit import POSITION_CONV_GROUPS, POSITION_CONV_KERNEL, TIME_FREQ_DIM
+    from f5_triton.model.packing import CONV_GAP
+
+    tokens, sequences, v = sum(lengths), len(lengths), value_bytes
+    d, inner, ff = config.dim, config.heads * config.dim_head, int(config.dim * config.ff_mult)
+    inputs, gapped = 2 * config.mel_dim + config.text_dim, tokens + CONV_GAP * (len(lengths) + 1)
+
+    def gemm(rows, k, n):  # [rows, k] @ [k, n] + bias, each operand read once, the result written once
+        return Cost(2 * rows * k * n, v * (rows * k + k * n + n + rows * n))
+
+    def norm(writes=2):  # reads the residual stream and the sublayer output, writes `writes` [tokens, d] arrays
+        return Cost(0, v * (2 + writes) * tokens * d + 8 * tokens + v * 3 * sequences * d)
+
+    conv_weight = d * (d // POSITION_CONV_GROUPS) * POSITION_CONV_KERNEL
+    conv = Cost(2 * gapped * conv_weight, v * (2 * gapped * d + conv_weight + d))
+    return {  # in STEP_KINDS' order
+        "GEMM q/k/v + out": config.depth * (gemm(tokens, d, 3 * inner) + gemm(tokens, inner, d)),
+        "GEMM feed-forward": config.depth * (gemm(tokens, d, ff) + gemm(tokens, ff, d)),
+        "GEMM input projection": gemm(tokens, inputs, d) + Cost(0, v * 2 * tokens * inputs),
+        "GEMM output projection": gemm(tokens, d, config.mel_dim),
+        "attention": config.depth * Cost(4 * inner * sum(n * n for n in lengths), v * 4 * tokens * inner),
+        "norms + modulation + residual": 2 * config.depth * norm() + norm(writes=1),
+        "rotary q/k": config.depth * Cost(0, v * 4 * tokens * inner + tokens * (8 + 2 * 4 * config.dim_head)),
+        "time embedding + modulation": (gemm(sequences, TIME_FREQ_DIM, d) + gemm(sequences, d, d)
+                                        + config.depth * gemm(sequences, d, 6 * d) + gemm(sequences, d, 2 * d)),
+        "position convolution": 2 * conv + Cost(0, v * ((tokens + gapped) * d + 2 * gapped * d)),
+        "other": Cost(),
+    }
+
+
 def dit_step_flops(config, tokens: int, frames: int) -> float:
-    """Forward FLOPs of one DiT step over `tokens` = batch x frames rows (matmuls + attention)."""
-    inner = config.heads * config.dim_head
-    ff = int(config.dim * config.ff_mult)
-    per_token_layer = 2 * (config.dim * 3 * inner + inner * config.dim + 2 * config.dim * ff)
-    attention = 2 * 2 * frames * inner  # QK^T and AV, per query token and layer
-    embed = 2 * (2 * config.mel_dim + config.text_dim) * config.dim + 2 * 2 * 31 * config.dim * config.dim // 16
-    return tokens * (config.depth * (per_token_layer + attention) + embed + 2 * config.dim * config.mel_dim)
+    """Forward matrix FLOPs of one DiT step over `tokens` = batch x frames rows: `step_costs` of batch sequences of
+    `frames` (a padded step's convolution has no gaps between rows: a difference below 0.1 %)."""
+    return sum(cost.flops for cost in step_costs(config, [frames] * (tokens // frames)).values())
+
+
+GEMM_OPS = {"aten::addmm": 1, "aten::_addmm_activation": 1, "aten::mm": 0}  # op: where its two matrices begin
+_TRITON_NAME_KINDS = (  # inductor names its kernels after the ops they fuse; first match wins
+    ("norms + modulation + residual", ("layer_norm",)),
+    ("position convolution", ("convolution", "mish", "index_copy", "new_zeros")),
+    ("rotary q/k", ("neg", "stack")),  # rotate_half
+    ("time embedding + modulation", ("sin", "cos", "exp", "silu")),
+    ("GEMM input projection", ("cat",)),  # the concatenation of x, cond and the text embedding
+)
+_LIBRARY_NAME_KINDS = (("attention", ("flash", "fmha", "attention")),
+                       ("position convolution", ("conv", "fprop", "implicit_gemm")))
+
+
+def _names(text: str, words) -> bool:
+    """Whether `text` holds one of `words` between non-letters (`cos` in `_cos_`, not in `cosine`)."""
+    return any(re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", text) for w in words)
+
+
+def step_kind(config, tokens: int, sequences: int, kernel: str, op: str = "", shapes=()) -> str:
+    """The `STEP_KINDS` entry of a kernel of a packed step over `tokens` tokens in `sequences` sequences: a GEMM by
+    the shapes of the op that launched it (`op`, its input `shapes` as torch.profiler records them), a convolution's by
+    its op, other kernels by their name (inductor's `triton_*` kernels name the ops they fuse, and so does the
+    profiler range inductor launches each in; library kernels name their algorithm)."""
+    if op in GEMM_OPS and len(shapes) >= GEMM_OPS[op] + 2:
+        (rows, k), (_, n) = shapes[GEMM_OPS[op]:GEMM_OPS[op] + 2]
+        d, inner, ff = config.dim, config.heads * config.dim_head, int(config.dim * config.ff_mult)
+        if rows == sequences:
+            return "time embedding + modulation"
+        if rows == tokens:
+            for kind, pairs in (("GEMM q/k/v + out", ((d, 3 * inner), (inner, d))),
+                                ("GEMM feed-forward", ((d, ff), (ff, d))),
+                                ("GEMM input projection", ((2 * config.mel_dim + config.text_dim, d),)),
+                                ("GEMM output projection", ((d, config.mel_dim),))):
+                if (k, n) in pairs:
+                    return kind
+        return "other"
+    if op.startswith("aten::") and "conv" in op:  # cuDNN's kernels and layout transposes
+        return "position convolution"
+    name = kernel.lower()
+    table = _TRITON_NAME_KINDS if name.startswith("triton_") else _LIBRARY_NAME_KINDS
+    return next((kind for kind, words in table if _names(name, words)), "other")
+
+
+def roofline(costs: dict[str, Cost], ms_by_kind: dict[str, float] | None = None, peak_tflops: float | None = None,
+             bandwidth_gbps: float | None = None) -> list[dict]:
+    """One row per kind: measured ms (where given), FLOPs, bytes, arithmetic intensity and, given the ceilings, the
+    roofline's bound max(FLOPs / peak, bytes / bandwidth) in ms and the share of it attained (bound / measured)."""
+    rows = []
+    for kind, cost in costs.items():
+        row = dict(step_kind=kind, ms=None if ms_by_kind is None else ms_by_kind.get(kind, 0.0),
+                   gflop=cost.flops / 1e9, mbytes=cost.bytes / 1e6,
+                   flop_per_byte=cost.flops / cost.bytes if cost.bytes else None)
+        if peak_tflops and bandwidth_gbps:
+            compute, memory = cost.flops / (peak_tflops * 1e9), cost.bytes / (bandwidth_gbps * 1e6)
+            row.update(bound="compute" if compute > memory else "memory" if cost.bytes else "-",
+                       bound_ms=max(compute, memory))
+            row["roofline_share"] = row["bound_ms"] / row["ms"] if row["ms"] and row["bound_ms"] else None
+        rows.append(row)
+    return rows
+
+
+def roofline_summary(costs: dict[str, Cost], ms_by_kind: dict[str, float], step_ms: float, ceilings: dict) -> dict:
+    """A profiled step as a whole: its ms (timed with CUDA events) and its kernels' ms (the profile's sum), its FLOPs,
+    MFU against the matmul peak of the model's dtype (`matmul_tflops`), the roofline's bound and the share of it
+    attained, and the attention's TFLOP/s against that peak and against the attention kernel's best case
+    (`attention_tflops`). ceilings: also `bandwidth_gbps`."""
+    flops = sum(cost.flops for cost in costs.values())
+    bound_ms = sum(row["bound_ms"] for row in roofline(costs, None, ceilings["matmul_tflops"],
+                                                       ceilings["bandwidth_gbps"]))
+    attention_ms = ms_by_kind.get("attention", 0.0)
+    attention_tflops = costs["attention"].flops / attention_ms / 1e9 if attention_ms else float("nan")
+    return dict(step_ms=step_ms, kernel_ms=sum(ms_by_kind.values()), tflop=flops / 1e12,
+                mfu=flops / (step_ms * 1e9) / ceilings["matmul_tflops"], bound_ms=bound_ms,
+                roofline_share=bound_ms / step_ms, attention_tflops=attention_tflops,
+                attention_share_of_peak=attention_tflops / ceilings["matmul_tflops"],
+                attention_share_of_best=attention_tflops / ceilings["attention_tflops"])
+
+
+def format_roofline(rows: list[dict]) -> str:
+    """`roofline` rows as a text table with a total line; the counts alone where nothing was measured."""
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    def total(key):
+        return sum(r[key] for r in rows) if all(r.get(key) is not None for r in rows) else None
+
+    ms, gflop, mbytes, bound_ms = (total(key) for key in ("ms", "gflop", "mbytes", "bound_ms"))
+    rows = rows + [dict(step_kind="total", ms=ms, gflop=gflop, mbytes=mbytes, flop_per_byte=1e3 * gflop / mbytes,
+                        bound_ms=bound_ms, roofline_share=bound_ms / ms if ms and bound_ms else None)]
+    lines = [("kind", "GFLOP", "MB", "FLOP/B")]
+    lines += [(r["step_kind"], num(r["gflop"], ".1f"), num(r["mbytes"], ".1f"), num(r["flop_per_byte"], ".0f"))
+              for r in rows]
+    if ms is not None:
+        lines = [line + extra for line, extra in zip(lines, [("ms", "bound", "roofline ms", "% of roofline")] + [
+            (num(r["ms"], ".3f"), r.get("bound", ""), num(r.get("bound_ms"), ".3f"),
+             num(None if r.get("roofline_share") is None else 100 * r["roofline_share"], ".0f")) for r in rows])]
+    return _columns(lines)
+
+
+def plot_roofline(rows: list[dict], path: str | Path, title: str = "packed DiT step against its roofline") -> Path:
+    """Per request count (rows of `roofline` with `requests`), one panel: the step's measured ms stacked by kind
+    beside its roofline bound stacked the same way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    requests = sorted({r["requests"] for r in rows})
+    fig, axes = plt.subplots(1, len(requests), figsize=(3.0 + 2.4 * len(requests), 4.2), squeeze=False)
+    for ax, count in zip(axes[0], requests):
+        by_kind = {r["step_kind"]: r for r in rows if r["requests"] == count}
+        for x, key in ((0, "ms"), (1, "bound_ms")):
+            bottom = 0.0
+            for j, kind in enumerate(STEP_KINDS):
+                value = by_kind.get(kind, {}).get(key) or 0.0
+                ax.bar(x, value, 0.7, bottom=bottom, color=f"C{j}", hatch="//" if x else None, edgecolor="white",
+                       label=kind if x == 0 else None)
+                bottom += value
+            ax.annotate(f"{bottom:.2f} ms", (x, bottom), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([0, 1], ["measured", "roofline"])
+        ax.set_title(f"{count} requests", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("ms per step")
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center left",
+                       bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
 
 
 class GpuSampler:

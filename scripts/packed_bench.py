@@ -13,7 +13,13 @@ checked against fp32 math per sequence. Then whole DiT steps: padded+masked and 
 compiled with symbolic shapes (`compiled`: dynamic=True; `engine`: the lengths marked dynamic as the torch engine
 does; `static`: specialized on the batch), ms per step, MFU and the largest difference of the packed output from
 the padded one (fp16). `--frames N` gives every request N frames instead (a burst of streaming first chunks: the
-5 s reference and a first sentence are ~850); `--profile` adds where a compiled packed step's GPU time goes.
+5 s reference and a first sentence are ~850).
+
+`--profile` adds where a compiled packed step's GPU time goes, against its roofline (issue 33): the GPU time by kind
+of kernel (`bench.STEP_KINDS`; a GEMM by the shapes of the op that launched it), each kind's FLOPs and bytes
+(`bench.step_costs`), and ceilings measured on the same card in the same run: the matmul peak in bf16 and in the
+model's dtype, the memory bandwidth (a device-to-device copy) and the packed attention kernel on one long sequence.
+`--plot PNG` draws the measured ms by kind beside the roofline's. `--count-only` prints the cost table alone (no GPU).
 """
 
 import argparse
@@ -28,7 +34,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import _checkout  # noqa: F401  (benchmarks/ beside the package)
-from benchmarks.bench import MIXED_REFERENCE_SECONDS, MIXED_TARGET_SECONDS, dit_step_flops, gpu_time_ms, matmul_peak_tflops
+from benchmarks.bench import (MIXED_REFERENCE_SECONDS, MIXED_TARGET_SECONDS, dit_step_flops, format_roofline,
+                              gpu_time_ms, matmul_peak_tflops, memory_bandwidth_gbps, plot_roofline, roofline,
+                              roofline_summary, step_costs, step_kind)
 from f5_triton.checkpoints import random_dit
 from f5_triton.config import ARCHITECTURES, HOP_LENGTH, SAMPLE_RATE
 from f5_triton.model import fa4
@@ -137,45 +145,95 @@ def compiled_step(model, launch: str):
     return torch.compile(model.step, dynamic={"compiled": True, "static": False}[launch])
 
 
-KERNEL_KINDS = (("attention", ("flash", "fmha", "attn", "sdpa")), ("convolution", ("conv", "fprop", "dgrad")),
-                ("GEMM", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")), ("fused (triton)", ("triton",)),
-                ("copy / index", ("copy", "index", "cat", "elementwise", "fill", "gather", "scatter")))
+def attention_peak_tflops(kernel: str, heads: int, dim_head: int, dtype, tokens: int = 16384) -> float:
+    """The packed attention `kernel` at its best: one sequence of `tokens` tokens, TFLOP/s."""
+    packing = Packing.of([tokens], "cuda")
+    q, k, v = (torch.randn(tokens, heads, dim_head, device="cuda", dtype=dtype) for _ in range(3))
+    ms = gpu_time_ms(lambda: packed_attention(q, k, v, packing, kernel))
+    return 4 * heads * dim_head * tokens**2 / (ms / 1e3) / 1e12
 
 
-def kernel_kind(name: str) -> str:
-    name = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+def measure_ceilings(model, config, profiling: bool) -> dict:
+    """The card's matmul peak in bf16 and in the model's dtype (`matmul_tflops`, the denominator of MFU); with
+    `profiling` also its memory bandwidth and the packed attention kernel's best case."""
+    dtype = next(model.parameters()).dtype
+    ceilings = dict(kind="ceilings", device=torch.cuda.get_device_name(), dtype=str(dtype).removeprefix("torch."),
+                    matmul_bf16_tflops=matmul_peak_tflops())
+    ceilings["matmul_tflops"] = matmul_peak_tflops(dtype=ceilings["dtype"])
+    print(f"{ceilings['device']}: measured matmul peak {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s in bf16, "
+          f"{ceilings['matmul_tflops']:.0f} in {ceilings['dtype']}")
+    if profiling:
+        ceilings.update(bandwidth_gbps=memory_bandwidth_gbps(), attention_kernel=model.kernels.packed,
+                        attention_tokens=16384)
+        ceilings["attention_tflops"] = attention_peak_tflops(model.kernels.packed, config.heads, config.dim_head, dtype,
+                                                             ceilings["attention_tokens"])
+        print(f"memory bandwidth (device copy) {ceilings['bandwidth_gbps']:.0f} GB/s; packed attention "
+              f"({model.kernels.packed}) on one sequence of {ceilings['attention_tokens']} tokens "
+              f"{ceilings['attention_tflops']:.0f} TFLOP/s")
+    return ceilings
 
 
-def profile_step(fn, label: str, rows: list, calls: int = 3):
-    """Where `fn`'s GPU time goes: shares by kernel kind and the top kernels."""
+def profile_step(fn, label: str, rows: list, config, lengths: list[int], calls: int = 3) -> dict[str, float]:
+    """Where `fn`'s GPU time goes: ms a step by `step_kind` (returned), and the top kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, not the ops above them
-    kernels = [(e.key, e.device_time_total / calls / 1e3, max(1, e.count // calls)) for e in on_gpu or events]
-    total = sum(ms for _, ms, _ in kernels)
+    events = list(prof.profiler.kineto_results.events())
+    # the ops by id (not the runtime calls, which link to them): a kernel's linked id is the op that launched it
+    ops = {e.correlation_id(): (e.name(), e.shapes()) for e in events
+           if e.device_type() == DeviceType.CPU and e.linked_correlation_id() == 0}
+    kernels: dict[tuple[str, str], list] = {}  # (kind, name) -> [ms a step, launches, the launching op]
+    for e in events:
+        if e.device_type() != DeviceType.CUDA or e.is_user_annotation():
+            continue
+        op, shapes = ops.get(e.linked_correlation_id(), ("", ()))
+        kind = step_kind(config, sum(lengths), len(lengths), e.name(), op, shapes)
+        entry = kernels.setdefault((kind, e.name()), [0.0, 0, op])
+        entry[0] += e.duration_ns() / 1e6 / calls
+        entry[1] += 1
+    total = sum(ms for ms, _, _ in kernels.values())
     kinds: dict[str, float] = {}
-    for name, ms, _ in kernels:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
-    print(f"    GPU time by kernel kind ({label}, {total:.2f} ms a step): " + ", ".join(
-        f"{kind} {ms:.2f} ms ({100 * ms / total:.0f} %)" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
-    for name, ms, count in sorted(kernels, key=lambda k: -k[1])[:12]:
-        print(f"      {ms:7.3f} ms {count:4d}x  {kernel_kind(name):14s} {name[:90]}")
+    for (kind, _), (ms, _, _) in kernels.items():
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    print(f"    GPU time by kind ({label}, {total:.2f} ms a step): " + ", ".join(
+        f"{kind} {ms:.2f}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:16]
+    for (kind, name), (ms, count, op) in top:
+        print(f"      {ms:7.3f} ms {max(1, count // calls):4d}x  {kind[:22]:22s} {op[:24]:24s} {name[:70]}")
     rows.append(dict(kind="profile", label=label, total_ms=total, by_kind=kinds,
-                     top=[dict(name=n[:200], ms=ms, count=c) for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:20]]))
+                     top=[dict(name=name[:200], step_kind=kind, op=op, ms=ms, count=max(1, count // calls))
+                          for (kind, name), (ms, count, op) in top]))
+    return kinds
+
+
+def report_roofline(config, lengths, ms_by_kind, step_ms, ceilings, requests, launch, rows):
+    """The roofline table of one profiled step (`bench.roofline`) and its summary (`bench.roofline_summary`)."""
+    costs = step_costs(config, lengths)
+    table = roofline(costs, ms_by_kind, ceilings["matmul_tflops"], ceilings["bandwidth_gbps"])
+    summary = roofline_summary(costs, ms_by_kind, step_ms, ceilings)
+    print(format_roofline(table))
+    print(f"    step {step_ms:.2f} ms (CUDA events; kernels {summary['kernel_ms']:.2f} ms), "
+          f"{summary['tflop']:.2f} TFLOP, MFU {100 * summary['mfu']:.1f} %, "
+          f"{100 * summary['roofline_share']:.0f} % of the roofline's {summary['bound_ms']:.2f} ms; "
+          f"attention {summary['attention_tflops']:.0f} TFLOP/s = "
+          f"{100 * summary['attention_share_of_peak']:.0f} % of the matmul peak, "
+          f"{100 * summary['attention_share_of_best']:.0f} % of its kernel's best case")
+    common = dict(requests=requests, launch=launch, tokens=sum(lengths), sequences=len(lengths))
+    rows += [dict(kind="roofline", **common, **row) for row in table]
+    rows.append(dict(kind="roofline_step", **common, **summary))
 
 
 def bench_steps(model, config, requests_list, launches, rows, frames=None, profiling=False, padded=True):
     dtype = next(model.parameters()).dtype
-    peak = matmul_peak_tflops()
-    print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
+    ceilings = measure_ceilings(model, config, profiling)
+    rows.append(ceilings)
+    peak = ceilings["matmul_tflops"]
     steps = {launch: compiled_step(model, launch) for launch in launches}
     for requests in requests_list:
         lengths = [n for n in mixed_frames(requests, frames=frames) for _ in range(2)]
@@ -186,23 +244,27 @@ def bench_steps(model, config, requests_list, launches, rows, frames=None, profi
         x, cond = (torch.randn(b, n, config.mel_dim, device="cuda", dtype=dtype) * mask[..., None] for _ in range(2))
         te = torch.randn(b, n, config.text_dim, device="cuda", dtype=dtype) * mask[..., None]
         t = torch.rand(b, device="cuda", dtype=dtype)
-        print(f"\n== DiT step: {requests} requests, {b} sequences, {packing.tokens} tokens packed, {b * n} padded")
+        print(f"\n== DiT step: {requests} requests, {b} sequences of {min(lengths)}-{n} frames, {packing.tokens} "
+              f"tokens packed, {b * n} padded")
         flops = sum(dit_step_flops(config, n, n) for n in lengths)
         for launch, step in steps.items():
             try:
-                measure_step(launch, step, x, cond, te, t, mask, packing, requests, rows, flops / peak / 1e9,
-                             padded)
+                step_ms = measure_step(launch, step, x, cond, te, t, mask, packing, requests, rows,
+                                       flops / peak / 1e9, padded)
                 if profiling and launch != "eager":
+                    packed = (x[mask], cond[mask], te[mask], t, packing)  # packed once: only the step is profiled
                     with torch.inference_mode():
-                        profile_step(lambda: step(x[mask], cond[mask], te[mask], t, packing),
-                                     f"{launch}, packed, {requests} requests", rows)
+                        ms_by_kind = profile_step(lambda: step(*packed), f"{launch}, packed, {requests} requests",
+                                                  rows, config, lengths)
+                    report_roofline(config, lengths, ms_by_kind, step_ms, ceilings, requests, launch, rows)
             except Exception as exc:  # report and go on with the other launches
                 print(f"  {launch:8s} failed: {type(exc).__name__}: {str(exc)[:400]}")
                 rows.append(dict(kind="step", requests=requests, launch=launch, error=str(exc)[:1000]))
 
 
 def measure_step(launch, step, x, cond, te, t, mask, packing, requests, rows, ideal_ms: float, padded: bool = True):
-    """ideal_ms: the packed step's FLOPs at the measured matmul peak (its MFU is ideal_ms / ms)."""
+    """ideal_ms: the packed step's FLOPs at the measured matmul peak (its MFU is ideal_ms / ms). Returns the packed
+    step's ms."""
     b, n = mask.shape
     packed = (x[mask], cond[mask], te[mask], t, packing)
     with torch.inference_mode():
@@ -224,6 +286,18 @@ def measure_step(launch, step, x, cond, te, t, mask, packing, requests, rows, id
     rows.append(dict(kind="step", requests=requests, launch=launch, tokens=packing.tokens, padded_rows=b * n,
                      padded_ms=padded_ms, packed_ms=packed_ms, first_padded_s=first_padded,
                      first_packed_s=first_packed, max_diff=diff, packed_mfu=ideal_ms / packed_ms))
+    return packed_ms
+
+
+def count_only(config, requests_list, frames, rows):
+    """The cost table of each packed step (`bench.step_costs`), without a GPU."""
+    for requests in requests_list:
+        lengths = [n for n in mixed_frames(requests, frames=frames) for _ in range(2)]
+        print(f"\n== cost of one packed step: {requests} requests, {len(lengths)} sequences of "
+              f"{min(lengths)}-{max(lengths)} frames, {sum(lengths)} tokens")
+        table = roofline(step_costs(config, lengths))
+        print(format_roofline(table))
+        rows += [dict(kind="cost", requests=requests, tokens=sum(lengths), **row) for row in table]
 
 
 def main():
@@ -236,12 +310,18 @@ def main():
     p.add_argument("--kernel", choices=PACKED_ATTENTION_KERNELS,
                    help="the packed attention kernel of the steps (default: what optimize_for picks)")
     p.add_argument("--packed-only", action="store_true", help="steps: the packed step alone (no padded comparison)")
-    p.add_argument("--profile", action="store_true", help="where each compiled packed step's GPU time goes")
+    p.add_argument("--profile", action="store_true",
+                   help="where each compiled packed step's GPU time goes, against its roofline")
+    p.add_argument("--plot", help="with --profile: PNG of the ms by kind, measured beside the roofline's")
+    p.add_argument("--count-only", action="store_true", help="the packed steps' FLOPs and bytes by kind (no GPU)")
     p.add_argument("--json")
     args = p.parse_args()
     config = ARCHITECTURES[args.arch]
     requests_list = [int(r) for r in args.requests.split(",")]
     rows = []
+    if args.count_only:
+        count_only(config, requests_list, args.frames, rows)
+        args.parts = ""
     if "attention" in args.parts:
         for requests in requests_list:
             bench_attention(requests, config.heads, config.dim_head, rows, args.frames)
@@ -255,6 +335,11 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    profiled = [row for row in rows if row["kind"] == "roofline"]
+    if args.plot and profiled:
+        device = next(row["device"] for row in rows if row["kind"] == "ceilings")
+        title = f"packed DiT step ({args.arch}, fp16) on {device}: measured ms by kind beside the roofline bound"
+        print(f"plot: {plot_roofline(profiled, args.plot, title)}")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,14 @@ def precompute_text_positions(dim: int, length: int, theta: float = 10000.0) -> 
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+# Sizes fixed by upstream's architecture (not in DiTConfig; benchmarks/bench.py's cost model reads them here)
+TIME_FREQ_DIM = 256  # sinusoidal features of the time step, before its MLP
+POSITION_CONV_KERNEL = 31  # the convolutional position embedding's kernel and groups
+POSITION_CONV_GROUPS = 16
+
+
 class TimestepEmbedding(nn.Module):
-    def __init__(self, dim: int, freq_embed_dim: int = 256):
+    def __init__(self, dim: int, freq_embed_dim: int = TIME_FREQ_DIM):
         super().__init__()
         self.freq_embed_dim = freq_embed_dim
         self.time_mlp = nn.Sequential(nn.Linear(freq_embed_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -141,7 +147,7 @@ class TextEmbedding(nn.Module):
 
 
 class ConvPositionEmbedding(nn.Module):
-    def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16):
+    def __init__(self, dim: int, kernel_size: int = POSITION_CONV_KERNEL, groups: int = POSITION_CONV_GROUPS):
         super().__init__()
         self.conv1d = nn.Sequential(
             nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=kernel_size // 2),
