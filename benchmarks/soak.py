@@ -142,10 +142,10 @@ class Report:
             rows.append(row)
         return rows
 
-    def growth(self, key: str = "rss_mib") -> dict[str, float]:
-        """Relative growth of each process (and their total) from the first sample after `SETTLE_S` to the
+    def growth(self, key: str = "rss_mib", settle_s: float = SETTLE_S) -> dict[str, float]:
+        """Relative growth of each process (and their total) from the first sample after `settle_s` to the
         last sample; processes that were not there at both times (a reloaded model) are left out."""
-        settled = next((s for s in self.memory if s["t"] >= SETTLE_S), None)
+        settled = next((s for s in self.memory if s["t"] >= settle_s), None)
         if settled is None or settled is self.memory[-1]:
             return {}
         first, last = settled.get(key, {}), self.memory[-1].get(key, {})

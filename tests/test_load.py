@@ -121,7 +121,9 @@ def test_a_burst_beyond_the_queue_limit_is_refused_cleanly(server, tiny_tts, ref
     np.testing.assert_allclose(send(Clients(server), "http", args), served[0], atol=1e-4, rtol=0)
 
 
-SOAK_SECONDS = 120  # CI's short soak: the first minute settles (caches, allocator), the rest must stay flat
+# CI's short soak on a server already warm from the tests above: the first half settles (reference cache,
+# allocator), the second must stay flat. scripts/soak.py runs it for minutes, settling for the first one.
+SOAK_SECONDS, SETTLE_SECONDS = 60, 30
 
 
 def test_a_short_soak_has_no_failures_and_flat_memory(server, ref_wave, tmp_path):
@@ -131,10 +133,11 @@ def test_a_short_soak_has_no_failures_and_flat_memory(server, ref_wave, tmp_path
     report = soak.soak(server.urls.grpc, server.pid, items, SOAK_SECONDS, concurrency=4, memory_interval=5.0)
     report.write(tmp_path / "soak.json", tmp_path / "soak.png")
     summary = report.summary()
-    print({k: summary[k] for k in ("requests", "failures", "p50_s", "p99_s", "rss_growth_after_first_minute")})
+    growth = report.growth(settle_s=SETTLE_SECONDS)
+    print({k: summary[k] for k in ("requests", "failures", "p50_s", "p99_s")}, growth)
     assert not report.failures, summary["errors"]
-    assert [row["requests"] > 0 for row in report.per_minute()] == [True, True]
-    growth = report.growth()
+    starts = [o.start for o in report.outcomes]
+    assert min(starts) < SETTLE_SECONDS <= max(starts)  # load before and after the settling point
     assert {"tritonserver", "flow_matching_cpu_0_0", "preprocess_0_0", "total"} <= set(growth)
     assert growth["total"] <= 0.10, growth  # the server with all its model processes
     # each process: a looser bound (new batch shapes still raise allocator high-water marks, seen up to 12 %
