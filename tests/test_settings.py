@@ -99,6 +99,7 @@ ALIASES = {"nfe": "nfe_steps", "steps": "nfe_steps", "max_frames": "max_mel_fram
 DELIBERATE = {
     ("benchmark.py", "nfe"): "benchmarks measure 16 steps, the setting the README's numbers use",
     ("scripts/bench_vs_upstream.py", "nfe"): "compares with upstream at the benchmark's 16 steps",
+    ("scripts/pacing_sim.py", "nfe"): "simulates the benchmark's 16 steps",
     ("benchmark.py", "max_streams"): "offline streaming benchmark: streams batched at once",
     ("f5_triton/engines/base.py", "graph_max_rows"): "an engine's own default, for in-process use (bench, tests)",
     ("f5_triton/engines/base.py", "graph_max_tokens"): "an engine's own default: packed graphs off in process",
