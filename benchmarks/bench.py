@@ -251,7 +251,7 @@ def dit_work(jobs, arch: str = "F5TTS_v1_Base") -> DitWork:
     return DitWork(1, len(jobs), tokens, attention, flops, samples / SAMPLE_RATE)
 
 
-def chunking_work(items: list[Item], nfe_steps: int = 16, cfg_strength: float = 2.0, streaming=None,
+def chunking_work(items: list[Item], nfe_steps: int, cfg_strength: float, streaming=None,
                   vocab: str | Path | None = None) -> tuple[DitWork, DitWork]:
     """(whole, streamed): the DiT work of `items` as the whole-response model cuts them (`text.chunk_text` within
     the request's max bytes: the preprocess model's `Preprocessor`) and as a stream does (`StreamingSynthesizer.prepare`

@@ -140,8 +140,8 @@ class PacingConfig:
 
 @dataclass(frozen=True)
 class StreamingConfig:
-    """How f5_tts_streaming cuts a text into pieces (`text.StreamingChunker`'s settings) and samples the first one
-    (`streaming.StreamingSynthesizer`)."""
+    """How f5_tts_streaming cuts a text into pieces (`text.StreamingChunker`'s settings) and samples the first one,
+    and when it does not split a first chunk off (`streaming.StreamingSynthesizer`)."""
 
     first_chunk_bytes: int = setting(50, (  # as upstream's socket server: about one short sentence
         "UTF-8 bytes of a stream's first text chunk (text.split_for_streaming): shorter, the first audio sooner"))
@@ -149,6 +149,11 @@ class StreamingConfig:
         "opt-in, off (0) by default: ODE steps of a stream's first chunk, at most the request's own; at 5, 6, 7, 10 "
         "or 12 on upstream's EPSS grid. The first audio comes sooner; its quality cannot be judged without the "
         "published weights (docs/streaming.md)"))
+    unsplit_at_load: int = setting(0, (
+        "opt-in, off (0) by default: from this many streams held (generated + waiting) when a stream arrives, its "
+        "text is cut as whole responses cut it, with no short first chunk (nor fewer first-chunk steps): its first "
+        "audio comes later, its DiT work is one reference pass less, its audio the whole-response model's for the "
+        "same seed (docs/streaming.md)"))
 
 
 @dataclass(frozen=True)

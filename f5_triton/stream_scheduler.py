@@ -177,14 +177,17 @@ class StreamScheduler:
 
         Runs preprocessing in the caller's thread, so bad input raises `InvalidInputError` here; raises
         `ServerBusyError` when `max_streams` streams run and `max_queued` wait. A request whose pieces are in
-        the output cache gets them at once, here.
+        the output cache gets them at once, here. The streams held now (generated and waiting) are the load the
+        synthesizer cuts the text by (`StreamingSynthesizer.prepare`).
         """
-        key, cached = self.synthesizer.cached(request)
+        with self._changed:
+            held = len(self._active) + len(self._waiting)
+        key, cached = self.synthesizer.cached(request, held)
         if cached is not None:
             for piece in cached:
                 sink.piece(piece)
             return
-        prepared = self.synthesizer.prepare(request)
+        prepared = self.synthesizer.prepare(request, held)
         with self._changed:
             held = len(self._active) + len(self._waiting)
             if held >= self.max_streams + self.max_queued:

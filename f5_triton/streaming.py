@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from f5_triton import audio
+from f5_triton import audio, text
 from f5_triton.cache import LRUCache, request_output_key
 from f5_triton.config import (CROSS_FADE_SECONDS, DEFAULT_LIMITS, DEFAULT_SAMPLING, DEFAULT_STREAMING, SAMPLE_RATE,
                               SamplingConfig)
@@ -109,42 +109,64 @@ class StreamingSynthesizer:
     `TTS.stages(text.StreamingChunker())` in process). A `stream_scheduler.StreamScheduler` over this synthesizer
     runs the same bundle. `output_cache` (an `LRUCache`) replays the pieces of an earlier request with the same
     reference, text, parameters and explicit seed; requests without a seed are never cached.
+
+    `unsplit_at_load` (opt-in, 0: off): a stream that arrives while that many streams or more are held (`held`, which
+    its host passes: a scheduler's generated and waiting streams) is cut as whole responses are (`text.chunk_text`,
+    the offline `Preprocessor`'s chunker), its first chunk on the request's own steps: its pieces join to the
+    whole-response model's audio for the same seed (each chunk's noise is seeded by its index), and it costs one
+    reference pass less in the DiT.
     """
 
     def __init__(self, stages: Stages, *, cross_fade_seconds: float = CROSS_FADE_SECONDS,
                  output_cache: LRUCache | None = None,
-                 first_chunk_nfe_steps: int = DEFAULT_STREAMING.first_chunk_nfe_steps):
+                 first_chunk_nfe_steps: int = DEFAULT_STREAMING.first_chunk_nfe_steps,
+                 unsplit_at_load: int = DEFAULT_STREAMING.unsplit_at_load):
         if not 0 <= first_chunk_nfe_steps <= DEFAULT_LIMITS.max_nfe_steps:
             raise ValueError(f"first_chunk_nfe_steps must be 0 (off) or 1..{DEFAULT_LIMITS.max_nfe_steps}, "
                              f"got {first_chunk_nfe_steps}")
+        if unsplit_at_load < 0:
+            raise ValueError(f"unsplit_at_load must be 0 (off) or a number of streams, got {unsplit_at_load}")
         self.stages = stages
         self.cross_fade_seconds = cross_fade_seconds
         self.output_cache = output_cache
         self.first_chunk_nfe_steps = first_chunk_nfe_steps
+        self.unsplit_at_load = unsplit_at_load
 
-    def prepare(self, request: SynthesisRequest) -> Prepared:
-        """`request` preprocessed into its chunks' jobs, the first one on `first_chunk_nfe_steps` steps when set."""
+    def splits(self, held: int) -> bool:
+        """Whether a stream that arrives while `held` streams are held gets a short first chunk of its own."""
+        return not (self.unsplit_at_load and held >= self.unsplit_at_load)
+
+    def prepare(self, request: SynthesisRequest, held: int = 0) -> Prepared:
+        """`request` preprocessed into its chunks' jobs: cut for streaming, the first one on `first_chunk_nfe_steps`
+        steps when set; or, from `unsplit_at_load` streams `held` on, as the whole-response model cuts and runs it."""
+        if not self.splits(held):
+            return self.stages.preprocess.chunked_by(text.chunk_text)(request)
         prepared = self.stages.preprocess(request)
         first = prepared.jobs[0]  # a request has at least one chunk
         if 0 < self.first_chunk_nfe_steps < first.nfe_steps:
             prepared.jobs[0] = dataclasses.replace(first, nfe_steps=self.first_chunk_nfe_steps)
         return prepared
 
-    def _output_key(self, request: SynthesisRequest) -> str | None:
+    def _output_key(self, request: SynthesisRequest, held: int) -> str | None:
         if self.output_cache is None or not self.output_cache.enabled:
             return None
+        if not self.splits(held):  # keyed by the chunking used: whole-response chunks, every one on the request's steps
+            return request_output_key(request, chunker="text.chunk_text", cross_fade_seconds=self.cross_fade_seconds,
+                                      first_chunk_nfe_steps=0)
         return request_output_key(request, chunker=self.stages.preprocess.chunker,
                                   cross_fade_seconds=self.cross_fade_seconds,
                                   first_chunk_nfe_steps=self.first_chunk_nfe_steps)
 
-    def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None) -> Iterator[Piece]:
-        """Pieces of `request`'s audio; the last has `is_final`. `on_step(i)` may raise to cancel."""
-        key, cached = self.cached(request)
+    def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None, *,
+               held: int = 0) -> Iterator[Piece]:
+        """Pieces of `request`'s audio, cut as `held` streams held say (`prepare`); the last has `is_final`.
+        `on_step(i)` may raise to cancel."""
+        key, cached = self.cached(request, held)
         if cached is not None:
             yield from cached
             return
         stages = self.stages
-        prepared = self.prepare(request)
+        prepared = self.prepare(request, held)
         pieces = PieceMaker(prepared, self.cross_fade_seconds)
         for job in prepared.jobs:
             mel = check_finite(stages.flow_matching([job], on_step=on_step))
@@ -156,9 +178,9 @@ class StreamingSynthesizer:
         if key is not None:
             self.output_cache.put(key, tuple(pieces), sum(p.audio.nbytes for p in pieces) + 64 * len(pieces))
 
-    def cached(self, request: SynthesisRequest) -> tuple[str | None, tuple[Piece, ...] | None]:
-        """(output-cache key or None, the cached pieces of `request` or None)."""
-        key = self._output_key(request)
+    def cached(self, request: SynthesisRequest, held: int = 0) -> tuple[str | None, tuple[Piece, ...] | None]:
+        """(output-cache key or None, the cached pieces of `request` cut as `held` streams held say, or None)."""
+        key = self._output_key(request, held)
         return key, (None if key is None else self.output_cache.get(key))
 
     def synthesize(self, request: SynthesisRequest) -> np.ndarray:

@@ -277,14 +277,17 @@ def split_for_streaming(text: str, first_chunk_bytes: int, max_chars: int = 135)
 @dataclass(frozen=True)
 class StreamingChunker:
     """A stream's chunker (`pipeline.Chunker`): `split_for_streaming` with `config`'s first chunk, each chunk within
-    the request's `max_bytes`. A streaming `pipeline.Preprocessor` is built with one; its repr names its settings
-    (the streaming output cache keys on it)."""
+    the request's `max_bytes`. A streaming `pipeline.Preprocessor` is built with one; its repr names what it cuts by
+    (the streaming output cache keys on it), not `config`'s other settings."""
 
     config: StreamingConfig = DEFAULT_STREAMING
 
     def __post_init__(self):
         if self.config.first_chunk_bytes < 1:
             raise ValueError(f"first_chunk_bytes must be >= 1, got {self.config.first_chunk_bytes}")
+
+    def __repr__(self) -> str:
+        return f"StreamingChunker(first_chunk_bytes={self.config.first_chunk_bytes})"
 
     def __call__(self, text: str, max_bytes: int) -> list[str]:
         return split_for_streaming(text, self.config.first_chunk_bytes, max_chars=max_bytes)

@@ -13,9 +13,11 @@ flow-matching segments and the vocoder calls sleep instead of computing, for as 
 The defaults are H100-like for random F5TTS_v1_Base at fp16. Closed loop at each --concurrency, as
 `benchmark.py --streaming` (each client sends its next request when its last one ends), with the benchmark's own
 timing: first audio, playback stalls, aggregate audio s/s; and how long streams waited for admission and the pieces
-the scheduler itself handed out late.
+the scheduler itself handed out late. `--unsplit-at-load` runs each row at each value of the opt-in load-aware first
+chunk (`StreamingConfig.unsplit_at_load`; 0: off, the default), and counts the streams it cut whole.
 
     python scripts/pacing_sim.py --set mixed --concurrency 8,16 --num-requests 64
+    python scripts/pacing_sim.py --set mixed --concurrency 8,16,32 --max-streams 32 --unsplit-at-load 0,8
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench  # noqa: E402
-from f5_triton.config import DEFAULT_SCHEDULER, HOP_LENGTH, SamplingConfig  # noqa: E402
+from f5_triton.config import DEFAULT_SCHEDULER, DEFAULT_STREAMING, HOP_LENGTH, SamplingConfig  # noqa: E402
 from f5_triton.pipeline import Preprocessor, Stages  # noqa: E402
 from f5_triton.request import validate_request  # noqa: E402
 from f5_triton.stream_scheduler import QueueSink, StreamScheduler, chunk_of  # noqa: E402
@@ -86,6 +88,16 @@ class SleepingFlowMatcher:
         pass
 
 
+class CountingSynthesizer(StreamingSynthesizer):
+    """The synthesizer, counting the streams it cuts whole (`unsplit_at_load`)."""
+
+    unsplit = 0
+
+    def prepare(self, request, held: int = 0):
+        self.unsplit += not self.splits(held)
+        return super().prepare(request, held)
+
+
 class SleepingVocoder:
     def __init__(self, model):
         self.model = model
@@ -108,6 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--vocoder-base", type=float, default=2e-3)
     p.add_argument("--vocoder-per-frame", type=float, default=2e-7)
     p.add_argument("--segment-tokens", type=int, default=4096)
+    p.add_argument("--unsplit-at-load", default=str(DEFAULT_STREAMING.unsplit_at_load),
+                   help="the load-aware first chunk's setting, a comma list (0: off): each row at each")
     p.add_argument("--label", default="sim")
     return p.parse_args(argv)
 
@@ -127,18 +141,21 @@ def main(argv=None) -> int:
         preprocess(request)
     results = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        # a scheduler per row: its cost model learns from the warm-up stream, as a server's at load
-        with StreamScheduler(StreamingSynthesizer(stages), max_streams=args.max_streams) as scheduler:
-            scheduler.warm_up(SamplingConfig(nfe_steps=args.nfe))
-            result = run_closed_loop(scheduler, requests, concurrency, f"{args.label} {args.set}")
-            result.extra["late_pieces"] = scheduler.late_pieces
-        results.append(result)
-        print(bench.format_streaming_table([result]).splitlines()[-1], flush=True)
+        for unsplit_at_load in [int(n) for n in args.unsplit_at_load.split(",")]:
+            # a scheduler per row: its cost model learns from the warm-up stream, as a server's at load
+            synthesizer = CountingSynthesizer(stages, unsplit_at_load=unsplit_at_load)
+            label = f"{args.label} {args.set}" + (f" unsplit@{unsplit_at_load}" if unsplit_at_load else "")
+            with StreamScheduler(synthesizer, max_streams=args.max_streams) as scheduler:
+                scheduler.warm_up(SamplingConfig(nfe_steps=args.nfe))
+                result = run_closed_loop(scheduler, requests, concurrency, label)
+                result.extra.update(late_pieces=scheduler.late_pieces, unsplit=synthesizer.unsplit)
+            results.append(result)
+            print(bench.format_streaming_table([result]).splitlines()[-1], flush=True)
     print("CPU simulation (sleeps of a linear cost model, not a GPU):")
     print(bench.format_streaming_table(results))
-    print("admission wait p50 / p90 ms, pieces the scheduler handed out late: " + "; ".join(
-        f"c{r.concurrency} {1000 * r.extra['queued_p50_s']:.0f} / {1000 * r.extra['queued_p90_s']:.0f}, "
-        f"{r.extra['late_pieces']}" for r in results))
+    print("admission wait p50 / p90 ms, pieces the scheduler handed out late, streams cut whole: " + "; ".join(
+        f"{r.label} c{r.concurrency} {1000 * r.extra['queued_p50_s']:.0f} / {1000 * r.extra['queued_p90_s']:.0f}, "
+        f"{r.extra['late_pieces']}, {r.extra['unsplit']}/{r.requests}" for r in results))
     return 0
 
 

@@ -69,9 +69,11 @@ def test_every_option_is_a_flag_and_an_environment_name(tiny_ckpt):
                "F5_REPO_STREAM_PACING_ENABLED": "off", "F5_REPO_STREAM_PACING_QUEUE_SECONDS": "2",
                "F5_REPO_LIMIT_MAX_TEXT_BYTES": "1000", "F5_REPO_GPUS": "0,1", "F5_REPO_WARMUP": "no",
                "F5_REPO_NFE": "16", "F5_REPO_SWAY_SAMPLING_COEF": "-0.5", "F5_REPO_STREAMING_MAX_STREAMS": "4",
+               "F5_REPO_UNSPLIT_AT_LOAD": "8",
                "F5_REPO_TARGET": "trt"}  # the target is the builder's own (run.sh --backend/--target)
     options = options_from(["--target", "cpu", "--ckpt-dir", str(tiny_ckpt), *environment_arguments(environ)])
     assert (options.first_chunk_bytes, options.reference_cache_mb, options.output_cache_entries) == (30, 3.5, 0)
+    assert options.unsplit_at_load == 8
     assert options.streaming_pacing.enabled is False and options.streaming_pacing.queue_seconds == 2.0
     assert options.limits == {"max_text_bytes": 1000} and options.gpus == [0, 1] and options.warmup is False
     assert (options.target, options.nfe_steps, options.sway_sampling_coef, options.streaming_max_streams) == (
@@ -99,6 +101,7 @@ ALIASES = {"nfe": "nfe_steps", "steps": "nfe_steps", "max_frames": "max_mel_fram
 DELIBERATE = {
     ("benchmark.py", "nfe"): "benchmarks measure 16 steps, the setting the README's numbers use",
     ("scripts/bench_vs_upstream.py", "nfe"): "compares with upstream at the benchmark's 16 steps",
+    ("scripts/pacing_sim.py", "nfe"): "simulates the benchmark's 16 steps",
     ("benchmark.py", "max_streams"): "offline streaming benchmark: streams batched at once",
     ("f5_triton/engines/base.py", "graph_max_rows"): "an engine's own default, for in-process use (bench, tests)",
     ("f5_triton/engines/base.py", "graph_max_tokens"): "an engine's own default: packed graphs off in process",

@@ -492,6 +492,63 @@ def test_first_chunk_on_fewer_steps_is_opt_in_and_changes_only_the_first_chunk(s
     assert np.abs(np.concatenate(sink.pieces) - np.concatenate(got)).max() <= 1e-4
 
 
+def test_load_aware_first_chunk_is_opt_in_and_under_load_gives_the_whole_response_audio(tts, streamer, ref_wave):
+    """`unsplit_at_load` (off by default): through the scheduler, whose submit passes the streams it holds, a stream
+    that arrives while fewer are held is today's (a short first chunk split off), one that arrives with that many or
+    more held is cut as whole responses are, and its joined pieces are the whole-response pipeline's audio for the
+    same request and seed."""
+    from f5_triton.stream_scheduler import StreamScheduler
+
+    assert DEFAULT_STREAMING.unsplit_at_load == 0 and streamer.unsplit_at_load == 0
+    with pytest.raises(ValueError, match="unsplit_at_load must be 0 .off. or a number of streams, got -1"):
+        StreamingSynthesizer(streamer.stages, unsplit_at_load=-1)
+    loaded = StreamingSynthesizer(streamer.stages, unsplit_at_load=2)
+    requests = [validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=20 + i, nfe_steps=2) for i in range(3)]
+    offline = tts.preprocess(requests[2])  # the whole-response model's cut: here two chunks
+    split = streamer.prepare(requests[2]).chunks
+    assert len(split) == len(offline.chunks) + 1 and split[2:] == offline.chunks[1:]  # today: the opening split off
+    scheduler = StreamScheduler(loaded, granularity="cohort", pacing=UNPACED)
+    sinks = [RecordingSink(str(i), []) for i in range(len(requests))]
+    for request, sink in zip(requests, sinks):
+        scheduler.submit(request, sink)  # held at submit: 0, 1 (below the setting), 2 (at it)
+    run_all(scheduler)
+    for request, sink in zip(requests[:2], sinks[:2]):
+        today = [piece.audio for piece in streamer.stream(request)]
+        assert len(sink.pieces) == len(today) == len(split)
+        assert max(np.abs(got - expected).max() for got, expected in zip(sink.pieces, today)) <= 1e-4
+    whole = tts.synthesize([requests[2]])[0]  # the whole-response pipeline: its chunks in one batch
+    joined = np.concatenate(sinks[2].pieces)
+    assert len(sinks[2].pieces) == len(offline.chunks) and joined.shape == whole.shape
+    assert np.abs(joined - whole).max() <= 1e-4
+    # in process, bit for bit: the whole response's jobs (chunks, seeds, steps), each chunk generated alone
+    prepared = loaded.prepare(requests[2], held=3)
+    assert [(j.tokens, j.duration, j.seed, j.nfe_steps) for j in prepared.jobs] == [
+        (j.tokens, j.duration, j.seed, j.nfe_steps) for j in offline.jobs]
+    np.testing.assert_array_equal(np.concatenate([p.audio for p in loaded.stream(requests[2], held=3)]),
+                                  finish(chunk_waves(tts, offline), offline.ref_rms))
+    # below the setting, or off (the default) at any load, the stream is cut as today, first-chunk steps included
+    fast = StreamingSynthesizer(streamer.stages, first_chunk_nfe_steps=1, unsplit_at_load=2)
+    assert [j.nfe_steps for j in fast.prepare(requests[0], held=1).jobs] == [1] + [2] * len(offline.chunks)
+    assert [j.nfe_steps for j in fast.prepare(requests[0], held=2).jobs] == [2] * len(offline.chunks)
+    assert streamer.prepare(requests[0], held=10**6).chunks == split
+
+
+def test_the_output_cache_keys_on_the_chunking_a_stream_used(streamer, ref_wave):
+    """A stream cut whole under load is replayed only to a stream cut the same way: below the setting the same
+    request is generated (split) again, and the split stream's key does not depend on the setting."""
+    from f5_triton.cache import LRUCache
+
+    cache = LRUCache("output", 16, 2**30)
+    loaded = StreamingSynthesizer(streamer.stages, output_cache=cache, unsplit_at_load=3)
+    request = validate_request(ref_wave, REF_TEXT, LONG_TEXT, seed=31, nfe_steps=2)
+    unsplit = list(loaded.stream(request, held=3))
+    assert loaded.cached(request, held=2)[1] is None
+    assert [p.chunk_index for p in loaded.cached(request, held=5)[1]] == [p.chunk_index for p in unsplit]
+    split = list(loaded.stream(request, held=0))
+    assert len(split) == len(unsplit) + 1 and loaded.cached(request, held=0)[1] is not None
+    assert StreamingSynthesizer(streamer.stages, output_cache=cache).cached(request)[0] == loaded.cached(request)[0]
+
+
 def test_warm_up_stream_takes_every_stage_and_leaves_nothing_behind(streamer):
     """The stream a server runs at load: a short first chunk and a longer one, so preprocessing, both kinds of
     cohort, the vocoder and the cross-fade all run; unseeded, so the output cache keeps nothing of it."""
@@ -528,7 +585,7 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     options = dict(target=target, ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                    vocoder=tiny_ckpt / "vocos", gpus=[0, 1], streaming_instances_per_device=2, first_chunk_bytes=40,
                    output_cache_entries=0, streaming_granularity="chunk", streaming_max_streams=5,
-                   streaming_max_queued=7)
+                   streaming_max_queued=7, unsplit_at_load=6)
     repo = render(RepositoryOptions(**options), tmp_path / "repo")
     config = text_format.Parse((repo / "f5_tts_streaming" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.model_transaction_policy.decoupled and config.backend == "python"
@@ -536,6 +593,7 @@ def test_rendered_streaming_model(tiny_ckpt, tmp_path, target):
     assert [o.name for o in config.output] == ["waveform", "is_final"]
     settings = rendered_settings(repo, "f5_tts_streaming")
     assert settings.streaming.first_chunk_bytes == 40 and settings.caches.output_cache_entries == 0
+    assert settings.streaming.unsplit_at_load == 6  # the model passes it to its synthesizer
     assert settings.caches.reference_cache_entries == 128
     assert settings.scheduler == SchedulerConfig(granularity="chunk", max_streams=5, max_queued=7)
     group = config.instance_group[0]

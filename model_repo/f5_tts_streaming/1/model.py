@@ -85,7 +85,8 @@ class TritonPythonModel(triton_io.Adapter):
         first_steps = settings.streaming.first_chunk_nfe_steps  # opt-in: first chunks on fewer steps
         warmed_up = factories.warm_up(settings, self.stages.flow_matching, self.stages.vocoder, name=model,
                                       also_nfe_steps=(first_steps,) if first_steps else ()) is not None
-        streamer = StreamingSynthesizer(self.stages, output_cache=output_cache, first_chunk_nfe_steps=first_steps)
+        streamer = StreamingSynthesizer(self.stages, output_cache=output_cache, first_chunk_nfe_steps=first_steps,
+                                        unsplit_at_load=settings.streaming.unsplit_at_load)
         self.scheduler = StreamScheduler(streamer, **dataclasses.asdict(settings.scheduler),
                                          pacing=settings.pacing).start()
         self.sampling = settings.sampling
