@@ -153,12 +153,14 @@ def test_f5tts_v1_small_architecture_exports_and_runs(tmp_path):
 def test_export_script(tiny_ckpt, tmp_path):
     out = tmp_path / "onnx"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_onnx.py"), "--ckpt-dir", str(tiny_ckpt),
-                           "--output-dir", str(out), "--opset", "17"],
+                           "--output-dir", str(out), "--opset", "17", "--fp16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "dit_step.onnx").is_file() and (out / "vocoder.onnx").is_file()
     assert "max|err|" in proc.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
+    for name in ("dit_step.onnx", "dit_step.fp16.onnx", "vocoder.onnx", "vocoder.fp16.onnx"):
+        assert (out / name).is_file() and manifest["files"][name]["max_abs_err"] <= TOLERANCE[
+            (manifest["files"][name]["network"], manifest["files"][name]["precision"])]
     assert manifest["architecture"]["dim"] == ARCHITECTURES["tiny"].dim
 
 

@@ -392,49 +392,6 @@ def test_flow_matching_takes_its_sampling_typed(server, preprocessor, ref_wave):
     assert status == INVALID["grpc"] and "nfe_steps" in message and "FP32" in message, message
 
 
-# -- real server: the vocoder in flow_matching's process -------------------------------------------------------
-
-@pytest.mark.server
-def test_vocoder_in_flow_gives_the_same_audio_and_bad_requests_fail_alone(tiny_server, server, preprocessor,
-                                                                           ref_wave, baseline):
-    """vocoder_in_flow: flow_matching vocodes its whole batch itself and postprocess gets waveforms. Same audio
-    as through the `vocoder` model (this module's server); bad requests sharing the batch fail alone."""
-    long_text = "This sentence is long enough to need its own chunk of audio, and then some more words. " * 3
-    goods = [good_fields(ref_wave), good_fields(ref_wave[:-8000], long_text, seed=i64(11)),
-             good_fields(ref_wave[:-4000], "Good request number two is here.", seed=i64(12))]
-    assert len(preprocessor(validate_request(ref_wave[:-8000], REF_TEXT, long_text, seed=11)).jobs) > 1
-    expected = [baseline] + [synthesize(server, g) for g in goods[1:]]
-    base = flow_inputs(preprocessor, ref_wave, "A bad one.", seed=9)
-    bad_jobs = [({**base, "ref_frames": np.array([[0]], np.int32)}, "ref_frames"),
-                ({**base, "nfe_steps": np.array([[0]], np.int32)}, "nfe_steps")]
-    with tiny_server(vocoder_in_flow=True, nfe_steps=NFE, max_batch_size=4, preferred_batch_sizes=[4],
-                     queue_delay_us=200_000, preprocess_instances=1, postprocess_instances=1) as srv:
-        import tritonclient.grpc
-
-        with tritonclient.grpc.InferenceServerClient(srv.urls.grpc) as client:
-            outputs = client.get_model_metadata("flow_matching", as_json=True)["outputs"]
-        assert [o["name"] for o in outputs] == ["waves", "wave_samples"]
-        before = flow_stats(srv)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            good_futures = [pool.submit(synthesize, srv, g) for g in goods]
-            bad_futures = [pool.submit(error_of, lambda b=b: infer(srv, b, model="flow_matching")) for b, _ in bad_jobs]
-            bad_futures.append(pool.submit(error_of, lambda: infer(srv, good_fields(ref_wave, target_text=text("")))))
-            together = [f.result() for f in good_futures]
-            errors = [f.result() for f in bad_futures]
-        executions = flow_stats(srv)[1] - before[1]
-        # postprocess is a model of its own too: exactly one of the two chunk forms
-        postprocess_errors = [error_of(lambda a=a: infer(srv, {"ref_rms": f32(0.1), **a}, model="postprocess"))
-                              for a in ({}, {"waves": np.zeros((1, 2, 5), np.float32)})]
-    assert executions < len(goods) + len(bad_jobs)  # good and bad shared flow_matching batches
-    for (status, message), field in zip(errors, [f for _, f in bad_jobs] + ["target_text"]):
-        assert status == INVALID["grpc"] and f"{field}: " in message, (status, message)
-    for status, message in postprocess_errors:
-        assert status == INVALID["grpc"] and "send either mel + mel_frames or waves + wave_samples" in message
-    for got, want in zip(together, expected):
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-
-
 # -- real server: cancellation and deadlines ---------------------------------------------------------------
 
 # One chunk (no sentence mark) of ~2500 frames: a few seconds of work at 16 ODE steps on one CPU thread.
@@ -660,33 +617,6 @@ def test_a_killed_stub_fails_only_its_own_requests_and_is_replaced(server, ref_w
 
 
 @pytest.mark.server
-def test_with_two_flow_instances_and_client_retries_nothing_fails(tiny_server, ref_wave):
-    with tiny_server(nfe_steps=NFE, max_batch_size=4, preferred_batch_sizes=[4], queue_delay_us=200_000,
-                     flow_instances_per_device=2, preprocess_instances=1, postprocess_instances=1,
-                     exit_timeout_secs=5) as srv:
-        expected = synthesize(srv, good_fields(ref_wave))
-        assert sorted(flow_stubs(srv).values()) == ["flow_matching_cpu_0_0", "flow_matching_cpu_1_0"]
-        sent = metrics(srv, "nv_inference_request_success")[PREPROCESS]
-        # a retried request runs its whole batch again, on two cores: 8 steps instead of 64 still outlast the
-        # detection by seconds, and spare CI minutes
-        stub, in_flight, arriving = kill_during_batch(srv, ref_wave, in_flight=4, arriving=4, retries=1,
-                                                      in_flight_nfe=8)
-        # the kill hit a batch: its requests went through the ensemble twice (killed, then retried); the batcher may
-        # have given some of the four to the other instance, which finished them
-        passes = metrics(srv, "nv_inference_request_success")[PREPROCESS] - sent
-        assert 4 + 4 < passes <= 2 * 4 + 4, passes
-        assert all(isinstance(o, np.ndarray) for o in in_flight + arriving), [
-            o.shape if isinstance(o, np.ndarray) else (type(o).__name__, getattr(o, "status", str)(),
-                                                        getattr(o, "message", str)()) for o in in_flight + arriving]
-        for outcome in arriving:
-            np.testing.assert_allclose(outcome, expected, atol=1e-4, rtol=0)
-        assert len({o.shape for o in in_flight}) == 1
-        assert [r.error for r in srv.stub_replacements] == [None]
-        # the other instance, or the replacement, may answer: the same arithmetic in another process (float noise)
-        np.testing.assert_allclose(synthesize(srv, good_fields(ref_wave)), expected, atol=1e-6, rtol=0)
-
-
-@pytest.mark.server
 def test_a_killed_preprocess_stub_has_its_group_made_anew(server, ref_wave, baseline):
     """Models of one instance group (here preprocess) are recovered by the same in-place update."""
     from f5_triton.supervisor.watchdog import _stub_instance, python_stubs
@@ -699,3 +629,81 @@ def test_a_killed_preprocess_stub_has_its_group_made_anew(server, ref_wave, base
     (new,) = [pid for pid, (state, model) in python_stubs(server.pid).items() if model == "preprocess" and state != "Z"]
     assert new != stub and _stub_instance(new) == "preprocess_0_0"
     np.testing.assert_array_equal(synthesize(server, good_fields(ref_wave)), baseline)
+
+
+# -- a second server: the vocoder in flow_matching's process, two flow_matching instances -------------------------
+
+@pytest.fixture(scope="module")
+def two_flow_server(tiny_server):
+    """A second server: the vocoder in flow_matching's process, two flow_matching instances (the gpu repository's
+    way, and a dead instance's requests can be retried on the other). The vocoder-in-flow test runs on it first,
+    then the two-instance stub kill (it disturbs the server). Last in the module: it lives until the module ends."""
+    with tiny_server(vocoder_in_flow=True, flow_instances_per_device=2, nfe_steps=NFE, max_batch_size=4,
+                     preferred_batch_sizes=[4], queue_delay_us=200_000, preprocess_instances=1,
+                     postprocess_instances=1, exit_timeout_secs=5) as srv:
+        yield srv
+
+
+@pytest.mark.server
+def test_vocoder_in_flow_gives_the_same_audio_and_bad_requests_fail_alone(two_flow_server, server, preprocessor,
+                                                                           ref_wave, baseline):
+    """vocoder_in_flow: flow_matching vocodes its whole batch itself and postprocess gets waveforms. Same audio
+    as through the `vocoder` model (this module's server); bad requests sharing the batch fail alone."""
+    import tritonclient.grpc
+
+    long_text = "This sentence is long enough to need its own chunk of audio, and then some more words. " * 3
+    goods = [good_fields(ref_wave), good_fields(ref_wave[:-8000], long_text, seed=i64(11)),
+             good_fields(ref_wave[:-4000], "Good request number two is here.", seed=i64(12))]
+    assert len(preprocessor(validate_request(ref_wave[:-8000], REF_TEXT, long_text, seed=11)).jobs) > 1
+    expected = [baseline] + [synthesize(server, g) for g in goods[1:]]
+    base = flow_inputs(preprocessor, ref_wave, "A bad one.", seed=9)
+    bad_jobs = [({**base, "ref_frames": np.array([[0]], np.int32)}, "ref_frames"),
+                ({**base, "nfe_steps": np.array([[0]], np.int32)}, "nfe_steps")]
+    srv = two_flow_server
+    with tritonclient.grpc.InferenceServerClient(srv.urls.grpc) as client:
+        outputs = client.get_model_metadata("flow_matching", as_json=True)["outputs"]
+    assert [o["name"] for o in outputs] == ["waves", "wave_samples"]
+    before = flow_stats(srv)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        good_futures = [pool.submit(synthesize, srv, g) for g in goods]
+        bad_futures = [pool.submit(error_of, lambda b=b: infer(srv, b, model="flow_matching")) for b, _ in bad_jobs]
+        bad_futures.append(pool.submit(error_of, lambda: infer(srv, good_fields(ref_wave, target_text=text("")))))
+        together = [f.result() for f in good_futures]
+        errors = [f.result() for f in bad_futures]
+    executions = flow_stats(srv)[1] - before[1]
+    # postprocess is a model of its own too: exactly one of the two chunk forms
+    postprocess_errors = [error_of(lambda a=a: infer(srv, {"ref_rms": f32(0.1), **a}, model="postprocess"))
+                          for a in ({}, {"waves": np.zeros((1, 2, 5), np.float32)})]
+    assert executions < len(goods) + len(bad_jobs), executions  # good and bad shared flow_matching batches
+    for (status, message), field in zip(errors, [f for _, f in bad_jobs] + ["target_text"]):
+        assert status == INVALID["grpc"] and f"{field}: " in message, (status, message)
+    for status, message in postprocess_errors:
+        assert status == INVALID["grpc"] and "send either mel + mel_frames or waves + wave_samples" in message
+    for got, want in zip(together, expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.server
+def test_with_two_flow_instances_and_client_retries_nothing_fails(two_flow_server, ref_wave):
+    srv = two_flow_server
+    expected = synthesize(srv, good_fields(ref_wave))
+    assert sorted(flow_stubs(srv).values()) == ["flow_matching_cpu_0_0", "flow_matching_cpu_1_0"]
+    sent = metrics(srv, "nv_inference_request_success")[PREPROCESS]
+    # a retried request runs its whole batch again, on two cores: 8 steps instead of 64 still outlast the
+    # detection by seconds, and spare CI minutes
+    stub, in_flight, arriving = kill_during_batch(srv, ref_wave, in_flight=4, arriving=4, retries=1,
+                                                  in_flight_nfe=8)
+    # the kill hit a batch: its requests went through the ensemble twice (killed, then retried); the batcher may
+    # have given some of the four to the other instance, which finished them
+    passes = metrics(srv, "nv_inference_request_success")[PREPROCESS] - sent
+    assert 4 + 4 < passes <= 2 * 4 + 4, passes
+    assert all(isinstance(o, np.ndarray) for o in in_flight + arriving), [
+        o.shape if isinstance(o, np.ndarray) else (type(o).__name__, getattr(o, "status", str)(),
+                                                    getattr(o, "message", str)()) for o in in_flight + arriving]
+    for outcome in arriving:
+        np.testing.assert_allclose(outcome, expected, atol=1e-4, rtol=0)
+    assert len({o.shape for o in in_flight}) == 1
+    assert [r.error for r in srv.stub_replacements] == [None]
+    # the other instance, or the replacement, may answer: the same arithmetic in another process (float noise)
+    np.testing.assert_allclose(synthesize(srv, good_fields(ref_wave)), expected, atol=1e-6, rtol=0)

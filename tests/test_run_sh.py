@@ -219,26 +219,13 @@ def test_stop_stops_the_background_server(stages):
     assert not port_open(stages.env["HTTP_PORT"]) and not port_open(stages.env["GRPC_PORT"])
 
 
-def test_changed_inputs_or_settings_render_again(stages):
-    stamp = stages.work / "build" / "model_repo.stamp"
-    first = stamp.stat().st_mtime_ns
-    os.utime(stages.work / "ckpts" / "random-tiny" / "model.safetensors")  # a newer checkpoint
-    result = run(["3", "3", "--random-weights", *CPU], stages.env, timeout=120)
-    assert result.returncode == 0 and "rendering" in result.stdout
-    second = stamp.stat().st_mtime_ns
-    assert second > first
-    result = run(["3", "3", "--random-weights", *CPU], {**stages.env, "NFE": "8"}, timeout=120)
-    assert "rendering" in result.stdout and stamp.stat().st_mtime_ns > second
-    config = (stages.work / "build" / "model_repo" / "preprocess" / "config.pbtxt").read_text()
-    assert re.search(r'"sampling": \{"nfe_steps": 8,', config)
-
-
 # ---------------------------------------------------------------------------------------------
 # the foreground server, as the container entrypoint and Kubernetes run it
 
 
 def test_serve_in_the_foreground_stops_with_run_sh_stop(stages):
-    """`bash run.sh serve &` then `bash run.sh stop`: stop sends SIGTERM to the server, as docker stop does."""
+    """`bash run.sh serve &` then `bash run.sh stop`: stop sends SIGTERM to the server, as docker stop does.
+    After the stop test (one server per build folder) and before the re-render test: it serves what stages 0-3 made."""
     env = run_sh_env(stages.work, READY_TIMEOUT="240")  # same checkpoint and build folders, fresh ports
     process = subprocess.Popen(["bash", RUN_SH, "serve", "--random-weights", *CPU], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -251,6 +238,7 @@ def test_serve_in_the_foreground_stops_with_run_sh_stop(stages):
                 break
         assert any("server ready" in line for line in lines), "".join(lines)
         assert RANDOM_LABEL in "".join(lines)
+        assert f"{stages.work / 'build' / 'model_repo'} is up to date" in "".join(lines)  # nothing made again
         assert port_open(env["HTTP_PORT"])
         stopped = run(["stop"], env, timeout=150)
         assert stopped.returncode == 0 and "server stopped" in stopped.stdout, stopped.stdout + stopped.stderr
@@ -260,3 +248,17 @@ def test_serve_in_the_foreground_stops_with_run_sh_stop(stages):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_changed_inputs_or_settings_render_again(stages):
+    stamp = stages.work / "build" / "model_repo.stamp"
+    first = stamp.stat().st_mtime_ns
+    os.utime(stages.work / "ckpts" / "random-tiny" / "model.safetensors")  # a newer checkpoint
+    result = run(["3", "3", "--random-weights", *CPU], stages.env, timeout=120)
+    assert result.returncode == 0 and "rendering" in result.stdout
+    second = stamp.stat().st_mtime_ns
+    assert second > first
+    result = run(["3", "3", "--random-weights", *CPU], {**stages.env, "NFE": "8"}, timeout=120)
+    assert "rendering" in result.stdout and stamp.stat().st_mtime_ns > second
+    config = (stages.work / "build" / "model_repo" / "preprocess" / "config.pbtxt").read_text()
+    assert re.search(r'"sampling": \{"nfe_steps": 8,', config)

@@ -2,9 +2,9 @@
 
 The test setup installs TensorRT-RTX (`pip install '.[tensorrt-rtx]'`), whose builder needs no GPU,
 so the tiny DiT-step and vocoder plans are built here from the project's own ONNX export, fp16 and
-fp32, through scripts/build_engines.py and through `bash run.sh 1 2`. What the builder reports
-without a GPU is checked against the ONNX files (read with `onnx`) and the profile that was asked
-for. Running a plan needs a GPU that the installed flavour supports: that test skips elsewhere.
+fp32, through scripts/build_engines.py and through `bash run.sh 1 3` (whose export both use). What the
+builder reports without a GPU is checked against the ONNX files (read with `onnx`) and the profile that
+was asked for. Running a plan needs a GPU that the installed flavour supports: that test skips elsewhere.
 """
 
 from __future__ import annotations
@@ -73,12 +73,26 @@ def trt():
 
 
 @pytest.fixture(scope="module")
-def onnx_files(tiny_ckpt, tmp_path_factory) -> Path:
-    """The tiny checkpoint through the documented export: NAME.onnx and NAME.fp16.onnx."""
-    out = tmp_path_factory.mktemp("onnx")
-    proc = run_script("export_onnx.py", "--ckpt-dir", str(tiny_ckpt), "--output-dir", str(out), "--fp16")
-    assert proc.returncode == 0, proc.stderr
-    return out
+def run_sh_stages_1_to_3(trt, tiny_ckpt, tmp_path_factory):
+    """`bash run.sh 1 3 --random-weights --backend trt` on the tiny checkpoint: its fp16 export (which writes
+    the fp32 files too) is also what scripts/build_engines.py builds from below. (work folder, env, result)"""
+    from test_run_sh import run, run_sh_env
+
+    if flavour_of(trt) != "tensorrt-rtx" and not torch.cuda.is_available():
+        pytest.skip(f"{describe(trt)} builds on a GPU only")
+    work = tmp_path_factory.mktemp("run_sh_trt")
+    env = run_sh_env(work, MODEL_DIR=str(tiny_ckpt), MAX_FRAMES="128", MAX_BATCH_SIZE="2",
+                     TRT_WORKSPACE_GIB="1", PYTHONPATH=script_env()["PYTHONPATH"], OMP_NUM_THREADS="1")
+    return work, env, run(["1", "3", "--random-weights", "--backend", "trt"], env)
+
+
+@pytest.fixture(scope="module")
+def onnx_files(run_sh_stages_1_to_3) -> Path:
+    """The tiny checkpoint through the documented export (run.sh stage 1-2's f5-triton build): NAME.onnx and
+    NAME.fp16.onnx."""
+    work, _, result = run_sh_stages_1_to_3
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    return work / "build" / "onnx" / "random-tiny"
 
 
 @pytest.fixture(scope="module")
@@ -234,27 +248,23 @@ def test_engine_key_names_the_flavour_and_version(trt):
 # run.sh stages 1-2
 
 
-def test_run_sh_stages_1_to_3_build_fp16_plans_and_their_repository(trt, tiny_ckpt, tmp_path):
+def test_run_sh_stages_1_to_3_build_fp16_plans_and_their_repository(run_sh_stages_1_to_3, trt):
     from conftest import rendered_settings
     from test_repository import parse
-    from test_run_sh import run, run_sh_env
+    from test_run_sh import run
 
-    if flavour_of(trt) != "tensorrt-rtx" and not torch.cuda.is_available():
-        pytest.skip(f"{describe(trt)} builds on a GPU only")
-    env = run_sh_env(tmp_path, MODEL_DIR=str(tiny_ckpt), MAX_FRAMES="128", MAX_BATCH_SIZE="2",
-                     TRT_WORKSPACE_GIB="1", PYTHONPATH=script_env()["PYTHONPATH"], OMP_NUM_THREADS="1")
-    result = run(["1", "3", "--random-weights", "--backend", "trt"], env)
+    work, env, result = run_sh_stages_1_to_3
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     key = run_script("engine_key.py", timeout=120).stdout.strip()
-    engines = tmp_path / "build" / "engines" / "random-tiny" / key
+    engines = work / "build" / "engines" / "random-tiny" / key
     for spec in NETWORKS.values():
         assert (engines / spec.plan_file).is_file()
         report = json.loads((engines / f"build_info.{spec.name}.json").read_text())[spec.name]
         assert report["half_layers"] > 0 and report["strongly_typed"]  # from the fp16 export
-        assert (tmp_path / "build" / "onnx" / "random-tiny" / f"{spec.name}.fp16.onnx").is_file()
+        assert (work / "build" / "onnx" / "random-tiny" / f"{spec.name}.fp16.onnx").is_file()
     assert report["profile"]["mel"][2] == [8, 100, 128]  # the repository's vocoder batch, MAX_FRAMES
 
-    repo = tmp_path / "build" / "model_repo"
+    repo = work / "build" / "model_repo"
     flow = rendered_settings(repo, "flow_matching").dit_engine
     vocoder = parse(repo / "vocoder" / "config.pbtxt")
     assert flow["kind"] == "tensorrt" and flow["path"] == str(engines / "dit_step.plan")

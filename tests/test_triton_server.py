@@ -21,16 +21,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory):
+def probes(tmp_path_factory) -> Path:
+    """Where the server's stubs leave a file each when they import soundfile from PYTHONPATH (SHADOW_SOUNDFILE)."""
+    return tmp_path_factory.mktemp("probes")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory, probes):
+    """The module's server; a shadow soundfile (a probe, then the real one) is first on its stubs' PYTHONPATH."""
+    import os
+
     from f5_triton.supervisor.server import TritonServer, free_port
 
+    shadow = tmp_path_factory.mktemp("shadow")
+    (shadow / "soundfile.py").write_text(SHADOW_SOUNDFILE)
+    pythonpath = os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))
     repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
                                     vocoder=tiny_ckpt / "vocos", nfe_steps=4, max_batch_size=8,
                                     preferred_batch_sizes=[8], queue_delay_us=300_000, preprocess_instances=1,
                                     postprocess_instances=1,
                                     dit_compile=True),  # ignored on a CPU, with a log line (test_package_log_...)
                   tmp_path_factory.mktemp("repo") / "model_repo")
-    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as srv:
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                      env={**os.environ, "PYTHONPATH": pythonpath, "F5_PROBE_DIR": str(probes)}) as srv:
         srv.wait_ready(240)
         yield srv
 
@@ -157,30 +170,14 @@ sys.modules["soundfile"] = importlib.import_module("soundfile")
 '''
 
 
-def test_stubs_see_packages_that_are_only_on_pythonpath(tiny_ckpt, tmp_path):
+def test_stubs_see_packages_that_are_only_on_pythonpath(server, probes):
     """The python-backend stub runs an isolated interpreter that ignores PYTHONPATH; the adapters restore it.
 
     Found on the GPU machine, where wheels are installed with `pip --target` onto PYTHONPATH: every model
-    failed to load with "No module named 'soundfile'". A shadow soundfile on PYTHONPATH proves the stubs
-    import from there (and, by the same order, take PYTHONPATH's numpy over the image's).
+    failed to load with "No module named 'soundfile'". A shadow soundfile on the module server's PYTHONPATH
+    proves the stubs import from there (and, by the same order, take PYTHONPATH's numpy over the image's).
     """
-    import os
-
-    from f5_triton.supervisor.server import TritonServer, free_port
-
-    shadow, probes = tmp_path / "shadow", tmp_path / "probes"
-    shadow.mkdir()
-    probes.mkdir()
-    (shadow / "soundfile.py").write_text(SHADOW_SOUNDFILE)
-    repo = render(RepositoryOptions(target="cpu", ckpt=tiny_ckpt / "model.safetensors", vocab=tiny_ckpt / "vocab.txt",
-                                    vocoder=tiny_ckpt / "vocos", nfe_steps=1, streaming=False,
-                                    preprocess_instances=1, postprocess_instances=1), tmp_path / "model_repo")
-    pythonpath = os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "F5_PROBE_DIR": str(probes), "OMP_NUM_THREADS": "1"}
-    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), env=env,
-                      ready_timeout=240) as srv:
-        srv.wait_ready(240)
-        stubs = len(list(probes.iterdir()))
+    stubs = len(list(probes.iterdir()))
     # preprocess, flow_matching, postprocess and vocoder each import f5_triton.audio (a stub per instance)
     assert stubs >= 4, f"only {stubs} stub(s) imported soundfile from PYTHONPATH"
 
