@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/
 
 import _checkout  # noqa: E402,F401  (benchmarks/ beside the package)
 from benchmarks import bench  # noqa: E402
-from f5_triton.config import ARCHITECTURES, DEFAULT_SAMPLING, HOP_LENGTH, SAMPLE_RATE  # noqa: E402
+from f5_triton.config import ARCHITECTURES, DEFAULT_SAMPLING, HOP_LENGTH, SAMPLE_RATE, TARGET_RMS  # noqa: E402
 from f5_triton.engines import torch_dtype  # noqa: E402
 
 
@@ -46,6 +46,48 @@ def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, object]:
     print("  runs (s): " + " ".join(f"{t:.4f}" for t in times))
     return statistics.median(times), out
 
+
+
+def upstream_synthesis(folder: Path, wave: np.ndarray, ref_text: str, target: str, job, steps: int, device: str,
+                       dtype: torch.dtype):
+    """Upstream's `CFM.sample` + `Vocos.decode` on the checkpoint in `folder`, for `job`'s durations (seed 1), with
+    the reference and output levels as upstream's infer_process treats them. Returns (a call that makes the audio,
+    the model, the vocoder)."""
+    import upstream
+    from vocos import Vocos
+
+    from f5_triton.audio import clip_reference, normalize_rms
+    from f5_triton.checkpoints import read_raw_state_dict, resolve_architecture, transformer_state_dict
+    from f5_triton.text import Tokenizer, fix_reference_text
+
+    dit_mod, cfm_mod = upstream.load("model.backbones.dit"), upstream.load("model.cfm")
+    tokenizer = Tokenizer(folder / "vocab.txt")
+    config = resolve_architecture(folder / "model.safetensors")
+    kwargs = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    kwargs["text_num_embeds"] = tokenizer.vocab_size
+    model = cfm_mod.CFM(transformer=dit_mod.DiT(**kwargs)).to(device)
+    model.transformer.load_state_dict(transformer_state_dict(read_raw_state_dict(folder / "model.safetensors")))
+    model = model.to(dtype).eval()
+    vocos = Vocos.from_hparams(str(folder / "vocos" / "config.yaml"))
+    vocos.load_state_dict(torch.load(folder / "vocos" / "pytorch_model.bin", map_location="cpu"))
+    vocos = vocos.to(device).eval()
+    tokens = torch.tensor([tokenizer.encode(fix_reference_text(ref_text) + target)], device=device)
+    # the reference as upstream's preprocess_ref_audio_text + infer_batch_process leave it
+    cond, ref_rms = normalize_rms(torch.from_numpy(clip_reference(wave, SAMPLE_RATE))[None])
+    cond = cond.to(device)
+    # upstream's infer_batch_process lowers the output back when it raised a quiet reference (written out here, as
+    # upstream does, so that this row does not lean on our restore_rms)
+    level = float(ref_rms) / TARGET_RMS if float(ref_rms) < TARGET_RMS else 1.0
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            mel, _ = model.sample(cond=cond, text=tokens, duration=job.duration, steps=steps,
+                                  cfg_strength=DEFAULT_SAMPLING.cfg_strength,
+                                  sway_sampling_coef=DEFAULT_SAMPLING.sway_sampling_coef, seed=1)
+            mel = mel.float()[:, job.ref_frames:].permute(0, 2, 1)
+            return vocos.decode(mel)[0].cpu().numpy() * level
+
+    return run, model, vocos
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,44 +146,11 @@ def main() -> None:
         return bench.rel_l2(audio, reference_audio)
 
     if not args.skip_upstream:
-        import upstream
-        from vocos import Vocos
-
-        dit_mod, cfm_mod = upstream.load("model.backbones.dit"), upstream.load("model.cfm")
-        from f5_triton.checkpoints import read_raw_state_dict, resolve_architecture, transformer_state_dict
-        from f5_triton.text import Tokenizer
-
-        tokenizer = Tokenizer(folder / "vocab.txt")
-        config = resolve_architecture(folder / "model.safetensors")
-        kwargs = {k: getattr(config, k) for k in config.__dataclass_fields__}
-        kwargs["text_num_embeds"] = tokenizer.vocab_size
-        model = cfm_mod.CFM(transformer=dit_mod.DiT(**kwargs)).cuda()
-        model.transformer.load_state_dict(transformer_state_dict(read_raw_state_dict(folder / "model.safetensors")))
-        model = model.to(dtype).eval()
-        vocos = Vocos.from_hparams(str(folder / "vocos" / "config.yaml"))
-        vocos.load_state_dict(torch.load(folder / "vocos" / "pytorch_model.bin", map_location="cpu"))
-        vocos = vocos.cuda().eval()
-        from f5_triton.text import fix_reference_text
-
-        tokens = torch.tensor([tokenizer.encode(fix_reference_text(ref_text) + target)], device="cuda")
-        # the reference as upstream's preprocess_ref_audio_text + infer_batch_process leave it
-        from f5_triton.audio import clip_reference, normalize_rms
-
-        cond, _ = normalize_rms(torch.from_numpy(clip_reference(wave, SAMPLE_RATE))[None])
-        cond = cond.cuda()
-
-        def run_upstream():
-            with torch.inference_mode():
-                mel, _ = model.sample(cond=cond, text=tokens, duration=job.duration, steps=args.nfe,
-                                      cfg_strength=DEFAULT_SAMPLING.cfg_strength,
-                                      sway_sampling_coef=DEFAULT_SAMPLING.sway_sampling_coef, seed=1)
-                mel = mel.float()[:, job.ref_frames:].permute(0, 2, 1)
-                return vocos.decode(mel)[0].cpu().numpy()
-
+        run_upstream, model, vocos = upstream_synthesis(folder, wave, ref_text, target, job, args.nfe, "cuda", dtype)
         seconds, audio = timed(run_upstream, args.repeats)
         rows.append(("upstream CFM.sample + Vocos", seconds, seconds / audio_seconds, rel_err(audio)))
         results["upstream_seconds"] = seconds
-        del model, vocos
+        del run_upstream, model, vocos
         torch.cuda.empty_cache()
 
     best = None  # (variant, seconds, tts) of the fastest
