@@ -26,21 +26,19 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import bench  # noqa: E402
-from f5_triton.config import DEFAULT_SCHEDULER, DEFAULT_STREAMING, HOP_LENGTH, SamplingConfig  # noqa: E402
-from f5_triton.pipeline import Preprocessor, Stages  # noqa: E402
-from f5_triton.request import validate_request  # noqa: E402
-from f5_triton.stream_scheduler import QueueSink, StreamScheduler, chunk_of  # noqa: E402
-from f5_triton.streaming import StreamingSynthesizer  # noqa: E402
-from f5_triton.text import StreamingChunker, Tokenizer  # noqa: E402
+import _checkout  # noqa: F401  (benchmarks/ beside the package)
+from benchmarks import bench
+from f5_triton.config import DEFAULT_SCHEDULER, DEFAULT_STREAMING, HOP_LENGTH, SamplingConfig
+from f5_triton.pipeline import Preprocessor, Stages
+from f5_triton.request import validate_request
+from f5_triton.stream_scheduler import QueueSink, StreamScheduler, chunk_of
+from f5_triton.streaming import StreamingSynthesizer
+from f5_triton.text import StreamingChunker, Tokenizer
 
 
 class SleepingSolving:
