@@ -13,6 +13,7 @@ until the next chunk arrives (`CrossFadeStream`), so that the concatenated piece
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from f5_triton.cache import LRUCache, request_output_key
 from f5_triton.config import (CROSS_FADE_SECONDS, DEFAULT_LIMITS, DEFAULT_SAMPLING, DEFAULT_STREAMING, SAMPLE_RATE,
                               SamplingConfig)
 from f5_triton.guards import check_finite
-from f5_triton.pipeline import Prepared, Stages
+from f5_triton.pipeline import Prepared, Preprocessor, Stages
 from f5_triton.request import SynthesisRequest, validate_request
 
 
@@ -132,30 +133,37 @@ class StreamingSynthesizer:
         self.first_chunk_nfe_steps = first_chunk_nfe_steps
         self.unsplit_at_load = unsplit_at_load
 
-    def splits(self, held: int) -> bool:
-        """Whether a stream that arrives while `held` streams are held gets a short first chunk of its own."""
-        return not (self.unsplit_at_load and held >= self.unsplit_at_load)
+    @functools.cached_property
+    def _whole_response(self) -> Preprocessor:
+        return self.stages.preprocess.chunked_by(text.chunk_text)
+
+    def cuts_whole(self, held: int) -> bool:
+        """Whether a stream arriving while `held` streams are held is cut as a whole response (`unsplit_at_load`)."""
+        return bool(self.unsplit_at_load) and held >= self.unsplit_at_load
+
+    def _cutting(self, held: int) -> tuple[Preprocessor, int]:
+        """How such a stream is cut and its first chunk run: the streaming preprocessor and `first_chunk_nfe_steps`,
+        or the whole-response cut with the request's own steps (0)."""
+        if self.cuts_whole(held):
+            return self._whole_response, 0
+        return self.stages.preprocess, self.first_chunk_nfe_steps
 
     def prepare(self, request: SynthesisRequest, held: int = 0) -> Prepared:
-        """`request` preprocessed into its chunks' jobs: cut for streaming, the first one on `first_chunk_nfe_steps`
-        steps when set; or, from `unsplit_at_load` streams `held` on, as the whole-response model cuts and runs it."""
-        if not self.splits(held):
-            return self.stages.preprocess.chunked_by(text.chunk_text)(request)
-        prepared = self.stages.preprocess(request)
+        """`request` preprocessed into its chunks' jobs as `_cutting(held)` says; the first one on fewer steps when
+        that gives a first-chunk step count."""
+        preprocess, first_steps = self._cutting(held)
+        prepared = preprocess(request)
         first = prepared.jobs[0]  # a request has at least one chunk
-        if 0 < self.first_chunk_nfe_steps < first.nfe_steps:
-            prepared.jobs[0] = dataclasses.replace(first, nfe_steps=self.first_chunk_nfe_steps)
+        if 0 < first_steps < first.nfe_steps:
+            prepared.jobs[0] = dataclasses.replace(first, nfe_steps=first_steps)
         return prepared
 
     def _output_key(self, request: SynthesisRequest, held: int) -> str | None:
         if self.output_cache is None or not self.output_cache.enabled:
             return None
-        if not self.splits(held):  # keyed by the chunking used: whole-response chunks, every one on the request's steps
-            return request_output_key(request, chunker="text.chunk_text", cross_fade_seconds=self.cross_fade_seconds,
-                                      first_chunk_nfe_steps=0)
-        return request_output_key(request, chunker=self.stages.preprocess.chunker,
-                                  cross_fade_seconds=self.cross_fade_seconds,
-                                  first_chunk_nfe_steps=self.first_chunk_nfe_steps)
+        preprocess, first_steps = self._cutting(held)  # keyed by the cut used
+        return request_output_key(request, chunker=preprocess.chunker, cross_fade_seconds=self.cross_fade_seconds,
+                                  first_chunk_nfe_steps=first_steps)
 
     def stream(self, request: SynthesisRequest, on_step: Callable[[int], None] | None = None, *,
                held: int = 0) -> Iterator[Piece]:

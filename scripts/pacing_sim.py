@@ -92,7 +92,7 @@ class CountingSynthesizer(StreamingSynthesizer):
     unsplit = 0
 
     def prepare(self, request, held: int = 0):
-        self.unsplit += not self.splits(held)
+        self.unsplit += self.cuts_whole(held)
         return super().prepare(request, held)
 
 

@@ -391,9 +391,10 @@ def offer_streams(streamer, ref_wave, pacing, count, **limits):
 def test_paced_streams_never_stall_and_the_excess_waits(streamer, ref_wave):
     """Eight streams offered at once, more than this machine keeps ahead of their listeners together (unpaced, they
     stall; eight rather than six: the admission bound follows the deadline-ordered cohorts and keeps six ahead
-    together on a briefly idle host): the scheduler starts only as many as it can keep ahead, every piece of every stream comes before its listener runs out, and
-    the others wait before their first audio. (A margin of 1 s: the CPU may be shared with other tests, whose load
-    comes and goes faster than the scheduler's timing follows it; a GPU's rounds keep their time.)"""
+    together on a briefly idle host): the scheduler starts only as many as it can keep ahead, every piece of every
+    stream comes before its listener runs out, and the others wait before their first audio. (A margin of 1 s: the
+    CPU may be shared with other tests, whose load comes and goes faster than the scheduler's timing follows it; a
+    GPU's rounds keep their time.)"""
     _, unpaced = offer_streams(streamer, ref_wave, PacingConfig(enabled=False), 8)
     assert max(max(sink.stalls()) for sink in unpaced) > 0.3  # all eight at once outrun their listeners here
     scheduler, sinks = offer_streams(streamer, ref_wave, PacingConfig(margin_seconds=1.0, queue_seconds=120), 8)
