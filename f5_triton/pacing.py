@@ -128,6 +128,14 @@ class WorkCost:
     def stretch(self) -> float:
         return max(SAFETY, self.slowdown)
 
+    def __str__(self) -> str:
+        """The lines learnt, in the units of `scripts/pacing_sim.py`'s cost model (its flags take them)."""
+        (step_base, step_per_token), (vocoder_base, vocoder_per_frame) = (self.step.coefficients(),
+                                                                          self.vocoder.coefficients())
+        return (f"one ODE step {step_base:.3g} s + {step_per_token:.3g} s a token ({self.step.count} rounds), "
+                f"one vocoder call {vocoder_base:.3g} s + {vocoder_per_frame:.3g} s a frame ({self.vocoder.count} "
+                f"calls), slowdown {self.slowdown:.2f}")
+
     def steps_seconds(self, tokens: int, steps: int) -> float:
         """`steps` ODE steps of one batch of `tokens` tokens."""
         return self.stretch * steps * self.step(tokens) if steps > 0 and tokens > 0 else 0.0

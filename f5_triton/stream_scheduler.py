@@ -243,6 +243,8 @@ class StreamScheduler:
             self._changed.notify()
         if self._thread is not None:
             self._thread.join()
+        if self.cost.known:  # what the card's rounds cost: calibrates scripts/pacing_sim.py
+            log.info("streaming work cost learnt from its rounds: %s", self.cost)
         for stream in [*self._active, *self._waiting]:
             stream.sink.failed(RuntimeError("the streaming scheduler was shut down"))
         self._active.clear()
