@@ -207,14 +207,15 @@ for what in $WHAT; do
       done ;;
     stream_rate)
       ckpt=$(mktemp -d)/ckpt
+      repo=$(dirname "$ckpt")/repo-rate  # outside $OUT: the device returns a bounded number of files
       vocoder_flag=--full-vocoder
       [ "${FULL_VOCODER:-1}" = 0 ] && vocoder_flag=
       "$PY" scripts/make_random_checkpoint.py --config "$ARCH" --output "$ckpt" $vocoder_flag > /dev/null
       # shellcheck disable=SC2086  # $REPO_ARGS: several words
-      "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$OUT/repo-rate" --nfe "$NFE" \
+      "$PY" scripts/build_model_repo.py --target "${TARGET:-gpu}" --ckpt-dir "$ckpt" --output "$repo" --nfe "$NFE" \
         --max-batch-size 16 --preferred-batch-sizes 8,16 --queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 256 \
         --streaming-granularity "${GRANULARITY:-cohort}" --streaming-max-streams "${MAX_STREAMS:-32}" ${REPO_ARGS:-} > /dev/null
-      PYTHONPATH=$SERVER_PYTHONPATH "$PY" -m f5_triton.cli serve --model-repo "$OUT/repo-rate" --http-port "$HTTP_PORT" \
+      PYTHONPATH=$SERVER_PYTHONPATH "$PY" -m f5_triton.cli serve --model-repo "$repo" --http-port "$HTTP_PORT" \
         --grpc-port "$GRPC_PORT" --metrics-port "${METRICS_PORT:-8002}" --log-file "$OUT/tritonserver-rate.log" \
         > "$OUT/server-rate.log" 2>&1 &
       server=$!
